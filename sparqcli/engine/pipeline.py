@@ -1,0 +1,269 @@
+"""The two pipeline orders of `post_training_sparse_quantize`, chunk by chunk over table rows.
+
+sparsify-first: prune the float table, then quantize the pruned rows (row min/max include the
+zeros of pruned values, as in the reference). quantize-first: quantize and dequantize, prune the
+dequantized table, then re-quantize it with the same scales and zero points.
+
+Pass 1 reads the table once for block scores (and, quantize-first, the qparams); the selection
+threshold comes from a radix select over those scores; pass 2 reads the table again to build the
+keep-mask, quantize and keep only the codes of kept values. Block scores are held in memory when
+they fit `score_budget_bytes`, otherwise recomputed in each pass, so memory stays bounded by a
+few row chunks plus the (compressed) result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from sparqcli.engine.quantize import dequantize, quantize, row_qparams
+from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
+from sparqcli.engine.sparsify import (
+    BlockPruner,
+    block_grid,
+    block_scores,
+    blocks_to_prune,
+    keep_in_pruned_blocks,
+    value_norms,
+)
+from sparqcli.engine.stats import StatsAccumulator, TableStats
+from sparqcli.engine.table import CompressedTable
+from sparqcli.errors import SettingError, TableError
+
+RowReader = Callable[[int, int], torch.Tensor]
+"""Reads rows `start:stop` of a table as a 2-D tensor (any float dtype, any device)."""
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DEFAULT_CHUNK_VALUES = 1 << 21
+DEFAULT_SCORE_BUDGET_BYTES = 256 << 20
+
+
+def compress_table(
+    table: torch.Tensor,
+    order: Order,
+    sparsity: SparsitySettings,
+    quantization: QuantizationSettings,
+    *,
+    device: torch.device | str | None = None,
+    chunk_rows: int | None = None,
+    name: str = "table",
+) -> tuple[CompressedTable, TableStats]:
+    """Returns the compressed form of an in-memory 2-D float table and its statistics.
+
+    Computes on `device` (default: the table's own). Raises TableError for a table that is not
+    2-D floating or holds NaN/Inf, SettingError for an unknown order.
+    """
+    if table.dim() != 2:
+        raise TableError(f"{name}: must be a 2-D table, got shape {list(table.shape)}")
+    rows, cols = table.shape
+    return compress_rows(
+        lambda start, stop: table[start:stop],
+        (rows, cols),
+        table.dtype,
+        order,
+        sparsity,
+        quantization,
+        device=table.device if device is None else device,
+        chunk_rows=chunk_rows,
+        name=name,
+    )
+
+
+def compress_rows(
+    read_rows: RowReader,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    order: Order,
+    sparsity: SparsitySettings,
+    quantization: QuantizationSettings,
+    *,
+    device: torch.device | str = "cpu",
+    chunk_rows: int | None = None,
+    score_budget_bytes: int = DEFAULT_SCORE_BUDGET_BYTES,
+    name: str = "table",
+) -> tuple[CompressedTable, TableStats]:
+    """Returns the compressed form of a table read in row chunks, and its statistics.
+
+    `read_rows(start, stop)` is called for row ranges in order, twice per range (three times
+    when the block scores exceed `score_budget_bytes`). Results live on `device`.
+    Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
+    SettingError for an unknown order.
+    """
+    if order not in ("sparsify-first", "quantize-first"):
+        raise SettingError(f"order: must be sparsify-first or quantize-first, got {order!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TableError(
+            f"{name}: must be a floating table, got dtype {str(dtype).replace('torch.', '')}"
+        )
+    device = torch.device(device)
+    job = _TableJob(read_rows, shape, order, sparsity, quantization, device, chunk_rows, name)
+    return job.run(dtype, score_budget_bytes)
+
+
+class _TableJob:
+    """The state of one table's compression: row ranges, per-row qparams, pass 1 and pass 2."""
+
+    def __init__(
+        self,
+        read_rows: RowReader,
+        shape: tuple[int, int],
+        order: Order,
+        sparsity: SparsitySettings,
+        quantization: QuantizationSettings,
+        device: torch.device,
+        chunk_rows: int | None,
+        name: str,
+    ) -> None:
+        self.read_rows = read_rows
+        self.rows, self.cols = shape
+        self.order = order
+        self.sparsity = sparsity
+        self.quantization = quantization
+        self.device = device
+        self.name = name
+        block_height = sparsity.block_shape[0]
+        if chunk_rows is None:
+            chunk_rows = max(1, DEFAULT_CHUNK_VALUES // max(1, self.cols))
+        chunk_rows = max(block_height, chunk_rows // block_height * block_height)
+        self.ranges = [
+            (start, min(start + chunk_rows, self.rows)) for start in range(0, self.rows, chunk_rows)
+        ]
+        self.checked_finite = False
+        self.saved_scale: torch.Tensor | None = None
+        self.saved_zero_point: torch.Tensor | None = None
+
+    def run(
+        self, dtype: torch.dtype, score_budget_bytes: int
+    ) -> tuple[CompressedTable, TableStats]:
+        n_block_rows, n_block_cols = block_grid((self.rows, self.cols), self.sparsity.block_shape)
+        n_blocks = n_block_rows * n_block_cols
+        prunes = (
+            self.sparsity.effective_zeros_per_block > 0
+            and blocks_to_prune(self.sparsity.level, n_blocks) > 0
+        )
+        if self.order == "quantize-first" or prunes:
+            held = self._first_pass(hold_scores=prunes and n_blocks * 4 <= score_budget_bytes)
+        else:
+            held = None
+        if prunes:
+            chunks = (lambda: iter(held)) if held is not None else self._score_chunks
+            pruner = BlockPruner.for_scores(chunks, n_blocks, self.sparsity.level)
+        else:
+            pruner = None
+        return self._second_pass(pruner, held, dtype)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        chunk = self.read_rows(start, stop)
+        return chunk.to(device=self.device, dtype=torch.float32, non_blocking=True)
+
+    def _values_to_score(self, start: int, stop: int) -> torch.Tensor:
+        """Returns rows start:stop as the sparsifier sees them (dequantized, quantize-first)."""
+        values = self._read(start, stop)
+        if self.order == "quantize-first" and self.saved_scale is not None:
+            scale = self.saved_scale[start:stop]
+            zero_point = self.saved_zero_point[start:stop]
+            values = dequantize(
+                quantize(values, scale, zero_point, self.quantization.bits), scale, zero_point
+            )
+        return values
+
+    def _first_pass(self, hold_scores: bool) -> list[torch.Tensor] | None:
+        """Checks every value is finite, saves quantize-first qparams, optionally keeps scores."""
+        scales, zero_points, held = [], [], []
+        for start, stop in self.ranges:
+            values = self._read(start, stop)
+            self._check_finite(values, start)
+            if self.order == "quantize-first":
+                scale, zero_point = row_qparams(values, self.quantization, start)
+                scales.append(scale)
+                zero_points.append(zero_point)
+                values = dequantize(
+                    quantize(values, scale, zero_point, self.quantization.bits), scale, zero_point
+                )
+            if hold_scores:
+                held.append(
+                    block_scores(value_norms(values, self.sparsity.norm), self.sparsity.block_shape)
+                )
+        self.checked_finite = True
+        if self.order == "quantize-first":
+            self.saved_scale = _cat(scales, self.device)
+            self.saved_zero_point = _cat(zero_points, self.device)
+        return held if hold_scores else None
+
+    def _score_chunks(self) -> Iterator[torch.Tensor]:
+        for start, stop in self.ranges:
+            norms = value_norms(self._values_to_score(start, stop), self.sparsity.norm)
+            yield block_scores(norms, self.sparsity.block_shape)
+
+    def _check_finite(self, values: torch.Tensor, start: int) -> None:
+        # A row sum is finite whenever every value is (bar overflow), and costs one fused read;
+        # only a chunk with a non-finite sum is checked value by value.
+        if bool(torch.isfinite(values.sum(dim=1)).all()):
+            return
+        finite_rows = torch.isfinite(values).all(dim=1)
+        if not bool(finite_rows.all()):
+            row = start + int((~finite_rows).nonzero()[0, 0].item())
+            raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
+
+    def _second_pass(
+        self, pruner: BlockPruner | None, held: list[torch.Tensor] | None, dtype: torch.dtype
+    ) -> tuple[CompressedTable, TableStats]:
+        bits = self.quantization.bits
+        per_block = self.sparsity.prunes_whole_blocks
+        codes, masks, scales, zero_points = [], [], [], []
+        stats = StatsAccumulator()
+        for index, (start, stop) in enumerate(self.ranges):
+            original = self._read(start, stop)
+            if not self.checked_finite:
+                self._check_finite(original, start)
+            values = (
+                original if self.order == "sparsify-first" else self._values_to_score(start, stop)
+            )
+            keep = None
+            if pruner is not None:
+                norms = value_norms(values, self.sparsity.norm)
+                scores = (
+                    held[index]
+                    if held is not None
+                    else block_scores(norms, self.sparsity.block_shape)
+                )
+                pruned_blocks = pruner.prune(scores)
+                keep = keep_in_pruned_blocks(norms, pruned_blocks, self.sparsity)
+                masks.append(~pruned_blocks if per_block else keep)
+            if self.order == "quantize-first":
+                scale = self.saved_scale[start:stop]
+                zero_point = self.saved_zero_point[start:stop]
+            else:
+                pruned_values = values if keep is None else values * keep
+                scale, zero_point = row_qparams(pruned_values, self.quantization, start)
+            dense = quantize(values, scale, zero_point, bits)
+            codes.append(dense.reshape(-1) if keep is None else dense[keep])
+            scales.append(scale)
+            zero_points.append(zero_point)
+            decoded = dequantize(dense, scale, zero_point)
+            if keep is not None:
+                decoded.masked_fill_(~keep, 0.0)
+            stats.add(original, decoded)
+        all_codes = _cat(codes, self.device, torch.uint8)
+        scale = _cat(scales, self.device)
+        zero_point = _cat(zero_points, self.device)
+        table = CompressedTable(
+            shape=(self.rows, self.cols),
+            dtype=dtype,
+            order=self.order,
+            sparsity=self.sparsity,
+            quantization=self.quantization,
+            codes=all_codes,
+            scale=scale,
+            zero_point=zero_point,
+            keep_mask=torch.cat(masks) if pruner is not None else None,
+            mask_per_block=per_block,
+        )
+        return table, stats.finish(scale, zero_point, int(all_codes.numel()))
+
+
+def _cat(
+    parts: list[torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)

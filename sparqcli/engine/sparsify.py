@@ -1,0 +1,213 @@
+"""Block-norm sparsification with `DataNormSparsifier` semantics, as plain tensor ops.
+
+The table is cut into blocks of `block_shape` starting at index 0 (edge blocks are partial). A
+block's score is the mean of its values' norms (|x| for L1, x*x for L2) over its valid values,
+summed in the same order as `avg_pool2d(ceil_mode=True)`, so scores are bit-identical to the
+reference's. The `round(level * n_blocks)` lowest-scoring blocks of the whole table are pruned.
+
+Ties: blocks with equal scores are pruned in row-major block order (lower block index first);
+inside a pruned block, values with equal norms are zeroed in row-major order. The reference
+breaks ties with an unstable sort; on untied data both agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from sparqcli.engine.settings import Norm, SparsitySettings
+
+# Non-negative float32 values order like their int32 bit patterns; the k-th smallest score is
+# found with two 16-bit histogram passes (radix select) instead of a sort: linear time, and the
+# temporaries are bounded by the size of one chunk of scores.
+_RADIX_BITS = 16
+_RADIX_CHUNK = 1 << 22
+
+
+def value_norms(values: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Returns the per-value norms (|x| for L1, x*x for L2) of a float32 tensor."""
+    return values.abs() if norm == "L1" else values * values
+
+
+def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
+    """Returns the number of block rows and block columns covering a table of `shape`."""
+    rows, cols = shape
+    bh, bw = block_shape
+    return -(-rows // bh), -(-cols // bw)
+
+
+def _pad_to_blocks(values: torch.Tensor, block_shape: tuple[int, int], fill: float) -> torch.Tensor:
+    rows, cols = values.shape
+    bh, bw = block_shape
+    pad_rows, pad_cols = (-rows) % bh, (-cols) % bw
+    if pad_rows == 0 and pad_cols == 0:
+        return values
+    return F.pad(values, (0, pad_cols, 0, pad_rows), value=fill)
+
+
+def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """Returns the mean norm of each block, shape `block_grid(norms.shape, block_shape)`.
+
+    Bit-identical to `F.avg_pool2d(norms, block_shape, block_shape, ceil_mode=True)`: values are
+    summed in row-major order inside the block, then divided by the count of valid values.
+    """
+    rows, cols = norms.shape
+    bh, bw = block_shape
+    n_block_rows, n_block_cols = block_grid((rows, cols), block_shape)
+    if norms.numel() == 0:
+        return norms.new_zeros((n_block_rows, n_block_cols))
+    padded = _pad_to_blocks(norms, block_shape, 0.0)
+    blocks = padded.view(n_block_rows, bh, n_block_cols, bw)
+    total = blocks[:, 0, :, 0].clone()
+    for i in range(bh):
+        for j in range(bw):
+            if i or j:
+                total += blocks[:, i, :, j]
+    if rows % bh == 0 and cols % bw == 0:
+        return total.div_(bh * bw)
+    row_counts = torch.full((n_block_rows, 1), float(bh), device=norms.device)
+    row_counts[-1] = rows - (n_block_rows - 1) * bh
+    col_counts = torch.full((1, n_block_cols), float(bw), device=norms.device)
+    col_counts[0, -1] = cols - (n_block_cols - 1) * bw
+    return total.div_(row_counts * col_counts)
+
+
+def blocks_to_prune(level: float, n_blocks: int) -> int:
+    """Returns how many blocks `level` prunes: `round(level * n_blocks)`, as the reference does."""
+    return round(level * n_blocks)
+
+
+def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple[float, int]:
+    """Returns `(value, n_below)` for the k-th smallest (1-based) of non-negative float32 values.
+
+    `chunks()` yields the values in pieces and is called twice. `n_below` counts values strictly
+    smaller than the returned one. Requires 1 <= k <= the number of values.
+    """
+    high = None
+    for chunk in chunks():
+        counts = torch.bincount(_bits(chunk) >> _RADIX_BITS, minlength=1 << (31 - _RADIX_BITS))
+        high = counts if high is None else high + counts
+    if high is None:
+        raise ValueError("kth_smallest needs at least one value")
+    high_bin, below = _bin_holding(high, k)
+    low = None
+    for chunk in chunks():
+        bits = _bits(chunk)
+        in_bin = bits[(bits >> _RADIX_BITS) == high_bin] & ((1 << _RADIX_BITS) - 1)
+        counts = torch.bincount(in_bin, minlength=1 << _RADIX_BITS)
+        low = counts if low is None else low + counts
+    low_bin, below_in_bin = _bin_holding(low, k - below)
+    value_bits = torch.tensor([(high_bin << _RADIX_BITS) | low_bin], dtype=torch.int32)
+    return float(value_bits.view(torch.float32).item()), below + below_in_bin
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    flat = values.reshape(-1)
+    return flat.view(torch.int32)
+
+
+def _bin_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """Returns the histogram bin that holds the k-th value and the count of values below it."""
+    cumulative = torch.cumsum(counts.cpu(), 0)
+    index = int(torch.searchsorted(cumulative, torch.tensor([k], dtype=cumulative.dtype)).item())
+    below = int(cumulative[index - 1].item()) if index > 0 else 0
+    return index, below
+
+
+class BlockPruner:
+    """Decides, chunk by chunk in row-major block order, which blocks are pruned.
+
+    Built from the global threshold: every block scoring below it is pruned, and of those scoring
+    exactly it, the first `ties_to_prune` in block order.
+    """
+
+    def __init__(self, threshold: float | None, ties_to_prune: int) -> None:
+        self.threshold = threshold
+        self.ties_left = ties_to_prune
+
+    @classmethod
+    def for_scores(
+        cls, chunks: Callable[[], Iterable[torch.Tensor]], n_blocks: int, level: float
+    ) -> BlockPruner:
+        """Returns the pruner for `level` over the scores that `chunks()` yields (in block order)."""
+        k = blocks_to_prune(level, n_blocks)
+        if k == 0:
+            return cls(None, 0)
+        value, below = kth_smallest(chunks, k)
+        return cls(value, k - below)
+
+    def prune(self, scores: torch.Tensor) -> torch.Tensor:
+        """Returns the bool pruned-block mask for the next chunk of scores (in block order)."""
+        if self.threshold is None:
+            return torch.zeros_like(scores, dtype=torch.bool)
+        pruned = scores < self.threshold
+        if self.ties_left > 0:
+            ties = scores == self.threshold
+            n_ties = int(ties.sum().item())
+            if n_ties <= self.ties_left:
+                pruned |= ties
+                self.ties_left -= n_ties
+            else:
+                order = torch.cumsum(ties.reshape(-1), 0, dtype=torch.int64).view(ties.shape)
+                pruned |= ties & (order <= self.ties_left)
+                self.ties_left = 0
+        return pruned
+
+
+def expand_blocks(
+    block_mask: torch.Tensor, block_shape: tuple[int, int], shape: tuple[int, int]
+) -> torch.Tensor:
+    """Returns a per-value mask of `shape` where each value takes its block's entry."""
+    n_block_rows, n_block_cols = block_mask.shape
+    bh, bw = block_shape
+    expanded = block_mask[:, None, :, None].expand(n_block_rows, bh, n_block_cols, bw)
+    return expanded.reshape(n_block_rows * bh, n_block_cols * bw)[: shape[0], : shape[1]]
+
+
+def keep_in_pruned_blocks(
+    norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: SparsitySettings
+) -> torch.Tensor:
+    """Returns the per-value keep-mask of a row chunk (its value norms) given its pruned blocks.
+
+    In a pruned block the `zeros_per_block` smallest-norm values are dropped (all of them by
+    default); every value of an unpruned block is kept.
+    """
+    shape = (norms.shape[0], norms.shape[1])
+    pruned = expand_blocks(pruned_blocks, settings.block_shape, shape)
+    if settings.prunes_whole_blocks:
+        return ~pruned
+    zeros = settings.effective_zeros_per_block
+    if zeros == 0:
+        return torch.ones_like(pruned)
+    bh, bw = settings.block_shape
+    n_block_rows, n_block_cols = pruned_blocks.shape
+    # Padding sorts last (NaN), as in the reference: it is dropped only after every real value.
+    padded = _pad_to_blocks(norms, settings.block_shape, float("nan"))
+    per_block = (
+        padded.view(n_block_rows, bh, n_block_cols, bw)
+        .permute(0, 2, 1, 3)
+        .reshape(n_block_rows, n_block_cols, bh * bw)
+    )
+    order = torch.sort(per_block, dim=-1, stable=True).indices[..., :zeros]
+    keep_in_block = torch.ones_like(per_block, dtype=torch.bool)
+    keep_in_block.scatter_(-1, order, False)
+    keep_padded = (
+        keep_in_block.view(n_block_rows, n_block_cols, bh, bw)
+        .permute(0, 2, 1, 3)
+        .reshape(n_block_rows * bh, n_block_cols * bw)
+    )
+    return keep_padded[: shape[0], : shape[1]] | ~pruned
+
+
+def sparsify(values: torch.Tensor, settings: SparsitySettings) -> torch.Tensor:
+    """Returns the bool keep-mask `DataNormSparsifier` gives a 2-D float table (in memory).
+
+    The whole-table convenience form of what the pipeline does chunk by chunk; the table is read
+    as float32. Raises nothing beyond what `validate_table` raises in the pipeline.
+    """
+    norms = value_norms(values.float(), settings.norm)
+    scores = block_scores(norms, settings.block_shape)
+    pruner = BlockPruner.for_scores(lambda: [scores], scores.numel(), settings.level)
+    return keep_in_pruned_blocks(norms, pruner.prune(scores), settings)

@@ -1,0 +1,102 @@
+"""`CompressedTable`: one compressed embedding table, everything needed to decode it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from sparqcli.engine.quantize import dequantize, quantize
+from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
+from sparqcli.engine.sparsify import expand_blocks
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedTable:
+    """A compressed 2-D table.
+
+    `codes` holds the uint8 codes of the kept values only, in row-major order (one code per byte;
+    packing is the file format's business). `scale` and `zero_point` hold one float32 per row.
+    `keep_mask` is None when nothing is pruned; otherwise a bool mask per block, shape
+    `(n_block_rows, n_block_cols)`, when `mask_per_block` (whole blocks pruned), else per value,
+    shape `shape`. Kept values decode to `(q - zero_point) * scale`, pruned ones to exactly 0.0.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    order: Order
+    sparsity: SparsitySettings
+    quantization: QuantizationSettings
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    keep_mask: torch.Tensor | None
+    mask_per_block: bool
+
+    @property
+    def rows(self) -> int:
+        """Returns the number of rows."""
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        """Returns the number of columns."""
+        return self.shape[1]
+
+    def value_keep_mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Returns the per-value bool keep-mask of rows `start:stop` (all True if nothing pruned)."""
+        stop = self.rows if stop is None else stop
+        shape = (stop - start, self.cols)
+        if self.keep_mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=self.codes.device)
+        if not self.mask_per_block:
+            return self.keep_mask[start:stop]
+        bh = self.sparsity.block_shape[0]
+        if start % bh:
+            raise ValueError(f"row chunks must start at a multiple of the block height {bh}")
+        blocks = self.keep_mask[start // bh : -(-stop // bh)]
+        return expand_blocks(blocks, self.sparsity.block_shape, shape)
+
+    def kept_per_row(self) -> torch.Tensor:
+        """Returns the number of kept values in each row (int64)."""
+        if self.keep_mask is None:
+            return torch.full((self.rows,), self.cols, dtype=torch.int64, device=self.codes.device)
+        if not self.mask_per_block:
+            return self.keep_mask.sum(dim=1)
+        bh, bw = self.sparsity.block_shape
+        widths = torch.full((self.keep_mask.shape[1],), bw, dtype=torch.int64)
+        if widths.numel():
+            widths[-1] = self.cols - (widths.numel() - 1) * bw
+        per_block_row = (self.keep_mask.to(torch.int64) * widths.to(self.keep_mask.device)).sum(1)
+        return per_block_row.repeat_interleave(bh)[: self.rows]
+
+    def decode(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Returns rows `start:stop` decoded to the original dtype; pruned values are exactly 0.0."""
+        stop = self.rows if stop is None else stop
+        keep = self.value_keep_mask(start, stop)
+        offsets = self._code_offsets
+        codes = self.codes[int(offsets[start]) : int(offsets[stop])]
+        dense_codes = torch.zeros(keep.shape, dtype=torch.uint8, device=codes.device)
+        dense_codes.masked_scatter_(keep, codes)
+        values = dequantize(dense_codes, self.scale[start:stop], self.zero_point[start:stop])
+        values.masked_fill_(~keep, 0.0)
+        return values.to(self.dtype)
+
+    def dense_codes(self) -> torch.Tensor:
+        """Returns the (rows, cols) codes torch.ao stores: pruned values hold the code of 0.0."""
+        keep = self.value_keep_mask()
+        zero_codes = quantize(
+            torch.zeros((self.rows, 1), device=self.codes.device),
+            self.scale,
+            self.zero_point,
+            self.quantization.bits,
+        )
+        dense = zero_codes.expand(self.rows, self.cols).clone()
+        dense.masked_scatter_(keep, self.codes)
+        return dense
+
+    @cached_property
+    def _code_offsets(self) -> torch.Tensor:
+        counts = self.kept_per_row().cpu()
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
