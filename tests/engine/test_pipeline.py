@@ -1,0 +1,344 @@
+"""The pipeline against torch.ao itself: codes, scales, zero points and keep-masks bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sparqcli.engine.pipeline import compress_rows, compress_table
+from sparqcli.engine.quantize import dequantize, quantize
+from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+from sparqcli.errors import SettingError, TableError
+from tests.reference import run_reference
+
+BLOCK_SHAPES = [(1, 1), (1, 4), (2, 2), (4, 1), (2, 3)]
+LEVELS = [0.0, 0.3, 0.5, 0.8, 1.0]
+ORDERS = ["sparsify-first", "quantize-first"]
+
+
+def _cases() -> list[tuple]:
+    cases = []
+    for index, (order, bits, block_shape, level) in enumerate(
+        itertools.product(ORDERS, (8, 4), BLOCK_SHAPES, LEVELS)
+    ):
+        norm = ("L1", "L2")[index % 2]
+        module = (nn.Embedding, nn.EmbeddingBag)[(index // 2) % 2]
+        block_size = block_shape[0] * block_shape[1]
+        zeros = None if index % 3 or block_size == 1 else block_size - 1
+        # torch.ao's quint4x2 re-quantization mangles odd widths, and (1, 1) blocks of a
+        # 4-bit dequantized table tie massively (the reference's unstable sort then picks
+        # arbitrarily): those two cases have no defined reference answer.
+        if bits == 4 and order == "quantize-first" and block_shape == (1, 1):
+            continue
+        shape = (1001, 38) if bits == 4 and order == "quantize-first" else (1001, 37)
+        cases.append(
+            pytest.param(
+                order,
+                bits,
+                block_shape,
+                level,
+                norm,
+                module,
+                zeros,
+                shape,
+                id=f"{order}-{bits}b-{block_shape}-{level}-{norm}-{module.__name__}-z{zeros}",
+            )
+        )
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("order", "bits", "block_shape", "level", "norm", "module", "zeros", "shape"), _cases()
+)
+def test_matches_torch_ao_bit_for_bit(
+    order, bits, block_shape, level, norm, module, zeros, shape, monkeypatch
+):
+    table = torch.randn(
+        shape,
+        generator=torch.Generator().manual_seed(hash((order, bits, block_shape, level)) % 2**31),
+    )
+    reference = run_reference(
+        table,
+        sparsify_first=order == "sparsify-first",
+        bits=bits,
+        level=level,
+        block_shape=block_shape,
+        zeros_per_block=zeros,
+        norm=norm,
+        module=module,
+        monkeypatch=monkeypatch,
+    )
+    compressed, _ = compress_table(
+        table,
+        order,
+        SparsitySettings(level, block_shape, zeros, norm),
+        QuantizationSettings(bits),
+        chunk_rows=64,
+    )
+    assert torch.equal(compressed.dense_codes(), reference.codes)
+    assert torch.equal(
+        compressed.scale.double().view(torch.int64), reference.scale.double().view(torch.int64)
+    )
+    assert torch.equal(
+        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
+    )
+    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 2, 5, 6])
+@pytest.mark.parametrize("order", ORDERS)
+def test_zeros_per_block_matches_torch_ao(zeros, order, monkeypatch):
+    table = torch.randn(203, 41, generator=torch.Generator().manual_seed(zeros))
+    reference = run_reference(
+        table,
+        sparsify_first=order == "sparsify-first",
+        bits=8,
+        level=0.5,
+        block_shape=(2, 3),
+        zeros_per_block=zeros,
+        monkeypatch=monkeypatch,
+    )
+    compressed, _ = compress_table(
+        table, order, SparsitySettings(0.5, (2, 3), zeros), QuantizationSettings(8)
+    )
+    assert torch.equal(compressed.dense_codes(), reference.codes)
+    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+
+
+def test_larger_table_matches_torch_ao(monkeypatch):
+    table = torch.randn(4000, 25, generator=torch.Generator().manual_seed(7)) * 3 + 1
+    for order in ORDERS:
+        reference = run_reference(
+            table,
+            sparsify_first=order == "sparsify-first",
+            bits=8,
+            level=0.8,
+            block_shape=(1, 4),
+            monkeypatch=monkeypatch,
+        )
+        compressed, _ = compress_table(
+            table, order, SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+        )
+        assert torch.equal(compressed.dense_codes(), reference.codes)
+        assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_chunking_and_score_streaming_do_not_change_the_result(order):
+    table = torch.randn(999, 33, generator=torch.Generator().manual_seed(3))
+    settings = (SparsitySettings(0.6, (3, 2), 4), QuantizationSettings(4))
+    whole, whole_stats = compress_table(table, order, *settings, chunk_rows=10_000)
+    streamed, streamed_stats = compress_rows(
+        lambda start, stop: table[start:stop],
+        (999, 33),
+        table.dtype,
+        order,
+        *settings,
+        chunk_rows=7,
+        score_budget_bytes=0,
+    )
+    assert torch.equal(whole.codes, streamed.codes)
+    assert torch.equal(whole.keep_mask, streamed.keep_mask)
+    assert torch.equal(whole.scale, streamed.scale)
+    assert torch.equal(whole.zero_point, streamed.zero_point)
+    assert whole_stats.kept == streamed_stats.kept
+
+
+def test_pruned_values_decode_to_exact_zero_unlike_the_reference(monkeypatch):
+    table = torch.randn(500, 32, generator=torch.Generator().manual_seed(11))
+    compressed, stats = compress_table(
+        table, "quantize-first", SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+    )
+    decoded = compressed.decode()
+    keep = compressed.value_keep_mask()
+    assert torch.all(decoded[~keep] == 0.0)
+    assert stats.zero_fraction >= stats.pruned_fraction == pytest.approx(0.8, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_precision_tables_compute_in_float32_and_decode_to_their_dtype(dtype):
+    table = torch.randn(100, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    compressed, _ = compress_table(
+        table, "sparsify-first", SparsitySettings(0.5), QuantizationSettings(8)
+    )
+    as_float32, _ = compress_table(
+        table.float(), "sparsify-first", SparsitySettings(0.5), QuantizationSettings(8)
+    )
+    assert torch.equal(compressed.codes, as_float32.codes)
+    assert compressed.decode().dtype == dtype
+    assert torch.equal(compressed.decode(), as_float32.decode().to(dtype))
+
+
+def test_runs_are_deterministic_with_ties():
+    # Every block ties: the documented rule prunes the lowest block indices first.
+    table = torch.ones(10, 8)
+    compressed, _ = compress_table(
+        table, "sparsify-first", SparsitySettings(0.25, (1, 4)), QuantizationSettings(8)
+    )
+    expected = torch.ones(10, 2, dtype=torch.bool)
+    expected.view(-1)[:5] = False
+    assert torch.equal(compressed.keep_mask, expected)
+
+
+def test_nothing_pruned_stores_no_mask():
+    table = torch.randn(10, 8)
+    for sparsity in (
+        SparsitySettings(0.0),
+        SparsitySettings(0.5, (1, 4), 0),
+        SparsitySettings(0.01),
+    ):
+        compressed, stats = compress_table(
+            table, "sparsify-first", sparsity, QuantizationSettings(8)
+        )
+        assert compressed.keep_mask is None
+        assert stats.kept == 80
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0, 0), (1, 1), (1, 9), (9, 1)])
+@pytest.mark.parametrize("order", ORDERS)
+def test_degenerate_shapes_round_trip(shape, order):
+    table = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    compressed, stats = compress_table(
+        table, order, SparsitySettings(0.5, (2, 2)), QuantizationSettings(4)
+    )
+    decoded = compressed.decode()
+    assert decoded.shape == table.shape
+    assert stats.values == table.numel()
+    keep = compressed.value_keep_mask()
+    assert torch.all(decoded[~keep] == 0)
+
+
+def test_constant_rows_decode_exactly():
+    table = torch.full((4, 6), 2.5)
+    table[1] = -7.0
+    compressed, stats = compress_table(
+        table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8)
+    )
+    assert torch.equal(compressed.decode(), table)
+    assert stats.rel_error == 0.0
+    assert stats.row_cosine_min == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_name_the_first_bad_row(bad):
+    table = torch.randn(50, 4)
+    table[17, 2] = bad
+    table[30, 1] = bad
+    with pytest.raises(TableError, match=r"^emb\.weight: row 17 holds NaN or Inf values$"):
+        compress_table(
+            table,
+            "sparsify-first",
+            SparsitySettings(0.0),
+            QuantizationSettings(8),
+            name="emb.weight",
+        )
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    table = torch.full((3, 4), 3e38)
+    table[:, 0] = 1.0
+    compressed, _ = compress_table(
+        table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8)
+    )
+    assert torch.isfinite(compressed.decode()).all()
+
+
+def test_value_range_overflow_is_an_error():
+    table = torch.tensor([[-3e38, 3e38]])
+    with pytest.raises(TableError, match=r"^row 0: value range overflows float32$"):
+        compress_table(table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (torch.zeros(3, 4, 5), r"^t: must be a 2-D table, got shape \[3, 4, 5\]$"),
+        (torch.zeros(4), r"^t: must be a 2-D table, got shape \[4\]$"),
+        (torch.zeros(3, 4, dtype=torch.int64), r"^t: must be a floating table, got dtype int64$"),
+    ],
+)
+def test_tables_that_are_not_2d_float_are_refused(table, message):
+    with pytest.raises(TableError, match=message):
+        compress_table(
+            table, "sparsify-first", SparsitySettings(), QuantizationSettings(), name="t"
+        )
+
+
+def test_unknown_order_is_a_setting_error():
+    with pytest.raises(
+        SettingError, match="^order: must be sparsify-first or quantize-first, got 'both'$"
+    ):
+        compress_table(torch.zeros(2, 2), "both", SparsitySettings(), QuantizationSettings())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("order", ORDERS)
+def test_cuda_matches_cpu(order):
+    table = torch.randn(5000, 64, generator=torch.Generator().manual_seed(2))
+    settings = (SparsitySettings(0.8, (1, 4)), QuantizationSettings(8))
+    cpu, _ = compress_table(table, order, *settings)
+    gpu, _ = compress_table(table.cuda(), order, *settings)
+    assert torch.equal(cpu.codes, gpu.codes.cpu())
+    assert torch.equal(cpu.scale, gpu.scale.cpu())
+    assert torch.equal(cpu.zero_point, gpu.zero_point.cpu())
+    assert torch.equal(cpu.keep_mask, gpu.keep_mask.cpu())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    cols=st.integers(1, 30),
+    block_shape=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    level=st.floats(0, 1),
+    zeros=st.one_of(st.none(), st.integers(0, 16)),
+    bits=st.sampled_from([8, 4, 2]),
+    order=st.sampled_from(ORDERS),
+    seed=st.integers(0, 2**16),
+)
+def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
+    rows, cols, block_shape, level, zeros, bits, order, seed
+):
+    if zeros is not None:
+        zeros = min(zeros, block_shape[0] * block_shape[1])
+    table = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    compressed, stats = compress_table(
+        table,
+        order,
+        SparsitySettings(level, block_shape, zeros),
+        QuantizationSettings(bits),
+        chunk_rows=block_shape[0],
+    )
+    keep = compressed.value_keep_mask()
+    decoded = compressed.decode()
+    assert torch.all(decoded[~keep] == 0.0)
+    assert (
+        int(compressed.codes.max(initial=0)) <= (1 << bits) - 1
+        if compressed.codes.numel()
+        else True
+    )
+    assert compressed.codes.numel() == int(keep.sum()) == stats.kept
+    assert torch.equal(compressed.kept_per_row(), keep.sum(1))
+    if order == "sparsify-first":
+        step = compressed.scale[:, None].expand_as(table)
+        assert torch.all((decoded - table)[keep].abs() <= step[keep] * 0.5 * (1 + 1e-5) + 1e-7)
+    else:
+        # quantize-first: kept values are the round trip of the first quantization.
+        scale, zero_point = compressed.scale, compressed.zero_point
+        first = dequantize(quantize(table, scale, zero_point, bits), scale, zero_point)
+        assert torch.equal(decoded[keep], first[keep])
+
+
+def test_decode_by_row_chunks_equals_whole_decode():
+    table = torch.randn(101, 13, generator=torch.Generator().manual_seed(4))
+    for settings_ in (SparsitySettings(0.7, (3, 2)), SparsitySettings(0.7, (3, 2), 3)):
+        compressed, _ = compress_table(table, "sparsify-first", settings_, QuantizationSettings(4))
+        whole = compressed.decode()
+        pieces = torch.cat(
+            [compressed.decode(start, min(start + 9, 101)) for start in range(0, 101, 9)]
+        )
+        assert torch.equal(whole, pieces)
