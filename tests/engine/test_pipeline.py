@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from sparqcli.engine.pipeline import compress_rows, compress_table
 from sparqcli.engine.quantize import dequantize, quantize
 from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+from sparqcli.engine.sparsify import value_norms
 from sparqcli.errors import SettingError, TableError
 from tests.reference import run_reference
 
@@ -30,24 +32,11 @@ def _cases() -> list[tuple]:
         module = (nn.Embedding, nn.EmbeddingBag)[(index // 2) % 2]
         block_size = block_shape[0] * block_shape[1]
         zeros = None if index % 3 or block_size == 1 else block_size - 1
-        # torch.ao's quint4x2 re-quantization mangles odd widths, and (1, 1) blocks of a
-        # 4-bit dequantized table tie massively (the reference's unstable sort then picks
-        # arbitrarily): those two cases have no defined reference answer.
-        if bits == 4 and order == "quantize-first" and block_shape == (1, 1):
-            continue
+        # torch.ao's quint4x2 re-quantization mangles odd widths: 4-bit quantize-first uses 38.
         shape = (1001, 38) if bits == 4 and order == "quantize-first" else (1001, 37)
+        case_id = f"{order}-{bits}b-{block_shape}-{level}-{norm}-{module.__name__}-z{zeros}"
         cases.append(
-            pytest.param(
-                order,
-                bits,
-                block_shape,
-                level,
-                norm,
-                module,
-                zeros,
-                shape,
-                id=f"{order}-{bits}b-{block_shape}-{level}-{norm}-{module.__name__}-z{zeros}",
-            )
+            pytest.param(order, bits, block_shape, level, norm, module, zeros, shape, id=case_id)
         )
     return cases
 
@@ -56,12 +45,10 @@ def _cases() -> list[tuple]:
     ("order", "bits", "block_shape", "level", "norm", "module", "zeros", "shape"), _cases()
 )
 def test_matches_torch_ao_bit_for_bit(
-    order, bits, block_shape, level, norm, module, zeros, shape, monkeypatch
+    order, bits, block_shape, level, norm, module, zeros, shape, monkeypatch, request
 ):
-    table = torch.randn(
-        shape,
-        generator=torch.Generator().manual_seed(hash((order, bits, block_shape, level)) % 2**31),
-    )
+    seed = zlib.crc32(request.node.callspec.id.encode())
+    table = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     reference = run_reference(
         table,
         sparsify_first=order == "sparsify-first",
@@ -80,14 +67,27 @@ def test_matches_torch_ao_bit_for_bit(
         QuantizationSettings(bits),
         chunk_rows=64,
     )
-    assert torch.equal(compressed.dense_codes(), reference.codes)
-    assert torch.equal(
-        compressed.scale.double().view(torch.int64), reference.scale.double().view(torch.int64)
-    )
+    assert torch.equal(compressed.scale.double(), reference.scale.double())
     assert torch.equal(
         compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
     )
-    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+    keep = compressed.value_keep_mask()
+    if order == "quantize-first" and block_shape == (1, 1):
+        # A row of a dequantized table holds at most 2**bits distinct values, so single-value
+        # blocks tie; the reference's unstable sort then picks arbitrarily among the blocks that
+        # tie at the threshold. Everywhere else the masks, and so the codes, must agree.
+        differ = keep != reference.keep_mask
+        assert int(keep.sum()) == int(reference.keep_mask.sum())
+        if differ.any():
+            scale, zero_point = compressed.scale, compressed.zero_point
+            seen = dequantize(quantize(table, scale, zero_point, bits), scale, zero_point)
+            scores = value_norms(seen, norm)
+            assert torch.all(scores[differ] == scores[differ][0])
+            assert torch.all(scores[~keep] <= scores[differ][0])
+        assert torch.equal(compressed.dense_codes()[~differ], reference.codes[~differ])
+    else:
+        assert torch.equal(keep, reference.keep_mask)
+        assert torch.equal(compressed.dense_codes(), reference.codes)
 
 
 @pytest.mark.parametrize("zeros", [0, 1, 2, 5, 6])
