@@ -1,0 +1,191 @@
+"""Resolving a config's rules against the tensors of a checkpoint.
+
+A `match` pattern is tried on a tensor's key (`bags.0.weight`) and on its module name (`bags.0`,
+the key without its last dotted component; a key without a dot is its own module name):
+`re:REGEX` is a regular expression (re.fullmatch), anything else a case-sensitive glob
+(fnmatchcase), so a plain name matches exactly. A `type` rule selects `<module>.weight` of every
+module of that class; it needs the module types of a pickled nn.Module.
+
+The first rule that matches a tensor wins it; `exclude` wins over every rule.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from sparqcli.config import RULE_TYPES, Config, LayerRule
+from sparqcli.errors import SelectionError
+
+FLOAT_DTYPES: frozenset[str] = frozenset({"float32", "float16", "bfloat16", "float64"})
+_CLOSEST = 3
+_CLOSEST_CUTOFF = 0.6
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What selection needs to know of a tensor: its shape and its dtype (`float32`, `int64`)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def is_table(self) -> bool:
+        """Returns True for a 2-D floating tensor, the only kind sparq compresses."""
+        return len(self.shape) == 2 and self.dtype in FLOAT_DTYPES
+
+    def describe(self) -> str:
+        """Returns the shape and dtype as messages show them, e.g. `shape [10], float32`."""
+        return f"shape [{', '.join(str(side) for side in self.shape)}], {self.dtype}"
+
+
+@dataclass(frozen=True)
+class SelectedTable:
+    """A tensor chosen for compression and the rule that won it."""
+
+    key: str
+    rule: LayerRule
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """What one rule matched, each group in checkpoint key order.
+
+    `won`: the tensors it selects; `shadowed`: matched, but an earlier rule won them;
+    `excluded`: matched, but `exclude` removed them.
+    """
+
+    rule: LayerRule
+    won: tuple[str, ...]
+    shadowed: tuple[str, ...]
+    excluded: tuple[str, ...]
+
+    @property
+    def lost(self) -> tuple[str, ...]:
+        """Returns the keys it matched but did not win (shadowed or excluded)."""
+        return self.shadowed + self.excluded
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tables a config selects, in checkpoint key order, and what every rule matched."""
+
+    tables: tuple[SelectedTable, ...]
+    matches: tuple[RuleMatch, ...]
+
+
+def module_name(key: str) -> str:
+    """Returns the module name of a tensor key: `emb.weight` -> `emb`; `emb` -> `emb`."""
+    module, dot, _ = key.rpartition(".")
+    return module if dot else key
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Returns True when the glob or `re:` pattern matches all of `name`."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatchcase(name, pattern)
+
+
+def select_tables(
+    config: Config,
+    tensors: Mapping[str, TensorInfo],
+    source: str,
+    module_types: Mapping[str, str] | None = None,
+) -> Selection:
+    """Returns the tables that `config` selects among `tensors`, the checkpoint `source`'s.
+
+    `module_types` maps module names to class names (`Embedding`, `EmbeddingBag`); it is known
+    only for a pickled nn.Module and is needed by `type` rules.
+    Raises SelectionError, naming `source`, for the first problem in rule order: a type rule
+    without module types, a rule that matches no tensor, a selected tensor that is not a 2-D
+    floating tensor; or when nothing at all is selected.
+    """
+    keys = list(tensors)
+    excluded = {key for key in keys if any(_matches(p, key) for p in config.exclude)}
+    winners: dict[str, LayerRule] = {}
+    matches: list[RuleMatch] = []
+    for rule in config.layers:
+        if rule.type is not None and module_types is None:
+            raise SelectionError(
+                f"{source}: {rule.label} needs module types; this checkpoint is a state dict "
+                "(type rules work only on a pickled nn.Module loaded with --trust-pickle)"
+            )
+        matched = [key for key in keys if _rule_matches(rule, key, module_types)]
+        if not matched:
+            raise SelectionError(
+                f"{source}: {rule.label} matches no tensor; {_hint(rule, keys, module_types)}"
+            )
+        won: list[str] = []
+        shadowed: list[str] = []
+        lost_to_exclude: list[str] = []
+        for key in matched:
+            if key in excluded:
+                lost_to_exclude.append(key)
+            elif key in winners:
+                shadowed.append(key)
+            else:
+                winners[key] = rule
+                won.append(key)
+        for key in won:
+            if not tensors[key].is_table:
+                raise SelectionError(
+                    f"{source}: {rule.label} matches {key!r}, which is not a 2-D floating tensor "
+                    f"({tensors[key].describe()})"
+                )
+        matches.append(RuleMatch(rule, tuple(won), tuple(shadowed), tuple(lost_to_exclude)))
+    if not winners:
+        raise SelectionError(f"{source}: the config selects no table")
+    tables = tuple(SelectedTable(key, winners[key], tensors[key]) for key in keys if key in winners)
+    return Selection(tables=tables, matches=tuple(matches))
+
+
+def _matches(pattern: str, key: str) -> bool:
+    return pattern_matches(pattern, key) or pattern_matches(pattern, module_name(key))
+
+
+def _rule_matches(rule: LayerRule, key: str, module_types: Mapping[str, str] | None) -> bool:
+    if rule.match is not None:
+        return _matches(rule.match, key)
+    if module_types is None or rule.type is None:
+        return False
+    # Unlike module_name(), a bare `weight` belongs to the root module "" here (a pickled
+    # nn.Embedding itself has the state dict key `weight`).
+    module, _, name = key.rpartition(".")
+    return name == "weight" and module_types.get(module) in RULE_TYPES[rule.type]
+
+
+def _hint(rule: LayerRule, keys: list[str], module_types: Mapping[str, str] | None) -> str:
+    """Returns what to tell about a rule that matches nothing: the nearest keys or module types."""
+    if rule.type is not None:
+        present = sorted(set((module_types or {}).values()))
+        return f"module types in this checkpoint: {', '.join(present) or 'none'}"
+    if not keys:
+        return "the checkpoint has no tensors"
+    closest = _closest_keys(rule.match or "", keys)
+    if closest:
+        return f"closest keys: {', '.join(closest)}"
+    shown = ", ".join(keys[:_CLOSEST])
+    more = ", ..." if len(keys) > _CLOSEST else ""
+    return f"no key is close; the checkpoint has {len(keys)} tensors: {shown}{more}"
+
+
+def _closest_keys(pattern: str, keys: list[str]) -> list[str]:
+    """Returns up to 3 keys whose key or module name is most like `pattern`, best first."""
+    probe = pattern[3:] if pattern.startswith("re:") else pattern.replace("*", "").replace("?", "")
+    matcher = difflib.SequenceMatcher(b=probe)
+    scored: list[tuple[float, int, str]] = []
+    for position, key in enumerate(keys):
+        best = 0.0
+        for name in (key, module_name(key)):
+            matcher.set_seq1(name)
+            best = max(best, matcher.ratio())
+        if best >= _CLOSEST_CUTOFF:
+            scored.append((-best, position, key))
+    return [key for _, _, key in sorted(scored)[:_CLOSEST]]
