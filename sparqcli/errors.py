@@ -59,6 +59,13 @@ class OutputError(SparqError):
 
 
 class GateError(SparqError):
-    """A quality gate failed; nothing was written (exit 3)."""
+    """A quality gate failed; the failing file was not written (exit 3).
+
+    `report` is the CompressReport of the run, so callers can still show what was measured.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -82,11 +82,13 @@ def compress_rows(
     chunk_rows: int | None = None,
     score_budget_bytes: int = DEFAULT_SCORE_BUDGET_BYTES,
     name: str = "table",
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
     `read_rows(start, stop)` is called for row ranges in order, twice per range (three times
-    when the block scores exceed `score_budget_bytes`). Results live on `device`.
+    when the block scores exceed `score_budget_bytes`). Results live on `device`. `progress`,
+    when given, is called with the fraction of the work done after each chunk.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -98,6 +100,7 @@ def compress_rows(
         )
     device = torch.device(device)
     job = _TableJob(read_rows, shape, order, sparsity, quantization, device, chunk_rows, name)
+    job.progress = progress
     return job.run(dtype, score_budget_bytes)
 
 
@@ -130,6 +133,8 @@ class _TableJob:
             (start, min(start + chunk_rows, self.rows)) for start in range(0, self.rows, chunk_rows)
         ]
         self.checked_finite = False
+        self.progress: Callable[[float], None] | None = None
+        self.passes = 1
         self.saved_scale: torch.Tensor | None = None
         self.saved_zero_point: torch.Tensor | None = None
 
@@ -143,6 +148,7 @@ class _TableJob:
             and blocks_to_prune(self.sparsity.level, n_blocks) > 0
         )
         if self.order == "quantize-first" or prunes:
+            self.passes = 2
             held = self._first_pass(hold_scores=prunes and n_blocks * 4 <= score_budget_bytes)
         else:
             held = None
@@ -185,6 +191,7 @@ class _TableJob:
                 held.append(
                     block_scores(value_norms(values, self.sparsity.norm), self.sparsity.block_shape)
                 )
+            self._report(0, stop)
         self.checked_finite = True
         if self.order == "quantize-first":
             self.saved_scale = _cat(scales, self.device)
@@ -195,6 +202,10 @@ class _TableJob:
         for start, stop in self.ranges:
             norms = value_norms(self._values_to_score(start, stop), self.sparsity.norm)
             yield block_scores(norms, self.sparsity.block_shape)
+
+    def _report(self, finished_passes: int, rows_done: int) -> None:
+        if self.progress is not None and self.rows:
+            self.progress((finished_passes + rows_done / self.rows) / self.passes)
 
     def _check_finite(self, values: torch.Tensor, start: int) -> None:
         # A row sum is finite whenever every value is (bar overflow), and costs one fused read;
@@ -245,6 +256,7 @@ class _TableJob:
             if keep is not None:
                 decoded.masked_fill_(~keep, 0.0)
             stats.add(original, decoded)
+            self._report(self.passes - 1, stop)
         all_codes = _cat(codes, self.device, torch.uint8)
         scale = _cat(scales, self.device)
         zero_point = _cat(zero_points, self.device)

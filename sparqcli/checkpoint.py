@@ -1,0 +1,445 @@
+"""Reading checkpoints and writing outputs safely.
+
+Inputs: `.safetensors` (header validated by the safetensors library, tensors read in row chunks
+with positioned reads, so a table much larger than memory streams through), and `.pt`/`.pth`/
+`.bin` through `torch.load(weights_only=True)`, which never runs code from the file. A pickled
+whole `nn.Module` is unpickled only when the caller trusts it (`trust_pickle`).
+
+Outputs: written to a temporary file in the target folder, flushed to disk and renamed into
+place, so a reader sees either no file, the previous file, or the complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError
+from sparqcli.select import TensorInfo
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Keys under which training scripts commonly nest the model's state dict.
+NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+SPARQ_METADATA_KEY = "sparq"
+_MAX_HEADER_BYTES = 100 << 20
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Returns torch's name of `dtype` without the `torch.` prefix (`float32`)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Checkpoint:
+    """An opened input checkpoint: its tensors' shapes and dtypes, and a way to read them.
+
+    `container_key` names the entry of the file that holds the state dict (None: the file is
+    the state dict); `extra` holds the file's other top-level entries. `module_types` maps module
+    names to class names, only for a trusted pickled `nn.Module`.
+    """
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]
+    container_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    module_types: dict[str, str] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    _state: Mapping[str, torch.Tensor] | None = None
+    _offsets: dict[str, int] = field(default_factory=dict)
+    _raw: Any = None
+
+    @property
+    def is_sparq(self) -> bool:
+        """Returns True when the file is a compressed sparq checkpoint."""
+        return SPARQ_METADATA_KEY in self.metadata
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Returns the whole tensor `key` (on the CPU). Raises InputError when unreadable."""
+        info = self.tensors[key]
+        return self.read_rows(key, 0, info.shape[0]) if info.shape else self._read_all(key)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Returns rows `start:stop` of tensor `key`. Raises InputError when unreadable."""
+        if self._state is not None:
+            return self._state[key][start:stop]
+        info = self.tensors[key]
+        row_values = 1
+        for side in info.shape[1:]:
+            row_values *= side
+        dtype = _torch_dtype(info.dtype)
+        item = torch.empty((), dtype=dtype).element_size()
+        offset = self._offsets[key] + start * row_values * item
+        data = _pread(self.path, offset, (stop - start) * row_values * item)
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return flat.view((stop - start, *info.shape[1:]))
+
+    def _read_all(self, key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[key]
+        dtype = _torch_dtype(self.tensors[key].dtype)
+        item = torch.empty((), dtype=dtype).element_size()
+        data = _pread(self.path, self._offsets[key], item)
+        return torch.frombuffer(data, dtype=dtype).view(())
+
+    def rebuild(self, state: dict[str, Any]) -> Any:
+        """Returns the file's object with its state dict's tensors replaced by `state`.
+
+        Every other entry, top-level or inside the state dict, is carried over unchanged.
+        """
+        if self._raw is None or not isinstance(self._raw, Mapping):
+            return state
+        if self.container_key is None:
+            kept = {k: v for k, v in self._raw.items() if not isinstance(v, torch.Tensor)}
+            return {**state, **kept}
+        outer = dict(self._raw)
+        node = outer
+        parts = self.container_key.split(".")
+        for part in parts[:-1]:
+            node[part] = dict(node[part])
+            node = node[part]
+        inner = node[parts[-1]]
+        kept = {k: v for k, v in inner.items() if not isinstance(v, torch.Tensor)}
+        node[parts[-1]] = {**state, **kept}
+        return outer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Returns every tensor of the checkpoint, read whole."""
+        return {key: self.tensor(key) for key in self.tensors}
+
+
+def open_checkpoint(
+    path: str | Path, *, key: str | None = None, trust_pickle: bool = False
+) -> Checkpoint:
+    """Returns the opened checkpoint at `path` (.safetensors, .pt, .pth, .bin, .ckpt).
+
+    `key` names the entry holding the state dict in a nested checkpoint (dotted for deeper
+    nesting); without it the usual names are tried. Raises InputError for a missing, unreadable
+    or corrupt file, UnsafeInputError for a pickle that needs code to load without
+    `trust_pickle`, UsageError for an unknown extension or a `key` that is not there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a checkpoint")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        if key is not None:
+            raise UsageError(f"{path}: --key applies to .pt files; a .safetensors file is flat")
+        return _open_safetensors(path)
+    if suffix in TORCH_SUFFIXES:
+        return _open_torch(path, key, trust_pickle)
+    raise UsageError(
+        f"{path}: unknown checkpoint type '{path.suffix}'; expected .safetensors, .pt, .pth, .bin or .ckpt"
+    )
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    header = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + _header_length(path)
+    tensors: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
+    for name, entry in header.items():
+        tensors[name] = TensorInfo(
+            tuple(entry["shape"]), dtype_name(_SAFETENSORS_DTYPES[entry["dtype"]])
+        )
+        offsets[name] = data_start + entry["data_offsets"][0]
+    return Checkpoint(path, "safetensors", tensors, metadata=metadata, _offsets=offsets)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Returns the JSON header of a safetensors file, validated by the safetensors library.
+
+    Raises InputError when the file is not a valid safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+    length = _header_length(path)
+    try:
+        header = json.loads(_pread(path, 8, length))
+    except ValueError as error:
+        raise InputError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+    for name, entry in header.items():
+        if name != "__metadata__" and entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise InputError(f"{path}: tensor '{name}' has unsupported dtype {entry.get('dtype')}")
+    return header
+
+
+def _header_length(path: Path) -> int:
+    raw = _pread(path, 0, 8)
+    if len(raw) < 8:
+        raise InputError(f"{path}: not a valid safetensors file (shorter than its header)")
+    (length,) = struct.unpack("<Q", raw)
+    if length > _MAX_HEADER_BYTES:
+        raise InputError(f"{path}: not a valid safetensors file (header claims {length} bytes)")
+    return length
+
+
+def _pread(path: Path, offset: int, size: int) -> bytearray:
+    buffer = bytearray(size)
+    try:
+        with open(path, "rb", buffering=0) as file:
+            view = memoryview(buffer)
+            done = 0
+            while done < size:
+                count = os.preadv(file.fileno(), [view[done:]], offset + done)
+                if count == 0:
+                    raise InputError(
+                        f"{path}: truncated (expected {size} bytes at offset {offset})"
+                    )
+                done += count
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from None
+    return buffer
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _open_torch(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    loaded = _torch_load(path, trust_pickle)
+    module_types = None
+    if isinstance(loaded, torch.nn.Module):
+        module_types = {name: type(module).__name__ for name, module in loaded.named_modules()}
+        loaded = loaded.state_dict()
+    raw = loaded
+    container_key, state, extra = _find_state_dict(path, loaded, key)
+    tensors = {
+        name: TensorInfo(tuple(value.shape), dtype_name(value.dtype))
+        for name, value in state.items()
+    }
+    return Checkpoint(
+        path,
+        "module" if module_types is not None else "torch",
+        tensors,
+        container_key=container_key,
+        extra=extra,
+        module_types=module_types,
+        _state=state,
+        _raw=None if module_types is not None else raw,
+    )
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as error:
+        if trust_pickle or "Weights only load failed" not in str(error):
+            raise InputError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+            ) from None
+        needed = _needed_global(str(error))
+        raise UnsafeInputError(
+            f"{path}: refusing to unpickle: loading it would run code{needed}; "
+            "pass --trust-pickle only if you trust where the file came from"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        zipfile.BadZipFile,
+        struct.error,
+        MemoryError,
+    ) as error:
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+        ) from None
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def _needed_global(message: str) -> str:
+    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+        if marker in message:
+            name = message.split(marker, 1)[1].split()[0].rstrip(".,")
+            return f" ({name})"
+    return ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _find_state_dict(
+    path: Path, loaded: Any, key: str | None
+) -> tuple[str | None, dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(loaded, Mapping):
+        raise InputError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    if key is not None:
+        node: Any = loaded
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise UsageError(
+                    f"{path}: --key {key!r} not found; top-level keys: {_key_list(loaded)}"
+                )
+            node = node[part]
+        if not _is_tensor_dict(node):
+            raise UsageError(f"{path}: --key {key!r} does not hold a state dict of tensors")
+        container_key = key
+    elif all(isinstance(v, torch.Tensor) for v in loaded.values()) and loaded:
+        return None, dict(loaded), {}
+    else:
+        found = [name for name in NESTED_STATE_DICT_KEYS if _is_tensor_dict(loaded.get(name))]
+        if not found:
+            if _is_tensor_dict(loaded):
+                container_key = None
+                node = loaded
+            else:
+                raise InputError(
+                    f"{path}: no state dict found (top-level keys: {_key_list(loaded)}); name it with --key"
+                )
+        else:
+            container_key = found[0]
+            node = loaded[container_key]
+    state = {name: value for name, value in node.items() if isinstance(value, torch.Tensor)}
+    if container_key is None:
+        extra = {name: value for name, value in node.items() if not isinstance(value, torch.Tensor)}
+    else:
+        top = key.split(".")[0] if key else container_key
+        extra = {name: value for name, value in loaded.items() if name != top}
+        extra.update(
+            {name: value for name, value in node.items() if not isinstance(value, torch.Tensor)}
+        )
+    return container_key, state, extra
+
+
+def _key_list(mapping: Mapping[str, Any]) -> str:
+    names = [str(name) for name in mapping]
+    shown = ", ".join(names[:8])
+    return shown + (f", … ({len(names)} in all)" if len(names) > 8 else "") if names else "none"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Returns the hex sha256 of the file at `path`. Raises InputError when unreadable."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from None
+    return digest.hexdigest()
+
+
+def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+    """Checks that `output` may be written. Raises UsageError when it is an input or exists."""
+    for source in inputs:
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            raise UsageError(f"{output}: is an input; sparq never overwrites its input")
+        if output.resolve() == source.resolve():
+            raise UsageError(f"{output}: is an input; sparq never overwrites its input")
+    if output.exists() and not force:
+        raise UsageError(f"{output}: already exists; pass --force to replace it")
+    if output.exists() and output.is_dir():
+        raise UsageError(f"{output}: is a directory")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; on success it is synced and renamed to `path`.
+
+    On any failure, or an interrupt, the temporary file is removed and `path` is untouched.
+    Raises OutputError when the folder is not writable or the write fails.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: cannot write: folder {folder} does not exist")
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write: {error.strerror}") from None
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        _finish(temp, path)
+    except OSError as error:
+        _remove_quietly(temp)
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+
+
+def _finish(temp: Path, path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    with open(temp, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:
+    """Writes `obj` with torch.save to `path` atomically. Raises OutputError on failure."""
+    with atomic_output(path) as temp:
+        (write or _torch_save)(obj, temp)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
