@@ -8,7 +8,11 @@ The heavy parts (torch) are imported lazily, so `import sparqcli` and `sparq --h
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
+
+# torch warns on first use when numpy is absent; sparq never needs numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __version__ = "0.1.0"
 
