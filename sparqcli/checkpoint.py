@@ -171,7 +171,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
     data_start = 8 + _header_length(path)
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, int] = {}
-    for name, entry in header.items():
+    for name, entry in sorted(header.items()):
         tensors[name] = TensorInfo(
             tuple(entry["shape"]), dtype_name(_SAFETENSORS_DTYPES[entry["dtype"]])
         )
@@ -264,7 +264,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
-        if trust_pickle or "Weights only load failed" not in str(error):
+        if trust_pickle or "GLOBAL" not in str(error):
             raise InputError(
                 f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
             ) from None
