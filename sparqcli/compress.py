@@ -381,9 +381,9 @@ def _table_bytes_after(table: CompressedTable, output_format: str) -> int:
 
     if output_format == "sparq":
         return table_file_bytes(table)
-    # torch-ao: dense codes (two per byte at 4 bits) plus float64 scales and float32 zero points.
+    # torch-ao: dense codes (two per byte at 4 bits) plus float32 scales and zero points.
     values = table.rows * table.cols
-    return (values * table.quantization.bits + 7) // 8 + table.rows * 12
+    return (values * table.quantization.bits + 7) // 8 + table.rows * 8
 
 
 def _merged_gates(defaults: Gates, rule: Gates) -> Gates:

@@ -58,13 +58,17 @@ def compress_summary(report: CompressReport) -> Group:
     return Group(*parts)
 
 
-def _file_table(file: FileReport) -> Table:
-    table = Table(
-        title=f"{file.input} → {file.output}",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-    )
+def _titled(title: str, table: Table) -> Group:
+    """Returns `title` on its own line above `table` (a table title would wrap to its width)."""
+    return Group(Text(title), table)
+
+
+def _new_table() -> Table:
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False)
+
+
+def _file_table(file: FileReport) -> Group:
+    table = _new_table()
     for name, justify in [
         ("table", "left"),
         ("shape", "right"),
@@ -90,21 +94,16 @@ def _file_table(file: FileReport) -> Table:
             _ORDER_LABEL.get(row.order, row.order),
             f"{row.rule.sparsity.level:.0%}→{stats.zero_fraction:.1%}",
             f"{_number(stats.scale_min)} / {_number(stats.scale_median)} / {_number(stats.scale_max)}",
-            f"{stats.zero_point_min:.1f}…{stats.zero_point_max:.1f}",
+            f"{stats.zero_point_min + 0.0:.1f}…{stats.zero_point_max + 0.0:.1f}",
             f"{stats.rel_error:.4f}",
             f"{stats.row_cosine_mean:.4f} / {stats.row_cosine_min:.4f}",
             f"{human_bytes(row.bytes_before)} → {human_bytes(row.bytes_after)}",
         )
-    return table
+    return _titled(f"{file.input} → {file.output}", table)
 
 
-def _plan_table(file: FileReport) -> Table:
-    table = Table(
-        title=f"{file.input} → {file.output} (dry run: nothing written)",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-    )
+def _plan_table(file: FileReport) -> Group:
+    table = _new_table()
     for name in (
         "table",
         "shape",
@@ -134,7 +133,7 @@ def _plan_table(file: FileReport) -> Table:
             str(quantization.bits),
             quantization.scale_dtype,
         )
-    return table
+    return _titled(f"{file.input} → {file.output} (dry run: nothing written)", table)
 
 
 def _file_totals(file: FileReport, dry_run: bool) -> Text:
@@ -162,14 +161,10 @@ def to_json(data: Any) -> str:
 
 def checkpoint_table(
     path: str, tensors: Mapping[str, TensorInfo], sizes: Mapping[str, int]
-) -> Table:
+) -> Group:
     """Returns the inspection of a plain checkpoint: every tensor, candidates marked."""
-    table = Table(
-        title=f"{path}: {len(tensors)} tensors",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-    )
+    title = f"{path}: {len(tensors)} tensors"
+    table = _new_table()
     for name, justify in [
         ("key", "left"),
         ("shape", "right"),
@@ -186,18 +181,14 @@ def checkpoint_table(
             human_bytes(sizes[key]),
             "✓" if info.is_table else "",
         )
-    return table
+    return _titled(title, table)
 
 
-def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Table:
+def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Group:
     """Returns the inspection of a compressed file: its tables with settings, sparsity and bytes."""
     tables = info["tables"]
-    table = Table(
-        title=f"{path}: sparq format {info['format_version']}, {len(tables)} compressed table(s), {human_bytes(file_bytes)}",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-    )
+    title = f"{path}: sparq format {info['format_version']}, {len(tables)} compressed table(s), {human_bytes(file_bytes)}"
+    table = _new_table()
     for name in (
         "table",
         "shape",
@@ -226,17 +217,13 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Tab
             f"{stats['rel_error']:.4f}" if "rel_error" in stats else "-",
             human_bytes(entry.get("file_bytes")),
         )
-    return table
+    return _titled(title, table)
 
 
-def selection_table(selection: Selection, source: str) -> Table:
+def selection_table(selection: Selection, source: str) -> Group:
     """Returns, for `sparq validate CFG CKPT`, each rule and the tensors it matches."""
-    table = Table(
-        title=f"{source}: {len(selection.tables)} table(s) selected",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-    )
+    title = f"{source}: {len(selection.tables)} table(s) selected"
+    table = _new_table()
     table.add_column("rule")
     table.add_column("selects")
     table.add_column("matched, not selected")
@@ -245,4 +232,4 @@ def selection_table(selection: Selection, source: str) -> Table:
             f"{key} (excluded)" for key in match.excluded
         ]
         table.add_row(match.rule.label, "\n".join(match.won) or "-", "\n".join(lost) or "-")
-    return table
+    return _titled(title, table)

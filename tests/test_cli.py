@@ -1,0 +1,360 @@
+"""The command line: exit codes and exact error lines, outputs, options, the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import sparqcli
+from sparqcli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output
+    return result.stderr.rstrip("\n")
+
+
+def test_compress_writes_beside_the_input_and_prints_the_table(checkpoint, config):
+    result = run("compress", checkpoint, "--config", config)
+    assert result.exit_code == 0, result.output
+    output = checkpoint.with_name("model.sparq.safetensors")
+    assert output.exists()
+    assert f"{checkpoint} → {output}" in result.stdout
+    assert "emb.weight" in result.stdout and "bags.0.weight" in result.stdout
+    assert result.stderr == ""
+    loaded = sparqcli.load(output)
+    assert set(loaded) == {"emb.weight", "bags.0.weight", "proj.weight", "proj.bias"}
+    assert torch.equal(loaded["proj.bias"], torch.load(checkpoint)["proj.bias"])
+
+
+def test_missing_file(tmp_path, config):
+    result = run("compress", tmp_path / "nope.pt", "--config", config)
+    assert result.exit_code == 1
+    assert error_line(result) == f"sparq: error: {tmp_path / 'nope.pt'}: no such file"
+
+
+def test_unreadable_file(tmp_path, config):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    result = run("compress", bad, "--config", config)
+    assert result.exit_code == 1
+    assert error_line(result).startswith(
+        f"sparq: error: {bad}: not a readable PyTorch checkpoint ("
+    )
+
+
+def test_unknown_config_key(checkpoint, tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("layers: [{match: emb}]\nsparsity: {levle: 0.5}\n")
+    result = run("compress", checkpoint, "--config", cfg)
+    assert result.exit_code == 2
+    assert (
+        error_line(result)
+        == f"sparq: error: {cfg}: 1 problem: sparsity.levle: unknown key; did you mean 'level'?"
+    )
+
+
+def test_bad_values_are_all_reported_at_once(checkpoint, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("layers: [{match: emb, sparsity: {level: 1.5}}]\nquantization: {bits: 3}\n")
+    result = run("compress", checkpoint, "--config", cfg)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {cfg}: 2 problems: quantization.bits: must be one of 8, 4, 2, got 3; "
+        "layers[0].sparsity.level: must be a number in [0, 1], got 1.5"
+    )
+
+
+def test_rule_that_matches_nothing(checkpoint, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layers: [{match: emb}, {match: 'bagz.*'}]\n")
+    result = run("compress", checkpoint, "--config", cfg)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {checkpoint}: layers[1] (match 'bagz.*') matches no tensor; closest keys: bags.0.weight"
+    )
+
+
+def test_match_that_is_not_a_2d_float_tensor(checkpoint, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layers: [{match: 'proj.*'}]\n")
+    result = run("compress", checkpoint, "--config", cfg)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {checkpoint}: layers[0] (match 'proj.*') matches 'proj.bias', "
+        "which is not a 2-D floating tensor (shape [4], float32)"
+    )
+
+
+def test_pickled_module_needs_trust_pickle(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 2)), path)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layers: [{type: embedding}]\n")
+    result = run("compress", path, "--config", cfg)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {path}: refusing to unpickle: loading it would run code "
+        "(torch.nn.modules.container.Sequential); pass --trust-pickle only if you trust where the file came from"
+    )
+    trusted = run("compress", path, "--config", cfg, "--trust-pickle", "--json")
+    assert trusted.exit_code == 0, trusted.output
+    tables = json.loads(trusted.stdout)["files"][0]["tables"]
+    assert [table["key"] for table in tables] == ["0.weight"]
+
+
+def test_existing_output_needs_force(checkpoint, config):
+    output = checkpoint.with_name("model.sparq.safetensors")
+    output.write_bytes(b"previous")
+    result = run("compress", checkpoint, "--config", config)
+    assert result.exit_code == 2
+    assert (
+        error_line(result) == f"sparq: error: {output}: already exists; pass --force to replace it"
+    )
+    assert output.read_bytes() == b"previous"
+    assert run("compress", checkpoint, "--config", config, "--force").exit_code == 0
+    assert output.read_bytes() != b"previous"
+
+
+def test_output_may_not_be_the_input(checkpoint, config):
+    result = run("compress", checkpoint, "--config", config, "-o", checkpoint, "--force")
+    assert result.exit_code == 2
+    assert (
+        error_line(result)
+        == f"sparq: error: {checkpoint}: is an input; sparq never overwrites its input"
+    )
+
+
+def test_failing_gate_exits_3_and_writes_nothing(checkpoint, config):
+    result = run("compress", checkpoint, "--config", config, "--set", "gates.max_rel_error=0.01")
+    assert result.exit_code == 3
+    line = error_line(result)
+    assert line.startswith("sparq: error: 2 quality gates failed: ")
+    assert f"{checkpoint}: emb.weight: rel_error " in line and "> max_rel_error 0.01" in line
+    assert "not written: 2 gate(s) failed" in result.stdout
+    assert not checkpoint.with_name("model.sparq.safetensors").exists()
+
+
+def test_json_report_and_quiet(checkpoint, config, tmp_path):
+    report = tmp_path / "report.json"
+    result = run("compress", checkpoint, "--config", config, "--json", "--report", report)
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data == json.loads(report.read_text())
+    file = data["files"][0]
+    output = Path(file["output"])
+    assert file["output_sha256"] == __import__("hashlib").sha256(output.read_bytes()).hexdigest()
+    assert data["sparq_version"] == sparqcli.__version__
+    assert data["config"]["order"] == "sparsify-first"
+    assert data["peak_memory_bytes"] > 0
+    assert [t["quantization"]["bits"] for t in file["tables"]] == [8, 4]
+    quiet = run("compress", checkpoint, "--config", config, "--quiet", "--force")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_dry_run_writes_nothing(checkpoint, config):
+    before = sorted(checkpoint.parent.iterdir())
+    result = run("compress", checkpoint, "--config", config, "--dry-run")
+    assert result.exit_code == 0
+    assert "(dry run: nothing written)" in result.stdout
+    assert "layers[1] (match 'bags.*')" in result.stdout
+    assert "2 table(s) selected" in result.stdout
+    assert sorted(checkpoint.parent.iterdir()) == before
+
+
+def test_set_and_order_override_the_config(checkpoint, config):
+    result = run(
+        "compress",
+        checkpoint,
+        "--config",
+        config,
+        "--json",
+        "--order",
+        "quantize-first",
+        "--set",
+        "sparsity.level=0.75",
+        "--set",
+        "layers[1].quantization.bits=2",
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["config"]["order"] == "quantize-first"
+    tables = data["files"][0]["tables"]
+    assert [t["sparsity"]["level"] for t in tables] == [0.75, 0.75]
+    assert [t["quantization"]["bits"] for t in tables] == [8, 2]
+    assert [t["order"] for t in tables] == ["quantize-first", "quantize-first"]
+
+
+def test_out_dir_with_several_inputs(tmp_path, config, state):
+    first, second = tmp_path / "a.pt", tmp_path / "b.safetensors"
+    torch.save(state, first)
+    from safetensors.torch import save_file
+
+    save_file(state, second)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("compress", first, second, "--config", config, "--out-dir", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.sparq.safetensors", "b.sparq.safetensors"]
+    a, b = sparqcli.load(out / "a.sparq.safetensors"), sparqcli.load(out / "b.sparq.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    two_outputs = run(
+        "compress", first, second, "--config", config, "-o", tmp_path / "x.safetensors"
+    )
+    assert two_outputs.exit_code == 2
+    assert (
+        error_line(two_outputs)
+        == "sparq: error: -o/--output takes one input, got 2; use --out-dir for several"
+    )
+
+
+def test_torch_ao_format(checkpoint, config):
+    result = run("compress", checkpoint, "--config", config, "--format", "torch-ao", "--quiet")
+    assert result.exit_code == 0, result.output
+    state = torch.load(checkpoint.with_name("model.torchao.pt"), weights_only=True)
+    assert state["emb._packed_params.dtype"] == torch.quint8
+    assert state["bags.0._packed_params._packed_weight"].dtype == torch.quint4x2
+    assert torch.equal(state["proj.bias"], torch.load(checkpoint)["proj.bias"])
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(checkpoint, config):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = run("compress", checkpoint, "--config", config, "--device", "cuda")
+    assert result.exit_code == 2
+    assert error_line(result).startswith("sparq: error: --device cuda: no CUDA device is available")
+
+
+def test_inspect_plain_and_compressed(checkpoint, config):
+    plain = run("inspect", checkpoint, "--json")
+    assert plain.exit_code == 0
+    tensors = json.loads(plain.stdout)["tensors"]
+    assert tensors["emb.weight"] == {
+        "shape": [64, 16],
+        "dtype": "float32",
+        "bytes": 4096,
+        "table": True,
+    }
+    assert tensors["proj.bias"]["table"] is False
+    run("compress", checkpoint, "--config", config, "--quiet")
+    compressed = run("inspect", checkpoint.with_name("model.sparq.safetensors"))
+    assert compressed.exit_code == 0
+    assert "sparq format 1, 2 compressed table(s)" in compressed.stdout
+    as_json = json.loads(
+        run("inspect", checkpoint.with_name("model.sparq.safetensors"), "--json").stdout
+    )
+    assert as_json["tables"]["bags.0.weight"]["bits"] == 4
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_decompress_round_trip(checkpoint, config, suffix):
+    run("compress", checkpoint, "--config", config, "--quiet")
+    compressed = checkpoint.with_name("model.sparq.safetensors")
+    output = checkpoint.with_name("dense" + suffix)
+    result = run("decompress", compressed, "-o", output)
+    assert result.exit_code == 0, result.output
+    if suffix == ".pt":
+        dense = torch.load(output, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        dense = load_file(output)
+    expected = sparqcli.load(compressed)
+    assert set(dense) == set(expected)
+    assert all(torch.equal(dense[key], expected[key]) for key in expected)
+    again = run("decompress", compressed, "-o", output)
+    assert again.exit_code == 2
+    assert (
+        error_line(again) == f"sparq: error: {output}: already exists; pass --force to replace it"
+    )
+
+
+def test_decompress_refuses_a_plain_checkpoint(checkpoint, tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 2)}, plain)
+    result = run("decompress", plain, "-o", tmp_path / "o.pt")
+    assert result.exit_code == 2
+    assert (
+        error_line(result)
+        == f"sparq: error: {plain}: not a sparq-compressed file (no sparq metadata); nothing to decompress"
+    )
+
+
+def test_validate_config_and_matches(checkpoint, config, tmp_path):
+    result = run("validate", config)
+    assert result.exit_code == 0
+    assert result.stdout == f"{config}: valid (2 rules, order sparsify-first)\n"
+    with_ckpt = run("validate", config, checkpoint)
+    assert with_ckpt.exit_code == 0
+    assert "2 table(s) selected" in with_ckpt.stdout
+    assert "bags.0.weight" in with_ckpt.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 2\nlayers: []\n")
+    invalid = run("validate", bad)
+    assert invalid.exit_code == 2
+    assert error_line(invalid) == (
+        f"sparq: error: {bad}: 2 problems: version: must be 1, got 2; layers: must be a non-empty list of rules, got an empty list"
+    )
+
+
+def test_version_and_help():
+    assert run("--version").stdout == f"sparq {sparqcli.__version__}\n"
+    for command in ("compress", "inspect", "decompress", "validate"):
+        result = run(command, "--help")
+        assert result.exit_code == 0
+        assert "Example: sparq " + command in " ".join(result.stdout.split())
+
+
+def test_installed_entry_point_end_to_end(checkpoint, config):
+    sparq = Path(sys.executable).parent / "sparq"
+    done = subprocess.run(
+        [sparq, "compress", checkpoint, "--config", config, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["files"][0]["written"] is True
+    failed = subprocess.run(
+        [sparq, "compress", checkpoint, "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert failed.returncode == 2
+    assert (
+        failed.stderr
+        == f"sparq: error: {checkpoint.with_name('model.sparq.safetensors')}: already exists; pass --force to replace it\n"
+    )
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from sparqcli.cli import app; app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert done.stdout.strip().endswith("False")
