@@ -245,7 +245,7 @@ def _emit(result: Any, report: Path | None, as_json: bool, quiet: bool) -> None:
     if as_json:
         typer.echo(render.to_json(data))
     elif not quiet:
-        _stdout_console().print(render.compress_summary(result))
+        render.print_report(_stdout_console(), render.compress_summary(result))
 
 
 class _progress_bars:
@@ -315,7 +315,9 @@ def inspect_command(
         if as_json:
             typer.echo(render.to_json({"file": str(file), "compressed": True, **info}))
         else:
-            _stdout_console().print(render.compressed_table(str(file), info, file.stat().st_size))
+            render.print_report(
+                _stdout_console(), render.compressed_table(str(file), info, file.stat().st_size)
+            )
         return
     sizes = {name: _size(info.shape, info.dtype) for name, info in checkpoint.tensors.items()}
     if as_json:
@@ -339,7 +341,9 @@ def inspect_command(
             )
         )
     else:
-        _stdout_console().print(render.checkpoint_table(str(file), checkpoint.tensors, sizes))
+        render.print_report(
+            _stdout_console(), render.checkpoint_table(str(file), checkpoint.tensors, sizes)
+        )
 
 
 def _size(shape: tuple[int, ...], dtype: str) -> int:
@@ -435,7 +439,7 @@ def validate_command(
 
     opened = open_checkpoint(checkpoint, key=key, trust_pickle=trust_pickle)
     selection = select_tables(loaded, opened.tensors, str(checkpoint), opened.module_types)
-    _stdout_console().print(render.selection_table(selection, str(checkpoint)))
+    render.print_report(_stdout_console(), render.selection_table(selection, str(checkpoint)))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -60,7 +60,7 @@ def compress_summary(report: CompressReport) -> Group:
 
 def _titled(title: str, table: Table) -> Group:
     """Returns `title` on its own line above `table` (a table title would wrap to its width)."""
-    return Group(Text(title), table)
+    return Group(Text(title, no_wrap=True, overflow="ignore"), table)
 
 
 def _new_table() -> Table:
@@ -152,6 +152,11 @@ def _file_totals(file: FileReport, dry_run: bool) -> Text:
     if file.dropped:
         line += f"; entries not kept: {', '.join(file.dropped)}"
     return Text(line)
+
+
+def print_report(console: Console, renderable: Any) -> None:
+    """Prints `renderable`; long title lines run past the console width instead of wrapping."""
+    console.print(renderable, crop=False)
 
 
 def to_json(data: Any) -> str:
