@@ -1,0 +1,107 @@
+"""The library entry point `compress()`: reports, inputs of every kind, gates, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sparqcli
+from sparqcli.compress import compress, plan_outputs
+from sparqcli.config import load_config
+from sparqcli.engine.pipeline import compress_table
+from sparqcli.errors import GateError, UsageError
+
+
+def test_report_and_output_match_the_engine(checkpoint, config, state):
+    report = compress(checkpoint, config)
+    file = report.files[0]
+    assert file.written and file.output == checkpoint.with_name("model.sparq.safetensors")
+    assert [table.key for table in file.tables] == ["emb.weight", "bags.0.weight"]
+    loaded = sparqcli.load(file.output)
+    rules = load_config(config).layers
+    for table, rule in zip(file.tables, rules, strict=True):
+        expected, stats = compress_table(
+            state[table.key], "sparsify-first", rule.sparsity, rule.quantization
+        )
+        assert torch.equal(loaded[table.key], expected.decode())
+        assert table.stats == stats
+        assert table.bytes_before == state[table.key].numel() * 4
+    assert torch.equal(sparqcli.load_table(file.output, "proj.weight"), state["proj.weight"])
+    assert file.output_bytes == file.output.stat().st_size
+    assert report.peak_memory_bytes > 0
+
+
+def test_safetensors_and_pt_inputs_give_the_same_tables(tmp_path, config, state):
+    torch.save(state, tmp_path / "a.pt")
+    save_file(state, tmp_path / "b.safetensors")
+    compress([tmp_path / "a.pt", tmp_path / "b.safetensors"], config)
+    a = sparqcli.load(tmp_path / "a.sparq.safetensors")
+    b = sparqcli.load(tmp_path / "b.sparq.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_nested_checkpoint_keeps_its_other_entries(tmp_path, config, state):
+    path = tmp_path / "train.pt"
+    torch.save({"epoch": 12, "state_dict": state, "optimizer": {"step": torch.tensor(5)}}, path)
+    report = compress(path, config)
+    assert report.files[0].dropped == ["optimizer"]
+    with safe_open(report.files[0].output, "pt") as handle:
+        metadata = json.loads(handle.metadata()["sparq"])
+    assert metadata["extra"] == {"container_key": "state_dict", "entries": {"epoch": 12}}
+    torch_ao = compress(path, config, output_format="torch-ao")
+    rebuilt = torch.load(torch_ao.files[0].output, weights_only=True)
+    assert rebuilt["epoch"] == 12
+    assert torch.equal(rebuilt["optimizer"]["step"], torch.tensor(5))
+    assert "emb._packed_params._packed_weight" in rebuilt["state_dict"]
+    assert torch.equal(rebuilt["state_dict"]["proj.bias"], state["proj.bias"])
+
+
+def test_gate_failure_carries_the_report_and_writes_nothing(checkpoint, config):
+    with pytest.raises(GateError) as caught:
+        compress(checkpoint, config, overrides=["layers[1].gates.max_bytes_ratio=0.01"])
+    report = caught.value.report
+    assert report.gate_failures == [
+        f"{checkpoint}: bags.0.weight: bytes_ratio {report.files[0].tables[1].bytes_after / 1280:.4g} > max_bytes_ratio 0.01"
+    ]
+    assert str(caught.value) == "1 quality gate failed: " + report.gate_failures[0]
+    assert caught.value.exit_code == 3
+    assert not report.files[0].written
+    assert not checkpoint.with_name("model.sparq.safetensors").exists()
+
+
+def test_compressed_input_is_refused(checkpoint, config):
+    output = compress(checkpoint, config).files[0].output
+    with pytest.raises(
+        UsageError, match=r"is already compressed by sparq; compress the original checkpoint$"
+    ):
+        compress(output, config, output=output.with_name("again.sparq.safetensors"))
+
+
+def test_a_loaded_config_is_accepted_and_overrides_then_refused(checkpoint, config):
+    loaded = load_config(config)
+    assert compress(checkpoint, loaded, dry_run=True).files[0].tables[0].stats is None
+    with pytest.raises(
+        UsageError, match="^overrides and order apply to a config path, not a loaded Config$"
+    ):
+        compress(checkpoint, loaded, order="quantize-first")
+
+
+def test_plan_outputs():
+    inputs = [Path("a/model.pt"), Path("b/model.safetensors")]
+    assert plan_outputs(inputs, None, None, "sparq") == [
+        Path("a/model.sparq.safetensors"),
+        Path("b/model.sparq.safetensors"),
+    ]
+    assert plan_outputs(inputs[:1], None, None, "torch-ao") == [Path("a/model.torchao.pt")]
+    with pytest.raises(
+        UsageError,
+        match=r"^a/model\.pt and b/model\.safetensors would both be written to out/model\.sparq\.safetensors$",
+    ):
+        plan_outputs(inputs, None, Path("out"), "sparq")
+    with pytest.raises(UsageError, match=r"^-o/--output and --out-dir exclude each other$"):
+        plan_outputs(inputs[:1], Path("x"), Path("out"), "sparq")
