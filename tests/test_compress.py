@@ -86,7 +86,7 @@ def test_a_loaded_config_is_accepted_and_overrides_then_refused(checkpoint, conf
     loaded = load_config(config)
     assert compress(checkpoint, loaded, dry_run=True).files[0].tables[0].stats is None
     with pytest.raises(
-        UsageError, match="^overrides and order apply to a config path, not a loaded Config$"
+        UsageError, match=r"^overrides and order apply to a config path, not a loaded Config$"
     ):
         compress(checkpoint, loaded, order="quantize-first")
 
