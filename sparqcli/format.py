@@ -12,7 +12,6 @@ here: `torch_ao_state_dict` builds the reference's quantized tensors with torch 
 
 from __future__ import annotations
 
-import ctypes
 import difflib
 import json
 import math
@@ -264,30 +263,15 @@ def save_safetensors(
             )
         prepared[key] = tensor.detach().cpu().contiguous()
     try:
-        if hasattr(safetensors, "TensorSpec"):
-            specs = {
-                key: safetensors.TensorSpec(
-                    dtype=_torch_dtype_name(tensor.dtype),
-                    shape=list(tensor.shape),
-                    data_ptr=tensor.data_ptr(),
-                    data_len=tensor.numel() * tensor.element_size(),
-                )
-                for key, tensor in prepared.items()
-            }
-        else:
-            # safetensors < 0.8 takes the bytes themselves.
-            specs = {
-                key: {
-                    "dtype": _torch_dtype_name(tensor.dtype),
-                    "shape": list(tensor.shape),
-                    "data": ctypes.string_at(
-                        tensor.data_ptr(), tensor.numel() * tensor.element_size()
-                    )
-                    if tensor.numel()
-                    else b"",
-                }
-                for key, tensor in prepared.items()
-            }
+        specs = {
+            key: safetensors.TensorSpec(
+                dtype=_torch_dtype_name(tensor.dtype),
+                shape=list(tensor.shape),
+                data_ptr=tensor.data_ptr(),
+                data_len=tensor.numel() * tensor.element_size(),
+            )
+            for key, tensor in prepared.items()
+        }
         safetensors.serialize_file(specs, str(path), metadata=dict(metadata or {}) or None)
     except SafetensorError as error:
         raise OutputError(f"{path}: cannot write: {_write_reason(error)}") from None
