@@ -81,7 +81,7 @@ def _file_table(file: FileReport) -> Group:
         ("row cosine\nmean / min", "right"),
         ("bytes\nbefore → after", "right"),
     ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in file.tables:
         stats = row.stats
         if stats is None:
@@ -117,7 +117,7 @@ def _plan_table(file: FileReport) -> Group:
         "bits",
         "scales",
     ):
-        table.add_column(name)
+        table.add_column(name, overflow="fold")
     for row in file.tables:
         sparsity, quantization = row.rule.sparsity, row.rule.quantization
         table.add_row(
@@ -177,7 +177,7 @@ def checkpoint_table(
         ("size", "right"),
         ("table?", "center"),
     ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for key, info in tensors.items():
         table.add_row(
             key,
@@ -206,7 +206,7 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Gro
         "rel. error",
         "bytes",
     ):
-        table.add_column(name)
+        table.add_column(name, overflow="fold")
     for key, entry in tables.items():
         stats = entry.get("stats") or {}
         sparsity = entry["sparsity"]
@@ -229,9 +229,9 @@ def selection_table(selection: Selection, source: str) -> Group:
     """Returns, for `sparq validate CFG CKPT`, each rule and the tensors it matches."""
     title = f"{source}: {len(selection.tables)} table(s) selected"
     table = _new_table()
-    table.add_column("rule")
-    table.add_column("selects")
-    table.add_column("matched, not selected")
+    table.add_column("rule", overflow="fold")
+    table.add_column("selects", overflow="fold")
+    table.add_column("matched, not selected", overflow="fold")
     for match in selection.matches:
         lost = [f"{key} (earlier rule)" for key in match.shadowed] + [
             f"{key} (excluded)" for key in match.excluded
