@@ -38,9 +38,18 @@ def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[in
     return -(-rows // bh), -(-cols // bw)
 
 
+def fit_blocks(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
+    """Returns `block_shape` cut down to `shape` (each side at least 1).
+
+    The cut blocks cover `shape` exactly as the given ones do (same grid, same values in each
+    block), so a block larger than the table does not pad the table to the block's size.
+    """
+    return max(1, min(block_shape[0], shape[0])), max(1, min(block_shape[1], shape[1]))
+
+
 def _pad_to_blocks(values: torch.Tensor, block_shape: tuple[int, int], fill: float) -> torch.Tensor:
     rows, cols = values.shape
-    bh, bw = block_shape
+    bh, bw = fit_blocks((rows, cols), block_shape)
     pad_rows, pad_cols = (-rows) % bh, (-cols) % bw
     if pad_rows == 0 and pad_cols == 0:
         return values
@@ -54,7 +63,7 @@ def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Ten
     summed in row-major order inside the block, then divided by the count of valid values.
     """
     rows, cols = norms.shape
-    bh, bw = block_shape
+    bh, bw = fit_blocks((rows, cols), block_shape)
     n_block_rows, n_block_cols = block_grid((rows, cols), block_shape)
     if norms.numel() == 0:
         return norms.new_zeros((n_block_rows, n_block_cols))
@@ -161,7 +170,7 @@ def expand_blocks(
 ) -> torch.Tensor:
     """Returns a per-value mask of `shape` where each value takes its block's entry."""
     n_block_rows, n_block_cols = block_mask.shape
-    bh, bw = block_shape
+    bh, bw = fit_blocks(shape, block_shape)
     expanded = block_mask[:, None, :, None].expand(n_block_rows, bh, n_block_cols, bw)
     return expanded.reshape(n_block_rows * bh, n_block_cols * bw)[: shape[0], : shape[1]]
 
@@ -181,7 +190,7 @@ def keep_in_pruned_blocks(
     zeros = settings.effective_zeros_per_block
     if zeros == 0:
         return torch.ones_like(pruned)
-    bh, bw = settings.block_shape
+    bh, bw = fit_blocks(shape, settings.block_shape)
     n_block_rows, n_block_cols = pruned_blocks.shape
     # Padding sorts last (NaN), as in the reference: it is dropped only after every real value.
     padded = _pad_to_blocks(norms, settings.block_shape, float("nan"))

@@ -9,7 +9,7 @@ import torch
 
 from sparqcli.engine.quantize import dequantize, quantize
 from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
-from sparqcli.engine.sparsify import expand_blocks
+from sparqcli.engine.sparsify import expand_blocks, fit_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +64,7 @@ class CompressedTable:
             return torch.full((self.rows,), self.cols, dtype=torch.int64, device=self.codes.device)
         if not self.mask_per_block:
             return self.keep_mask.sum(dim=1)
-        bh, bw = self.sparsity.block_shape
+        bh, bw = fit_blocks(self.shape, self.sparsity.block_shape)
         widths = torch.full((self.keep_mask.shape[1],), bw, dtype=torch.int64)
         if widths.numel():
             widths[-1] = self.cols - (widths.numel() - 1) * bw
