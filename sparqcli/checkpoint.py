@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -260,36 +263,100 @@ def _open_torch(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        # torch warns on stderr about pickle protocols and deprecations; errors say enough.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if trust_pickle:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
-        if trust_pickle or "GLOBAL" not in str(error):
+        # The weights-only unpickler names a GLOBAL it refuses; it stops on other opcodes
+        # (FRAME of protocol 4) before it sees one, so the pickle itself is scanned too.
+        unsafe = [] if trust_pickle else _unsafe_globals(path)
+        if trust_pickle or ("GLOBAL" not in str(error) and not unsafe):
             raise InputError(
                 f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
             ) from None
-        needed = _needed_global(str(error))
+        needed = _needed_global(str(error)) or f" ({unsafe[0]})"
         raise UnsafeInputError(
             f"{path}: refusing to unpickle: loading it would run code{needed}; "
             "pass --trust-pickle only if you trust where the file came from"
         ) from None
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-        ImportError,
-        zipfile.BadZipFile,
-        struct.error,
-        MemoryError,
-    ) as error:
+    except Exception as error:  # a corrupt file makes torch's loaders raise almost anything
         raise InputError(
             f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
         ) from None
+
+
+_MAX_PICKLE_SCAN_BYTES = 64 << 20
+_STRING_OPCODES = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING"}
+    | {"SHORT_BINSTRING"}
+)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Returns the globals a pickle (.pt zip or raw) names that weights-only loading refuses.
+
+    Reads the pickle's opcodes without running anything; a name it cannot resolve counts as
+    unsafe. Returns [] when the file is not a readable pickle at all.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return []
+                with archive.open(names[0]) as member:
+                    data = member.read(_MAX_PICKLE_SCAN_BYTES)
+        else:
+            with open(path, "rb") as file:
+                data = file.read(_MAX_PICKLE_SCAN_BYTES)
+    except Exception:
+        return []
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:
+        allowed = set()
+    allowed |= {
+        f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        for obj in torch.serialization.get_safe_globals()
+        if not isinstance(obj, tuple)
+    }
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):  # a legacy .pt holds several pickles in a row
+        strings: list[object] = []  # what string pushes (and memo gets) put on the stack
+        memo: dict[int, object] = {}
+        top: object = None  # the string on top of the stack, None when it is something else
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                name = opcode.name
+                pushed: object = None
+                if name in _STRING_OPCODES:
+                    pushed = arg
+                    strings.append(arg)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top
+                    pushed = top
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = top
+                    pushed = top
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed = memo.get(int(arg))
+                    strings.append(pushed)
+                elif name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL":
+                    parts = strings[-2:]
+                    ok = len(parts) == 2 and all(isinstance(part, str) for part in parts)
+                    found.append(".".join(map(str, parts)) if ok else "an unresolved global")
+                top = pushed
+        except Exception:
+            break
+    return [name for name in found if name not in allowed]
 
 
 def _is_zip(path: Path) -> bool:
@@ -438,8 +505,12 @@ def _remove_quietly(path: Path) -> None:
 def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:
     """Writes `obj` with torch.save to `path` atomically. Raises OutputError on failure."""
     with atomic_output(path) as temp:
-        (write or _torch_save)(obj, temp)
+        (write or save_torch_file)(obj, temp)
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+def save_torch_file(obj: Any, path: Path) -> None:
+    """Writes `obj` with torch.save to exactly `path`; the same object gives the same bytes."""
+    # Through a file object: torch.save(obj, path) names the zip's inner folder after the
+    # (random) temporary file name, so the same object would give different bytes.
+    with open(path, "wb") as file:
+        torch.save(obj, file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,12 +439,13 @@ def _write(
             source = SourceInfo(checkpoint.path.name, sha256_file(checkpoint.path))
             write_compressed(temp, passthrough, compressed, stats, source, extra)
         else:
-            import torch
-
+            from sparqcli.checkpoint import save_torch_file
             from sparqcli.format import torch_ao_state_dict
 
-            state = torch_ao_state_dict(compressed, passthrough)
-            torch.save(checkpoint.rebuild(state), temp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's quantized-dtype deprecation notices
+                state = torch_ao_state_dict(compressed, passthrough)
+                save_torch_file(checkpoint.rebuild(state), temp)
     report.written = True
     report.output_bytes = report.output.stat().st_size
     report.output_sha256 = sha256_file(report.output)
