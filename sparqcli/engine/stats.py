@@ -60,18 +60,20 @@ class StatsAccumulator:
             return
         # Row norms and dot products are reduced in float32 (one row at a time) and summed
         # over rows in float64: accurate to float32 precision per row, and 3x cheaper.
-        original_norm = torch.linalg.vector_norm(original, dim=1)
-        decoded_norm = torch.linalg.vector_norm(decoded, dim=1)
-        error_norm = torch.linalg.vector_norm(decoded - original, dim=1)
-        dot = (original * decoded).sum(1)
+        # Every sum goes through _row_sums, so the statistics (stored in the file) do not
+        # depend on torch's thread count.
+        original_norm = _row_norms(original)
+        decoded_norm = _row_norms(decoded)
+        error_norm = _row_norms(decoded - original)
+        dot = _row_sums(original * decoded)
         self.zeros += int((decoded == 0).sum().item())
-        self.error_sq += float(error_norm.double().square().sum().item())
-        self.original_sq += float(original_norm.double().square().sum().item())
+        self.error_sq += _total(error_norm.double().square())
+        self.original_sq += _total(original_norm.double().square())
         denominator = original_norm * decoded_norm
         cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
         both_zero = (original_norm == 0) & (decoded_norm == 0)
         cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
-        self.cosine_sum += float(cosine.double().sum().item())
+        self.cosine_sum += _total(cosine.double())
         self.cosine_min = min(self.cosine_min, float(cosine.min().item()))
         self.rows += original.shape[0]
 
@@ -99,3 +101,32 @@ class StatsAccumulator:
             row_cosine_mean=self.cosine_sum / self.rows if self.rows else 1.0,
             row_cosine_min=self.cosine_min if self.rows else 1.0,
         )
+
+
+# ATen splits one output's reduction across threads once it sums 32768 values or more, and the
+# rounding then depends on the thread count. Sums here go through pieces of at most _PIECE
+# values, so every output of every reduction is summed by one thread, in a fixed order.
+_PIECE = 8192
+
+
+def _row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Returns the sum of each row of a 2-D tensor, the same for any number of threads."""
+    rows = values.shape[0]
+    while values.shape[1] > _PIECE:
+        pad = -values.shape[1] % _PIECE
+        if pad:
+            values = torch.nn.functional.pad(values, (0, pad))
+        values = values.view(rows, values.shape[1] // _PIECE, _PIECE).sum(2)
+    return values.sum(1)
+
+
+def _row_norms(values: torch.Tensor) -> torch.Tensor:
+    """Returns the L2 norm of each row of a 2-D tensor, the same for any number of threads."""
+    if values.shape[1] <= _PIECE:
+        return torch.linalg.vector_norm(values, dim=1)
+    return _row_sums(values * values).sqrt()
+
+
+def _total(values: torch.Tensor) -> float:
+    """Returns the sum of all values of a tensor, the same for any number of threads."""
+    return float(_row_sums(values.reshape(1, -1))[0].item())
