@@ -63,12 +63,12 @@ class CompressedTable:
         if self.keep_mask is None:
             return torch.full((self.rows,), self.cols, dtype=torch.int64, device=self.codes.device)
         if not self.mask_per_block:
-            return self.keep_mask.sum(dim=1)
+            return _count_per_row(self.keep_mask)
         bh, bw = fit_blocks(self.shape, self.sparsity.block_shape)
         widths = torch.full((self.keep_mask.shape[1],), bw, dtype=torch.int64)
         if widths.numel():
             widths[-1] = self.cols - (widths.numel() - 1) * bw
-        per_block_row = (self.keep_mask.to(torch.int64) * widths.to(self.keep_mask.device)).sum(1)
+        per_block_row = _count_per_row(self.keep_mask, widths.to(self.keep_mask.device))
         return per_block_row.repeat_interleave(bh)[: self.rows]
 
     def decode(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -100,3 +100,24 @@ class CompressedTable:
     def _code_offsets(self) -> torch.Tensor:
         counts = self.kept_per_row().cpu()
         return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+
+
+# Mask entries counted per step: a bool reduction goes through an int64 copy of its input (8 bytes
+# per entry), so a whole table's mask is counted a slice of rows at a time.
+_COUNT_CHUNK_VALUES = 1 << 22
+
+
+def _count_per_row(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the number of True entries in each row of a 2-D bool mask, as int64.
+
+    With `weights`, an entry in column j counts `weights[j]`. Works a slice of rows at a time.
+    """
+    rows, cols = mask.shape
+    step = max(1, _COUNT_CHUNK_VALUES // max(1, cols))
+    counts = torch.empty(rows, dtype=torch.int64, device=mask.device)
+    for start in range(0, rows, step):
+        part = mask[start : start + step].to(torch.int64)
+        if weights is not None:
+            part *= weights
+        counts[start : start + step] = part.sum(dim=1)
+    return counts
