@@ -477,6 +477,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except OSError as error:
         _remove_quietly(temp)
         raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    except OutputError as error:
+        # Writers name the file they were given; the user knows the output by its own name.
+        _remove_quietly(temp)
+        raise OutputError(str(error).replace(str(temp), str(path))) from None
     except BaseException:
         _remove_quietly(temp)
         raise
@@ -513,4 +517,29 @@ def save_torch_file(obj: Any, path: Path) -> None:
     # Through a file object: torch.save(obj, path) names the zip's inner folder after the
     # (random) temporary file name, so the same object would give different bytes.
     with open(path, "wb") as file:
-        torch.save(obj, file)
+        sink = _Sink(file)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError as error:
+            # torch's zip writer turns a failed write (a full disk) into a RuntimeError.
+            if sink.error is not None:
+                raise sink.error from None
+            raise OutputError(f"{path}: cannot write: {_first_line(error)}") from None
+
+
+class _Sink:
+    """A binary file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()

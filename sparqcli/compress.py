@@ -341,7 +341,7 @@ def _compress_one(
         table.rule.sparsity,
         table.rule.quantization,
         device=device,
-        name=table.key,
+        name=f"{checkpoint.path}: {table.key}",
         progress=(lambda done: progress(label, done)) if progress is not None else None,
     )
     return _to_cpu(result), stats
