@@ -139,7 +139,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
     Bit i of byte j is element 8*j + i; the last byte is zero-padded.
     """
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1)
+    # A bool is one byte holding 0 or 1: viewing it as uint8 spares a copy of the whole mask.
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
