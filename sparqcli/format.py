@@ -634,6 +634,9 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
     stats = entry.get("stats")
     if stats is not None and not isinstance(stats, dict):
         raise problem(f"stats must be a JSON object or null, got {_show(stats)}")
+    for name, value in (stats or {}).items():
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise problem(f"stats.{name} must be a number or null, got {_show(value)}")
 
     sizes = _part_sizes((rows, cols), kept, quantization.bits, mask, sparsity.block_shape)
     scale_code = "F16" if quantization.scale_dtype == "float16" else "F32"

@@ -218,8 +218,8 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Gro
             _ORDER_LABEL.get(entry["order"], entry["order"]),
             f"{sparsity['level']:g}",
             _shape(sparsity["block_shape"]),
-            f"{stats['pruned_fraction']:.1%}" if "pruned_fraction" in stats else "-",
-            f"{stats['rel_error']:.4f}" if "rel_error" in stats else "-",
+            f"{stats['pruned_fraction']:.1%}" if _is_number(stats.get("pruned_fraction")) else "-",
+            f"{stats['rel_error']:.4f}" if _is_number(stats.get("rel_error")) else "-",
             human_bytes(entry.get("file_bytes")),
         )
     return _titled(title, table)
@@ -238,3 +238,8 @@ def selection_table(selection: Selection, source: str) -> Group:
         ]
         table.add_row(match.rule.label, "\n".join(match.won) or "-", "\n".join(lost) or "-")
     return _titled(title, table)
+
+
+def _is_number(value: object) -> bool:
+    """Returns True for an int or float (a file's statistic may be null: not finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
