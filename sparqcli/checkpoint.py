@@ -238,6 +238,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def _open_torch(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    _check_zip_records(path)
     loaded = _torch_load(path, trust_pickle)
     module_types = None
     if isinstance(loaded, torch.nn.Module):
@@ -361,6 +362,27 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
+
+
+# torch.save stores zip records uncompressed; torch.load inflates a compressed one whole in
+# memory, so a small file could claim (and expand to) gigabytes.
+_MAX_ZIP_EXPANSION = 8
+
+
+def _check_zip_records(path: Path) -> None:
+    """Raises InputError when a record of the .pt zip at `path` inflates far beyond its size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception:
+        return  # not a zip, or a broken one: torch.load says what is wrong
+    for record in records:
+        limit = _MAX_ZIP_EXPANSION * record.compress_size + (1 << 20)
+        if record.compress_type != zipfile.ZIP_STORED and record.file_size > limit:
+            raise InputError(
+                f"{path}: not a readable PyTorch checkpoint (record '{record.filename}' "
+                f"inflates {record.compress_size} bytes to {record.file_size}; refusing a zip bomb)"
+            )
 
 
 def _needed_global(message: str) -> str:
