@@ -160,12 +160,28 @@ def open_checkpoint(
     if suffix in SAFETENSORS_SUFFIXES:
         if key is not None:
             raise UsageError(f"{path}: --key applies to .pt files; a .safetensors file is flat")
-        return _open_safetensors(path)
+        return _checked_keys(_open_safetensors(path))
     if suffix in TORCH_SUFFIXES:
-        return _open_torch(path, key, trust_pickle)
+        return _checked_keys(_open_torch(path, key, trust_pickle))
     raise UsageError(
         f"{path}: unknown checkpoint type '{path.suffix}'; expected .safetensors, .pt, .pth, .bin or .ckpt"
     )
+
+
+# Module paths are a few dozen characters. Longer keys are refused: rules are regular
+# expressions, and a crafted megabyte-long key could keep one busy for hours.
+MAX_KEY_CHARS = 1024
+
+
+def _checked_keys(checkpoint: Checkpoint) -> Checkpoint:
+    """Returns `checkpoint`. Raises InputError when a tensor key is longer than MAX_KEY_CHARS."""
+    for key in checkpoint.tensors:
+        if len(key) > MAX_KEY_CHARS:
+            raise InputError(
+                f"{checkpoint.path}: tensor key {key[:40]!r}… is {len(key)} characters long "
+                f"(at most {MAX_KEY_CHARS}); not a model checkpoint"
+            )
+    return checkpoint
 
 
 def _open_safetensors(path: Path) -> Checkpoint:
