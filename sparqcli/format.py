@@ -595,7 +595,7 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
     ):
         raise problem(f"shape must be two non-negative integers, got {_show(shape)}")
     rows, cols = shape
-    if entry["dtype"] not in TABLE_DTYPES:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in TABLE_DTYPES:
         raise problem(
             f"dtype must be one of {', '.join(TABLE_DTYPES)}, got {_show(entry['dtype'])}"
         )
