@@ -48,6 +48,34 @@ class DeviceChoice(str, enum.Enum):
     cuda = "cuda"
 
 
+# Options shared by several commands, declared once.
+OrderOption = Annotated[
+    OrderChoice | None, typer.Option("--order", help="Override the config's order.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. sparsity.level=0.7 (repeatable).",
+    ),
+]
+TrustPickleOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow unpickling code (whole nn.Module files). Only for files you trust.",
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--key", help="Entry holding the state dict in a nested .pt (e.g. state_dict)."),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
 class _Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so cleanup (temporary files) runs as for Ctrl-C."""
 
@@ -142,17 +170,8 @@ def compress_command(
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", metavar="DIR", help="Write each output into DIR.")
     ] = None,
-    order: Annotated[
-        OrderChoice | None, typer.Option("--order", help="Override the config's order.")
-    ] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            metavar="KEY=VALUE",
-            help="Override a config value, e.g. sparsity.level=0.7 (repeatable).",
-        ),
-    ] = None,
+    order: OrderOption = None,
+    overrides: SetOption = None,
     output_format: Annotated[
         FormatChoice,
         typer.Option(
@@ -173,24 +192,13 @@ def compress_command(
             "--dry-run", help="Resolve and check everything, print the plan, write nothing."
         ),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
     device: Annotated[
         DeviceChoice, typer.Option("--device", help="Where the engine runs.")
     ] = DeviceChoice.cpu,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            help="Allow unpickling code (whole nn.Module files). Only for files you trust.",
-        ),
-    ] = False,
-    key: Annotated[
-        str | None,
-        typer.Option(
-            "--key", help="Entry holding the state dict in a nested .pt (e.g. state_dict)."
-        ),
-    ] = None,
+    trust_pickle: TrustPickleOption = False,
+    key: KeyOption = None,
 ) -> None:
     """Compress the embedding tables of checkpoints.
 
@@ -292,13 +300,9 @@ def inspect_command(
             metavar="FILE", help="A checkpoint or a compressed sparq file.", show_default=False
         ),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    trust_pickle: Annotated[
-        bool, typer.Option("--trust-pickle", help="Allow unpickling code (whole nn.Module files).")
-    ] = False,
-    key: Annotated[
-        str | None, typer.Option("--key", help="Entry holding the state dict in a nested .pt.")
-    ] = None,
+    as_json: JsonOption = False,
+    trust_pickle: TrustPickleOption = False,
+    key: KeyOption = None,
 ) -> None:
     """Show a checkpoint's tensors (candidate tables marked), or a compressed file's tables.
 
@@ -371,8 +375,8 @@ def decompress_command(
             show_default=False,
         ),
     ],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Decode a compressed file back to a dense checkpoint with the original keys and dtypes.
 
@@ -408,19 +412,10 @@ def validate_command(
             show_default=False,
         ),
     ] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", metavar="KEY=VALUE", help="Override a config value (repeatable)."),
-    ] = None,
-    order: Annotated[
-        OrderChoice | None, typer.Option("--order", help="Override the config's order.")
-    ] = None,
-    trust_pickle: Annotated[
-        bool, typer.Option("--trust-pickle", help="Allow unpickling code (whole nn.Module files).")
-    ] = False,
-    key: Annotated[
-        str | None, typer.Option("--key", help="Entry holding the state dict in a nested .pt.")
-    ] = None,
+    overrides: SetOption = None,
+    order: OrderOption = None,
+    trust_pickle: TrustPickleOption = False,
+    key: KeyOption = None,
 ) -> None:
     """Check a config and list every problem at once; with CKPT, show each rule's matches.
 
