@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+from pathlib import Path
+from typing import Any
 
 # Appended to every measured snippet: the child prints one JSON line with its peak RSS.
 _FOOTER = """
@@ -35,3 +43,92 @@ def run_measured(code: str, *, env: dict[str, str] | None = None) -> dict[str, f
 def gib(n_bytes: float) -> str:
     """Returns `n_bytes` formatted in GiB with two decimals."""
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def size(n_bytes: float) -> str:
+    """Returns `n_bytes` in MiB below 1 GiB, else in GiB (two decimals)."""
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes < 2**30 else gib(n_bytes)
+
+
+def run_command(argv: list[str], *, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs `argv` as a child process; returns its wall time, CPU time, peak RSS and output.
+
+    The child is reaped with `os.wait4`, whose rusage is that one child's own (the process and
+    any children it waited for), so measurements of successive children never mix. The wall
+    time covers everything the user waits for: process start, imports, the work, the exit; the
+    CPU time (user + system, all threads) is less disturbed by other load on the machine.
+    Returns {"seconds", "cpu_seconds", "peak_rss", "returncode", "stdout", "stderr"}.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {
+            "seconds": seconds,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss": usage.ru_maxrss * 1024,
+            "returncode": child.returncode,
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace"),
+        }
+
+
+def write_random_safetensors(
+    path: Path, key: str, rows: int, cols: int, *, seed: int = 0, chunk_rows: int = 1 << 16
+) -> int:
+    """Writes a `rows x cols` float32 table of seeded N(0, 1) values as a one-tensor safetensors file.
+
+    The header is written by hand (the format is 8 bytes of little-endian header length, the JSON
+    header padded with spaces to a multiple of 8, then the raw data), and the data one chunk of
+    rows at a time, so memory stays at one chunk whatever the table's size. The values depend
+    only on `seed` and `chunk_rows`. Returns the file's size in bytes.
+    """
+    import torch
+
+    data_bytes = rows * cols * 4
+    header = json.dumps(
+        {key: {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, data_bytes]}},
+        separators=(",", ":"),
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(header)) + header)
+        for start in range(0, rows, chunk_rows):
+            chunk = torch.randn(min(chunk_rows, rows - start), cols, generator=generator)
+            file.write(chunk.numpy().tobytes())
+    return path.stat().st_size
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    """Exits with a message when `folder`'s file system has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        sys.exit(f"{folder}: {gib(free)} free, the benchmark needs {gib(needed)}; use --workdir")
+
+
+def machine() -> str:
+    """Returns one line describing this machine and software: CPUs, memory, torch, Python."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {gib(memory)} RAM, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}; {load()}"
+    )
+
+
+def load() -> str:
+    """Returns the machine's load averages, to show how busy it was around the measurements."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min)"

@@ -1,0 +1,129 @@
+"""CUDA benchmark: engine throughput on the GPU, and `sparq compress --device cuda` end to end.
+
+Needs a CUDA device; without one it prints "no CUDA device; skipped" and exits 0.
+
+1. Engine: a ROWS x COLS float32 table (default 128,256 x 4,096, 2 GiB: a Llama-3 token
+   embedding) already on the GPU, level 0.8, block (1, 4), 8 bits, both orders. One warm-up run,
+   then REPEAT timed runs between `torch.cuda.synchronize()` calls; throughput is GB (1e9 bytes)
+   of float32 input per second, with the peak GPU memory the runs allocated.
+2. End to end: the same table as a `.safetensors` file, `sparq compress --device cuda` and
+   `--device cpu` (the installed CLI, each in a fresh process: wall time with start-up, and the
+   child's peak host RSS via `os.wait4`).
+
+    python benchmarks/bench_cuda.py [--rows 128256] [--cols 4096] [--repeat 3] [--chunk-rows N]
+                                    [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import check_disk, gib, machine, run_command, size
+
+KEY = "embedding.weight"
+ORDERS = ("sparsify-first", "quantize-first")
+CONFIG = """\
+version: 1
+sparsity:
+  level: 0.8
+  block_shape: [1, 4]
+quantization:
+  bits: 8
+layers:
+  - match: "embedding.weight"
+"""
+
+
+def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> None:
+    """Prints the engine's time, throughput and peak GPU memory on `table`, both orders."""
+    from sparqcli.engine.pipeline import compress_table
+    from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+
+    sparsity, quantization = SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+    table_bytes = table.numel() * table.element_size()
+    print(f"{'order':<15} {'seconds':>8} {'GB/s':>7} {'peak GPU memory':>16}")
+    for order in ORDERS:
+        compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / repeat
+        peak = torch.cuda.max_memory_allocated() - base
+        print(
+            f"{order:<15} {seconds:>8.3f} {table_bytes / seconds / 1e9:>7.2f} "
+            f"{size(peak):>16}  (beyond the table)",
+            flush=True,
+        )
+
+
+def bench_e2e(table: torch.Tensor, folder: Path) -> None:
+    """Writes `table` to a safetensors file and prints `sparq compress` on cuda and cpu."""
+    from safetensors.torch import save_file
+
+    table_bytes = table.numel() * table.element_size()
+    check_disk(folder, table_bytes + (512 << 20))
+    source = folder / "table.safetensors"
+    save_file({KEY: table.cpu()}, str(source))
+    config = folder / "config.yaml"
+    config.write_text(CONFIG)
+    sparq = str(Path(sys.executable).parent / "sparq")
+    print(f"{'order':<15} {'device':<7} {'wall s':>7} {'GB/s':>7} {'peak RSS':>10}")
+    for order in ORDERS:
+        for device in ("cuda", "cpu"):
+            target = folder / f"out-{order}-{device}.sparq.safetensors"
+            argv = [sparq, "compress", str(source), "--config", str(config), "--order", order]
+            argv += ["--device", device, "-o", str(target), "--force", "--quiet"]
+            result = run_command(argv)
+            if result["returncode"] != 0:
+                sys.exit(f"sparq failed ({result['returncode']}):\n{result['stderr'][-3000:]}")
+            print(
+                f"{order:<15} {device:<7} {result['seconds']:>7.2f} "
+                f"{table_bytes / result['seconds'] / 1e9:>7.2f} {size(result['peak_rss']):>10}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    """Runs both parts when a CUDA device is present; otherwise says it skipped."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=128_256)
+    parser.add_argument("--cols", type=int, default=4_096)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunk-rows", type=int, default=None, help="engine row chunk")
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device; skipped")
+        return
+    print(machine())
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    table = torch.randn(args.rows, args.cols, device="cuda", generator=generator)
+    table_bytes = table.numel() * table.element_size()
+    print(
+        f"{args.rows:,} x {args.cols:,} float32 ({gib(table_bytes)}), level 0.8, block (1, 4), "
+        "8 bits"
+    )
+    print("\nengine, table already on the GPU:")
+    bench_engine(table, args.repeat, args.chunk_rows)
+    print("\nend to end from a .safetensors file (sparq CLI, fresh process per run):")
+    with tempfile.TemporaryDirectory(prefix="sparq-cuda-", dir=args.workdir) as temp:
+        host_table = table.cpu()
+        del table
+        torch.cuda.empty_cache()
+        bench_e2e(host_table, Path(temp))
+
+
+if __name__ == "__main__":
+    main()
