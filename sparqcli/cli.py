@@ -444,7 +444,16 @@ def main() -> None:
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
-    app(prog_name="sparq")
+    try:
+        app(prog_name="sparq")
+    except _Terminated:  # after the command returned: its outputs are complete
+        _print_error("terminated")
+        sys.exit(143)
+    finally:
+        # The command is over (outputs complete or removed); a signal during the slow
+        # interpreter shutdown ends the process plainly instead of printing a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
