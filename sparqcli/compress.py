@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli import __version__
 from sparqcli.config import Config, Gates, LayerRule, config_to_dict, load_config
-from sparqcli.errors import GateError, UsageError
+from sparqcli.errors import GateError, TableError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -333,17 +333,23 @@ def _compress_one(
 
     rows, cols = table.shape
     label = f"{checkpoint.path.name}: {table.key}"
-    result, stats = compress_rows(
-        lambda start, stop: checkpoint.read_rows(table.key, start, stop),
-        (rows, cols),
-        _torch_dtype(table.dtype),
-        config.order,
-        table.rule.sparsity,
-        table.rule.quantization,
-        device=device,
-        name=f"{checkpoint.path}: {table.key}",
-        progress=(lambda done: progress(label, done)) if progress is not None else None,
-    )
+    name = f"{checkpoint.path}: {table.key}"
+    try:
+        result, stats = compress_rows(
+            lambda start, stop: checkpoint.read_rows(table.key, start, stop),
+            (rows, cols),
+            _torch_dtype(table.dtype),
+            config.order,
+            table.rule.sparsity,
+            table.rule.quantization,
+            device=device,
+            name=name,
+            progress=(lambda done: progress(label, done)) if progress is not None else None,
+        )
+    except TableError as error:
+        # Some engine errors name only the row (`row 3: value range overflows float32`).
+        message = str(error)
+        raise TableError(message if message.startswith(name) else f"{name}: {message}") from None
     return _to_cpu(result), stats
 
 
