@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -102,6 +103,11 @@ def write_random_safetensors(
             chunk = torch.randn(min(chunk_rows, rows - start), cols, generator=generator)
             file.write(chunk.numpy().tobytes())
     return path.stat().st_size
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Makes SIGTERM raise SystemExit, so temporary folders (gigabytes) are removed on `kill`."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def check_disk(folder: Path, needed: int) -> None:

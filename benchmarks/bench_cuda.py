@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import check_disk, gib, machine, run_command, size
+from _measure import check_disk, exit_cleanly_on_sigterm, gib, machine, run_command, size
 
 KEY = "embedding.weight"
 ORDERS = ("sparsify-first", "quantize-first")
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=None, help="engine row chunk")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp file")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     if not torch.cuda.is_available():
         print("no CUDA device; skipped")
         return

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import check_disk, gib, load, machine, run_command, size, write_random_safetensors
+from _measure import (
+    check_disk,
+    exit_cleanly_on_sigterm,
+    gib,
+    load,
+    machine,
+    run_command,
+    size,
+    write_random_safetensors,
+)
 
 KEY = "embedding.weight"
 ORDERS = ("sparsify-first", "quantize-first")
@@ -124,6 +133,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp files")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     sparq = str(Path(sys.executable).parent / "sparq")
     table_bytes = args.rows * args.cols * 4
     print(

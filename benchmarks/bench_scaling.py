@@ -25,7 +25,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import check_disk, gib, load, machine, run_command, size, write_random_safetensors
+from _measure import (
+    check_disk,
+    exit_cleanly_on_sigterm,
+    gib,
+    load,
+    machine,
+    run_command,
+    size,
+    write_random_safetensors,
+)
 
 KEY = "embedding.weight"
 CONFIG = """\
@@ -67,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; best kept")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp files")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     sparq = str(Path(sys.executable).parent / "sparq")
     print(
         f"scaling: ROWS x {args.cols} float32, safetensors input, {args.order}, "
