@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError
+from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError, first_line
 from sparqcli.select import TensorInfo
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -209,12 +209,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+        raise InputError(f"{path}: not a valid safetensors file ({first_line(error)})") from None
     length = _header_length(path)
     try:
         header = json.loads(_pread(path, 8, length))
     except ValueError as error:
-        raise InputError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+        raise InputError(f"{path}: not a valid safetensors file ({first_line(error)})") from None
     for name, entry in header.items():
         if name != "__metadata__" and entry.get("dtype") not in _SAFETENSORS_DTYPES:
             raise InputError(f"{path}: tensor '{name}' has unsupported dtype {entry.get('dtype')}")
@@ -292,7 +292,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         unsafe = [] if trust_pickle else _unsafe_globals(path)
         if trust_pickle or ("GLOBAL" not in str(error) and not unsafe):
             raise InputError(
-                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+                f"{path}: not a readable PyTorch checkpoint ({first_line(error)})"
             ) from None
         needed = _needed_global(str(error)) or f" ({unsafe[0]})"
         raise UnsafeInputError(
@@ -301,7 +301,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         ) from None
     except Exception as error:  # a corrupt file makes torch's loaders raise almost anything
         raise InputError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+            f"{path}: not a readable PyTorch checkpoint ({first_line(error)})"
         ) from None
 
 
@@ -407,11 +407,6 @@ def _needed_global(message: str) -> str:
             name = message.split(marker, 1)[1].split()[0].rstrip(".,")
             return f" ({name})"
     return ""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -562,7 +557,7 @@ def save_torch_file(obj: Any, path: Path) -> None:
             # torch's zip writer turns a failed write (a full disk) into a RuntimeError.
             if sink.error is not None:
                 raise sink.error from None
-            raise OutputError(f"{path}: cannot write: {_first_line(error)}") from None
+            raise OutputError(f"{path}: cannot write: {first_line(error)}") from None
 
 
 class _Sink:

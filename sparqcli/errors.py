@@ -69,3 +69,9 @@ class GateError(SparqError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """Returns the first line of an exception's message (its type name when empty), cut to `limit`."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit]

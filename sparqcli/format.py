@@ -32,7 +32,15 @@ from sparqcli.engine.settings import ORDERS, Order, QuantizationSettings, Sparsi
 from sparqcli.engine.sparsify import block_grid
 from sparqcli.engine.stats import TableStats
 from sparqcli.engine.table import CompressedTable
-from sparqcli.errors import FormatError, InputError, OutputError, SettingError, UsageError
+from sparqcli.errors import (
+    FormatError,
+    InputError,
+    OutputError,
+    SettingError,
+    UsageError,
+    first_line,
+)
+from sparqcli.select import TensorInfo
 
 FORMAT_VERSION = 1
 METADATA_KEY = "sparq"
@@ -431,14 +439,6 @@ def write_compressed(
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """A stored tensor's shape and dtype (torch's name, e.g. `float32`)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
 class TableInfo:
     """One compressed table as the file's metadata describes it (validated against the file)."""
 
@@ -521,11 +521,6 @@ class CompressedFileInfo:
         }
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 @contextmanager
 def _opened(path: str | Path) -> Iterator[Any]:
     """Yields the safetensors handle of `path`. Raises InputError / FormatError when unreadable."""
@@ -538,7 +533,7 @@ def _opened(path: str | Path) -> Iterator[Any]:
     try:
         handle = safe_open(where, framework="pt", device="cpu")
     except SafetensorError as error:
-        reason = _first_line(error).removeprefix("Error while deserializing header: ")
+        reason = first_line(error).removeprefix("Error while deserializing header: ")
         raise FormatError(f"{where}: not a valid safetensors file ({reason})") from None
     except OSError as error:
         raise InputError(f"{where}: cannot read: {error.strerror or error}") from None
@@ -550,7 +545,7 @@ def _get_tensor(handle: Any, where: str, key: str) -> torch.Tensor:
     try:
         return handle.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as error:
-        raise FormatError(f"{where}: cannot read tensor '{key}' ({_first_line(error)})") from None
+        raise FormatError(f"{where}: cannot read tensor '{key}' ({first_line(error)})") from None
 
 
 def _table_problem(where: str, key: str) -> Callable[[str], FormatError]:
