@@ -134,7 +134,36 @@ def machine() -> str:
     )
 
 
+def cpu_pressure() -> float | None:
+    """Returns the share (%) of the last 10 s some task waited for a CPU, or None if unknown."""
+    try:
+        with open("/proc/pressure/cpu") as psi:
+            return float(psi.readline().split()[1].split("=")[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_for_quiet(max_seconds: float, threshold: float = 5.0) -> None:
+    """Waits (at most `max_seconds`) until other tasks wait for a CPU under `threshold` % of the time.
+
+    On a shared machine other processes' bursts slow sparq's many short parallel regions far
+    more than they slow the reference's few long ones; this keeps both sides' runs to quiet
+    moments. Does nothing where Linux pressure stall information is not available.
+    """
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        pressure = cpu_pressure()
+        if pressure is None or pressure < threshold:
+            return
+        time.sleep(2)
+
+
 def load() -> str:
     """Returns the machine's load averages, to show how busy it was around the measurements."""
     one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min)"
+    text = f"load average {one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min)"
+    # Linux pressure stall information: the share of time some task waited for a CPU.
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/pressure/cpu") as psi:
+        fields = dict(item.split("=") for item in psi.readline().split()[1:])
+        text += f", CPU pressure {fields['avg10']}% / {fields['avg60']}% (10 s / 60 s)"
+    return text

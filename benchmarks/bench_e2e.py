@@ -16,8 +16,12 @@ times and the best time and the lowest peak are kept (the same rule for both sid
 reference / sparq, all measured in this run; the targets are >= 10x faster (wall time) and
 >= 4x less peak memory.
 
+`--wait-quiet SECONDS` waits before each run (up to that long) until other tasks wait for a CPU
+under 5 % of the time (Linux pressure stall information): on a shared machine other work slows
+sparq's many short parallel regions far more than the reference's few long ones.
+
     python benchmarks/bench_e2e.py [--rows 2000000] [--cols 128] [--repeat 1]
-                                   [--skip-reference] [--workdir DIR]
+                                   [--skip-reference] [--wait-quiet 0] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from _measure import (
     machine,
     run_command,
     size,
+    wait_for_quiet,
     write_random_safetensors,
 )
 
@@ -103,10 +108,16 @@ def run_checked(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-def best_run(argv: list[str], repeat: int, report: Path | None = None) -> dict[str, Any]:
-    """Runs `argv` `repeat` times; returns the least of each measure (and of sparq's report)."""
+def best_run(
+    argv: list[str], repeat: int, wait_quiet: float, report: Path | None = None
+) -> dict[str, Any]:
+    """Runs `argv` `repeat` times; returns the least of each measure (and of sparq's report).
+
+    Before each run, waits up to `wait_quiet` seconds for the CPUs to be free of other work.
+    """
     runs = []
     for _ in range(repeat):
+        wait_for_quiet(wait_quiet)
         result = run_checked(argv)
         if report is not None:
             result["report_peak"] = json.loads(report.read_text())["peak_memory_bytes"]
@@ -131,6 +142,13 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; best kept")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for the CPUs to be free of other work",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp files")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
@@ -171,7 +189,7 @@ def main() -> None:
                 argv += ["-o", str(out), "--force", "--quiet", "--report", str(report)]
                 runs.append((f"sparq {source.suffix}", argv, out, report))
             for name, argv, out, report_path in runs:
-                result = best_run(argv, args.repeat, report_path)
+                result = best_run(argv, args.repeat, args.wait_quiet, report_path)
                 results[order, name] = result
                 reported = gib(result["report_peak"]) if "report_peak" in result else ""
                 print(

@@ -14,7 +14,8 @@ threads; less disturbed by other load on a shared machine). With `--repeat N` ea
 times and the best time and lowest peak are kept.
 
     python benchmarks/bench_scaling.py [--rows 1000000 2000000 4000000 8000000] [--cols 128]
-                                       [--order sparsify-first] [--repeat 1] [--workdir DIR]
+                                       [--order sparsify-first] [--repeat 1] [--wait-quiet 0]
+                                       [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from _measure import (
     machine,
     run_command,
     size,
+    wait_for_quiet,
     write_random_safetensors,
 )
 
@@ -50,10 +52,14 @@ layers:
 IMPORTS = "import torch, safetensors, sparqcli.cli, sparqcli.compress, sparqcli.format"
 
 
-def best_of(repeat: int, argv: list[str]) -> dict[str, float]:
-    """Runs `argv` `repeat` times; returns the least wall time, CPU time and peak RSS."""
+def best_of(repeat: int, wait_quiet: float, argv: list[str]) -> dict[str, float]:
+    """Runs `argv` `repeat` times; returns the least wall time, CPU time and peak RSS.
+
+    Before each run, waits up to `wait_quiet` seconds for the CPUs to be free of other work.
+    """
     runs = []
     for _ in range(repeat):
+        wait_for_quiet(wait_quiet)
         result = run_command(argv)
         if result["returncode"] != 0:
             sys.exit(
@@ -74,6 +80,13 @@ def main() -> None:
         "--order", choices=("sparsify-first", "quantize-first"), default="sparsify-first"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; best kept")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for the CPUs to be free of other work",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp files")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
@@ -83,7 +96,7 @@ def main() -> None:
         "level 0.8, block (1, 4), 8 bits"
     )
     print(machine())
-    baseline = best_of(args.repeat, [sys.executable, "-c", IMPORTS])
+    baseline = best_of(args.repeat, args.wait_quiet, [sys.executable, "-c", IMPORTS])
     print(
         f"start-up (imports only): {baseline['seconds']:.2f} s wall, "
         f"{baseline['cpu_seconds']:.2f} s CPU, peak RSS {size(baseline['peak_rss'])}"
@@ -108,7 +121,7 @@ def main() -> None:
                 write_random_safetensors(source, KEY, rows, args.cols, seed=0)
                 argv = [sparq, "compress", str(source), "--config", str(config)]
                 argv += ["--order", args.order, "-o", str(target), "--force", "--quiet"]
-                result = best_of(args.repeat, argv)
+                result = best_of(args.repeat, args.wait_quiet, argv)
                 seconds, cpu, peak = result["seconds"], result["cpu_seconds"], result["peak_rss"]
                 above = peak - baseline["peak_rss"]
                 per_gib = (seconds - baseline["seconds"]) / (table_bytes / 2**30)
