@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import gib, run_measured  # noqa: E402
+from _measure import gib, run_measured
 
 _MAKE_TABLE = """
 import time, warnings
