@@ -502,9 +502,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as error:
         raise OutputError(f"{path}: cannot write: {error.strerror}") from None
-    os.close(handle)
     temp = Path(temp_name)
     try:
+        os.close(handle)
         yield temp
         _finish(temp, path)
     except OSError as error:
