@@ -34,6 +34,8 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_cuda.py
 
 clean:
 	rm -rf build .pytest_cache
