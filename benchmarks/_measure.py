@@ -16,6 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The table and settings every file-based benchmark compresses: level 0.8, block (1, 4), 8 bits.
+TABLE_KEY = "embedding.weight"
+ORDERS = ("sparsify-first", "quantize-first")
+CONFIG = f"""\
+version: 1
+sparsity:
+  level: 0.8
+  block_shape: [1, 4]
+quantization:
+  bits: 8
+layers:
+  - match: "{TABLE_KEY}"
+"""
+
 # Appended to every measured snippet: the child prints one JSON line with its peak RSS.
 _FOOTER = """
 import json as _json, resource as _resource

@@ -25,20 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import check_disk, exit_cleanly_on_sigterm, gib, machine, run_command, size
-
-KEY = "embedding.weight"
-ORDERS = ("sparsify-first", "quantize-first")
-CONFIG = """\
-version: 1
-sparsity:
-  level: 0.8
-  block_shape: [1, 4]
-quantization:
-  bits: 8
-layers:
-  - match: "embedding.weight"
-"""
+from _measure import (
+    CONFIG,
+    ORDERS,
+    TABLE_KEY,
+    check_disk,
+    exit_cleanly_on_sigterm,
+    gib,
+    machine,
+    run_command,
+    size,
+)
 
 
 def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> None:
@@ -74,7 +71,7 @@ def bench_e2e(table: torch.Tensor, folder: Path) -> None:
     table_bytes = table.numel() * table.element_size()
     check_disk(folder, table_bytes + (512 << 20))
     source = folder / "table.safetensors"
-    save_file({KEY: table.cpu()}, str(source))
+    save_file({TABLE_KEY: table.cpu()}, str(source))
     config = folder / "config.yaml"
     config.write_text(CONFIG)
     sparq = str(Path(sys.executable).parent / "sparq")

@@ -35,6 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import (
+    CONFIG,
+    ORDERS,
+    TABLE_KEY,
     check_disk,
     exit_cleanly_on_sigterm,
     gib,
@@ -46,21 +49,9 @@ from _measure import (
     write_random_safetensors,
 )
 
-KEY = "embedding.weight"
-ORDERS = ("sparsify-first", "quantize-first")
 SPEED_TARGET = 10.0
 MEMORY_TARGET = 4.0
 
-CONFIG = """\
-version: 1
-sparsity:
-  level: 0.8
-  block_shape: [1, 4]
-quantization:
-  bits: 8
-layers:
-  - match: "embedding.weight"
-"""
 
 REFERENCE = """\
 import sys
@@ -130,7 +121,7 @@ def build_inputs(folder: Path, rows: int, cols: int) -> tuple[Path, Path]:
     """Writes the table as `table.safetensors` and `table.pt` in `folder`; returns both paths."""
     safetensors_path = folder / "table.safetensors"
     pt_path = folder / "table.pt"
-    write_random_safetensors(safetensors_path, KEY, rows, cols, seed=0)
+    write_random_safetensors(safetensors_path, TABLE_KEY, rows, cols, seed=0)
     run_checked([sys.executable, "-c", TO_PT, str(safetensors_path), str(pt_path)])
     return pt_path, safetensors_path
 

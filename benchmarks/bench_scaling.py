@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import (
+    CONFIG,
+    TABLE_KEY,
     check_disk,
     exit_cleanly_on_sigterm,
     gib,
@@ -38,17 +40,6 @@ from _measure import (
     write_random_safetensors,
 )
 
-KEY = "embedding.weight"
-CONFIG = """\
-version: 1
-sparsity:
-  level: 0.8
-  block_shape: [1, 4]
-quantization:
-  bits: 8
-layers:
-  - match: "embedding.weight"
-"""
 IMPORTS = "import torch, safetensors, sparqcli.cli, sparqcli.compress, sparqcli.format"
 
 
@@ -118,7 +109,7 @@ def main() -> None:
             source = folder / f"table-{rows}.safetensors"
             target = folder / f"table-{rows}.sparq.safetensors"
             try:
-                write_random_safetensors(source, KEY, rows, args.cols, seed=0)
+                write_random_safetensors(source, TABLE_KEY, rows, args.cols, seed=0)
                 argv = [sparq, "compress", str(source), "--config", str(config)]
                 argv += ["--order", args.order, "-o", str(target), "--force", "--quiet"]
                 result = best_of(args.repeat, args.wait_quiet, argv)
