@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -95,9 +96,7 @@ class Checkpoint:
         if self._state is not None:
             return self._state[key][start:stop]
         info = self.tensors[key]
-        row_values = 1
-        for side in info.shape[1:]:
-            row_values *= side
+        row_values = math.prod(info.shape[1:])
         dtype = _torch_dtype(info.dtype)
         item = torch.empty((), dtype=dtype).element_size()
         offset = self._offsets[key] + start * row_values * item

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import math
 import os
 import signal
 import sys
@@ -365,10 +366,7 @@ def inspect_command(
 def _size(shape: tuple[int, ...], dtype: str) -> int:
     import torch
 
-    count = 1
-    for side in shape:
-        count *= side
-    return count * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 @app.command("decompress")

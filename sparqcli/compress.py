@@ -6,6 +6,7 @@ The CLI calls it exactly as a Python user would; it prints nothing and returns a
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 import warnings
@@ -15,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli import __version__
-from sparqcli.config import Config, Gates, LayerRule, config_to_dict, load_config
+from sparqcli.config import (
+    Config,
+    Gates,
+    LayerRule,
+    config_to_dict,
+    load_config,
+    quantization_to_dict,
+    sparsity_to_dict,
+)
 from sparqcli.errors import GateError, TableError, UsageError
 
 if TYPE_CHECKING:
@@ -55,8 +64,8 @@ class TableReport:
             "dtype": self.dtype,
             "rule": self.rule.label,
             "order": self.order,
-            "sparsity": _settings_dict(self.rule.sparsity),
-            "quantization": _settings_dict(self.rule.quantization),
+            "sparsity": sparsity_to_dict(self.rule.sparsity),
+            "quantization": quantization_to_dict(self.rule.quantization),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "stats": self.stats.to_dict() if self.stats is not None else None,
@@ -89,13 +98,7 @@ class FileReport:
     @property
     def table_values(self) -> int:
         """Returns the number of values in the compressed tables."""
-        total = 0
-        for table in self.tables:
-            count = 1
-            for side in table.shape:
-                count *= side
-            total += count
-        return total
+        return sum(math.prod(table.shape) for table in self.tables)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the file's facts as JSON-able data."""
@@ -149,13 +152,6 @@ class CompressReport:
             "peak_memory_bytes": self.peak_memory_bytes,
             "gates_passed": not self.gate_failures,
         }
-
-
-def _settings_dict(settings: Any) -> dict[str, Any]:
-    values = dict(vars(settings))
-    if "block_shape" in values:
-        values["block_shape"] = list(values["block_shape"])
-    return values
 
 
 def plan_outputs(
@@ -377,10 +373,7 @@ _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for side in shape:
-        count *= side
-    return count * _DTYPE_BYTES.get(dtype, 4)
+    return math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
 
 
 def _table_bytes_after(table: CompressedTable, output_format: str) -> int:

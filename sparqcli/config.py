@@ -150,15 +150,15 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return {
         "version": config.version,
         "order": config.order,
-        "sparsity": _sparsity_dict(config.sparsity),
-        "quantization": _quantization_dict(config.quantization),
+        "sparsity": sparsity_to_dict(config.sparsity),
+        "quantization": quantization_to_dict(config.quantization),
         "layers": [
             {
                 ("match" if rule.match is not None else "type"): (
                     rule.match if rule.match is not None else rule.type
                 ),
-                "sparsity": _sparsity_dict(rule.sparsity),
-                "quantization": _quantization_dict(rule.quantization),
+                "sparsity": sparsity_to_dict(rule.sparsity),
+                "quantization": quantization_to_dict(rule.quantization),
                 "gates": _gates_dict(rule.gates),
             }
             for rule in config.layers
@@ -168,7 +168,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     }
 
 
-def _sparsity_dict(settings: SparsitySettings) -> dict[str, Any]:
+def sparsity_to_dict(settings: SparsitySettings) -> dict[str, Any]:
+    """Returns sparsity settings as JSON-able data (block_shape as a list)."""
     return {
         "level": settings.level,
         "block_shape": list(settings.block_shape),
@@ -177,7 +178,8 @@ def _sparsity_dict(settings: SparsitySettings) -> dict[str, Any]:
     }
 
 
-def _quantization_dict(settings: QuantizationSettings) -> dict[str, Any]:
+def quantization_to_dict(settings: QuantizationSettings) -> dict[str, Any]:
+    """Returns quantization settings as JSON-able data."""
     return {"bits": settings.bits, "scale_dtype": settings.scale_dtype}
 
 
