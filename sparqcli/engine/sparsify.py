@@ -23,12 +23,17 @@ from sparqcli.engine.settings import Norm, SparsitySettings
 # found with two 16-bit histogram passes (radix select) instead of a sort: linear time, and the
 # temporaries are bounded by the size of one chunk of scores.
 _RADIX_BITS = 16
-_RADIX_CHUNK = 1 << 22
+# On CUDA, a sort of every score beats the histogram passes when the scores are held in one
+# tensor (measured with benchmarks/bench_cuda.py, see benchmarks/README.md).
+SORT_ON_CUDA = True
 
 
-def value_norms(values: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """Returns the per-value norms (|x| for L1, x*x for L2) of a float32 tensor."""
-    return values.abs() if norm == "L1" else values * values
+def value_norms(values: torch.Tensor, norm: Norm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the per-value norms (|x| for L1, x*x for L2) of a float32 tensor.
+
+    Written into `out` (float32, the shape of `values`; may be `values` itself) when given.
+    """
+    return torch.abs(values, out=out) if norm == "L1" else torch.mul(values, values, out=out)
 
 
 def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
@@ -56,20 +61,25 @@ def _pad_to_blocks(values: torch.Tensor, block_shape: tuple[int, int], fill: flo
     return F.pad(values, (0, pad_cols, 0, pad_rows), value=fill)
 
 
-def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+def block_scores(
+    norms: torch.Tensor, block_shape: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Returns the mean norm of each block, shape `block_grid(norms.shape, block_shape)`.
 
     Bit-identical to `F.avg_pool2d(norms, block_shape, block_shape, ceil_mode=True)`: values are
     summed in row-major order inside the block, then divided by the count of valid values.
+    Written into `out` (float32, that shape) when given.
     """
     rows, cols = norms.shape
     bh, bw = fit_blocks((rows, cols), block_shape)
     n_block_rows, n_block_cols = block_grid((rows, cols), block_shape)
     if norms.numel() == 0:
-        return norms.new_zeros((n_block_rows, n_block_cols))
+        zeros = norms.new_zeros((n_block_rows, n_block_cols))
+        return zeros if out is None else out.copy_(zeros)
     padded = _pad_to_blocks(norms, block_shape, 0.0)
     blocks = padded.view(n_block_rows, bh, n_block_cols, bw)
-    total = blocks[:, 0, :, 0].clone()
+    first = blocks[:, 0, :, 0]
+    total = first.clone() if out is None else out.copy_(first)
     for i in range(bh):
         for j in range(bw):
             if i or j:
@@ -112,6 +122,13 @@ def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple[
     return float(value_bits.view(torch.float32).item()), below + below_in_bin
 
 
+def kth_smallest_sorted(values: torch.Tensor, k: int) -> tuple[float, int]:
+    """Returns what `kth_smallest` returns, for values held in one tensor, by sorting them."""
+    flat = values.reshape(-1)
+    value = torch.sort(flat).values[k - 1]
+    return float(value.item()), int((flat < value).sum().item())
+
+
 def _bits(values: torch.Tensor) -> torch.Tensor:
     flat = values.reshape(-1)
     return flat.view(torch.int32)
@@ -138,13 +155,24 @@ class BlockPruner:
 
     @classmethod
     def for_scores(
-        cls, chunks: Callable[[], Iterable[torch.Tensor]], n_blocks: int, level: float
+        cls,
+        chunks: Callable[[], Iterable[torch.Tensor]],
+        n_blocks: int,
+        level: float,
+        all_scores: torch.Tensor | None = None,
     ) -> BlockPruner:
-        """Returns the pruner for `level` over the scores that `chunks()` yields (in block order)."""
+        """Returns the pruner for `level` over the scores that `chunks()` yields (in block order).
+
+        `all_scores`, when the caller holds every score in one tensor, lets a CUDA device select
+        by sorting (see `SORT_ON_CUDA`).
+        """
         k = blocks_to_prune(level, n_blocks)
         if k == 0:
             return cls(None, 0)
-        value, below = kth_smallest(chunks, k)
+        if all_scores is not None and all_scores.is_cuda and SORT_ON_CUDA:
+            value, below = kth_smallest_sorted(all_scores, k)
+        else:
+            value, below = kth_smallest(chunks, k)
         return cls(value, k - below)
 
     def prune(self, scores: torch.Tensor) -> torch.Tensor:
@@ -208,6 +236,60 @@ def keep_in_pruned_blocks(
         .reshape(n_block_rows * bh, n_block_cols * bw)
     )
     return keep_padded[: shape[0], : shape[1]] | ~pruned
+
+
+class ChunkKeep:
+    """Which values of a row chunk are kept, given the chunk's pruned blocks.
+
+    Where whole blocks are pruned and the blocks tile the chunk exactly, works on the block mask
+    and never builds a mask per value; otherwise builds that mask once.
+    """
+
+    def __init__(
+        self, norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: SparsitySettings
+    ) -> None:
+        rows, cols = norms.shape
+        self.shape = (rows, cols)
+        self.block_shape = fit_blocks(self.shape, settings.block_shape)
+        bh, bw = self.block_shape
+        self.keep_blocks: torch.Tensor | None = None
+        self._dense: torch.Tensor | None = None
+        self._dense_float: torch.Tensor | None = None
+        if settings.prunes_whole_blocks and rows % bh == 0 and cols % bw == 0:
+            self.keep_blocks = torch.logical_not(pruned_blocks)
+        else:
+            self._dense = keep_in_pruned_blocks(norms, pruned_blocks, settings)
+
+    def dense(self) -> torch.Tensor:
+        """Returns the per-value bool keep-mask of the chunk."""
+        if self._dense is None:
+            self._dense = expand_blocks(self.keep_blocks, self.block_shape, self.shape)
+        return self._dense
+
+    def multiply(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Returns `values * keep` (pruned values become signed zeros, as in the reference).
+
+        Written into `out` (float32, the chunk's shape; may be `values` itself).
+        """
+        if self.keep_blocks is None:
+            if self._dense_float is None:
+                self._dense_float = self.dense().to(values.dtype)
+            return torch.mul(values, self._dense_float, out=out)
+        n_block_rows, n_block_cols = self.keep_blocks.shape
+        bh, bw = self.block_shape
+        tiled = (n_block_rows, bh, n_block_cols, bw)
+        keep = self.keep_blocks.to(values.dtype).view(n_block_rows, 1, n_block_cols, 1)
+        torch.mul(values.view(tiled), keep, out=out.view(tiled))
+        return out
+
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        """Returns the kept entries of a tensor of the chunk's shape, in row-major order (1-D)."""
+        if self.keep_blocks is None:
+            return values[self.dense()]
+        n_block_rows, n_block_cols = self.keep_blocks.shape
+        bh, bw = self.block_shape
+        segments = self.keep_blocks[:, None, :].expand(n_block_rows, bh, n_block_cols)
+        return values.reshape(-1, bw)[segments.reshape(-1)].reshape(-1)
 
 
 def sparsify(values: torch.Tensor, settings: SparsitySettings) -> torch.Tensor:

@@ -37,25 +37,35 @@ class TableStats:
 
 
 class StatsAccumulator:
-    """Gathers error and cosine statistics chunk by chunk, in float64."""
+    """Gathers error and cosine statistics chunk by chunk, in float64.
+
+    The running sums stay tensors on the chunks' device, so a CUDA run does not wait for each
+    chunk's statistics; `finish` reads them once.
+    """
 
     def __init__(self) -> None:
-        self.error_sq = 0.0
-        self.original_sq = 0.0
-        self.zeros = 0
-        self.cosine_sum = 0.0
-        self.cosine_min = math.inf
-        self.rows = 0
         self.values = 0
+        self.rows = 0
+        self.error_sq: torch.Tensor | float = 0.0
+        self.original_sq: torch.Tensor | float = 0.0
+        self.cosine_sum: torch.Tensor | float = 0.0
+        self.cosine_min: torch.Tensor | float = math.inf
+        self.zeros: torch.Tensor | int = 0
 
-    def add(self, original: torch.Tensor, decoded: torch.Tensor) -> None:
-        """Adds a chunk of original float32 rows and the same rows decoded."""
+    def add(
+        self, original: torch.Tensor, decoded: torch.Tensor, work: torch.Tensor | None = None
+    ) -> None:
+        """Adds a chunk of original float32 rows and the same rows decoded.
+
+        `work`, when given, is a float32 tensor of the chunk's shape used for temporaries.
+        """
         self.values += original.numel()
+        rows = original.shape[0]
+        self.rows += rows
         if original.numel() == 0:
             # Rows with no columns are zero in both forms.
-            self.rows += original.shape[0]
-            self.cosine_sum += float(original.shape[0])
-            if original.shape[0]:
+            self.cosine_sum += float(rows)
+            if rows:
                 self.cosine_min = min(self.cosine_min, 1.0)
             return
         # Row norms and dot products are reduced in float32 (one row at a time) and summed
@@ -64,9 +74,9 @@ class StatsAccumulator:
         # depend on torch's thread count.
         original_norm = _row_norms(original)
         decoded_norm = _row_norms(decoded)
-        error_norm = _row_norms(decoded - original)
-        dot = _row_sums(original * decoded)
-        self.zeros += int((decoded == 0).sum().item())
+        self.zeros += decoded.numel() - torch.count_nonzero(decoded)
+        dot = _row_sums(torch.mul(original, decoded, out=work))
+        error_norm = _row_norms(torch.sub(decoded, original, out=work))
         self.error_sq += _total(error_norm.double().square())
         self.original_sq += _total(original_norm.double().square())
         denominator = original_norm * decoded_norm
@@ -74,16 +84,23 @@ class StatsAccumulator:
         both_zero = (original_norm == 0) & (decoded_norm == 0)
         cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
         self.cosine_sum += _total(cosine.double())
-        self.cosine_min = min(self.cosine_min, float(cosine.min().item()))
-        self.rows += original.shape[0]
+        self.cosine_min = torch.minimum(
+            torch.as_tensor(self.cosine_min, device=cosine.device), cosine.min()
+        )
 
     def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
         """Returns the statistics of the whole table, given its qparams and kept-value count."""
         n_values = self.values
-        if self.original_sq > 0:
-            rel_error = math.sqrt(self.error_sq / self.original_sq)
+        error_sq, original_sq = float(self.error_sq), float(self.original_sq)
+        zeros, cosine_sum, cosine_min = (
+            int(self.zeros),
+            float(self.cosine_sum),
+            float(self.cosine_min),
+        )
+        if original_sq > 0:
+            rel_error = math.sqrt(error_sq / original_sq)
         else:
-            rel_error = 0.0 if self.error_sq == 0 else math.inf
+            rel_error = 0.0 if error_sq == 0 else math.inf
         scale = scale.float().cpu()
         zero_point = zero_point.float().cpu()
         has_rows = scale.numel() > 0
@@ -91,15 +108,15 @@ class StatsAccumulator:
             values=n_values,
             kept=kept,
             pruned_fraction=(n_values - kept) / n_values if n_values else 0.0,
-            zero_fraction=self.zeros / n_values if n_values else 0.0,
+            zero_fraction=zeros / n_values if n_values else 0.0,
             scale_min=float(scale.min()) if has_rows else 0.0,
             scale_median=float(scale.median()) if has_rows else 0.0,
             scale_max=float(scale.max()) if has_rows else 0.0,
             zero_point_min=float(zero_point.min()) if has_rows else 0.0,
             zero_point_max=float(zero_point.max()) if has_rows else 0.0,
             rel_error=rel_error,
-            row_cosine_mean=self.cosine_sum / self.rows if self.rows else 1.0,
-            row_cosine_min=self.cosine_min if self.rows else 1.0,
+            row_cosine_mean=cosine_sum / self.rows if self.rows else 1.0,
+            row_cosine_min=cosine_min if self.rows else 1.0,
         )
 
 
@@ -127,6 +144,6 @@ def _row_norms(values: torch.Tensor) -> torch.Tensor:
     return _row_sums(values * values).sqrt()
 
 
-def _total(values: torch.Tensor) -> float:
-    """Returns the sum of all values of a tensor, the same for any number of threads."""
-    return float(_row_sums(values.reshape(1, -1))[0].item())
+def _total(values: torch.Tensor) -> torch.Tensor:
+    """Returns the sum of all values of a tensor (0-D), the same for any number of threads."""
+    return _row_sums(values.reshape(1, -1))[0]

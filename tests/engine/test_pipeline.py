@@ -90,6 +90,57 @@ def test_matches_torch_ao_bit_for_bit(
         assert torch.equal(compressed.dense_codes(), reference.codes)
 
 
+@pytest.mark.parametrize("block_shape", BLOCK_SHAPES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_blocks_that_tile_the_table_match_torch_ao(order, block_shape, monkeypatch):
+    # 1000 x 36 is tiled by every block shape, so whole chunks take the block-mask fast path.
+    table = torch.randn(1000, 36, generator=torch.Generator().manual_seed(sum(block_shape)))
+    reference = run_reference(
+        table,
+        sparsify_first=order == "sparsify-first",
+        bits=8,
+        level=0.7,
+        block_shape=block_shape,
+        monkeypatch=monkeypatch,
+    )
+    compressed, _ = compress_table(
+        table, order, SparsitySettings(0.7, block_shape), QuantizationSettings(8), chunk_rows=96
+    )
+    assert torch.equal(
+        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
+    )
+    if order == "sparsify-first" or block_shape != (1, 1):
+        assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+        assert torch.equal(compressed.dense_codes(), reference.codes)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_signed_zero_row_minimums_match_torch_ao(order, monkeypatch):
+    # Rows whose kept values are all positive: the pruned ones become -0.0 (negative values
+    # times the mask) or +0.0, so the row minimum is a zero whose sign is the zero point's.
+    generator = torch.Generator().manual_seed(8)
+    table = torch.rand(300, 32, generator=generator) + 1.0
+    tiny = (torch.rand(300, 8, generator=generator) - 0.5) * 1e-3
+    table.view(300, 8, 4)[:, :, 0::2] = tiny[:, :, None]
+    table.view(300, 8, 4)[:, 1::2] = tiny.view(300, 8, 1)[:, 1::2]
+    reference = run_reference(
+        table,
+        sparsify_first=order == "sparsify-first",
+        bits=8,
+        level=0.4,
+        block_shape=(1, 4),
+        monkeypatch=monkeypatch,
+    )
+    compressed, _ = compress_table(
+        table, order, SparsitySettings(0.4, (1, 4)), QuantizationSettings(8)
+    )
+    assert torch.equal(
+        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
+    )
+    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+    assert torch.equal(compressed.dense_codes(), reference.codes)
+
+
 @pytest.mark.parametrize("zeros", [0, 1, 2, 5, 6])
 @pytest.mark.parametrize("order", ORDERS)
 def test_zeros_per_block_matches_torch_ao(zeros, order, monkeypatch):

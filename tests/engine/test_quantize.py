@@ -40,6 +40,25 @@ def test_matches_quantize_per_channel(bits, dtype):
     assert torch.equal(dequantize(codes, scale, zero_point), torch.dequantize(reference))
 
 
+def test_zero_row_minimums_keep_the_observers_sign():
+    # Rows of positive values and zeros of both signs: which zero is the minimum decides the
+    # sign of the zero point, and it must be the one torch.ao's observer (aminmax) picks.
+    generator = torch.Generator().manual_seed(3)
+    table = torch.rand(500, 37, generator=generator)
+    zeros = torch.rand(500, 37, generator=generator) < 0.3
+    negative = torch.rand(500, 37, generator=generator) < 0.5
+    table[zeros] = 0.0
+    table[zeros & negative] = -0.0
+    observer = torch_ao.PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine_float_qparams
+    )
+    observer(table)
+    _, expected_zero_point = observer.calculate_qparams()
+    _, zero_point = row_qparams(table, QuantizationSettings(8))
+    assert torch.equal(zero_point.view(torch.int32), expected_zero_point.view(torch.int32))
+    assert zero_point.signbit().any() and not zero_point.signbit().all()
+
+
 def test_constant_rows_use_scale_one():
     scale, zero_point = row_qparams(torch.tensor([[3.0, 3.0], [0.0, 0.0]]), QuantizationSettings(8))
     assert scale.tolist() == [1.0, 1.0]
