@@ -362,7 +362,7 @@ def _table_tensors(path: str, key: str, table: CompressedTable) -> dict[str, tor
                 f"{path}: table '{key}': keep-mask has shape {list(table.keep_mask.shape)}, "
                 f"expected {list(grid)}"
             )
-    kept = int(table.kept_per_row().sum())
+    kept = table.kept_count()
     if kept != codes.numel():
         raise OutputError(
             f"{path}: table '{key}': {codes.numel()} codes, but its mask keeps {kept} values"
@@ -796,7 +796,7 @@ def _read_table(
         else info.sparsity.prunes_whole_blocks,
     )
     if keep_mask is not None:
-        counted = int(table.kept_per_row().sum())
+        counted = table.kept_count()
         if counted != info.kept:
             raise problem(f"mask keeps {counted} values but the metadata says kept {info.kept}")
     if torch.device(device) == torch.device("cpu"):

@@ -71,6 +71,28 @@ class CompressedTable:
         per_block_row = _count_per_row(self.keep_mask, widths.to(self.keep_mask.device))
         return per_block_row.repeat_interleave(bh)[: self.rows]
 
+    def kept_count(self) -> int:
+        """Returns the number of kept values (the number of codes a consistent table holds)."""
+        if self.keep_mask is None:
+            return self.rows * self.cols
+        count = int(torch.count_nonzero(self.keep_mask))
+        if not self.mask_per_block or count == 0:
+            return count
+        # Block (i, j) holds heights[i] * widths[j] values; only the last block row and column
+        # can be short, so the total follows from four counts (inclusion-exclusion).
+        bh, bw = fit_blocks(self.shape, self.sparsity.block_shape)
+        short_rows = bh - (self.rows - (self.keep_mask.shape[0] - 1) * bh)
+        short_cols = bw - (self.cols - (self.keep_mask.shape[1] - 1) * bw)
+        last_row = int(torch.count_nonzero(self.keep_mask[-1]))
+        last_col = int(torch.count_nonzero(self.keep_mask[:, -1]))
+        corner = int(self.keep_mask[-1, -1])
+        return (
+            count * bh * bw
+            - short_rows * bw * last_row
+            - short_cols * bh * last_col
+            + short_rows * short_cols * corner
+        )
+
     def decode(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Returns rows `start:stop` decoded to the original dtype; pruned values are exactly 0.0."""
         stop = self.rows if stop is None else stop
