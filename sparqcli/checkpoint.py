@@ -12,7 +12,6 @@ place, so a reader sees either no file, the previous file, or the complete new o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -459,18 +458,6 @@ def _key_list(mapping: Mapping[str, Any]) -> str:
     names = [str(name) for name in mapping]
     shown = ", ".join(names[:8])
     return shown + (f", … ({len(names)} in all)" if len(names) > 8 else "") if names else "none"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Returns the hex sha256 of the file at `path`. Raises InputError when unreadable."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 22), b""):
-                digest.update(block)
-    except OSError as error:
-        raise InputError(f"{path}: cannot read: {error.strerror}") from None
-    return digest.hexdigest()
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:

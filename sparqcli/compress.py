@@ -25,6 +25,7 @@ from sparqcli.config import (
     quantization_to_dict,
     sparsity_to_dict,
 )
+from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import GateError, TableError, UsageError
 
 if TYPE_CHECKING:
@@ -230,25 +231,41 @@ def compress(
     elif overrides or order:
         raise UsageError("overrides and order apply to a config path, not a loaded Config")
     check_device(device)
-    targets = plan_outputs(
-        sources,
-        Path(output) if output is not None else None,
-        Path(out_dir) if out_dir is not None else None,
-        output_format,
-    )
-    from sparqcli.checkpoint import check_output_path
-
-    if out_dir is not None and not Path(out_dir).is_dir():
-        raise UsageError(f"--out-dir {out_dir}: no such folder")
-    for target in targets:
-        check_output_path(target, sources, force)
-    report = CompressReport(config, [], dry_run, device)
-    for source, target in zip(sources, targets, strict=True):
-        report.files.append(
-            _compress_file(
-                source, target, config, output_format, dry_run, device, trust_pickle, key, progress
-            )
+    # The sparq format records each input's sha256: hashed from here on, beside torch's import
+    # and the engine, instead of after them.
+    digests = BackgroundSha256(sources) if output_format == "sparq" and not dry_run else None
+    try:
+        targets = plan_outputs(
+            sources,
+            Path(output) if output is not None else None,
+            Path(out_dir) if out_dir is not None else None,
+            output_format,
         )
+        from sparqcli.checkpoint import check_output_path
+
+        if out_dir is not None and not Path(out_dir).is_dir():
+            raise UsageError(f"--out-dir {out_dir}: no such folder")
+        for target in targets:
+            check_output_path(target, sources, force)
+        report = CompressReport(config, [], dry_run, device)
+        for source, target in zip(sources, targets, strict=True):
+            report.files.append(
+                _compress_file(
+                    source,
+                    target,
+                    config,
+                    output_format,
+                    dry_run,
+                    device,
+                    trust_pickle,
+                    key,
+                    progress,
+                    digests,
+                )
+            )
+    finally:
+        if digests is not None:
+            digests.cancel()
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = peak_memory_bytes()
     if report.gate_failures:
@@ -276,6 +293,7 @@ def _compress_file(
     trust_pickle: bool,
     key: str | None,
     progress: ProgressCallback | None,
+    digests: BackgroundSha256 | None,
 ) -> FileReport:
     from sparqcli.checkpoint import open_checkpoint
     from sparqcli.select import select_tables
@@ -313,7 +331,7 @@ def _compress_file(
     report.seconds = time.perf_counter() - started
     if report.gate_failures:
         return report
-    _write(checkpoint, report, compressed, stats)
+    _write(checkpoint, report, compressed, stats, digests)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -424,8 +442,9 @@ def _write(
     report: FileReport,
     compressed: dict[str, CompressedTable],
     stats: dict[str, TableStats],
+    digests: BackgroundSha256 | None,
 ) -> None:
-    from sparqcli.checkpoint import atomic_output, sha256_file
+    from sparqcli.checkpoint import atomic_output
 
     passthrough = {
         key: checkpoint.tensor(key) for key in checkpoint.tensors if key not in compressed
@@ -435,7 +454,8 @@ def _write(
             from sparqcli.format import SourceInfo, write_compressed
 
             extra, report.dropped = _json_extras(checkpoint)
-            source = SourceInfo(checkpoint.path.name, sha256_file(checkpoint.path))
+            digest = digests.result(report.input) if digests else sha256_file(checkpoint.path)
+            source = SourceInfo(checkpoint.path.name, digest)
             write_compressed(temp, passthrough, compressed, stats, source, extra)
         else:
             from sparqcli.checkpoint import save_torch_file

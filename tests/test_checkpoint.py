@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparqcli.checkpoint import atomic_output, check_output_path, open_checkpoint, sha256_file
+from sparqcli.checkpoint import atomic_output, check_output_path, open_checkpoint
 from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError
 
 
@@ -187,9 +187,3 @@ def test_output_path_checks(tmp_path):
     ):
         check_output_path(existing, [source], force=False)
     check_output_path(existing, [source], force=True)
-
-
-def test_sha256(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"abc")
-    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
