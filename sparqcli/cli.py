@@ -456,14 +456,33 @@ def main() -> None:
     signal.signal(signal.SIGTERM, terminate)
     try:
         app(prog_name="sparq")
+        code: int | str | None = 0
+    except SystemExit as done:
+        code = done.code
     except _Terminated:  # after the command returned: its outputs are complete
         _print_error("terminated")
-        sys.exit(143)
+        code = 143
     finally:
-        # The command is over (outputs complete or removed); a signal during the slow
-        # interpreter shutdown ends the process plainly instead of printing a traceback.
+        # The command is over (outputs complete or removed); a signal from here on ends the
+        # process plainly instead of printing a traceback.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: int | str | None) -> None:
+    """Ends the process with SystemExit's `code`, skipping the interpreter's teardown.
+
+    Unloading torch takes ~0.4 s at interpreter exit, a tenth of a 1 GiB compression. Every file
+    is closed (and renamed into place) by now, so only the standard streams need flushing.
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
