@@ -30,6 +30,9 @@ layers:
   - match: "{TABLE_KEY}"
 """
 
+# The sparq command line as this interpreter runs it (also without the console script installed).
+SPARQ = [sys.executable, "-m", "sparqcli"]
+
 # Appended to every measured snippet: the child prints one JSON line with its peak RSS.
 _FOOTER = """
 import json as _json, resource as _resource

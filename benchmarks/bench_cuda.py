@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import (
     CONFIG,
     ORDERS,
+    SPARQ,
     TABLE_KEY,
     check_disk,
     exit_cleanly_on_sigterm,
@@ -74,12 +75,11 @@ def bench_e2e(table: torch.Tensor, folder: Path) -> None:
     save_file({TABLE_KEY: table.cpu()}, str(source))
     config = folder / "config.yaml"
     config.write_text(CONFIG)
-    sparq = str(Path(sys.executable).parent / "sparq")
     print(f"{'order':<15} {'device':<7} {'wall s':>7} {'GB/s':>7} {'peak RSS':>10}")
     for order in ORDERS:
         for device in ("cuda", "cpu"):
             target = folder / f"out-{order}-{device}.sparq.safetensors"
-            argv = [sparq, "compress", str(source), "--config", str(config), "--order", order]
+            argv = [*SPARQ, "compress", str(source), "--config", str(config), "--order", order]
             argv += ["--device", device, "-o", str(target), "--force", "--quiet"]
             result = run_command(argv)
             if result["returncode"] != 0:

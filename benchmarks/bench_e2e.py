@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import (
     CONFIG,
     ORDERS,
+    SPARQ,
     TABLE_KEY,
     check_disk,
     exit_cleanly_on_sigterm,
@@ -143,7 +144,6 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp files")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
-    sparq = str(Path(sys.executable).parent / "sparq")
     table_bytes = args.rows * args.cols * 4
     print(
         f"end to end: {args.rows:,} x {args.cols} float32 ({gib(table_bytes)}), "
@@ -176,7 +176,7 @@ def main() -> None:
                 runs.append(("reference .pt", argv, out, None))
             for source in (pt_path, safetensors_path):
                 out = folder / f"sparq-{order}{source.suffix}.sparq.safetensors"
-                argv = [sparq, "compress", str(source), "--config", str(config), "--order", order]
+                argv = [*SPARQ, "compress", str(source), "--config", str(config), "--order", order]
                 argv += ["-o", str(out), "--force", "--quiet", "--report", str(report)]
                 runs.append((f"sparq {source.suffix}", argv, out, report))
             for name, argv, out, report_path in runs:
