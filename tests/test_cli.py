@@ -240,6 +240,22 @@ def test_cuda_without_a_gpu_is_a_usage_error(checkpoint, config):
     assert error_line(result).startswith("sparq: error: --device cuda: no CUDA device is available")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_writes_the_same_tensors_as_cpu(checkpoint, config, tmp_path):
+    from safetensors.torch import load_file
+
+    written = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.sparq.safetensors"
+        result = run("compress", checkpoint, "--config", config, "--device", device, "-o", out)
+        assert result.exit_code == 0, result.output
+        written[device] = load_file(out)
+    assert written["cpu"].keys() == written["cuda"].keys()
+    for key, tensor in written["cpu"].items():
+        assert torch.equal(tensor, written["cuda"][key]), key
+
+
 def test_inspect_plain_and_compressed(checkpoint, config):
     plain = run("inspect", checkpoint, "--json")
     assert plain.exit_code == 0
