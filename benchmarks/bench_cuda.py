@@ -17,6 +17,7 @@ Needs a CUDA device; without one it prints "no CUDA device; skipped" and exits 0
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -65,6 +66,46 @@ def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> No
         )
 
 
+def bench_selection(table: torch.Tensor) -> None:
+    """Prints the time of each way to find the pruning threshold among the table's block scores."""
+    from sparqcli.engine.sparsify import block_scores, kth_smallest, kth_smallest_sorted
+
+    scores = block_scores(table.abs(), (1, 4))
+    k = round(0.8 * scores.numel())
+    methods = {
+        "sort (kth_smallest_sorted)": lambda: kth_smallest_sorted(scores, k),
+        "radix histogram (kth_smallest)": lambda: kth_smallest(lambda: [scores], k),
+        "torch.kthvalue": lambda: (float(torch.kthvalue(scores.view(-1), k).values), 0),
+    }
+    print(f"{'method':<32} {'ms':>8}  ({scores.numel():,} block scores, k = {k:,})")
+    answers = set()
+    for name, method in methods.items():
+        method()  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        value, _ = method()
+        torch.cuda.synchronize()
+        answers.add(value)
+        print(f"{name:<32} {(time.perf_counter() - start) * 1e3:>8.1f}", flush=True)
+    if len(answers) != 1:
+        sys.exit(f"selection methods disagree: {sorted(answers)}")
+
+
+def profile_engine(table: torch.Tensor) -> None:
+    """Prints the CUDA kernels that take the most time in one run of each order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparqcli.engine.pipeline import compress_table
+    from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+
+    for order in ORDERS:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as run:
+            compress_table(table, order, SparsitySettings(0.8, (1, 4)), QuantizationSettings(8))
+            torch.cuda.synchronize()
+        print(f"\n{order}: top CUDA kernels")
+        print(run.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
+
+
 def bench_e2e(table: torch.Tensor, folder: Path) -> None:
     """Writes `table` to a safetensors file and prints `sparq compress` on cuda and cpu."""
     from safetensors.torch import save_file
@@ -75,18 +116,26 @@ def bench_e2e(table: torch.Tensor, folder: Path) -> None:
     save_file({TABLE_KEY: table.cpu()}, str(source))
     config = folder / "config.yaml"
     config.write_text(CONFIG)
-    print(f"{'order':<15} {'device':<7} {'wall s':>7} {'GB/s':>7} {'peak RSS':>10}")
+    startup = run_command([sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')"])
+    print(f"python + import torch + CUDA init alone: {startup['seconds']:.2f} s")
+    report = folder / "report.json"
+    print(
+        f"{'order':<15} {'device':<7} {'wall s':>7} {'GB/s':>7} {'compress s':>10} {'peak RSS':>10}"
+    )
     for order in ORDERS:
         for device in ("cuda", "cpu"):
             target = folder / f"out-{order}-{device}.sparq.safetensors"
             argv = [*SPARQ, "compress", str(source), "--config", str(config), "--order", order]
             argv += ["--device", device, "-o", str(target), "--force", "--quiet"]
+            argv += ["--report", str(report)]
             result = run_command(argv)
             if result["returncode"] != 0:
                 sys.exit(f"sparq failed ({result['returncode']}):\n{result['stderr'][-3000:]}")
+            seconds = json.loads(report.read_text())["seconds"]
             print(
                 f"{order:<15} {device:<7} {result['seconds']:>7.2f} "
-                f"{table_bytes / result['seconds'] / 1e9:>7.2f} {size(result['peak_rss']):>10}",
+                f"{table_bytes / result['seconds'] / 1e9:>7.2f} {seconds:>10.2f} "
+                f"{size(result['peak_rss']):>10}",
                 flush=True,
             )
 
@@ -99,6 +148,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--chunk-rows", type=int, default=None, help="engine row chunk")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temp file")
+    parser.add_argument("--profile", action="store_true", help="also print the top CUDA kernels")
+    parser.add_argument("--skip-e2e", action="store_true", help="only the engine parts")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
     if not torch.cuda.is_available():
@@ -115,6 +166,12 @@ def main() -> None:
     )
     print("\nengine, table already on the GPU:")
     bench_engine(table, args.repeat, args.chunk_rows)
+    print("\nselecting the pruning threshold on the GPU:")
+    bench_selection(table)
+    if args.profile:
+        profile_engine(table)
+    if args.skip_e2e:
+        return
     print("\nend to end from a .safetensors file (sparq CLI, fresh process per run):")
     with tempfile.TemporaryDirectory(prefix="sparq-cuda-", dir=args.workdir) as temp:
         host_table = table.cpu()

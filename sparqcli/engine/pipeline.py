@@ -35,11 +35,15 @@ RowReader = Callable[[int, int], torch.Tensor]
 """Reads rows `start:stop` of a table as a 2-D tensor (any float dtype, any device)."""
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Values per row chunk. On CPU a chunk's few float32 work buffers stay in the caches (measured
-# on 1M x 128: 2^19 values ran 10-20% faster than 2^21 or 2^17); on CUDA a chunk is large so that
-# kernel launches and the few host syncs per chunk are amortized.
-DEFAULT_CHUNK_VALUES = {"cpu": 1 << 19, "cuda": 1 << 26}
-DEFAULT_SCORE_BUDGET_BYTES = 256 << 20
+# Values per row chunk. On CPU, per thread: small enough that a chunk's few float32 work buffers
+# stay in the caches, large enough that each op's fixed cost (dispatch, waking the threads) is
+# amortized (measured on 1M x 128 with 2 threads: 2^18 per thread ran 10-20% faster than 2^20 or
+# 2^16). On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are
+# amortized.
+CPU_CHUNK_VALUES_PER_THREAD = 1 << 18
+CUDA_CHUNK_VALUES = 1 << 26
+# Block scores are held between the passes when they fit this budget (else recomputed).
+CPU_SCORE_BUDGET_BYTES = 256 << 20
 CUDA_SCORE_BUDGET_BYTES = 2 << 30
 
 
@@ -84,15 +88,16 @@ def compress_rows(
     *,
     device: torch.device | str = "cpu",
     chunk_rows: int | None = None,
-    score_budget_bytes: int = DEFAULT_SCORE_BUDGET_BYTES,
+    score_budget_bytes: int | None = None,
     name: str = "table",
     progress: Callable[[float], None] | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
     `read_rows(start, stop)` is called for row ranges in order, twice per range (three times
-    when the block scores exceed `score_budget_bytes`). Results live on `device`. `progress`,
-    when given, is called with the fraction of the work done after each chunk.
+    when the block scores exceed `score_budget_bytes`, by default 256 MiB on CPU and 2 GiB on
+    CUDA). Results live on `device`. `progress`, when given, is called with the fraction of
+    the work done after each chunk.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -105,6 +110,9 @@ def compress_rows(
     device = torch.device(device)
     job = _TableJob(read_rows, shape, order, sparsity, quantization, device, chunk_rows, name)
     job.progress = progress
+    if score_budget_bytes is None:
+        cuda = device.type == "cuda"
+        score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
     return job.run(dtype, score_budget_bytes)
 
 
@@ -135,7 +143,10 @@ class _TableJob:
         self.name = name
         block_height = sparsity.block_shape[0]
         if chunk_rows is None:
-            chunk_values = DEFAULT_CHUNK_VALUES.get(device.type, DEFAULT_CHUNK_VALUES["cpu"])
+            if device.type == "cuda":
+                chunk_values = CUDA_CHUNK_VALUES
+            else:
+                chunk_values = CPU_CHUNK_VALUES_PER_THREAD * torch.get_num_threads()
             chunk_rows = max(1, chunk_values // max(1, self.cols))
         chunk_rows = max(block_height, chunk_rows // block_height * block_height)
         self.ranges = [
@@ -324,7 +335,12 @@ class _TableJob:
                 scales[start:stop] = scale
                 zero_points[start:stop] = zero_point
             levels = quantize_levels(seen, scale, zero_point, bits, out=values)
-            kept = levels.reshape(-1) if keep is None else keep.select(levels)
+            if keep is None:
+                kept = levels.reshape(-1)
+            elif levels.is_cuda:  # gathering uint8 codes moves a quarter of the bytes
+                kept = keep.select(levels.to(torch.uint8))
+            else:  # float-to-uint8 is slow on CPU: only the kept values are converted
+                kept = keep.select(levels)
             end = n_codes + kept.numel()
             if end > codes.numel():  # never, while _max_kept holds; stays correct if it did not
                 codes = torch.cat([codes[:n_codes], codes.new_empty(end - n_codes)])

@@ -29,7 +29,9 @@ def row_qparams(
     if cols == 0:
         return values.new_ones(rows), values.new_zeros(rows)
     row_min, row_max = _row_min_max(values)
-    scale = (row_max - row_min) / float(settings.quant_max)
+    # Divided by a tensor, not a Python float: CUDA multiplies by the float's reciprocal instead,
+    # which differs from the division (and from the CPU) in the last bit.
+    scale = (row_max - row_min) / row_max.new_tensor(float(settings.quant_max))
     scale = torch.where(scale > _FLOAT32_EPS, scale, torch.ones_like(scale))
     _check_finite(scale, "value range overflows float32", first_row)
     if settings.scale_dtype == "float16":

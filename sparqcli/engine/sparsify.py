@@ -85,7 +85,8 @@ def block_scores(
             if i or j:
                 total += blocks[:, i, :, j]
     if rows % bh == 0 and cols % bw == 0:
-        return total.div_(bh * bw)
+        # A tensor divisor: CUDA multiplies by a Python number's reciprocal (not bit-exact).
+        return total.div_(total.new_tensor(float(bh * bw)))
     row_counts = torch.full((n_block_rows, 1), float(bh), device=norms.device)
     row_counts[-1] = rows - (n_block_rows - 1) * bh
     col_counts = torch.full((1, n_block_cols), float(bw), device=norms.device)
