@@ -12,6 +12,7 @@ place, so a reader sees either no file, the previous file, or the complete new o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import math
@@ -85,31 +86,66 @@ class Checkpoint:
         """Returns True when the file is a compressed sparq checkpoint."""
         return SPARQ_METADATA_KEY in self.metadata
 
+    def row_reader(self, key: str, pin_memory: bool = False) -> Callable[[int, int], torch.Tensor]:
+        """Returns `read(start, stop)`: rows of tensor `key`, read into one reused host buffer.
+
+        Each read overwrites the rows the previous one returned, so a caller must be done with a
+        chunk before it asks for the next (the engine is). With `pin_memory` the buffer is
+        page-locked, so copies to a GPU run at full speed, and each read first waits for the
+        GPU's pending copies from it. A checkpoint held in memory returns its own rows.
+        """
+        info = self.tensors[key]
+        buffer: list[torch.Tensor] = []
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            if self._state is not None:
+                return self._state[key][start:stop]
+            values = (stop - start) * math.prod(info.shape[1:])
+            if pin_memory:
+                torch.cuda.current_stream().synchronize()
+            if not buffer or buffer[0].numel() < values:
+                buffer[:] = [
+                    torch.empty(values, dtype=_torch_dtype(info.dtype), pin_memory=pin_memory)
+                ]
+            return self.read_rows(key, start, stop, out=buffer[0])
+
+        return read
+
     def tensor(self, key: str) -> torch.Tensor:
         """Returns the whole tensor `key` (on the CPU). Raises InputError when unreadable."""
         info = self.tensors[key]
         return self.read_rows(key, 0, info.shape[0]) if info.shape else self._read_all(key)
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Returns rows `start:stop` of tensor `key`. Raises InputError when unreadable."""
+    def read_rows(
+        self, key: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns rows `start:stop` of tensor `key`. Raises InputError when unreadable.
+
+        A file's rows are read into the start of `out` when given (a contiguous CPU tensor of
+        the tensor's dtype, large enough), and a view of it is returned; rows of a checkpoint
+        held in memory are returned as they are.
+        """
         if self._state is not None:
             return self._state[key][start:stop]
         info = self.tensors[key]
-        row_values = math.prod(info.shape[1:])
+        shape = (stop - start, *info.shape[1:])
         dtype = _torch_dtype(info.dtype)
-        item = torch.empty((), dtype=dtype).element_size()
-        offset = self._offsets[key] + start * row_values * item
-        data = _pread(self.path, offset, (stop - start) * row_values * item)
-        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        return flat.view((stop - start, *info.shape[1:]))
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif not (out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"):
+            raise ValueError(f"out must be a contiguous CPU {info.dtype} tensor")
+        rows = out.view(-1)[: math.prod(shape)].view(shape)
+        if rows.numel():
+            offset = self._offsets[key] + start * math.prod(info.shape[1:]) * out.element_size()
+            _pread_into(self.path, offset, rows)
+        return rows
 
     def _read_all(self, key: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[key]
-        dtype = _torch_dtype(self.tensors[key].dtype)
-        item = torch.empty((), dtype=dtype).element_size()
-        data = _pread(self.path, self._offsets[key], item)
-        return torch.frombuffer(data, dtype=dtype).view(())
+        value = torch.empty((), dtype=_torch_dtype(self.tensors[key].dtype))
+        _pread_into(self.path, self._offsets[key], value)
+        return value
 
     def rebuild(self, state: dict[str, Any]) -> Any:
         """Returns the file's object with its state dict's tensors replaced by `state`.
@@ -230,10 +266,23 @@ def _header_length(path: Path) -> int:
 
 
 def _pread(path: Path, offset: int, size: int) -> bytearray:
+    """Returns `size` bytes of `path` from `offset`. Raises InputError when short or unreadable."""
     buffer = bytearray(size)
+    _pread_view(path, offset, memoryview(buffer))
+    return buffer
+
+
+def _pread_into(path: Path, offset: int, target: torch.Tensor) -> None:
+    """Fills the contiguous CPU tensor `target` with the bytes of `path` from `offset`."""
+    size = target.numel() * target.element_size()
+    _pread_view(path, offset, memoryview((ctypes.c_char * size).from_address(target.data_ptr())))
+
+
+def _pread_view(path: Path, offset: int, view: memoryview) -> None:
+    view = view.cast("B")
+    size = len(view)
     try:
         with open(path, "rb", buffering=0) as file:
-            view = memoryview(buffer)
             done = 0
             while done < size:
                 count = os.preadv(file.fileno(), [view[done:]], offset + done)
@@ -244,7 +293,6 @@ def _pread(path: Path, offset: int, size: int) -> bytearray:
                 done += count
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror}") from None
-    return buffer
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -350,7 +350,7 @@ def _compress_one(
     name = f"{checkpoint.path}: {table.key}"
     try:
         result, stats = compress_rows(
-            lambda start, stop: checkpoint.read_rows(table.key, start, stop),
+            checkpoint.row_reader(table.key, pin_memory=device == "cuda"),
             (rows, cols),
             _torch_dtype(table.dtype),
             config.order,

@@ -35,15 +35,15 @@ RowReader = Callable[[int, int], torch.Tensor]
 """Reads rows `start:stop` of a table as a 2-D tensor (any float dtype, any device)."""
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Values per row chunk. On CPU, per thread: small enough that a chunk's few float32 work buffers
-# stay in the caches, large enough that each op's fixed cost (dispatch, waking the threads) is
-# amortized (measured on 1M x 128 with 2 threads: 2^18 per thread ran 10-20% faster than 2^20 or
-# 2^16). On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are
-# amortized.
-CPU_CHUNK_VALUES_PER_THREAD = 1 << 18
+# Values per row chunk. On CPU: small enough that a chunk's few float32 work buffers stay in the
+# caches, large enough that each op's fixed cost (dispatch, waking the threads) is amortized
+# (measured on 1M x 128 with 2 threads: 2^19 ran 10-20% faster than 2^21 or 2^17). It must not
+# depend on the thread count: the statistics are summed chunk by chunk, and the file holds them.
+# On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are amortized.
+CPU_CHUNK_VALUES = 1 << 19
 CUDA_CHUNK_VALUES = 1 << 26
 # Block scores are held between the passes when they fit this budget (else recomputed).
-CPU_SCORE_BUDGET_BYTES = 256 << 20
+CPU_SCORE_BUDGET_BYTES = 512 << 20
 CUDA_SCORE_BUDGET_BYTES = 2 << 30
 
 
@@ -95,7 +95,7 @@ def compress_rows(
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
     `read_rows(start, stop)` is called for row ranges in order, twice per range (three times
-    when the block scores exceed `score_budget_bytes`, by default 256 MiB on CPU and 2 GiB on
+    when the block scores exceed `score_budget_bytes`, by default 512 MiB on CPU and 2 GiB on
     CUDA). Results live on `device`. `progress`, when given, is called with the fraction of
     the work done after each chunk.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
@@ -143,10 +143,7 @@ class _TableJob:
         self.name = name
         block_height = sparsity.block_shape[0]
         if chunk_rows is None:
-            if device.type == "cuda":
-                chunk_values = CUDA_CHUNK_VALUES
-            else:
-                chunk_values = CPU_CHUNK_VALUES_PER_THREAD * torch.get_num_threads()
+            chunk_values = CUDA_CHUNK_VALUES if device.type == "cuda" else CPU_CHUNK_VALUES
             chunk_rows = max(1, chunk_values // max(1, self.cols))
         chunk_rows = max(block_height, chunk_rows // block_height * block_height)
         self.ranges = [
