@@ -41,29 +41,36 @@ from _measure import (
 
 
 def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> None:
-    """Prints the engine's time, throughput and peak GPU memory on `table`, both orders."""
+    """Prints the engine's time, throughput and peak GPU memory on `table`, both orders.
+
+    Once with the fused kernels (when Triton is installed) and once with tensor ops alone.
+    """
+    from sparqcli.engine import pipeline
     from sparqcli.engine.pipeline import compress_table
     from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
 
     sparsity, quantization = SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
     table_bytes = table.numel() * table.element_size()
-    print(f"{'order':<15} {'seconds':>8} {'GB/s':>7} {'peak GPU memory':>16}")
+    print(f"{'order':<15} {'kernels':<12} {'seconds':>8} {'GB/s':>7} {'peak GPU memory':>16}")
     for order in ORDERS:
-        compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / repeat
-        peak = torch.cuda.max_memory_allocated() - base
-        print(
-            f"{order:<15} {seconds:>8.3f} {table_bytes / seconds / 1e9:>7.2f} "
-            f"{size(peak):>16}  (beyond the table)",
-            flush=True,
-        )
+        for fused in (True, False):
+            pipeline.USE_FUSED_KERNELS = fused
+            compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / repeat
+            peak = torch.cuda.max_memory_allocated() - base
+            print(
+                f"{order:<15} {'fused' if fused else 'tensor ops':<12} {seconds:>8.3f} "
+                f"{table_bytes / seconds / 1e9:>7.2f} {size(peak):>16}  (beyond the table)",
+                flush=True,
+            )
+    pipeline.USE_FUSED_KERNELS = True
 
 
 def bench_selection(table: torch.Tensor) -> None:

@@ -13,11 +13,20 @@ few row chunks plus the (compressed) result.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
-from sparqcli.engine.quantize import dequantize, quantize_levels, row_qparams
+from sparqcli.engine.quantize import (
+    dequantize,
+    exact_zero_minimums,
+    qparams_from_range,
+    quantize_levels,
+    row_qparams,
+)
 from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
 from sparqcli.engine.sparsify import (
     BlockPruner,
@@ -25,11 +34,16 @@ from sparqcli.engine.sparsify import (
     block_grid,
     block_scores,
     blocks_to_prune,
+    expand_blocks,
+    fit_blocks,
     value_norms,
 )
 from sparqcli.engine.stats import StatsAccumulator, TableStats
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import SettingError, TableError
+
+# Fused kernels (engine/fused.py) run on CUDA where Triton is installed; False forces tensor ops.
+USE_FUSED_KERNELS = True
 
 RowReader = Callable[[int, int], torch.Tensor]
 """Reads rows `start:stop` of a table as a 2-D tensor (any float dtype, any device)."""
@@ -116,6 +130,17 @@ def compress_rows(
     return job.run(dtype, score_budget_bytes)
 
 
+def _fused_kernels(device: torch.device) -> ModuleType | None:
+    """Returns the fused-kernel module when it can run on `device`, else None."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None  # before importing Triton, which costs time
+    try:
+        from sparqcli.engine import fused
+    except ImportError:  # no Triton
+        return None
+    return fused if fused.available(device) else None
+
+
 class _TableJob:
     """The state of one table's compression: row ranges, per-row qparams, pass 1 and pass 2.
 
@@ -149,9 +174,12 @@ class _TableJob:
         self.ranges = [
             (start, min(start + chunk_rows, self.rows)) for start in range(0, self.rows, chunk_rows)
         ]
-        largest = max((stop - start for start, stop in self.ranges), default=0) * self.cols
-        self.work = [self._empty(largest), self._empty(largest)]
+        self.chunk_values = (
+            max((stop - start for start, stop in self.ranges), default=0) * self.cols
+        )
+        self.work: list[torch.Tensor] = []
         self.read_buffer: torch.Tensor | None = None
+        self.fused = _fused_kernels(device) if self.cols and USE_FUSED_KERNELS else None
         self.checked_finite = False
         self.progress: Callable[[float], None] | None = None
         self.passes = 1
@@ -191,12 +219,14 @@ class _TableJob:
         if chunk.dtype == torch.float32 and chunk.device == self.device and chunk.is_contiguous():
             return chunk
         if self.read_buffer is None:
-            self.read_buffer = self._empty(self.work[0].numel())
+            self.read_buffer = self._empty(self.chunk_values)
         converted = self.read_buffer[: chunk.numel()].view(chunk.shape)
         return converted.copy_(chunk, non_blocking=True)
 
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """Returns work buffer `index` as a float32 tensor of `like`'s shape."""
+        """Returns work buffer `index` (0 or 1) as a float32 tensor of `like`'s shape."""
+        if not self.work:
+            self.work = [self._empty(self.chunk_values), self._empty(self.chunk_values)]
         return self.work[index][: like.numel()].view(like.shape)
 
     def _seen(self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -210,6 +240,14 @@ class _TableJob:
         self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Returns the block scores of rows start:stop (read as `values`) as the sparsifier sees them."""
+        if self.fused is not None and out is not None:
+            block_shape = fit_blocks(values.shape, self.sparsity.block_shape)
+            qparams = None
+            if self.order == "quantize-first":
+                qparams = self._fused_qparams(
+                    self.saved_scale[start:stop], self.saved_zero_point[start:stop]
+                )
+            return self.fused.block_scores(values, block_shape, self.sparsity.norm, out, qparams)
         work = self._buffer(0, values)
         if self.order == "quantize-first":
             values = self._seen(values, start, stop, out=work)
@@ -282,83 +320,187 @@ class _TableJob:
     def _second_pass(
         self, pruner: BlockPruner | None, held: list[torch.Tensor] | None, dtype: torch.dtype
     ) -> tuple[CompressedTable, TableStats]:
-        bits = self.quantization.bits
         per_block = self.sparsity.prunes_whole_blocks
-        bh = self.sparsity.block_shape[0]
-        quantize_first = self.order == "quantize-first"
         # Results go straight into tensors allocated once. Kept in lists of per-chunk pieces, they
         # would lie in the heap between each chunk's freed temporaries, which the allocator then
         # cannot give back: peak RSS on an 8M x 128 table varied from 2.1 to 4.1 GiB that way.
-        codes = self._empty(self._max_kept(pruner), torch.uint8)
-        n_codes = 0
-        mask = None
+        out = _Outputs(
+            codes=self._empty(self._max_kept(pruner), torch.uint8),
+            scale=self.saved_scale if self.saved_scale is not None else self._empty(self.rows),
+            zero_point=(
+                self.saved_zero_point
+                if self.saved_zero_point is not None
+                else self._empty(self.rows)
+            ),
+            stats=StatsAccumulator(),
+        )
         if pruner is not None:
             grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
-            mask = self._empty(grid if per_block else (self.rows, self.cols), torch.bool)
-        if quantize_first:
-            scales, zero_points = self.saved_scale, self.saved_zero_point
-        else:
-            scales, zero_points = self._empty(self.rows), self._empty(self.rows)
-        stats = StatsAccumulator()
+            out.mask = self._empty(grid if per_block else (self.rows, self.cols), torch.bool)
+        fused = self.fused if pruner is None or per_block else None
         for index, (start, stop) in enumerate(self.ranges):
             original = self._read(start, stop)
             if not self.checked_finite:
                 self._check_finite(original, start)
-            values, spare = self._buffer(0, original), self._buffer(1, original)
-            # `seen` is the chunk as the sparsifier sees it; `values` ends up holding the chunk's
-            # codes as float levels, then its decoded values.
-            seen = self._seen(original, start, stop, out=values) if quantize_first else original
-            keep = None
+            pruned_blocks = None
             if pruner is not None:
-                norms = value_norms(seen, self.sparsity.norm, out=spare)
-                scores = (
-                    held[index]
-                    if held is not None
-                    else block_scores(norms, self.sparsity.block_shape)
-                )
+                scores = held[index] if held is not None else None
+                if scores is None:
+                    norms = value_norms(self._seen_or(original, start, stop), self.sparsity.norm)
+                    scores = block_scores(norms, self.sparsity.block_shape)
                 pruned_blocks = pruner.prune(scores)
-                keep = ChunkKeep(norms, pruned_blocks, self.sparsity)
-                if per_block:
-                    torch.logical_not(pruned_blocks, out=mask[start // bh : -(-stop // bh)])
-                else:
-                    mask[start:stop] = keep.dense()
-            if quantize_first:
-                scale = self.saved_scale[start:stop]
-                zero_point = self.saved_zero_point[start:stop]
+            if fused is not None:
+                self._fused_chunk(original, start, stop, pruned_blocks, out)
             else:
-                if keep is not None:
-                    seen = keep.multiply(seen, out=values)
-                scale, zero_point = row_qparams(seen, self.quantization, start)
-                scales[start:stop] = scale
-                zero_points[start:stop] = zero_point
-            levels = quantize_levels(seen, scale, zero_point, bits, out=values)
-            if keep is None:
-                kept = levels.reshape(-1)
-            elif levels.is_cuda:  # gathering uint8 codes moves a quarter of the bytes
-                kept = keep.select(levels.to(torch.uint8))
-            else:  # float-to-uint8 is slow on CPU: only the kept values are converted
-                kept = keep.select(levels)
-            end = n_codes + kept.numel()
-            if end > codes.numel():  # never, while _max_kept holds; stays correct if it did not
-                codes = torch.cat([codes[:n_codes], codes.new_empty(end - n_codes)])
-            codes[n_codes:end] = kept
-            n_codes = end
-            decoded = dequantize(levels, scale, zero_point, out=values)
-            if keep is not None:
-                keep.multiply(decoded, out=decoded)
-            stats.add(original, decoded, work=spare)
+                self._chunk(original, start, stop, pruned_blocks, out)
             self._report(self.passes - 1, stop)
-        all_codes = codes if n_codes == codes.numel() else codes[:n_codes].clone()
+        n_codes = int(out.n_codes)
+        codes = out.codes if n_codes == out.codes.numel() else out.codes[:n_codes].clone()
         table = CompressedTable(
             shape=(self.rows, self.cols),
             dtype=dtype,
             order=self.order,
             sparsity=self.sparsity,
             quantization=self.quantization,
-            codes=all_codes,
-            scale=scales,
-            zero_point=zero_points,
-            keep_mask=mask,
+            codes=codes,
+            scale=out.scale,
+            zero_point=out.zero_point,
+            keep_mask=out.mask,
             mask_per_block=per_block,
         )
-        return table, stats.finish(scales, zero_points, int(all_codes.numel()))
+        return table, out.stats.finish(out.scale, out.zero_point, n_codes)
+
+    def _seen_or(self, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Returns rows start:stop as the sparsifier sees them (a new tensor, quantize-first)."""
+        if self.order == "sparsify-first":
+            return values
+        return self._seen(values, start, stop, out=torch.empty_like(values))
+
+    def _chunk(
+        self,
+        original: torch.Tensor,
+        start: int,
+        stop: int,
+        pruned_blocks: torch.Tensor | None,
+        out: _Outputs,
+    ) -> None:
+        """Compresses rows start:stop with tensor ops, writing into `out`."""
+        bits = self.quantization.bits
+        values, spare = self._buffer(0, original), self._buffer(1, original)
+        # `seen` is the chunk as the sparsifier sees it; `values` ends up holding the chunk's
+        # codes as float levels, then its decoded values.
+        quantize_first = self.order == "quantize-first"
+        seen = self._seen(original, start, stop, out=values) if quantize_first else original
+        keep = None
+        if pruned_blocks is not None:
+            keep = ChunkKeep(
+                value_norms(seen, self.sparsity.norm, out=spare), pruned_blocks, self.sparsity
+            )
+            self._store_mask(out, start, stop, pruned_blocks, keep)
+        if quantize_first:
+            scale, zero_point = out.scale[start:stop], out.zero_point[start:stop]
+        else:
+            if keep is not None:
+                seen = keep.multiply(seen, out=values)
+            scale, zero_point = row_qparams(seen, self.quantization, start)
+            out.scale[start:stop] = scale
+            out.zero_point[start:stop] = zero_point
+        levels = quantize_levels(seen, scale, zero_point, bits, out=values)
+        if keep is None:
+            kept = levels.reshape(-1)
+        elif levels.is_cuda:  # gathering uint8 codes moves a quarter of the bytes
+            kept = keep.select(levels.to(torch.uint8))
+        else:  # float-to-uint8 is slow on CPU: only the kept values are converted
+            kept = keep.select(levels)
+        out.append_codes(kept)
+        decoded = dequantize(levels, scale, zero_point, out=values)
+        if keep is not None:
+            keep.multiply(decoded, out=decoded)
+        out.stats.add(original, decoded, work=spare)
+
+    def _fused_chunk(
+        self,
+        original: torch.Tensor,
+        start: int,
+        stop: int,
+        pruned_blocks: torch.Tensor | None,
+        out: _Outputs,
+    ) -> None:
+        """Compresses rows start:stop with the fused kernels (whole blocks pruned, if any)."""
+        block_shape = fit_blocks(original.shape, self.sparsity.block_shape)
+        keep_blocks = None
+        if pruned_blocks is not None:
+            keep_blocks = torch.logical_not(pruned_blocks)
+            self._store_mask(out, start, stop, pruned_blocks, None)
+        if self.order == "sparsify-first":
+            if keep_blocks is None:
+                scale, zero_point = row_qparams(original, self.quantization, start)
+            else:
+                row_min, row_max = self.fused.pruned_range(original, keep_blocks, block_shape)
+
+                def pruned_rows(chosen: torch.Tensor) -> torch.Tensor:
+                    keep = expand_blocks(keep_blocks, block_shape, tuple(original.shape))
+                    return original[chosen] * keep[chosen]
+
+                row_min = exact_zero_minimums(row_min, pruned_rows)
+                scale, zero_point = qparams_from_range(row_min, row_max, self.quantization, start)
+            out.scale[start:stop] = scale
+            out.zero_point[start:stop] = zero_point
+        if keep_blocks is None:
+            kept_per_row = torch.full((stop - start,), self.cols, device=self.device)
+        else:
+            kept_per_row = ChunkKeep.count_per_row(keep_blocks, block_shape, tuple(original.shape))
+        offsets = torch.cumsum(kept_per_row, 0) - kept_per_row + out.n_codes
+        sums = self.fused.quantize_and_keep(
+            original,
+            keep_blocks,
+            block_shape,
+            self._fused_qparams(out.scale[start:stop], out.zero_point[start:stop]),
+            offsets,
+            out.codes,
+            seen=self.order == "quantize-first",
+        )
+        out.n_codes = out.n_codes + kept_per_row.sum()
+        out.stats.add_row_sums(sums, self.cols)
+
+    def _fused_qparams(
+        self, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        # 1.0 / scale is quantize_levels' own reciprocal, so the kernels multiply by the same bits.
+        return scale, 1.0 / scale, zero_point, self.quantization.quant_max
+
+    def _store_mask(
+        self,
+        out: _Outputs,
+        start: int,
+        stop: int,
+        pruned_blocks: torch.Tensor,
+        keep: ChunkKeep | None,
+    ) -> None:
+        if self.sparsity.prunes_whole_blocks:
+            bh = self.sparsity.block_shape[0]
+            torch.logical_not(pruned_blocks, out=out.mask[start // bh : -(-stop // bh)])
+        else:
+            out.mask[start:stop] = keep.dense()
+
+
+@dataclass
+class _Outputs:
+    """A table's results as the second pass fills them in, chunk by chunk."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    stats: StatsAccumulator
+    mask: torch.Tensor | None = None
+    # A Python int, or a 0-D device tensor once fused kernels count codes without a host sync.
+    n_codes: int | torch.Tensor = 0
+
+    def append_codes(self, kept: torch.Tensor) -> None:
+        """Appends the codes of a chunk's kept values (any dtype holding whole numbers)."""
+        start = int(self.n_codes)
+        end = start + kept.numel()
+        if end > self.codes.numel():  # never, while _max_kept holds; stays correct if it did not
+            self.codes = torch.cat([self.codes[:start], self.codes.new_empty(end - start)])
+        self.codes[start:end] = kept
+        self.n_codes = end

@@ -8,6 +8,8 @@ decode `(q - zp) * scale`. Every step is the same float32 operation, in the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sparqcli.engine.settings import QuantizationSettings
@@ -28,7 +30,35 @@ def row_qparams(
     rows, cols = values.shape
     if cols == 0:
         return values.new_ones(rows), values.new_zeros(rows)
-    row_min, row_max = _row_min_max(values)
+    # amin and amax are ~10x faster than aminmax over short rows (see exact_zero_minimums).
+    row_min = exact_zero_minimums(values.amin(dim=1), lambda chosen: values[chosen])
+    return qparams_from_range(row_min, values.amax(dim=1), settings, first_row)
+
+
+def exact_zero_minimums(
+    row_min: torch.Tensor, rows_of: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Returns `row_min` with each zero replaced by the zero torch.aminmax picks for its row.
+
+    Where a row's min is a zero, amin (or a kernel's min) may return the other zero than
+    aminmax (the reference's observer) does, and the zero's sign becomes the zero point's. Those
+    rows, `rows_of(bool row mask)`, take the CPU aminmax's answer, on any device, so CUDA results
+    equal CPU ones. (The max's sign never reaches the scale.) Modifies and returns `row_min`.
+    """
+    zero_min = row_min == 0
+    if bool(zero_min.any()):
+        exact_min = torch.aminmax(rows_of(zero_min).cpu(), dim=1).min
+        row_min[zero_min] = exact_min.to(row_min.device)
+    return row_min
+
+
+def qparams_from_range(
+    row_min: torch.Tensor,
+    row_max: torch.Tensor,
+    settings: QuantizationSettings,
+    first_row: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns `(scale, zero_point)` from each row's float32 min and max; see `row_qparams`."""
     # Divided by a tensor, not a Python float: CUDA multiplies by the float's reciprocal instead,
     # which differs from the division (and from the CPU) in the last bit.
     scale = (row_max - row_min) / row_max.new_tensor(float(settings.quant_max))
@@ -44,20 +74,6 @@ def row_qparams(
             zero_point, "zero point does not fit float16 (use scale_dtype: float32)", first_row
         )
     return scale, zero_point
-
-
-def _row_min_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns each row's min and max, with torch.aminmax's choice between -0.0 and +0.0."""
-    # amin and amax are ~10x faster than aminmax over short rows, but where a row's min is a zero
-    # they may return the other zero than aminmax (the reference's observer) does, and the zero's
-    # sign becomes the zero point's. Those rows take the CPU aminmax's answer (on any device, so
-    # CUDA results equal CPU ones). The max's sign never reaches the scale.
-    row_min, row_max = values.amin(dim=1), values.amax(dim=1)
-    zero_min = row_min == 0
-    if bool(zero_min.any()):
-        exact_min = torch.aminmax(values[zero_min].cpu(), dim=1).min
-        row_min[zero_min] = exact_min.to(row_min.device)
-    return row_min, row_max
 
 
 def _round_up_to_half(scale: torch.Tensor) -> torch.Tensor:

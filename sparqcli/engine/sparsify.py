@@ -261,6 +261,23 @@ class ChunkKeep:
         else:
             self._dense = keep_in_pruned_blocks(norms, pruned_blocks, settings)
 
+    @staticmethod
+    def count_per_row(
+        keep_blocks: torch.Tensor, block_shape: tuple[int, int], shape: tuple[int, int]
+    ) -> torch.Tensor:
+        """Returns the number of kept values in each row of a chunk of `shape` (int64).
+
+        `keep_blocks` is the chunk's bool keep-mask per block, `block_shape` cut to the chunk.
+        """
+        rows, cols = shape
+        bh, bw = block_shape
+        widths = torch.full(
+            (keep_blocks.shape[1],), bw, dtype=torch.int64, device=keep_blocks.device
+        )
+        widths[-1] = cols - (keep_blocks.shape[1] - 1) * bw
+        per_block_row = (keep_blocks * widths).sum(1)
+        return per_block_row.repeat_interleave(bh)[:rows]
+
     def dense(self) -> torch.Tensor:
         """Returns the per-value bool keep-mask of the chunk."""
         if self._dense is None:

@@ -74,9 +74,34 @@ class StatsAccumulator:
         # depend on torch's thread count.
         original_norm = _row_norms(original)
         decoded_norm = _row_norms(decoded)
-        self.zeros += decoded.numel() - torch.count_nonzero(decoded)
+        zeros = decoded.numel() - torch.count_nonzero(decoded)
         dot = _row_sums(torch.mul(original, decoded, out=work))
         error_norm = _row_norms(torch.sub(decoded, original, out=work))
+        self._accumulate(original_norm, decoded_norm, error_norm, dot, zeros)
+
+    def add_row_sums(self, sums: torch.Tensor, cols: int) -> None:
+        """Adds a chunk of rows with `cols` columns (at least one) given per-row float32 sums.
+
+        `sums` has shape (rows, 5): the sums of x^2, x_hat^2, (x_hat - x)^2 and x * x_hat, and
+        the count of x_hat == 0 (x the original, x_hat the decoded value), as the fused kernels
+        compute them.
+        """
+        rows = sums.shape[0]
+        self.rows += rows
+        self.values += rows * cols
+        norms = sums[:, :3].sqrt()
+        zeros = sums[:, 4].to(torch.int64).sum()
+        self._accumulate(norms[:, 0], norms[:, 1], norms[:, 2], sums[:, 3], zeros)
+
+    def _accumulate(
+        self,
+        original_norm: torch.Tensor,
+        decoded_norm: torch.Tensor,
+        error_norm: torch.Tensor,
+        dot: torch.Tensor,
+        zeros: torch.Tensor,
+    ) -> None:
+        self.zeros += zeros
         self.error_sq += _total(error_norm.double().square())
         self.original_sq += _total(original_norm.double().square())
         denominator = original_norm * decoded_norm
