@@ -43,18 +43,23 @@ from _measure import (
 def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> None:
     """Prints the engine's time, throughput and peak GPU memory on `table`, both orders.
 
-    Once with the fused kernels (when Triton is installed) and once with tensor ops alone.
+    With the fused kernels (when Triton is installed) and each selection method on the GPU, and
+    with tensor ops alone.
     """
-    from sparqcli.engine import pipeline
+    from sparqcli.engine import pipeline, sparsify
     from sparqcli.engine.pipeline import compress_table
     from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
 
     sparsity, quantization = SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
     table_bytes = table.numel() * table.element_size()
-    print(f"{'order':<15} {'kernels':<12} {'seconds':>8} {'GB/s':>7} {'peak GPU memory':>16}")
+    default_selection = sparsify.CUDA_SELECTION
+    header = ["order".ljust(15), "kernels".ljust(12), "selection".ljust(10)]
+    header += ["seconds".rjust(8), "GB/s".rjust(7), "peak GPU memory".rjust(16)]
+    print(" ".join(header))
     for order in ORDERS:
-        for fused in (True, False):
+        for fused, selection in [(True, "sort"), (True, "topk"), (False, "sort")]:
             pipeline.USE_FUSED_KERNELS = fused
+            sparsify.CUDA_SELECTION = selection
             compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -65,22 +70,30 @@ def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> No
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / repeat
             peak = torch.cuda.max_memory_allocated() - base
+            kernels = "fused" if fused else "tensor ops"
             print(
-                f"{order:<15} {'fused' if fused else 'tensor ops':<12} {seconds:>8.3f} "
+                f"{order:<15} {kernels:<12} {selection:<10} {seconds:>8.3f} "
                 f"{table_bytes / seconds / 1e9:>7.2f} {size(peak):>16}  (beyond the table)",
                 flush=True,
             )
     pipeline.USE_FUSED_KERNELS = True
+    sparsify.CUDA_SELECTION = default_selection
 
 
 def bench_selection(table: torch.Tensor) -> None:
     """Prints the time of each way to find the pruning threshold among the table's block scores."""
-    from sparqcli.engine.sparsify import block_scores, kth_smallest, kth_smallest_sorted
+    from sparqcli.engine.sparsify import (
+        block_scores,
+        kth_smallest,
+        kth_smallest_sorted,
+        kth_smallest_topk,
+    )
 
     scores = block_scores(table.abs(), (1, 4))
     k = round(0.8 * scores.numel())
     methods = {
         "sort (kth_smallest_sorted)": lambda: kth_smallest_sorted(scores, k),
+        "topk (kth_smallest_topk)": lambda: kth_smallest_topk(scores, k),
         "radix histogram (kth_smallest)": lambda: kth_smallest(lambda: [scores], k),
         "torch.kthvalue": lambda: (float(torch.kthvalue(scores.view(-1), k).values), 0),
     }

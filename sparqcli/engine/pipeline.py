@@ -53,9 +53,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # caches, large enough that each op's fixed cost (dispatch, waking the threads) is amortized
 # (measured on 1M x 128 with 2 threads: 2^19 ran 10-20% faster than 2^21 or 2^17). It must not
 # depend on the thread count: the statistics are summed chunk by chunk, and the file holds them.
-# On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are amortized.
+# On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are amortized;
+# the fused kernels need no chunk-sized work buffers, so their chunks are larger still.
 CPU_CHUNK_VALUES = 1 << 19
 CUDA_CHUNK_VALUES = 1 << 26
+CUDA_FUSED_CHUNK_VALUES = 1 << 28
 # Block scores are held between the passes when they fit this budget (else recomputed).
 CPU_SCORE_BUDGET_BYTES = 512 << 20
 CUDA_SCORE_BUDGET_BYTES = 2 << 30
@@ -167,8 +169,12 @@ class _TableJob:
         self.device = device
         self.name = name
         block_height = sparsity.block_shape[0]
+        self.fused = _fused_kernels(device) if self.cols and USE_FUSED_KERNELS else None
         if chunk_rows is None:
-            chunk_values = CUDA_CHUNK_VALUES if device.type == "cuda" else CPU_CHUNK_VALUES
+            chunk_values = CPU_CHUNK_VALUES
+            if device.type == "cuda":
+                fused = self.fused is not None and sparsity.prunes_whole_blocks
+                chunk_values = CUDA_FUSED_CHUNK_VALUES if fused else CUDA_CHUNK_VALUES
             chunk_rows = max(1, chunk_values // max(1, self.cols))
         chunk_rows = max(block_height, chunk_rows // block_height * block_height)
         self.ranges = [
@@ -179,7 +185,6 @@ class _TableJob:
         )
         self.work: list[torch.Tensor] = []
         self.read_buffer: torch.Tensor | None = None
-        self.fused = _fused_kernels(device) if self.cols and USE_FUSED_KERNELS else None
         self.checked_finite = False
         self.progress: Callable[[float], None] | None = None
         self.passes = 1

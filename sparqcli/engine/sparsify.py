@@ -23,9 +23,10 @@ from sparqcli.engine.settings import Norm, SparsitySettings
 # found with two 16-bit histogram passes (radix select) instead of a sort: linear time, and the
 # temporaries are bounded by the size of one chunk of scores.
 _RADIX_BITS = 16
-# On CUDA, a sort of every score beats the histogram passes when the scores are held in one
-# tensor (measured with benchmarks/bench_cuda.py, see benchmarks/README.md).
-SORT_ON_CUDA = True
+# How a CUDA device selects among scores held in one tensor: "sort", "topk", or "radix" (the
+# histogram passes used on CPU). Chosen by measurement with benchmarks/bench_cuda.py (see
+# benchmarks/README.md); torch.kthvalue is far slower than all three there.
+CUDA_SELECTION = "sort"
 
 
 def value_norms(values: torch.Tensor, norm: Norm, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +131,21 @@ def kth_smallest_sorted(values: torch.Tensor, k: int) -> tuple[float, int]:
     return float(value.item()), int((flat < value).sum().item())
 
 
+def kth_smallest_topk(values: torch.Tensor, k: int) -> tuple[float, int]:
+    """Returns what `kth_smallest` returns, for values held in one tensor, with torch.topk.
+
+    The k-th smallest is the largest of the k smallest, or the smallest of the n - k + 1
+    largest: whichever asks topk for fewer values.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= n - k + 1:
+        value = torch.topk(flat, k, largest=False, sorted=False).values.max()
+    else:
+        value = torch.topk(flat, n - k + 1, largest=True, sorted=False).values.min()
+    return float(value.item()), int((flat < value).sum().item())
+
+
 def _bits(values: torch.Tensor) -> torch.Tensor:
     flat = values.reshape(-1)
     return flat.view(torch.int32)
@@ -165,13 +181,15 @@ class BlockPruner:
         """Returns the pruner for `level` over the scores that `chunks()` yields (in block order).
 
         `all_scores`, when the caller holds every score in one tensor, lets a CUDA device select
-        by sorting (see `SORT_ON_CUDA`).
+        the way `CUDA_SELECTION` says.
         """
         k = blocks_to_prune(level, n_blocks)
         if k == 0:
             return cls(None, 0)
-        if all_scores is not None and all_scores.is_cuda and SORT_ON_CUDA:
+        if all_scores is not None and all_scores.is_cuda and CUDA_SELECTION == "sort":
             value, below = kth_smallest_sorted(all_scores, k)
+        elif all_scores is not None and all_scores.is_cuda and CUDA_SELECTION == "topk":
+            value, below = kth_smallest_topk(all_scores, k)
         else:
             value, below = kth_smallest(chunks, k)
         return cls(value, k - below)
