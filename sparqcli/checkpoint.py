@@ -11,6 +11,7 @@ place, so a reader sees either no file, the previous file, or the complete new o
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import io
@@ -86,30 +87,13 @@ class Checkpoint:
         """Returns True when the file is a compressed sparq checkpoint."""
         return SPARQ_METADATA_KEY in self.metadata
 
-    def row_reader(self, key: str, pin_memory: bool = False) -> Callable[[int, int], torch.Tensor]:
-        """Returns `read(start, stop)`: rows of tensor `key`, read into one reused host buffer.
+    def row_reader(self, key: str, for_gpu: bool = False) -> RowReader:
+        """Returns a `RowReader` of tensor `key`: `reader(start, stop)` returns those rows.
 
-        Each read overwrites the rows the previous one returned, so a caller must be done with a
-        chunk before it asks for the next (the engine is). With `pin_memory` the buffer is
-        page-locked, so copies to a GPU run at full speed, and each read first waits for the
-        GPU's pending copies from it. A checkpoint held in memory returns its own rows.
+        `for_gpu`: the rows go to a GPU, so the buffers are page-locked and the next range is
+        read ahead (see RowReader).
         """
-        info = self.tensors[key]
-        buffer: list[torch.Tensor] = []
-
-        def read(start: int, stop: int) -> torch.Tensor:
-            if self._state is not None:
-                return self._state[key][start:stop]
-            values = (stop - start) * math.prod(info.shape[1:])
-            if pin_memory:
-                torch.cuda.current_stream().synchronize()
-            if not buffer or buffer[0].numel() < values:
-                buffer[:] = [
-                    torch.empty(values, dtype=_torch_dtype(info.dtype), pin_memory=pin_memory)
-                ]
-            return self.read_rows(key, start, stop, out=buffer[0])
-
-        return read
+        return RowReader(self, key, pin_memory=for_gpu, read_ahead=for_gpu)
 
     def tensor(self, key: str) -> torch.Tensor:
         """Returns the whole tensor `key` (on the CPU). Raises InputError when unreadable."""
@@ -263,6 +247,83 @@ def _header_length(path: Path) -> int:
     if length > _MAX_HEADER_BYTES:
         raise InputError(f"{path}: not a valid safetensors file (header claims {length} bytes)")
     return length
+
+
+class RowReader:
+    """Reads row ranges of one tensor of a checkpoint into reused host buffers.
+
+    The rows a call returns stay valid until the next call: a caller must be done with a chunk
+    before it asks for the next (the engine is). With `read_ahead`, while the caller works on one
+    range, a background thread reads the next range of the same size into a second buffer
+    (positioned reads release the GIL), so a sequential pass seldom waits for the disk or the
+    page cache. That pays when the CPU is otherwise idle, as it is while a GPU computes; beside
+    torch's CPU threads it costs more than it saves (measured: 2.6 -> 3.1 s on 2 cores). With
+    `pin_memory` the buffers are page-locked, so copies to a GPU run at full speed; each call
+    first waits for the GPU's pending copies from them. A checkpoint held in memory returns its
+    own rows. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self, checkpoint: Checkpoint, key: str, pin_memory: bool = False, read_ahead: bool = False
+    ) -> None:
+        info = checkpoint.tensors[key]
+        self._checkpoint = checkpoint
+        self._key = key
+        self._pin_memory = pin_memory
+        self._read_ahead = read_ahead
+        self._rows = info.shape[0] if info.shape else 0
+        self._row_values = math.prod(info.shape[1:])
+        self._dtype = _torch_dtype(info.dtype)
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._current = 0  # the buffer holding the rows last returned
+        self._ahead: tuple[int, int, concurrent.futures.Future[torch.Tensor]] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """Returns rows `start:stop`. Raises InputError when they cannot be read."""
+        if self._checkpoint._state is not None:
+            return self._checkpoint._state[self._key][start:stop]
+        if self._pin_memory:
+            torch.cuda.current_stream().synchronize()
+        ahead, self._ahead = self._ahead, None
+        spare = 1 - self._current
+        if ahead is not None and ahead[:2] == (start, stop):
+            rows = ahead[2].result()
+        else:
+            if ahead is not None:  # a guess that missed: let it finish before reusing its buffer
+                with contextlib.suppress(InputError):
+                    ahead[2].result()
+            rows = self._read(start, stop, spare)
+        self._current = spare
+        following = (stop, min(self._rows, 2 * stop - start))
+        if self._read_ahead and following[0] < following[1]:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, "sparq-read-ahead")
+            future = self._pool.submit(self._read, *following, 1 - spare)
+            self._ahead = (*following, future)
+        return rows
+
+    def _read(self, start: int, stop: int, index: int) -> torch.Tensor:
+        buffer = self._buffers[index]
+        if buffer is None or buffer.numel() < (stop - start) * self._row_values:
+            buffer = torch.empty(
+                (stop - start) * self._row_values, dtype=self._dtype, pin_memory=self._pin_memory
+            )
+            self._buffers[index] = buffer
+        return self._checkpoint.read_rows(self._key, start, stop, out=buffer)
+
+    def close(self) -> None:
+        """Waits for a pending read-ahead and stops the background thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._ahead = None
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _pread(path: Path, offset: int, size: int) -> bytearray:

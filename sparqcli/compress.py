@@ -349,17 +349,18 @@ def _compress_one(
     label = f"{checkpoint.path.name}: {table.key}"
     name = f"{checkpoint.path}: {table.key}"
     try:
-        result, stats = compress_rows(
-            checkpoint.row_reader(table.key, pin_memory=device == "cuda"),
-            (rows, cols),
-            _torch_dtype(table.dtype),
-            config.order,
-            table.rule.sparsity,
-            table.rule.quantization,
-            device=device,
-            name=name,
-            progress=(lambda done: progress(label, done)) if progress is not None else None,
-        )
+        with checkpoint.row_reader(table.key, for_gpu=device == "cuda") as read_rows:
+            result, stats = compress_rows(
+                read_rows,
+                (rows, cols),
+                _torch_dtype(table.dtype),
+                config.order,
+                table.rule.sparsity,
+                table.rule.quantization,
+                device=device,
+                name=name,
+                progress=(lambda done: progress(label, done)) if progress is not None else None,
+            )
     except TableError as error:
         # Some engine errors name only the row (`row 3: value range overflows float32`).
         message = str(error)

@@ -151,8 +151,14 @@ def _run_plan(setup: Setup, folder: Path, plan: list[tuple[int, str, float, bool
 def test_interrupted_while_writing(setup, tmp_path):
     """The riskiest moment: the temporary output exists and is being written."""
     for index, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]):
-        code = _interrupt(setup, tmp_path / f"w{index}", sig, "writing", 0.0, previous=True)
-        assert code != 0 or sig == signal.SIGKILL, "finished before the signal"
+        # Writing takes milliseconds: a run may finish before the signal lands (every run's
+        # outcome is checked all the same); one of a few must be caught while writing.
+        for attempt in range(5):
+            folder = tmp_path / f"w{index}-{attempt}"
+            code = _interrupt(setup, folder, sig, "writing", 0.0, previous=True)
+            if code != 0:
+                break
+        assert code != 0, "finished before the signal, 5 times"
 
 
 def test_interrupted_at_random_moments(setup, tmp_path):

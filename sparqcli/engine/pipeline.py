@@ -337,7 +337,7 @@ class _TableJob:
                 if self.saved_zero_point is not None
                 else self._empty(self.rows)
             ),
-            stats=StatsAccumulator(),
+            stats=StatsAccumulator(self.rows, self.cols, self.device),
         )
         if pruner is not None:
             grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
@@ -421,7 +421,7 @@ class _TableJob:
         decoded = dequantize(levels, scale, zero_point, out=values)
         if keep is not None:
             keep.multiply(decoded, out=decoded)
-        out.stats.add(original, decoded, work=spare)
+        out.stats.add(start, original, decoded, work=spare)
 
     def _fused_chunk(
         self,
@@ -466,7 +466,7 @@ class _TableJob:
             seen=self.order == "quantize-first",
         )
         out.n_codes = out.n_codes + kept_per_row.sum()
-        out.stats.add_row_sums(sums, self.cols)
+        out.stats.add_row_sums(start, sums)
 
     def _fused_qparams(
         self, scale: torch.Tensor, zero_point: torch.Tensor

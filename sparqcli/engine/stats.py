@@ -37,111 +37,82 @@ class TableStats:
 
 
 class StatsAccumulator:
-    """Gathers error and cosine statistics chunk by chunk, in float64.
+    """Gathers each row's error and cosine figures chunk by chunk; `finish` sums them.
 
-    The running sums stay tensors on the chunks' device, so a CUDA run does not wait for each
-    chunk's statistics; `finish` reads them once.
+    A row's norms and dot product are reduced in float32 (one row at a time) and kept per row
+    (four floats per row); `finish` sums them over the table in float64, in a fixed order. So
+    the statistics (stored in the file) depend neither on torch's thread count nor on how the
+    table was cut into chunks, and a CUDA run never waits for a chunk's statistics.
     """
 
-    def __init__(self) -> None:
-        self.values = 0
-        self.rows = 0
-        self.error_sq: torch.Tensor | float = 0.0
-        self.original_sq: torch.Tensor | float = 0.0
-        self.cosine_sum: torch.Tensor | float = 0.0
-        self.cosine_min: torch.Tensor | float = math.inf
-        self.zeros: torch.Tensor | int = 0
+    def __init__(self, rows: int, cols: int, device: torch.device) -> None:
+        self.cols = cols
+        # original norm, decoded norm, error norm, dot product
+        self.per_row = torch.zeros((4, rows), dtype=torch.float32, device=device)
+        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
 
     def add(
-        self, original: torch.Tensor, decoded: torch.Tensor, work: torch.Tensor | None = None
+        self,
+        start: int,
+        original: torch.Tensor,
+        decoded: torch.Tensor,
+        work: torch.Tensor | None = None,
     ) -> None:
-        """Adds a chunk of original float32 rows and the same rows decoded.
+        """Adds rows `start:` given as original float32 values and the same rows decoded.
 
         `work`, when given, is a float32 tensor of the chunk's shape used for temporaries.
         """
-        self.values += original.numel()
-        rows = original.shape[0]
-        self.rows += rows
         if original.numel() == 0:
-            # Rows with no columns are zero in both forms.
-            self.cosine_sum += float(rows)
-            if rows:
-                self.cosine_min = min(self.cosine_min, 1.0)
-            return
-        # Row norms and dot products are reduced in float32 (one row at a time) and summed
-        # over rows in float64: accurate to float32 precision per row, and 3x cheaper.
-        # Every sum goes through _row_sums, so the statistics (stored in the file) do not
-        # depend on torch's thread count.
-        original_norm = _row_norms(original)
-        decoded_norm = _row_norms(decoded)
-        zeros = decoded.numel() - torch.count_nonzero(decoded)
-        dot = _row_sums(torch.mul(original, decoded, out=work))
-        error_norm = _row_norms(torch.sub(decoded, original, out=work))
-        self._accumulate(original_norm, decoded_norm, error_norm, dot, zeros)
+            return  # rows with no columns are zero in both forms: all figures stay 0
+        original_norm, decoded_norm, error_norm, dot = self.per_row[:, start:][:, : len(original)]
+        _row_norms(original, out=original_norm)
+        _row_norms(decoded, out=decoded_norm)
+        _row_sums(torch.mul(original, decoded, out=work), out=dot)
+        _row_norms(torch.sub(decoded, original, out=work), out=error_norm)
+        self.zeros += decoded.numel() - torch.count_nonzero(decoded)
 
-    def add_row_sums(self, sums: torch.Tensor, cols: int) -> None:
-        """Adds a chunk of rows with `cols` columns (at least one) given per-row float32 sums.
+    def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
+        """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.
 
         `sums` has shape (rows, 5): the sums of x^2, x_hat^2, (x_hat - x)^2 and x * x_hat, and
-        the count of x_hat == 0 (x the original, x_hat the decoded value), as the fused kernels
-        compute them.
+        the count of x_hat == 0 (x the original, x_hat the decoded value).
         """
-        rows = sums.shape[0]
-        self.rows += rows
-        self.values += rows * cols
-        norms = sums[:, :3].sqrt()
-        zeros = sums[:, 4].to(torch.int64).sum()
-        self._accumulate(norms[:, 0], norms[:, 1], norms[:, 2], sums[:, 3], zeros)
+        figures = self.per_row[:, start : start + sums.shape[0]]
+        torch.sqrt(sums[:, :3].T, out=figures[:3])
+        figures[3] = sums[:, 3]
+        self.zeros += sums[:, 4].to(torch.int64).sum()
 
-    def _accumulate(
-        self,
-        original_norm: torch.Tensor,
-        decoded_norm: torch.Tensor,
-        error_norm: torch.Tensor,
-        dot: torch.Tensor,
-        zeros: torch.Tensor,
-    ) -> None:
-        self.zeros += zeros
-        self.error_sq += _total(error_norm.double().square())
-        self.original_sq += _total(original_norm.double().square())
+    def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
+        """Returns the statistics of the whole table, given its qparams and kept-value count."""
+        original_norm, decoded_norm, error_norm, dot = self.per_row
+        rows = self.per_row.shape[1]
+        n_values = rows * self.cols
+        error_sq = float(_total(error_norm.double().square()))
+        original_sq = float(_total(original_norm.double().square()))
         denominator = original_norm * decoded_norm
         cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
         both_zero = (original_norm == 0) & (decoded_norm == 0)
         cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
-        self.cosine_sum += _total(cosine.double())
-        self.cosine_min = torch.minimum(
-            torch.as_tensor(self.cosine_min, device=cosine.device), cosine.min()
-        )
-
-    def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
-        """Returns the statistics of the whole table, given its qparams and kept-value count."""
-        n_values = self.values
-        error_sq, original_sq = float(self.error_sq), float(self.original_sq)
-        zeros, cosine_sum, cosine_min = (
-            int(self.zeros),
-            float(self.cosine_sum),
-            float(self.cosine_min),
-        )
         if original_sq > 0:
             rel_error = math.sqrt(error_sq / original_sq)
         else:
             rel_error = 0.0 if error_sq == 0 else math.inf
         scale = scale.float().cpu()
         zero_point = zero_point.float().cpu()
-        has_rows = scale.numel() > 0
+        has_rows = rows > 0
         return TableStats(
             values=n_values,
             kept=kept,
             pruned_fraction=(n_values - kept) / n_values if n_values else 0.0,
-            zero_fraction=zeros / n_values if n_values else 0.0,
+            zero_fraction=int(self.zeros) / n_values if n_values else 0.0,
             scale_min=float(scale.min()) if has_rows else 0.0,
             scale_median=float(scale.median()) if has_rows else 0.0,
             scale_max=float(scale.max()) if has_rows else 0.0,
             zero_point_min=float(zero_point.min()) if has_rows else 0.0,
             zero_point_max=float(zero_point.max()) if has_rows else 0.0,
             rel_error=rel_error,
-            row_cosine_mean=cosine_sum / self.rows if self.rows else 1.0,
-            row_cosine_min=cosine_min if self.rows else 1.0,
+            row_cosine_mean=float(_total(cosine.double())) / rows if has_rows else 1.0,
+            row_cosine_min=float(cosine.min()) if has_rows else 1.0,
         )
 
 
@@ -151,22 +122,29 @@ class StatsAccumulator:
 _PIECE = 8192
 
 
-def _row_sums(values: torch.Tensor) -> torch.Tensor:
-    """Returns the sum of each row of a 2-D tensor, the same for any number of threads."""
+def _row_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the sum of each row of a 2-D tensor, the same for any number of threads.
+
+    Written into `out` (one value per row) when given.
+    """
     rows = values.shape[0]
     while values.shape[1] > _PIECE:
         pad = -values.shape[1] % _PIECE
         if pad:
             values = torch.nn.functional.pad(values, (0, pad))
         values = values.view(rows, values.shape[1] // _PIECE, _PIECE).sum(2)
-    return values.sum(1)
+    return values.sum(1) if out is None else torch.sum(values, 1, out=out)
 
 
-def _row_norms(values: torch.Tensor) -> torch.Tensor:
-    """Returns the L2 norm of each row of a 2-D tensor, the same for any number of threads."""
+def _row_norms(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the L2 norm of each row of a 2-D tensor, the same for any number of threads.
+
+    Written into `out` (one value per row) when given.
+    """
     if values.shape[1] <= _PIECE:
-        return torch.linalg.vector_norm(values, dim=1)
-    return _row_sums(values * values).sqrt()
+        return torch.linalg.vector_norm(values, dim=1, out=out)
+    norms = _row_sums(values * values).sqrt()
+    return norms if out is None else out.copy_(norms)
 
 
 def _total(values: torch.Tensor) -> torch.Tensor:
