@@ -23,6 +23,7 @@ import torch
 from sparqcli.engine.quantize import (
     dequantize,
     exact_zero_minimums,
+    may_decode_to_zero,
     qparams_from_range,
     quantize_levels,
     row_qparams,
@@ -421,7 +422,12 @@ class _TableJob:
         decoded = dequantize(levels, scale, zero_point, out=values)
         if keep is not None:
             keep.multiply(decoded, out=decoded)
-        out.stats.add(start, original, decoded, work=spare)
+        # Pruned values decode to 0.0; kept ones only in rows that may_decode_to_zero (rare):
+        # counting is needed only then.
+        zeros = None
+        if not bool(may_decode_to_zero(zero_point).any()):
+            zeros = decoded.numel() - kept.numel()
+        out.stats.add(start, original, decoded, work=spare, zeros=zeros)
 
     def _fused_chunk(
         self,

@@ -90,6 +90,18 @@ def _check_finite(values: torch.Tensor, problem: str, first_row: int) -> None:
         raise TableError(f"row {row}: {problem}")
 
 
+def may_decode_to_zero(zero_point: torch.Tensor) -> torch.Tensor:
+    """Returns, per row, whether some code can decode to exactly 0.0 under `zero_point`.
+
+    `(q - zp) * scale` is 0.0 only when q == zp, or when the product underflows. A scale is at
+    least 2^-24 (float32 eps, or a float16 rounded up), and q is a whole number, so for a zero
+    point that is not whole |q - zp| is at least |zp| (q = 0) or a float32 spacing (2^-24 or
+    more): the product underflows only for |zp| < 2^-100. Rows outside both cases decode every
+    kept value to a non-zero.
+    """
+    return (zero_point == zero_point.round()) | (zero_point.abs() < 2.0**-100)
+
+
 def quantize(
     values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:

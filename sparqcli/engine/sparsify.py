@@ -275,6 +275,7 @@ class ChunkKeep:
         self.keep_blocks: torch.Tensor | None = None
         self._dense: torch.Tensor | None = None
         self._dense_float: torch.Tensor | None = None
+        self._blocks_float: torch.Tensor | None = None
         if settings.prunes_whole_blocks and rows % bh == 0 and cols % bw == 0:
             self.keep_blocks = torch.logical_not(pruned_blocks)
         else:
@@ -315,7 +316,9 @@ class ChunkKeep:
         n_block_rows, n_block_cols = self.keep_blocks.shape
         bh, bw = self.block_shape
         tiled = (n_block_rows, bh, n_block_cols, bw)
-        keep = self.keep_blocks.to(values.dtype).view(n_block_rows, 1, n_block_cols, 1)
+        if self._blocks_float is None:
+            self._blocks_float = self.keep_blocks.to(values.dtype)
+        keep = self._blocks_float.view(n_block_rows, 1, n_block_cols, 1)
         torch.mul(values.view(tiled), keep, out=out.view(tiled))
         return out
 

@@ -57,10 +57,12 @@ class StatsAccumulator:
         original: torch.Tensor,
         decoded: torch.Tensor,
         work: torch.Tensor | None = None,
+        zeros: int | None = None,
     ) -> None:
         """Adds rows `start:` given as original float32 values and the same rows decoded.
 
-        `work`, when given, is a float32 tensor of the chunk's shape used for temporaries.
+        `work`, when given, is a float32 tensor of the chunk's shape used for temporaries;
+        `zeros`, when the caller knows it, the number of decoded values that are 0.0.
         """
         if original.numel() == 0:
             return  # rows with no columns are zero in both forms: all figures stay 0
@@ -69,7 +71,7 @@ class StatsAccumulator:
         _row_norms(decoded, out=decoded_norm)
         _row_sums(torch.mul(original, decoded, out=work), out=dot)
         _row_norms(torch.sub(decoded, original, out=work), out=error_norm)
-        self.zeros += decoded.numel() - torch.count_nonzero(decoded)
+        self.zeros += zeros if zeros is not None else decoded.numel() - torch.count_nonzero(decoded)
 
     def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.

@@ -435,3 +435,21 @@ def test_decode_by_row_chunks_equals_whole_decode():
             [compressed.decode(start, min(start + 9, 101)) for start in range(0, 101, 9)]
         )
         assert torch.equal(whole, pieces)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_zero_fraction_counts_kept_values_that_decode_to_zero(order):
+    # Rows with a zero minimum have zero point 0, so kept zeros decode to 0.0; rows with a
+    # denormal minimum have a tiny zero point; the rest decode every kept value to a non-zero.
+    generator = torch.Generator().manual_seed(12)
+    table = torch.randn(400, 24, generator=generator)
+    table[::3] = table[::3].abs()
+    table[::3, ::5] = 0.0
+    table[1::3, 0] = -1e-45
+    table[1::3, 1:] = table[1::3, 1:].abs()
+    for level in (0.0, 0.5):
+        compressed, stats = compress_table(
+            table, order, SparsitySettings(level, (1, 4)), QuantizationSettings(8), chunk_rows=50
+        )
+        assert stats.zero_fraction == int((compressed.decode() == 0).sum()) / table.numel()
+        assert stats.zero_fraction > stats.pruned_fraction
