@@ -137,7 +137,10 @@ def bench_e2e(table: torch.Tensor, folder: Path) -> None:
     config = folder / "config.yaml"
     config.write_text(CONFIG)
     startup = run_command([sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')"])
-    print(f"python + import torch + CUDA init alone: {startup['seconds']:.2f} s")
+    print(
+        f"python + import torch + CUDA init alone: {startup['seconds']:.2f} s, "
+        f"peak RSS {size(startup['peak_rss'])}"
+    )
     report = folder / "report.json"
     print(
         f"{'order':<15} {'device':<7} {'wall s':>7} {'GB/s':>7} {'compress s':>10} {'peak RSS':>10}"
