@@ -90,28 +90,40 @@ def test_matches_torch_ao_bit_for_bit(
         assert torch.equal(compressed.dense_codes(), reference.codes)
 
 
+def _with_reference(table, order, sparsity, monkeypatch, chunk_rows=None):
+    """Returns sparq's and torch.ao's results for `table` at 8 bits."""
+    reference = run_reference(
+        table,
+        sparsify_first=order == "sparsify-first",
+        bits=8,
+        level=sparsity.level,
+        block_shape=sparsity.block_shape,
+        zeros_per_block=sparsity.zeros_per_block,
+        monkeypatch=monkeypatch,
+    )
+    compressed, _ = compress_table(
+        table, order, sparsity, QuantizationSettings(8), chunk_rows=chunk_rows
+    )
+    return compressed, reference
+
+
+def _assert_same_bits(compressed, reference) -> None:
+    assert torch.equal(
+        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
+    )
+    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+    assert torch.equal(compressed.dense_codes(), reference.codes)
+
+
 @pytest.mark.parametrize("block_shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("order", ORDERS)
 def test_blocks_that_tile_the_table_match_torch_ao(order, block_shape, monkeypatch):
     # 1000 x 36 is tiled by every block shape, so whole chunks take the block-mask fast path.
     table = torch.randn(1000, 36, generator=torch.Generator().manual_seed(sum(block_shape)))
-    reference = run_reference(
-        table,
-        sparsify_first=order == "sparsify-first",
-        bits=8,
-        level=0.7,
-        block_shape=block_shape,
-        monkeypatch=monkeypatch,
-    )
-    compressed, _ = compress_table(
-        table, order, SparsitySettings(0.7, block_shape), QuantizationSettings(8), chunk_rows=96
-    )
-    assert torch.equal(
-        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
-    )
-    if order == "sparsify-first" or block_shape != (1, 1):
-        assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
-        assert torch.equal(compressed.dense_codes(), reference.codes)
+    sparsity = SparsitySettings(0.7, block_shape)
+    compressed, reference = _with_reference(table, order, sparsity, monkeypatch, chunk_rows=96)
+    if order == "sparsify-first" or block_shape != (1, 1):  # (1, 1) quantize-first ties
+        _assert_same_bits(compressed, reference)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -123,60 +135,29 @@ def test_signed_zero_row_minimums_match_torch_ao(order, monkeypatch):
     tiny = (torch.rand(300, 8, generator=generator) - 0.5) * 1e-3
     table.view(300, 8, 4)[:, :, 0::2] = tiny[:, :, None]
     table.view(300, 8, 4)[:, 1::2] = tiny.view(300, 8, 1)[:, 1::2]
-    reference = run_reference(
-        table,
-        sparsify_first=order == "sparsify-first",
-        bits=8,
-        level=0.4,
-        block_shape=(1, 4),
-        monkeypatch=monkeypatch,
+    compressed, reference = _with_reference(
+        table, order, SparsitySettings(0.4, (1, 4)), monkeypatch
     )
-    compressed, _ = compress_table(
-        table, order, SparsitySettings(0.4, (1, 4)), QuantizationSettings(8)
-    )
-    assert torch.equal(
-        compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
-    )
-    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
-    assert torch.equal(compressed.dense_codes(), reference.codes)
+    _assert_same_bits(compressed, reference)
 
 
 @pytest.mark.parametrize("zeros", [0, 1, 2, 5, 6])
 @pytest.mark.parametrize("order", ORDERS)
 def test_zeros_per_block_matches_torch_ao(zeros, order, monkeypatch):
     table = torch.randn(203, 41, generator=torch.Generator().manual_seed(zeros))
-    reference = run_reference(
-        table,
-        sparsify_first=order == "sparsify-first",
-        bits=8,
-        level=0.5,
-        block_shape=(2, 3),
-        zeros_per_block=zeros,
-        monkeypatch=monkeypatch,
+    compressed, reference = _with_reference(
+        table, order, SparsitySettings(0.5, (2, 3), zeros), monkeypatch
     )
-    compressed, _ = compress_table(
-        table, order, SparsitySettings(0.5, (2, 3), zeros), QuantizationSettings(8)
-    )
-    assert torch.equal(compressed.dense_codes(), reference.codes)
-    assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+    _assert_same_bits(compressed, reference)
 
 
 def test_larger_table_matches_torch_ao(monkeypatch):
     table = torch.randn(4000, 25, generator=torch.Generator().manual_seed(7)) * 3 + 1
     for order in ORDERS:
-        reference = run_reference(
-            table,
-            sparsify_first=order == "sparsify-first",
-            bits=8,
-            level=0.8,
-            block_shape=(1, 4),
-            monkeypatch=monkeypatch,
+        compressed, reference = _with_reference(
+            table, order, SparsitySettings(0.8, (1, 4)), monkeypatch
         )
-        compressed, _ = compress_table(
-            table, order, SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
-        )
-        assert torch.equal(compressed.dense_codes(), reference.codes)
-        assert torch.equal(compressed.value_keep_mask(), reference.keep_mask)
+        _assert_same_bits(compressed, reference)
 
 
 @pytest.mark.parametrize("order", ORDERS)
