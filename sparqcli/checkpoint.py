@@ -33,6 +33,7 @@ import torch
 
 from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError, first_line
 from sparqcli.select import TensorInfo
+from sparqcli.threads import signals_deferred, wait_until
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -287,10 +288,13 @@ class RowReader:
             torch.cuda.current_stream().synchronize()
         ahead, self._ahead = self._ahead, None
         spare = 1 - self._current
+        if ahead is not None:
+            future = ahead[2]
+            wait_until(lambda timeout: not concurrent.futures.wait([future], timeout).not_done)
         if ahead is not None and ahead[:2] == (start, stop):
             rows = ahead[2].result()
         else:
-            if ahead is not None:  # a guess that missed: let it finish before reusing its buffer
+            if ahead is not None:  # a guess that missed: it finished, its buffer is free
                 with contextlib.suppress(InputError):
                     ahead[2].result()
             rows = self._read(start, stop, spare)
@@ -299,7 +303,8 @@ class RowReader:
         if self._read_ahead and following[0] < following[1]:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, "sparq-read-ahead")
-            future = self._pool.submit(self._read, *following, 1 - spare)
+            with signals_deferred():  # the pool may start its thread here
+                future = self._pool.submit(self._read, *following, 1 - spare)
             self._ahead = (*following, future)
         return rows
 
@@ -315,7 +320,8 @@ class RowReader:
     def close(self) -> None:
         """Waits for a pending read-ahead and stops the background thread."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            with signals_deferred():
+                self._pool.shutdown(wait=True)
             self._pool = None
         self._ahead = None
 
