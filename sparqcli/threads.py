@@ -3,9 +3,8 @@
 sparq's handlers for SIGINT and SIGTERM raise in the main thread, wherever it is. Raised inside
 `threading`'s own locks (starting a thread, waiting for an event), such an exception can leave
 them half-released: runs then hung or printed a traceback. So the main thread starts threads and
-waits for them with those signals blocked, in short waits; a signal that arrives meanwhile is
-handled between two waits, in plain Python code. Started threads inherit the blocked signals, so
-the kernel delivers them to the main thread only.
+waits for them in short waits during which those signals are only recorded; a recorded signal is
+raised again right after, in plain Python code, and its handler runs there.
 """
 
 from __future__ import annotations
@@ -15,27 +14,31 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _POLL_SECONDS = 0.05
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Blocks SIGINT and SIGTERM in the main thread for the block; pending ones follow it."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        signal, "pthread_sigmask"
-    ):
+    """Holds SIGINT and SIGTERM for the block (main thread); they are raised again after it."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    pending: list[int] = []
+    previous = {
+        number: signal.signal(number, lambda n, _: pending.append(n)) for number in _SIGNALS
+    }
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(pending):
+            signal.raise_signal(number)
 
 
 def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
-    """Returns a started daemon thread running `target` (it never receives SIGINT/SIGTERM)."""
+    """Returns a started daemon thread running `target`."""
     thread = threading.Thread(target=target, name=name, daemon=True)
     with signals_deferred():
         thread.start()
