@@ -23,6 +23,7 @@ import typer
 
 from sparqcli import __version__
 from sparqcli.errors import GateError, SparqError, UsageError
+from sparqcli.threads import import_torch
 
 app = typer.Typer(
     name="sparq",
@@ -321,6 +322,7 @@ def inspect_command(
 
     Example: sparq inspect model.sparq.safetensors
     """
+    import_torch()
     from sparqcli import report as render
     from sparqcli.checkpoint import open_checkpoint
 
@@ -392,6 +394,7 @@ def decompress_command(
 
     Example: sparq decompress model.sparq.safetensors -o model.dense.safetensors
     """
+    import_torch()
     from sparqcli.checkpoint import check_output_path, open_checkpoint
     from sparqcli.format import write_dense
 
@@ -438,6 +441,7 @@ def validate_command(
     typer.echo(f"{config}: valid ({rules} rule{'s' if rules != 1 else ''}, order {loaded.order})")
     if checkpoint is None:
         return
+    import_torch()
     from sparqcli import report as render
     from sparqcli.checkpoint import open_checkpoint
     from sparqcli.select import select_tables

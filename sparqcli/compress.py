@@ -27,6 +27,7 @@ from sparqcli.config import (
 )
 from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import GateError, TableError, UsageError
+from sparqcli.threads import import_torch
 
 if TYPE_CHECKING:
     import torch
@@ -241,6 +242,7 @@ def compress(
             Path(out_dir) if out_dir is not None else None,
             output_format,
         )
+        import_torch()  # beside the hashing started above
         from sparqcli.checkpoint import check_output_path
 
         if out_dir is not None and not Path(out_dir).is_dir():

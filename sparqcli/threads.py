@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -51,3 +52,14 @@ def wait_until(done: Callable[[float], bool]) -> None:
         with signals_deferred():
             if done(_POLL_SECONDS):
                 return
+
+
+def import_torch() -> None:
+    """Imports torch with SIGINT and SIGTERM held until the import is done.
+
+    torch's import runs Python code called from C++: a handler raising in there is lost, or
+    aborts the process (`terminate called after throwing pybind11::error_already_set`).
+    """
+    if "torch" not in sys.modules:
+        with signals_deferred():
+            import torch  # noqa: F401

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -44,3 +47,22 @@ def test_signals_deferred_holds_a_signal_until_the_block_ends(raising_sigterm):
         time.sleep(0.05)
         reached = True
     assert reached
+
+
+def test_a_signal_during_the_torch_import_is_handled_after_it():
+    # A fresh interpreter: SIGTERM lands while torch is being imported.
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, threading
+        def handler(number, frame):
+            print(hasattr(sys.modules.get("torch"), "Tensor"), flush=True)
+            os._exit(7)
+        signal.signal(signal.SIGTERM, handler)
+        from sparqcli.threads import import_torch
+        threading.Timer(0.15, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        import_torch()
+        threading.Event().wait(30)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (7, "True\n"), done.stderr
