@@ -5,27 +5,16 @@ passes over memory: block scores; each row's range of pruned values; quantize, k
 of kept values (compacted in row-major order) and sum the statistics. Every float operation is
 the tensor ops' own, in the same order: launches disable FMA contraction, divisions are
 correctly rounded (`div_rn`) and rounding is half-to-even, so codes, qparams and masks equal
-the CPU's. Used on CUDA when Triton is installed, for whole-block pruning; `available()` says.
+the CPU's. Used on CUDA when Triton is installed, for whole-block pruning (pipeline.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from sparqcli.engine.settings import Norm
-
-
-def available(device: torch.device) -> bool:
-    """Returns True when these kernels can run on `device`.
-
-    With TRITON_INTERPRET=1 Triton runs them on the CPU (slowly, through numpy): that is how
-    they are checked without a GPU, so then they run on CPU tensors too.
-    """
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

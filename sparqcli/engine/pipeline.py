@@ -134,14 +134,19 @@ def compress_rows(
 
 
 def _fused_kernels(device: torch.device) -> ModuleType | None:
-    """Returns the fused-kernel module when it can run on `device`, else None."""
+    """Returns the fused-kernel module when it can run on `device`, else None.
+
+    They run on CUDA where Triton is installed. With TRITON_INTERPRET=1 Triton runs them on the
+    CPU (slowly, through numpy): that is how they are checked without a GPU, so then they run on
+    CPU tensors too.
+    """
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None  # before importing Triton, which costs time
+        return None  # checked before importing Triton, which costs time
     try:
         from sparqcli.engine import fused
     except ImportError:  # no Triton
         return None
-    return fused if fused.available(device) else None
+    return fused
 
 
 class _TableJob:
@@ -210,8 +215,7 @@ class _TableJob:
         held = None
         if prunes:
             if all_scores is not None:
-                bh = self.sparsity.block_shape[0]
-                held = [all_scores[start // bh : -(-stop // bh)] for start, stop in self.ranges]
+                held = [all_scores[self._block_rows(start, stop)] for start, stop in self.ranges]
                 pruner = BlockPruner.for_scores(
                     lambda: iter(held), n_blocks, self.sparsity.level, all_scores
                 )
@@ -269,7 +273,6 @@ class _TableJob:
         if quantize_first:
             self.saved_scale = self._empty(self.rows)
             self.saved_zero_point = self._empty(self.rows)
-        bh = self.sparsity.block_shape[0]
         grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
         all_scores = self._empty(grid) if hold_scores else None
         for start, stop in self.ranges:
@@ -280,7 +283,7 @@ class _TableJob:
                 self.saved_scale[start:stop] = scale
                 self.saved_zero_point[start:stop] = zero_point
             if all_scores is not None:
-                self._scores(values, start, stop, out=all_scores[start // bh : -(-stop // bh)])
+                self._scores(values, start, stop, out=all_scores[self._block_rows(start, stop)])
             self._report(0, stop)
         self.checked_finite = True
         return all_scores
@@ -350,10 +353,7 @@ class _TableJob:
                 self._check_finite(original, start)
             pruned_blocks = None
             if pruner is not None:
-                scores = held[index] if held is not None else None
-                if scores is None:
-                    norms = value_norms(self._seen_or(original, start, stop), self.sparsity.norm)
-                    scores = block_scores(norms, self.sparsity.block_shape)
+                scores = held[index] if held is not None else self._scores(original, start, stop)
                 pruned_blocks = pruner.prune(scores)
             if fused is not None:
                 self._fused_chunk(original, start, stop, pruned_blocks, out)
@@ -375,12 +375,6 @@ class _TableJob:
             mask_per_block=per_block,
         )
         return table, out.stats.finish(out.scale, out.zero_point, n_codes)
-
-    def _seen_or(self, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Returns rows start:stop as the sparsifier sees them (a new tensor, quantize-first)."""
-        if self.order == "sparsify-first":
-            return values
-        return self._seen(values, start, stop, out=torch.empty_like(values))
 
     def _chunk(
         self,
@@ -441,8 +435,7 @@ class _TableJob:
         block_shape = fit_blocks(original.shape, self.sparsity.block_shape)
         keep_blocks = None
         if pruned_blocks is not None:
-            keep_blocks = torch.logical_not(pruned_blocks)
-            self._store_mask(out, start, stop, pruned_blocks, None)
+            keep_blocks = self._store_mask(out, start, stop, pruned_blocks, None)
         if self.order == "sparsify-first":
             if keep_blocks is None:
                 scale, zero_point = row_qparams(original, self.quantization, start)
@@ -487,12 +480,18 @@ class _TableJob:
         stop: int,
         pruned_blocks: torch.Tensor,
         keep: ChunkKeep | None,
-    ) -> None:
+    ) -> torch.Tensor:
+        """Stores rows start:stop of the keep-mask; returns them (per block or per value)."""
         if self.sparsity.prunes_whole_blocks:
-            bh = self.sparsity.block_shape[0]
-            torch.logical_not(pruned_blocks, out=out.mask[start // bh : -(-stop // bh)])
-        else:
-            out.mask[start:stop] = keep.dense()
+            rows = out.mask[self._block_rows(start, stop)]
+            return torch.logical_not(pruned_blocks, out=rows)
+        out.mask[start:stop] = keep.dense()
+        return out.mask[start:stop]
+
+    def _block_rows(self, start: int, stop: int) -> slice:
+        """Returns the block rows that hold table rows start:stop (start a block-height multiple)."""
+        bh = self.sparsity.block_shape[0]
+        return slice(start // bh, -(-stop // bh))
 
 
 @dataclass
