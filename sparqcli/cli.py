@@ -93,7 +93,6 @@ def _reporting_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            _import_numpy()
             return command(*args, **kwargs)
         except SparqError as error:
             if _state["debug"]:
@@ -108,16 +107,6 @@ def _reporting_errors(command: F) -> F:
             raise typer.Exit(143) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _import_numpy() -> None:
-    """Imports numpy (when installed) ahead of torch.
-
-    torch imports numpy from C and discards any exception raised meanwhile: a Ctrl-C or a
-    SIGTERM arriving then was lost and the run went on. Imported here, the interrupt is seen.
-    """
-    with contextlib.suppress(ImportError):
-        import numpy  # noqa: F401
 
 
 def _print_error(message: str) -> None:

@@ -186,6 +186,7 @@ def check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device: must be cpu or cuda, got {device!r}")
     if device == "cuda":
+        import_torch()
         import torch
 
         if not torch.cuda.is_available():
@@ -447,6 +448,7 @@ def _write(
     stats: dict[str, TableStats],
     digests: BackgroundSha256 | None,
 ) -> None:
+    # `digests` hashes every input whenever the format is sparq (the only one that records it).
     from sparqcli.checkpoint import atomic_output
 
     passthrough = {
@@ -457,8 +459,7 @@ def _write(
             from sparqcli.format import SourceInfo, write_compressed
 
             extra, report.dropped = _json_extras(checkpoint)
-            digest = digests.result(report.input) if digests else sha256_file(checkpoint.path)
-            source = SourceInfo(checkpoint.path.name, digest)
+            source = SourceInfo(checkpoint.path.name, digests.result(report.input))
             write_compressed(temp, passthrough, compressed, stats, source, extra)
         else:
             from sparqcli.checkpoint import save_torch_file
