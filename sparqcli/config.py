@@ -1,7 +1,14 @@
-"""Config files: YAML in, frozen typed dataclasses out, with every problem reported at once.
+"""Configs: the YAML file's structure as typed, frozen dataclasses, and their validation.
 
-A problem is one line, `dotted.path: message` (`layers[2].sparsity.level: must be a number in
-[0, 1], got 1.5`); all of them are raised together as one `ConfigError`.
+`Config`, `Rule` (and the sections `Sparsity`, `Quantization`, `Gates` from `sparqcli.settings`)
+mirror the YAML one to one, with the YAML's defaults, so a config built in Python and the same
+YAML file are equal. Both are validated by one function over the raw mapping, which returns
+every problem at once as `dotted.path: message` lines (`layers[2].sparsity.level: must be a
+number in [0, 1], got 1.5`), raised together as one `ConfigError`.
+
+A rule's sections override the top-level ones: a mapping overrides the keys it names (as in
+YAML; an explicit null disables a gate), a dataclass replaces the whole section.
+`Config.resolved_rules` holds every rule with its settings resolved.
 
 Importing this module does not import torch.
 """
@@ -9,24 +16,26 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from sparqcli.engine.settings import (
-    ORDERS,
-    Order,
-    QuantizationSettings,
-    SparsitySettings,
-    quantization_problems,
-    sparsity_problems,
-)
 from sparqcli.errors import ConfigError, InputError
+from sparqcli.overrides import apply_overrides
+from sparqcli.settings import (
+    FIELD_RULES,
+    ORDERS,
+    SECTION_KEYS,
+    SECTION_RULES,
+    Gates,
+    Order,
+    Quantization,
+    Sparsity,
+)
 
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
@@ -38,46 +47,63 @@ RULE_TYPES: dict[str, frozenset[str]] = {
     "EmbeddingBag": frozenset({"EmbeddingBag"}),
 }
 
+SECTIONS: dict[str, type[Sparsity] | type[Quantization] | type[Gates]] = {
+    "sparsity": Sparsity,
+    "quantization": Quantization,
+    "gates": Gates,
+}
 _TOP_KEYS = ("version", "order", "sparsity", "quantization", "layers", "exclude", "gates")
 _RULE_KEYS = ("match", "type", "sparsity", "quantization", "gates")
-_SPARSITY_KEYS = tuple(f.name for f in fields(SparsitySettings))
-_QUANTIZATION_KEYS = tuple(f.name for f in fields(QuantizationSettings))
-_GATE_KEYS = ("max_rel_error", "min_row_cosine", "max_bytes_ratio")
 # A section field written one level too high (`bits: 4` beside `layers`) is suggested in place.
-_SECTION_FIELDS = {
-    **{key: "sparsity" for key in _SPARSITY_KEYS},
-    **{key: "quantization" for key in _QUANTIZATION_KEYS},
-    **{key: "gates" for key in _GATE_KEYS},
-}
+_SECTION_FIELDS = {key: section for section, keys in SECTION_KEYS.items() for key in keys}
+
+Section = Sparsity | Quantization | Gates
+SectionOverride = Mapping[str, Any] | Section | None
 
 
 @dataclass(frozen=True)
-class Gates:
-    """Quality gates of a table; None disables a gate.
+class Rule:
+    """One entry of `layers:` — which tensors (`match` pattern or module `type`) and how.
 
-    `max_rel_error`: relative L2 error of the table; `min_row_cosine`: the smallest row cosine
-    similarity; `max_bytes_ratio`: compressed bytes / original bytes.
+    `sparsity`, `quantization` and `gates` override the config's sections for the tensors this
+    rule wins: a mapping overrides the keys it names (`{"level": 0.8}`; `{"min_row_cosine":
+    None}` disables that gate), a `Sparsity`/`Quantization`/`Gates` replaces the whole section.
+    A Rule is validated as part of its Config.
     """
 
-    max_rel_error: float | None = None
-    min_row_cosine: float | None = None
-    max_bytes_ratio: float | None = None
+    match: str | None = None
+    type: str | None = None
+    sparsity: Mapping[str, Any] | Sparsity | None = None
+    quantization: Mapping[str, Any] | Quantization | None = None
+    gates: Mapping[str, Any] | Gates | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the rule as its YAML mapping (only what it sets)."""
+        data: dict[str, Any] = {}
+        if self.match is not None:
+            data["match"] = self.match
+        if self.type is not None:
+            data["type"] = self.type
+        for name in SECTIONS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = _section_dict(value)
+        return data
 
 
 @dataclass(frozen=True)
-class LayerRule:
-    """One entry of `layers`, with its settings resolved (top-level defaults + its overrides).
+class ResolvedRule:
+    """A rule with its settings resolved (the config's sections + the rule's overrides).
 
-    Exactly one of `match` (a pattern) and `type` (a key of RULE_TYPES) is set; `index` is the
-    rule's position in `layers`.
+    `index` is the rule's position in `layers`.
     """
 
+    index: int
     match: str | None
     type: str | None
-    sparsity: SparsitySettings
-    quantization: QuantizationSettings
+    sparsity: Sparsity
+    quantization: Quantization
     gates: Gates
-    index: int
 
     @property
     def label(self) -> str:
@@ -87,104 +113,323 @@ class LayerRule:
         return f"layers[{self.index}] (type {self.type!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """A validated config. `source` names where it came from (the file path)."""
+    """A validated config: what to compress (`layers`, `exclude`) and how.
 
-    version: int
-    order: Order
-    sparsity: SparsitySettings
-    quantization: QuantizationSettings
-    layers: tuple[LayerRule, ...]
-    exclude: tuple[str, ...]
-    gates: Gates
-    source: str
-
-
-def load_config(
-    path: str | Path, overrides: Sequence[str] = (), order: str | None = None
-) -> Config:
-    """Returns the config in the YAML file `path`, after `--set KEY=VALUE` overrides and `--order`.
-
-    An override's KEY is a dotted path into the file's mapping (`sparsity.level`,
-    `layers[1].quantization.bits`); its VALUE is read as YAML (`0.7`, `[2, 2]`, `null`).
-    Raises InputError when the file is missing or unreadable, and ConfigError listing every
-    problem of the file, the overrides and the resulting config.
+    Equal to the same YAML loaded with `Config.from_yaml`. `source` names where it came from
+    (a file path; not compared). Raises ConfigError listing every problem.
     """
-    source = str(path)
-    data = _read_yaml(Path(path), source)
-    if not isinstance(data, Mapping):
-        raise ConfigError(source, [_top_level_problem(data)])
-    data = dict(data)
-    problems: list[str] = []
-    for override in overrides:
-        _apply_override(data, override, problems)
-    if order is not None:
-        data["order"] = order
-    config = _Validator(problems).config(data, source)
-    if problems or config is None:
-        raise ConfigError(source, problems)
-    return config
 
+    layers: Sequence[Rule]
+    version: int = CONFIG_VERSION
+    order: Order = "sparsify-first"
+    sparsity: Sparsity = field(default_factory=Sparsity)
+    quantization: Quantization = field(default_factory=Quantization)
+    exclude: Sequence[str] = ()
+    gates: Gates = field(default_factory=Gates)
+    source: str = field(default="<config>", compare=False)
+    resolved_rules: tuple[ResolvedRule, ...] = field(
+        init=False, repr=False, compare=False, default=()
+    )
 
-def parse_config(data: object, source: str) -> Config:
-    """Returns the config described by `data`, an already parsed YAML document.
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (list, tuple)):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.exclude, (list, tuple)):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        problems = _Validator().problems_of(self.to_dict())
+        if problems:
+            raise ConfigError(self.source, problems)
+        for name, section in SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, section):
+                object.__setattr__(self, name, section(**_section_dict(value)))
+        object.__setattr__(self, "resolved_rules", tuple(self._resolve()))
 
-    Raises ConfigError listing every problem, each with its dotted path.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(source, [_top_level_problem(data)])
-    problems: list[str] = []
-    config = _Validator(problems).config(data, source)
-    if problems or config is None:
-        raise ConfigError(source, problems)
-    return config
+    @classmethod
+    def from_yaml(
+        cls, path: str | Path, overrides: Sequence[str] = (), order: str | None = None
+    ) -> Config:
+        """Returns the config in the YAML file `path`, after `KEY=VALUE` overrides and `order`.
 
+        An override's KEY is a dotted path into the file's mapping (`sparsity.level`,
+        `layers[1].quantization.bits`); its VALUE is read as YAML (`0.7`, `[2, 2]`, `null`).
+        Raises InputError when the file is missing or unreadable, and ConfigError listing every
+        problem of the file, the overrides and the resulting config.
+        """
+        source = str(path)
+        data = _read_yaml(Path(path), source)
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, [_top_level_problem(data)])
+        data = dict(data)
+        problems = apply_overrides(data, overrides, _load_yaml)
+        if order is not None:
+            data["order"] = order
+        return cls.from_dict(data, source, problems)
 
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """Returns the resolved config as plain JSON-able data.
+    @classmethod
+    def from_dict(
+        cls, data: object, source: str = "<config>", problems: Sequence[str] = ()
+    ) -> Config:
+        """Returns the config described by `data`, a parsed YAML document (plain data).
 
-    Every rule carries its resolved settings; `parse_config` of the result gives `config` back.
-    `source` is left out: it is not part of the file.
-    """
-    return {
-        "version": config.version,
-        "order": config.order,
-        "sparsity": sparsity_to_dict(config.sparsity),
-        "quantization": quantization_to_dict(config.quantization),
-        "layers": [
-            {
-                ("match" if rule.match is not None else "type"): (
-                    rule.match if rule.match is not None else rule.type
-                ),
-                "sparsity": sparsity_to_dict(rule.sparsity),
-                "quantization": quantization_to_dict(rule.quantization),
-                "gates": _gates_dict(rule.gates),
+        Raises ConfigError listing every problem (`problems` found before come first).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, [*problems, _top_level_problem(data)])
+        found = [*problems, *_Validator().problems_of(data)]
+        if found:
+            raise ConfigError(source, found)
+        layers = tuple(
+            Rule(
+                match=rule.get("match"),
+                type=rule.get("type"),
+                **{name: _normalized(rule.get(name)) for name in SECTIONS},
+            )
+            for rule in data["layers"]
+        )
+        return cls(
+            layers=layers,
+            version=data.get("version", CONFIG_VERSION),
+            order=data.get("order", "sparsify-first"),
+            exclude=tuple(data.get("exclude") or ()),
+            source=source,
+            **{name: section(**(data.get(name) or {})) for name, section in SECTIONS.items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as its YAML mapping: `Config.from_dict` of it gives it back."""
+        return {
+            "version": self.version,
+            "order": self.order,
+            **{name: _section_dict(getattr(self, name)) for name in ("sparsity", "quantization")},
+            "layers": [rule.to_dict() if isinstance(rule, Rule) else rule for rule in self.layers],
+            "exclude": list(self.exclude)
+            if isinstance(self.exclude, (list, tuple))
+            else self.exclude,
+            "gates": _section_dict(self.gates),
+        }
+
+    def to_yaml(self) -> str:
+        """Returns the config as YAML text that `Config.from_yaml` reads back to an equal config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def _resolve(self) -> list[ResolvedRule]:
+        resolved = []
+        for index, rule in enumerate(self.layers):
+            sections = {
+                name: _resolved_section(SECTIONS[name], getattr(self, name), getattr(rule, name))
+                for name in SECTIONS
             }
-            for rule in config.layers
-        ],
-        "exclude": list(config.exclude),
-        "gates": _gates_dict(config.gates),
-    }
+            resolved.append(ResolvedRule(index, rule.match, rule.type, **sections))
+        return resolved
 
 
-def sparsity_to_dict(settings: SparsitySettings) -> dict[str, Any]:
-    """Returns sparsity settings as JSON-able data (block_shape as a list)."""
-    return {
-        "level": settings.level,
-        "block_shape": list(settings.block_shape),
-        "zeros_per_block": settings.zeros_per_block,
-        "norm": settings.norm,
-    }
+def _section_dict(value: object) -> Any:
+    """Returns a section (dataclass or mapping) as plain YAML data; anything else unchanged."""
+    if isinstance(value, (Sparsity, Quantization, Gates)):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {key: list(item) if isinstance(item, tuple) else item for key, item in value.items()}
+    return value
 
 
-def quantization_to_dict(settings: QuantizationSettings) -> dict[str, Any]:
-    """Returns quantization settings as JSON-able data."""
-    return {"bits": settings.bits, "scale_dtype": settings.scale_dtype}
+def _normalized(value: object) -> Any:
+    """Returns a rule's raw section override as stored on a Rule (block shapes as tuples)."""
+    if isinstance(value, Mapping):
+        return {key: tuple(item) if isinstance(item, list) else item for key, item in value.items()}
+    return value
 
 
-def _gates_dict(gates: Gates) -> dict[str, float | None]:
-    return {key: getattr(gates, key) for key in _GATE_KEYS}
+def _resolved_section(cls: type[Section], base: Section, override: SectionOverride) -> Section:
+    if override is None:
+        return base
+    if isinstance(override, cls):
+        return override
+    return cls(**{**base.to_dict(), **_section_dict(override)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every problem of a raw mapping, in the order the file reads
+
+
+class _Validator:
+    """Walks a raw config mapping and collects `path: message` problems."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def problems_of(self, data: Mapping[Any, Any]) -> list[str]:
+        """Returns every problem of the top-level mapping `data`."""
+        raw = self.mapping(data, "top level", _TOP_KEYS, nullable=False)
+        if raw is None:
+            return self.problems
+        version = raw.get("version", CONFIG_VERSION)
+        if type(version) is not int or version != CONFIG_VERSION:
+            self.add("version", f"must be {CONFIG_VERSION}, got {version!r}")
+        order = raw.get("order", "sparsify-first")
+        if order not in ORDERS:
+            self.add("order", f"must be one of {', '.join(ORDERS)}, got {order!r}")
+        # Each rule is checked over the valid part of the top-level sections, so that a
+        # top-level problem is reported once, not again for every rule.
+        bases = {name: self.section(raw.get(name), name, name) for name in SECTIONS}
+        self.patterns(raw.get("exclude"), "exclude")
+        self.layers(raw, bases)
+        return self.problems
+
+    def mapping(
+        self, value: object, path: str, allowed: Sequence[str], nullable: bool = True
+    ) -> dict[str, Any] | None:
+        """Returns the known keys of the mapping `value` ({} for null); reports unknown keys."""
+        if value is None and nullable:
+            return {}
+        if isinstance(value, (Sparsity, Quantization, Gates)):
+            return value.to_dict()
+        if not isinstance(value, Mapping):
+            self.add(path, f"must be a mapping, got {_kind(value)}")
+            return None
+        known: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in allowed:
+                known[key] = item
+            else:
+                self.add(_join(path, str(key)), _unknown_key(key, allowed))
+        return known
+
+    def section(
+        self, value: object, name: str, path: str, base: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Checks one section (over `base`, the values it overrides); returns its valid values.
+
+        The result holds every field: the section's valid values over `base` (or the
+        defaults), so that rules are checked against what is valid of the top level.
+        """
+        defaults = SECTIONS[name]().to_dict()
+        raw = self.mapping(value, path, SECTION_KEYS[name])
+        merged = dict(base if base is not None else defaults)
+        if raw is None:
+            return merged
+        field_rule = FIELD_RULES[name]
+        valid = True
+        for key, item in raw.items():
+            message = field_rule(key, item)
+            if message is None:
+                merged[key] = item
+            else:
+                valid = False
+                self.add(f"{path}.{key}", message)
+        if valid:
+            for problem_path, message in SECTION_RULES[name](merged, name):
+                field_name = problem_path.rsplit(".", 1)[1]
+                self.add(f"{path}.{field_name}", message)
+                merged[field_name] = defaults[field_name]
+        return merged
+
+    def layers(self, raw: Mapping[str, Any], bases: Mapping[str, Mapping[str, Any]]) -> None:
+        """Checks `raw["layers"]`, each rule over the top-level sections' valid values."""
+        if "layers" not in raw:
+            self.add("layers", "required, a non-empty list of rules")
+            return
+        value = raw["layers"]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if isinstance(value, list) else _kind(value)
+            self.add("layers", f"must be a non-empty list of rules, got {got}")
+            return
+        for index, item in enumerate(value):
+            self.rule(item.to_dict() if isinstance(item, Rule) else item, index, bases)
+
+    def rule(self, value: object, index: int, bases: Mapping[str, Mapping[str, Any]]) -> None:
+        """Checks `layers[index]`, its overrides merged over the top-level sections."""
+        path = f"layers[{index}]"
+        if not isinstance(value, Mapping):
+            self.add(path, f"must be a mapping with 'match' or 'type', got {_kind(value)}")
+            return
+        raw = self.mapping(value, path, _RULE_KEYS, nullable=False) or {}
+        if "match" in raw and "type" in raw:
+            self.add(path, "has both 'match' and 'type'; use one per rule")
+        elif "match" in raw:
+            problem = _pattern_problem(raw["match"])
+            if problem:
+                self.add(f"{path}.match", problem)
+        elif "type" in raw:
+            rule_type = raw["type"]
+            if not isinstance(rule_type, str) or rule_type not in RULE_TYPES:
+                self.add(
+                    f"{path}.type", f"must be one of {', '.join(RULE_TYPES)}, got {rule_type!r}"
+                )
+        else:
+            self.add(path, "needs 'match' or 'type'")
+        for name in SECTIONS:
+            self.section(raw.get(name), name, f"{path}.{name}", bases[name])
+
+    def patterns(self, value: object, path: str) -> None:
+        """Checks a list of patterns (null: none)."""
+        if value is None:
+            return
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            self.add(path, f"must be a list of patterns, got {_kind(value)}")
+            return
+        for index, item in enumerate(value):
+            problem = _pattern_problem(item)
+            if problem:
+                self.add(f"{path}[{index}]", problem)
+
+
+def _pattern_problem(value: object) -> str | None:
+    """Returns what is wrong with a match/exclude pattern, or None."""
+    if not isinstance(value, str) or not value:
+        return f"must be a non-empty string (a glob, a name or re:REGEX), got {value!r}"
+    if value.startswith("re:"):
+        if value == "re:":
+            return "empty regular expression after 're:'"
+        try:
+            re.compile(value[3:])
+        except re.error as err:
+            return f"invalid regular expression {value[3:]!r}: {err}"
+    return None
+
+
+def _unknown_key(key: object, allowed: Sequence[str]) -> str:
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, allowed, n=1)
+        if close:
+            return f"unknown key; did you mean {close[0]!r}?"
+        section = _SECTION_FIELDS.get(key)
+        if section is not None and section in allowed:
+            return f"unknown key; did you mean '{section}.{key}'?"
+    return f"unknown key; expected one of {', '.join(allowed)}"
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "top level" else f"{path}.{key}"
+
+
+def _kind(value: object) -> str:
+    """Returns the YAML name of the type of `value`, as messages say it (`got list`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, Mapping):
+        return "mapping"
+    for kind, name in ((list, "list"), (str, "string"), (int, "integer"), (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _top_level_problem(data: object) -> str:
+    if data is None:
+        return "top level: must be a mapping, got an empty document"
+    return f"top level: must be a mapping, got {_kind(data)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,411 +511,3 @@ def _read_yaml(path: Path, source: str) -> object:
         return _load_yaml(text)
     except ValueError as err:
         raise ConfigError(source, [str(err)]) from None
-
-
-def _top_level_problem(data: object) -> str:
-    if data is None:
-        return "top level: must be a mapping, got an empty document"
-    return f"top level: must be a mapping, got {_kind(data)}"
-
-
-# ---------------------------------------------------------------------------------------------
-# --set overrides
-
-_KEY_PATH = re.compile(r"[A-Za-z_][\w-]*(\[\d+\])*(\.[A-Za-z_][\w-]*(\[\d+\])*)*")
-_KEY_STEP = re.compile(r"([A-Za-z_][\w-]*)|\[(\d+)\]")
-
-
-def _apply_override(data: dict[Any, Any], override: str, problems: list[str]) -> None:
-    """Sets one `KEY=VALUE` override into `data`, or appends why it cannot to `problems`."""
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        problems.append(f"--set {override}: expected KEY=VALUE")
-        return
-    if not _KEY_PATH.fullmatch(key):
-        problems.append(
-            f"--set {key}: invalid key; write a dotted path such as sparsity.level "
-            "or layers[1].quantization.bits"
-        )
-        return
-    try:
-        value = _load_yaml(text)
-    except ValueError as err:
-        problems.append(f"--set {key}: cannot read value {text!r}: {err}")
-        return
-    steps: list[str | int] = [
-        name if name else int(index) for name, index in _KEY_STEP.findall(key)
-    ]
-    container: Any = data
-    for position, step in enumerate(steps):
-        here = _steps_text(steps[:position])
-        last = position == len(steps) - 1
-        if isinstance(step, str):
-            if not isinstance(container, dict):
-                problems.append(f"--set {key}: {here} is not a mapping")
-                return
-            if last:
-                container[step] = value
-            else:
-                # The override may create sections the file leaves out (`gates.max_rel_error`).
-                if container.get(step) is None:
-                    container[step] = {}
-                container = container[step]
-        else:
-            if not isinstance(container, list):
-                problems.append(f"--set {key}: {here} is not a list")
-                return
-            if step >= len(container):
-                count = len(container)
-                problems.append(
-                    f"--set {key}: {here} has {count} entr{'y' if count == 1 else 'ies'}"
-                )
-                return
-            if last:
-                container[step] = value
-            else:
-                if container[step] is None:
-                    container[step] = {}
-                container = container[step]
-
-
-def _steps_text(steps: Sequence[str | int]) -> str:
-    text = ""
-    for step in steps:
-        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-_Settings = TypeVar("_Settings", SparsitySettings, QuantizationSettings)
-
-
-class _Validator:
-    """Walks a raw config mapping, appending `path: message` problems to `problems`.
-
-    Each method returns the validated value, or None when it has problems (already recorded).
-    """
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-
-    def add(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(
-        self, value: object, path: str, allowed: Sequence[str], nullable: bool = True
-    ) -> dict[str, Any] | None:
-        """Returns the known keys of the mapping `value` ({} for null); reports unknown keys."""
-        if value is None and nullable:
-            return {}
-        if not isinstance(value, Mapping):
-            self.add(path, f"must be a mapping, got {_kind(value)}")
-            return None
-        known: dict[str, Any] = {}
-        for key, item in value.items():
-            if key in allowed:
-                known[key] = item
-            else:
-                self.add(_join(path, str(key)), _unknown_key(key, allowed))
-        return known
-
-    def config(self, data: Mapping[Any, Any], source: str) -> Config | None:
-        """Returns the Config of the top-level mapping `data`."""
-        raw = self.mapping(data, "top level", _TOP_KEYS, nullable=False)
-        if raw is None:
-            return None
-        version = raw.get("version", CONFIG_VERSION)
-        if type(version) is not int or version != CONFIG_VERSION:
-            self.add("version", f"must be {CONFIG_VERSION}, got {version!r}")
-        order = raw.get("order", "sparsify-first")
-        if order not in ORDERS:
-            self.add("order", f"must be one of {', '.join(ORDERS)}, got {order!r}")
-
-        sparsity_raw = self.mapping(raw.get("sparsity"), "sparsity", _SPARSITY_KEYS)
-        sparsity = self.settings(SparsitySettings(), sparsity_raw or {}, "sparsity")
-        quantization_raw = self.mapping(raw.get("quantization"), "quantization", _QUANTIZATION_KEYS)
-        quantization = self.settings(QuantizationSettings(), quantization_raw or {}, "quantization")
-        gates_raw = self.mapping(raw.get("gates"), "gates", _GATE_KEYS)
-        gates = self.gates(Gates(), gates_raw or {}, "gates")
-        exclude = self.patterns(raw.get("exclude"), "exclude")
-
-        # Rules are resolved over the top-level defaults with their faulty fields reset, so that
-        # a top-level problem is reported once, not again for every rule.
-        base_sparsity = sparsity or _salvage(SparsitySettings, sparsity_raw or {})
-        base_quantization = quantization or _salvage(QuantizationSettings, quantization_raw or {})
-        base_gates = gates or self.salvage_gates(gates_raw or {})
-        layers = self.layers(raw, base_sparsity, base_quantization, base_gates)
-
-        if (
-            sparsity is None
-            or quantization is None
-            or gates is None
-            or exclude is None
-            or layers is None
-            or self.problems
-        ):
-            return None
-        return Config(
-            version=version,
-            order=order,
-            sparsity=sparsity,
-            quantization=quantization,
-            layers=layers,
-            exclude=exclude,
-            gates=gates,
-            source=source,
-        )
-
-    def layers(
-        self,
-        raw: Mapping[str, Any],
-        sparsity: SparsitySettings,
-        quantization: QuantizationSettings,
-        gates: Gates,
-    ) -> tuple[LayerRule, ...] | None:
-        """Returns the rules of `raw["layers"]`, resolved over the given defaults."""
-        if "layers" not in raw:
-            self.add("layers", "required, a non-empty list of rules")
-            return None
-        value = raw["layers"]
-        if not isinstance(value, list) or not value:
-            got = "an empty list" if isinstance(value, list) else _kind(value)
-            self.add("layers", f"must be a non-empty list of rules, got {got}")
-            return None
-        rules = [
-            self.rule(item, index, sparsity, quantization, gates)
-            for index, item in enumerate(value)
-        ]
-        if any(rule is None for rule in rules):
-            return None
-        return tuple(rule for rule in rules if rule is not None)
-
-    def rule(
-        self,
-        value: object,
-        index: int,
-        sparsity: SparsitySettings,
-        quantization: QuantizationSettings,
-        gates: Gates,
-    ) -> LayerRule | None:
-        """Returns `layers[index]` with its overrides merged over the defaults."""
-        path = f"layers[{index}]"
-        if not isinstance(value, Mapping):
-            self.add(path, f"must be a mapping with 'match' or 'type', got {_kind(value)}")
-            return None
-        before = len(self.problems)
-        raw = self.mapping(value, path, _RULE_KEYS, nullable=False) or {}
-        match = raw.get("match")
-        rule_type = raw.get("type")
-        if "match" in raw and "type" in raw:
-            self.add(path, "has both 'match' and 'type'; use one per rule")
-        elif "match" in raw:
-            problem = _pattern_problem(match)
-            if problem:
-                self.add(f"{path}.match", problem)
-        elif "type" in raw:
-            if not isinstance(rule_type, str) or rule_type not in RULE_TYPES:
-                self.add(
-                    f"{path}.type", f"must be one of {', '.join(RULE_TYPES)}, got {rule_type!r}"
-                )
-        else:
-            self.add(path, "needs 'match' or 'type'")
-
-        sparsity_raw = self.mapping(raw.get("sparsity"), f"{path}.sparsity", _SPARSITY_KEYS)
-        resolved_sparsity = self.settings(sparsity, sparsity_raw or {}, f"{path}.sparsity")
-        quantization_raw = self.mapping(
-            raw.get("quantization"), f"{path}.quantization", _QUANTIZATION_KEYS
-        )
-        resolved_quantization = self.settings(
-            quantization, quantization_raw or {}, f"{path}.quantization"
-        )
-        gates_raw = self.mapping(raw.get("gates"), f"{path}.gates", _GATE_KEYS)
-        resolved_gates = self.gates(gates, gates_raw or {}, f"{path}.gates")
-        if (
-            len(self.problems) > before
-            or resolved_sparsity is None
-            or resolved_quantization is None
-            or resolved_gates is None
-        ):
-            return None
-        return LayerRule(
-            match=match if "match" in raw else None,
-            type=rule_type if "type" in raw else None,
-            sparsity=resolved_sparsity,
-            quantization=resolved_quantization,
-            gates=resolved_gates,
-            index=index,
-        )
-
-    def settings(self, base: _Settings, raw: Mapping[str, Any], path: str) -> _Settings | None:
-        """Returns `base` with the fields of `raw` replaced, or None after recording problems."""
-        values = _merged(base, raw)
-        found = _settings_problems(_unchecked(type(base), values), path)
-        if found:
-            self.problems.extend(found)
-            return None
-        return _build(type(base), values)
-
-    def gates(self, base: Gates, raw: Mapping[str, Any], path: str) -> Gates | None:
-        """Returns `base` with the gates of `raw` replaced (null disables a gate), or None."""
-        before = len(self.problems)
-        for key, value in raw.items():
-            problem = _gate_problem(key, value)
-            if problem:
-                self.add(f"{path}.{key}", problem)
-        if len(self.problems) > before:
-            return None
-        values = {key: getattr(base, key) for key in _GATE_KEYS}
-        values.update({key: None if v is None else float(v) for key, v in raw.items()})
-        return Gates(**values)
-
-    @staticmethod
-    def salvage_gates(raw: Mapping[str, Any]) -> Gates:
-        """Returns the valid gates of `raw`; faulty ones are left unset."""
-        return Gates(
-            **{
-                key: None if value is None else float(value)
-                for key, value in raw.items()
-                if _gate_problem(key, value) is None
-            }
-        )
-
-    def patterns(self, value: object, path: str) -> tuple[str, ...] | None:
-        """Returns the list of patterns `value` (null: none)."""
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            self.add(path, f"must be a list of patterns, got {_kind(value)}")
-            return None
-        before = len(self.problems)
-        for index, item in enumerate(value):
-            problem = _pattern_problem(item)
-            if problem:
-                self.add(f"{path}[{index}]", problem)
-        if len(self.problems) > before:
-            return None
-        return tuple(value)
-
-
-def _merged(base: _Settings, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns the fields of `base` with those of `raw` replacing them (block_shape as a tuple)."""
-    values = {f.name: getattr(base, f.name) for f in fields(base)}
-    values.update(raw)
-    if isinstance(values.get("block_shape"), list):
-        values["block_shape"] = tuple(values["block_shape"])
-    return values
-
-
-def _build(cls: type[_Settings], values: Mapping[str, Any]) -> _Settings:
-    """Returns `cls(**values)` for values known to be valid, with `level` as a float."""
-    if "level" in values:
-        values = {**values, "level": float(values["level"])}
-    return cls(**values)
-
-
-def _unchecked(cls: type[_Settings], values: Mapping[str, Any]) -> _Settings:
-    """Returns an instance of the frozen settings class `cls` without running its validation.
-
-    Only for handing raw values to `sparsity_problems`/`quantization_problems`, which list every
-    problem where the constructor raises on the first.
-    """
-    instance = object.__new__(cls)
-    for name, value in values.items():
-        object.__setattr__(instance, name, value)
-    return instance
-
-
-def _settings_problems(settings: SparsitySettings | QuantizationSettings, path: str) -> list[str]:
-    if isinstance(settings, SparsitySettings):
-        return sparsity_problems(settings, path)
-    problems = quantization_problems(settings, path)
-    # quantization_problems accepts 8.0 (8.0 in (8, 4, 2)); bits must be an integer.
-    if isinstance(settings.bits, float) and not problems:
-        problems.insert(0, f"{path}.bits: must be one of 8, 4, 2, got {settings.bits!r}")
-    return problems
-
-
-def _salvage(cls: type[_Settings], raw: Mapping[str, Any]) -> _Settings:
-    """Returns `cls` built from the defaults and `raw`, with every faulty field left at default."""
-    default = cls()
-    values = _merged(default, raw)
-    # Resetting one field can expose another (zeros_per_block against a reset block_shape).
-    for _ in range(len(values)):
-        found = _settings_problems(_unchecked(cls, values), "x")
-        if not found:
-            return _build(cls, values)
-        faulty = {problem.split(":", 1)[0].removeprefix("x.") for problem in found}
-        values = {
-            name: getattr(default, name) if name in faulty else value
-            for name, value in values.items()
-        }
-    return default
-
-
-def _gate_problem(key: str, value: object) -> str | None:
-    """Returns what is wrong with the gate `key: value`, or None (null disables the gate)."""
-    if value is None:
-        return None
-    number = (
-        float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-        else math.nan
-    )
-    finite = math.isfinite(number)
-    if key == "max_rel_error" and not (finite and number >= 0):
-        return f"must be a number >= 0, got {value!r}"
-    if key == "min_row_cosine" and not (finite and -1 <= number <= 1):
-        return f"must be a number in [-1, 1], got {value!r}"
-    if key == "max_bytes_ratio" and not (finite and number > 0):
-        return f"must be a number > 0, got {value!r}"
-    return None
-
-
-def _pattern_problem(value: object) -> str | None:
-    """Returns what is wrong with a match/exclude pattern, or None."""
-    if not isinstance(value, str) or not value:
-        return f"must be a non-empty string (a glob, a name or re:REGEX), got {value!r}"
-    if value.startswith("re:"):
-        if value == "re:":
-            return "empty regular expression after 're:'"
-        try:
-            re.compile(value[3:])
-        except re.error as err:
-            return f"invalid regular expression {value[3:]!r}: {err}"
-    return None
-
-
-def _unknown_key(key: object, allowed: Sequence[str]) -> str:
-    if isinstance(key, str):
-        close = difflib.get_close_matches(key, allowed, n=1)
-        if close:
-            return f"unknown key; did you mean {close[0]!r}?"
-        section = _SECTION_FIELDS.get(key)
-        if section is not None and section in allowed:
-            return f"unknown key; did you mean '{section}.{key}'?"
-    return f"unknown key; expected one of {', '.join(allowed)}"
-
-
-def _join(path: str, key: str) -> str:
-    return key if path == "top level" else f"{path}.{key}"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _kind(value: object) -> str:
-    """Returns the YAML name of the type of `value`, as messages say it (`got list`)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, Mapping):
-        return "mapping"
-    for kind, name in ((list, "list"), (str, "string"), (int, "integer"), (float, "number")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__

@@ -2,15 +2,67 @@
 
 Exit codes: 0 done; 1 runtime failure (unreadable or corrupt input, I/O, bad data);
 2 usage or config error; 3 a quality gate failed.
+
+An error names what it is about in structured fields (`path`, `table`, `row`, `option`), and its
+message names options without committing to a spelling: `{opt:force}` in a message template is
+written `force=True` for Python callers (`str(error)`) and `--force` by the CLI
+(`error.render(flag_spelling)`). Library code never writes a command-line flag itself.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+_OPTION = re.compile(r"\{opt:(\w+)(?:=([^}]*))?\}")
+
+# Options that are switches: Python callers pass them as `name=True`.
+_SWITCHES = frozenset({"force", "trust_pickle", "dry_run"})
+_PYTHON_NAMES = {"overrides": "override"}
+
+
+def python_spelling(option: str, value: str | None) -> str:
+    """Returns how a Python caller writes `option` (with `value`): `force=True`, `device`."""
+    if value is not None:
+        return f"{option}={value!r}"
+    if option in _SWITCHES:
+        return f"{option}=True"
+    return _PYTHON_NAMES.get(option, option)
+
+
+def render_options(template: str, spell: Callable[[str, str | None], str]) -> str:
+    """Returns `template` with every `{opt:name}` / `{opt:name=value}` written by `spell`."""
+    return _OPTION.sub(lambda match: spell(match.group(1), match.group(2)), template)
+
 
 class SparqError(Exception):
-    """Base class of every error sparq raises on purpose; `str(err)` is the one-line message."""
+    """Base class of every error sparq raises on purpose; `str(err)` is the one-line message.
+
+    `path`, `table`, `row` and `option` say what the error is about, where known.
+    """
 
     exit_code: int = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: object = None,
+        table: str | None = None,
+        row: int | None = None,
+        option: str | None = None,
+    ) -> None:
+        self.template = message
+        self.path = None if path is None else str(path)
+        self.table = table
+        self.row = row
+        found = _OPTION.search(message)
+        self.option = option if option is not None else (found.group(1) if found else None)
+        super().__init__(self.render(python_spelling))
+
+    def render(self, spell: Callable[[str, str | None], str]) -> str:
+        """Returns the message with its options written by `spell(option, value)`."""
+        return render_options(self.template, spell)
 
 
 class UsageError(SparqError):
@@ -24,14 +76,18 @@ class SettingError(UsageError):
 
 
 class ConfigError(UsageError):
-    """A config file has one or more problems; all of them are listed (exit 2)."""
+    """A config has one or more problems; all of them are listed (exit 2).
+
+    `problems` holds one `path: message` line each (rendered for Python callers).
+    """
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
-        self.problems = list(problems)
-        count = len(self.problems)
+        self.problem_templates = list(problems)
+        count = len(problems)
         head = f"{source}: {count} problem{'s' if count != 1 else ''}"
-        super().__init__(head + ": " + "; ".join(self.problems))
+        super().__init__(head + ": " + "; ".join(problems), path=source)
+        self.problems = [render_options(p, python_spelling) for p in problems]
 
 
 class SelectionError(UsageError):
@@ -39,7 +95,7 @@ class SelectionError(UsageError):
 
 
 class UnsafeInputError(UsageError):
-    """Reading the input would run code from it (a pickle) and --trust-pickle was not given (exit 2)."""
+    """Reading the input would run code from it (a pickle) and trust was not given (exit 2)."""
 
 
 class InputError(SparqError):

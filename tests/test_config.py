@@ -10,16 +10,9 @@ from typing import Any
 
 import pytest
 
-from sparqcli.config import (
-    Config,
-    Gates,
-    LayerRule,
-    config_to_dict,
-    load_config,
-    parse_config,
-)
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
-from sparqcli.errors import ConfigError, InputError
+from sparqcli.config import Config, ResolvedRule, Rule
+from sparqcli.errors import ConfigError, InputError, SettingError
+from sparqcli.settings import Gates, Quantization, Sparsity
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -32,13 +25,13 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 def problems_of(data: object) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_config(data, "cfg.yaml")
+        Config.from_dict(data, "cfg.yaml")
     return info.value.problems
 
 
 def message_of(path: Path, *overrides: str, order: str | None = None) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides, order=order)
+        Config.from_yaml(path, overrides, order=order)
     return str(info.value)
 
 
@@ -52,37 +45,121 @@ def test_the_configs_folder_is_not_empty() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    config = load_config(path)
+    config = Config.from_yaml(path)
     assert config.source == str(path)
     assert config.layers
-    assert parse_config(config_to_dict(config), str(path)) == config
+    assert Config.from_dict((config).to_dict(), str(path)) == config
 
 
 def test_minimal_config_takes_the_defaults() -> None:
-    config = parse_config({"layers": [{"match": "*emb*"}]}, "cfg.yaml")
-    assert config == Config(
-        version=1,
-        order="sparsify-first",
-        sparsity=SparsitySettings(),
-        quantization=QuantizationSettings(),
-        layers=(
-            LayerRule(
-                match="*emb*",
-                type=None,
-                sparsity=SparsitySettings(),
-                quantization=QuantizationSettings(),
-                gates=Gates(),
-                index=0,
-            ),
+    config = Config.from_dict({"layers": [{"match": "*emb*"}]}, "cfg.yaml")
+    assert config == Config(layers=[Rule(match="*emb*")])
+    assert config.source == "cfg.yaml"
+    assert config.resolved_rules == (
+        ResolvedRule(
+            index=0,
+            match="*emb*",
+            type=None,
+            sparsity=Sparsity(),
+            quantization=Quantization(),
+            gates=Gates(),
         ),
-        exclude=(),
-        gates=Gates(),
-        source="cfg.yaml",
     )
 
 
+def test_a_config_built_in_python_equals_the_same_yaml(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+order: quantize-first
+sparsity: {level: 0.6, block_shape: [1, 4]}
+quantization: {bits: 4}
+layers:
+  - match: "tables.*"
+  - match: "bags.*"
+    sparsity: {level: 0.8}
+    gates: {min_row_cosine: null}
+""",
+    )
+    built = Config(
+        order="quantize-first",
+        sparsity=Sparsity(level=0.6, block_shape=(1, 4)),
+        quantization=Quantization(bits=4),
+        layers=[
+            Rule(match="tables.*"),
+            Rule(match="bags.*", sparsity={"level": 0.8}, gates={"min_row_cosine": None}),
+        ],
+    )
+    loaded = Config.from_yaml(path)
+    assert loaded == built
+    assert loaded.resolved_rules == built.resolved_rules
+    assert Config.from_yaml(write(tmp_path, built.to_yaml(), "again.yaml")) == built
+
+
+def test_a_rule_dataclass_replaces_the_whole_section() -> None:
+    config = Config(
+        sparsity=Sparsity(level=0.3, block_shape=(2, 2), norm="L2"),
+        layers=[
+            Rule(match="a", sparsity=Sparsity(level=0.9)),
+            Rule(match="b", sparsity={"level": 0.9}),
+        ],
+    )
+    whole, merged = config.resolved_rules
+    assert whole.sparsity == Sparsity(level=0.9)
+    assert merged.sparsity == Sparsity(level=0.9, block_shape=(2, 2), norm="L2")
+
+
+def test_a_config_built_in_python_lists_every_problem_with_its_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config(
+            order="backwards",  # type: ignore[arg-type]
+            layers=[
+                Rule(match="a", sparsity={"level": 2, "blocks": [1, 4]}),
+                Rule(quantization={"bits": 3}),
+            ],
+        )
+    assert info.value.problems == [
+        "order: must be one of sparsify-first, quantize-first, got 'backwards'",
+        "layers[0].sparsity.blocks: unknown key; did you mean 'block_shape'?",
+        "layers[0].sparsity.level: must be a number in [0, 1], got 2",
+        "layers[1]: needs 'match' or 'type'",
+        "layers[1].quantization.bits: must be one of 8, 4, 2, got 3",
+    ]
+    with pytest.raises(ConfigError, match=r"^<config>: 1 problem: layers: must be a non-empty"):
+        Config(layers=[])
+
+
+def test_settings_validate_themselves() -> None:
+    with pytest.raises(SettingError) as info:
+        Quantization(bits=8.0)  # type: ignore[arg-type]
+    assert str(info.value) == "quantization.bits: must be one of 8, 4, 2, got 8.0"
+    with pytest.raises(SettingError) as info:
+        Gates(max_rel_error=-1, min_row_cosine=2)
+    assert str(info.value) == (
+        "gates.max_rel_error: must be a number >= 0, got -1; "
+        "gates.min_row_cosine: must be a number in [-1, 1], got 2"
+    )
+    with pytest.raises(SettingError, match=r"^sparsity.zeros_per_block: must be in \[0, 4\]"):
+        Sparsity(zeros_per_block=5)
+    assert Sparsity(level=1).level == 1.0 and isinstance(Sparsity(level=1).level, float)
+    assert Sparsity(block_shape=[2, 2]).block_shape == (2, 2)  # type: ignore[arg-type]
+    assert Gates(max_rel_error=1).max_rel_error == 1.0
+
+
+def test_a_rule_gate_set_to_null_disables_the_top_level_gate() -> None:
+    config = Config.from_dict(
+        {
+            "gates": {"min_row_cosine": 0.99, "max_rel_error": 0.5},
+            "layers": [{"match": "a", "gates": {"min_row_cosine": None}}, {"match": "b"}],
+        }
+    )
+    disabled, inherited = config.resolved_rules
+    assert disabled.gates == Gates(max_rel_error=0.5)
+    assert inherited.gates == Gates(min_row_cosine=0.99, max_rel_error=0.5)
+
+
 def test_rules_merge_their_overrides_field_by_field() -> None:
-    config = parse_config(
+    config = Config.from_dict(
         {
             "order": "quantize-first",
             "sparsity": {"level": 0.5, "block_shape": [2, 4], "norm": "L2"},
@@ -102,12 +179,10 @@ def test_rules_merge_their_overrides_field_by_field() -> None:
         },
         "cfg.yaml",
     )
-    first, second, third = config.layers
-    assert first.sparsity == SparsitySettings(level=0.5, block_shape=(2, 4), norm="L2")
-    assert second.sparsity == SparsitySettings(
-        level=0.8, block_shape=(2, 4), zeros_per_block=6, norm="L2"
-    )
-    assert second.quantization == QuantizationSettings(bits=4, scale_dtype="float16")
+    first, second, third = config.resolved_rules
+    assert first.sparsity == Sparsity(level=0.5, block_shape=(2, 4), norm="L2")
+    assert second.sparsity == Sparsity(level=0.8, block_shape=(2, 4), zeros_per_block=6, norm="L2")
+    assert second.quantization == Quantization(bits=4, scale_dtype="float16")
     assert second.gates == Gates(max_rel_error=0.2, min_row_cosine=None)
     assert first.gates == third.gates == Gates(max_rel_error=0.5, min_row_cosine=0.9)
     assert (third.match, third.type, third.index) == (None, "EmbeddingBag", 2)
@@ -118,34 +193,22 @@ def test_rules_merge_their_overrides_field_by_field() -> None:
     assert isinstance(first.sparsity.level, float)
 
 
-def test_config_to_dict_is_plain_json() -> None:
-    config = parse_config(
+def test_config_to_dict_is_the_yaml_mapping() -> None:
+    config = Config.from_dict(
         {
             "layers": [{"match": "re:emb", "quantization": {"bits": 2}}],
             "gates": {"max_rel_error": 1},
         },
         "cfg.yaml",
     )
-    data = config_to_dict(config)
+    data = config.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert data == {
         "version": 1,
         "order": "sparsify-first",
         "sparsity": {"level": 0.5, "block_shape": [1, 4], "zeros_per_block": None, "norm": "L1"},
         "quantization": {"bits": 8, "scale_dtype": "float32"},
-        "layers": [
-            {
-                "match": "re:emb",
-                "sparsity": {
-                    "level": 0.5,
-                    "block_shape": [1, 4],
-                    "zeros_per_block": None,
-                    "norm": "L1",
-                },
-                "quantization": {"bits": 2, "scale_dtype": "float32"},
-                "gates": {"max_rel_error": 1.0, "min_row_cosine": None, "max_bytes_ratio": None},
-            }
-        ],
+        "layers": [{"match": "re:emb", "quantization": {"bits": 2}}],
         "exclude": [],
         "gates": {"max_rel_error": 1.0, "min_row_cosine": None, "max_bytes_ratio": None},
     }
@@ -259,7 +322,7 @@ exclude: "*pos*"
         "layers[1]: needs 'match' or 'type'",
     ]
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        Config.from_yaml(path)
     assert info.value.problems == problems
     assert info.value.source == str(path)
     assert str(info.value) == f"{path}: 8 problems: " + "; ".join(problems)
@@ -332,10 +395,10 @@ def test_sections_must_be_mappings_but_may_be_null() -> None:
         "sparsity: must be a mapping, got list",
         "layers[0].gates: must be a mapping, got number",
     ]
-    config = parse_config(
+    config = Config.from_dict(
         {"sparsity": None, "gates": None, "exclude": None, "layers": [{"match": "x"}]}, "c"
     )
-    assert config.sparsity == SparsitySettings()
+    assert config.sparsity == Sparsity()
     assert config.exclude == ()
 
 
@@ -402,11 +465,11 @@ def test_non_utf8_file(tmp_path: Path) -> None:
 
 def test_missing_and_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
-        load_config(tmp_path / "nope.yaml")
+        Config.from_yaml(tmp_path / "nope.yaml")
     assert str(info.value) == f"{tmp_path / 'nope.yaml'}: no such file"
     assert info.value.exit_code == 1
     with pytest.raises(InputError) as info:
-        load_config(tmp_path)
+        Config.from_yaml(tmp_path)
     assert str(info.value) == f"{tmp_path}: is a directory, not a config file"
 
 
@@ -422,7 +485,7 @@ layers:
 
 
 def test_set_overrides(tmp_path: Path) -> None:
-    config = load_config(
+    config = Config.from_yaml(
         write(tmp_path, BASE),
         [
             "sparsity.level=0.7",
@@ -435,10 +498,10 @@ def test_set_overrides(tmp_path: Path) -> None:
             "exclude=['*pos*']",
         ],
     )
-    first, second = config.layers
-    assert config.sparsity == SparsitySettings(level=0.7, block_shape=(2, 2), zeros_per_block=2)
+    first, second = config.resolved_rules
+    assert config.sparsity == Sparsity(level=0.7, block_shape=(2, 2), zeros_per_block=2)
     assert first.sparsity == config.sparsity
-    assert second.sparsity == SparsitySettings(level=0.9, block_shape=(2, 2), zeros_per_block=2)
+    assert second.sparsity == Sparsity(level=0.9, block_shape=(2, 2), zeros_per_block=2)
     assert first.quantization.bits == second.quantization.bits == 4
     assert first.gates == Gates(max_rel_error=0.3, max_bytes_ratio=0.5)
     assert second.gates == Gates(max_bytes_ratio=0.5)
@@ -446,7 +509,7 @@ def test_set_overrides(tmp_path: Path) -> None:
 
 
 def test_set_null_and_string_values(tmp_path: Path) -> None:
-    config = load_config(
+    config = Config.from_yaml(
         write(tmp_path, BASE + "gates: {max_rel_error: 0.5}\n"),
         ["gates.max_rel_error=null", "sparsity.norm=L2", "layers[0].match=token_*"],
     )
@@ -458,20 +521,20 @@ def test_set_null_and_string_values(tmp_path: Path) -> None:
 def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     problems = [
-        "--set foo: expected KEY=VALUE",
-        "--set layers[2].sparsity.level: layers has 2 entries",
-        "--set sparsity.level.x: sparsity.level is not a mapping",
-        "--set layers.x: layers is not a mapping",
-        "--set sparsity[0]: sparsity is not a list",
-        "--set a..b: invalid key; write a dotted path such as sparsity.level "
+        "override foo: expected KEY=VALUE",
+        "override layers[2].sparsity.level: layers has 2 entries",
+        "override sparsity.level.x: sparsity.level is not a mapping",
+        "override layers.x: layers is not a mapping",
+        "override sparsity[0]: sparsity is not a list",
+        "override a..b: invalid key; write a dotted path such as sparsity.level "
         "or layers[1].quantization.bits",
-        "--set sparsity.block_shape: cannot read value '[1, 2': "
+        "override sparsity.block_shape: cannot read value '[1, 2': "
         "invalid YAML at line 1, column 6: expected ',' or ']', but got '<stream end>'",
         "sparsity.levle: unknown key; did you mean 'level'?",
         "quantization.bits: must be one of 8, 4, 2, got 5",
     ]
     with pytest.raises(ConfigError) as info:
-        load_config(
+        Config.from_yaml(
             path,
             [
                 "foo",
@@ -490,15 +553,15 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
 
 def test_set_refuses_aliases(tmp_path: Path) -> None:
     assert message_of(write(tmp_path, BASE), "sparsity.level=*x") == (
-        f"{tmp_path / 'cfg.yaml'}: 1 problem: --set sparsity.level: cannot read value '*x': "
+        f"{tmp_path / 'cfg.yaml'}: 1 problem: override sparsity.level: cannot read value '*x': "
         "line 1, column 1: YAML aliases (*x) are not allowed; write the value out"
     )
 
 
 def test_order_override(tmp_path: Path) -> None:
     path = write(tmp_path, "order: sparsify-first\n" + BASE)
-    assert load_config(path).order == "sparsify-first"
-    assert load_config(path, order="quantize-first").order == "quantize-first"
+    assert Config.from_yaml(path).order == "sparsify-first"
+    assert Config.from_yaml(path, order="quantize-first").order == "quantize-first"
     assert message_of(path, "order=quantize-first", order="both") == (
         f"{path}: 1 problem: order: must be one of sparsify-first, quantize-first, got 'both'"
     )
@@ -513,9 +576,9 @@ def test_importing_config_and_select_does_not_import_torch() -> None:
 
 
 def _roundtrip(data: dict[str, Any]) -> Config:
-    return parse_config(config_to_dict(parse_config(data, "c")), "c")
+    return Config.from_dict((Config.from_dict(data, "c")).to_dict(), "c")
 
 
 def test_roundtrip_keeps_type_rules() -> None:
     data: dict[str, Any] = {"layers": [{"type": "embedding", "gates": {"max_bytes_ratio": 0.4}}]}
-    assert _roundtrip(data) == parse_config(data, "c")
+    assert _roundtrip(data) == Config.from_dict(data, "c")

@@ -1,0 +1,278 @@
+"""Compression settings as typed, frozen, self-validating dataclasses: `Sparsity`,
+`Quantization` and `Gates`, the sections of a config file one to one.
+
+The rules live here once, as functions over raw values (`sparsity_problems(values, path)` and
+friends) that return every problem as a `(dotted path, message)` pair. The constructors use
+them (and raise `SettingError` naming every problem); the YAML loader uses them on the raw
+mapping, so a file and a Python call get the same messages.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from sparqcli.errors import SettingError
+
+Norm = Literal["L1", "L2"]
+Order = Literal["sparsify-first", "quantize-first"]
+ScaleDtype = Literal["float32", "float16"]
+
+NORMS: tuple[str, ...] = ("L1", "L2")
+ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
+BITS: tuple[int, ...] = (8, 4, 2)
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+
+Problem = tuple[str, str]
+"""One problem: the dotted path of the offending value and what is wrong with it."""
+
+
+def join_problems(problems: list[Problem]) -> list[str]:
+    """Returns each problem as one `path: message` line."""
+    return [f"{path}: {message}" for path, message in problems]
+
+
+def _raise_problems(problems: list[Problem]) -> None:
+    if problems:
+        raise SettingError("; ".join(join_problems(problems)))
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Block-norm sparsity (`DataNormSparsifier`), the `sparsity:` section of a config.
+
+    `level` is the fraction of blocks pruned, `round(level * n_blocks)` of them, ranked over the
+    whole table; `zeros_per_block` values are zeroed inside a pruned block (None: all of them);
+    `norm` ranks the blocks by the mean |x| (L1) or x^2 (L2) of their values.
+    Raises SettingError listing every invalid field.
+    """
+
+    level: float = 0.5
+    block_shape: tuple[int, int] = (1, 4)
+    zeros_per_block: int | None = None
+    norm: Norm = "L1"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_shape, list):
+            object.__setattr__(self, "block_shape", tuple(self.block_shape))
+        _raise_problems(sparsity_problems(_values(self), "sparsity"))
+        object.__setattr__(self, "level", float(self.level))
+
+    @property
+    def block_size(self) -> int:
+        """Returns the number of values in one block."""
+        return self.block_shape[0] * self.block_shape[1]
+
+    @property
+    def effective_zeros_per_block(self) -> int:
+        """Returns `zeros_per_block`, with None resolved to the whole block."""
+        return self.block_size if self.zeros_per_block is None else self.zeros_per_block
+
+    @property
+    def prunes_whole_blocks(self) -> bool:
+        """Returns True when a pruned block loses every one of its values."""
+        return self.effective_zeros_per_block == self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the settings as JSON/YAML-able data (block_shape as a list)."""
+        return {
+            "level": self.level,
+            "block_shape": list(self.block_shape),
+            "zeros_per_block": self.zeros_per_block,
+            "norm": self.norm,
+        }
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Per-row affine quantization with float zero points (torch.ao's float_qparams scheme),
+    the `quantization:` section of a config. Raises SettingError listing every invalid field."""
+
+    bits: int = 8
+    scale_dtype: ScaleDtype = "float32"
+
+    def __post_init__(self) -> None:
+        _raise_problems(quantization_problems(_values(self), "quantization"))
+
+    @property
+    def quant_max(self) -> int:
+        """Returns the largest code, 2**bits - 1."""
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the settings as JSON/YAML-able data."""
+        return {"bits": self.bits, "scale_dtype": self.scale_dtype}
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Quality gates of a table, the `gates:` section of a config; None disables a gate.
+
+    `max_rel_error`: relative L2 error of the table; `min_row_cosine`: the smallest row cosine
+    similarity; `max_bytes_ratio`: compressed bytes / original bytes.
+    Raises SettingError listing every invalid gate.
+    """
+
+    max_rel_error: float | None = None
+    min_row_cosine: float | None = None
+    max_bytes_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _raise_problems(gates_problems(_values(self), "gates"))
+        for name, value in _values(self).items():
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+
+    def to_dict(self) -> dict[str, float | None]:
+        """Returns the gates as JSON/YAML-able data (null: disabled)."""
+        return _values(self)
+
+    def failures(
+        self, rel_error: float, row_cosine_min: float, bytes_ratio: float | None
+    ) -> list[str]:
+        """Returns one line per gate the measured values fail (empty when all pass)."""
+        failed = []
+        if self.max_rel_error is not None and rel_error > self.max_rel_error:
+            failed.append(f"rel_error {rel_error:.4g} > max_rel_error {self.max_rel_error:g}")
+        if self.min_row_cosine is not None and row_cosine_min < self.min_row_cosine:
+            failed.append(
+                f"row_cosine_min {row_cosine_min:.4g} < min_row_cosine {self.min_row_cosine:g}"
+            )
+        ratio_gate = self.max_bytes_ratio
+        if ratio_gate is not None and bytes_ratio is not None and bytes_ratio > ratio_gate:
+            failed.append(f"bytes_ratio {bytes_ratio:.4g} > max_bytes_ratio {ratio_gate:g}")
+        return failed
+
+
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "sparsity": tuple(f.name for f in fields(Sparsity)),
+    "quantization": tuple(f.name for f in fields(Quantization)),
+    "gates": tuple(f.name for f in fields(Gates)),
+}
+
+
+def _values(settings: Sparsity | Quantization | Gates) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules, over raw values (what a YAML file or a Python call gave)
+
+
+def is_number(value: object) -> bool:
+    """Returns True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return repr(value)
+
+
+def _block_shape_ok(shape: object) -> bool:
+    return (
+        isinstance(shape, (tuple, list))
+        and len(shape) == 2
+        and all(_is_int(side) and side >= 1 for side in shape)
+    )
+
+
+def sparsity_field_problem(name: str, value: object) -> str | None:
+    """Returns what is wrong with one sparsity field's value on its own, or None."""
+    if name == "level":
+        if not is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:  # type: ignore[arg-type]
+            return f"must be a number in [0, 1], got {value!r}"
+    elif name == "block_shape":
+        if not _block_shape_ok(value):
+            return f"must be two positive integers [rows, columns], got {_show(value)}"
+    elif name == "zeros_per_block":
+        if value is not None and not _is_int(value):
+            return f"must be an integer or null, got {value!r}"
+        if value is not None and value < 0:  # type: ignore[operator]
+            return f"must not be negative, got {value}"
+    elif name == "norm" and value not in NORMS:
+        return f"must be one of {', '.join(NORMS)}, got {value!r}"
+    return None
+
+
+def sparsity_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
+    """Returns every problem of a complete set of sparsity values, as (path, message) pairs.
+
+    Besides each field on its own, `zeros_per_block` must fit the block shape.
+    """
+    problems = _field_problems(values, path, sparsity_field_problem)
+    if not problems:
+        shape, zeros = values["block_shape"], values["zeros_per_block"]
+        size = shape[0] * shape[1]
+        if zeros is not None and zeros > size:
+            problems.append(
+                (
+                    f"{path}.zeros_per_block",
+                    f"must be in [0, {size}] for block shape {_show(shape)}, got {zeros}",
+                )
+            )
+    return problems
+
+
+def quantization_field_problem(name: str, value: object) -> str | None:
+    """Returns what is wrong with one quantization field's value, or None."""
+    if name == "bits" and (not _is_int(value) or value not in BITS):
+        return f"must be one of {', '.join(map(str, BITS))}, got {value!r}"
+    if name == "scale_dtype" and value not in SCALE_DTYPES:
+        return f"must be one of {', '.join(SCALE_DTYPES)}, got {value!r}"
+    return None
+
+
+def quantization_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
+    """Returns every problem of a complete set of quantization values."""
+    return _field_problems(values, path, quantization_field_problem)
+
+
+def gate_field_problem(name: str, value: object) -> str | None:
+    """Returns what is wrong with one gate's value, or None (null disables the gate)."""
+    if value is None:
+        return None
+    number = float(value) if is_number(value) else math.nan  # type: ignore[arg-type]
+    finite = math.isfinite(number)
+    if name == "max_rel_error" and not (finite and number >= 0):
+        return f"must be a number >= 0, got {value!r}"
+    if name == "min_row_cosine" and not (finite and -1 <= number <= 1):
+        return f"must be a number in [-1, 1], got {value!r}"
+    if name == "max_bytes_ratio" and not (finite and number > 0):
+        return f"must be a number > 0, got {value!r}"
+    return None
+
+
+def gates_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
+    """Returns every problem of a set of gates."""
+    return _field_problems(values, path, gate_field_problem)
+
+
+FIELD_RULES = {
+    "sparsity": sparsity_field_problem,
+    "quantization": quantization_field_problem,
+    "gates": gate_field_problem,
+}
+SECTION_RULES = {
+    "sparsity": sparsity_problems,
+    "quantization": quantization_problems,
+    "gates": gates_problems,
+}
+
+
+def _field_problems(values: Mapping[str, Any], path: str, rule: Any) -> list[Problem]:
+    problems = []
+    for name, value in values.items():
+        message = rule(name, value)
+        if message is not None:
+            problems.append((f"{path}.{name}", message))
+    return problems
