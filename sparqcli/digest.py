@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparqcli.errors import InputError
-from sparqcli.threads import start_daemon, wait_until
 
 _BLOCK_BYTES = 1 << 22
 
@@ -46,7 +45,8 @@ class BackgroundSha256:
         self._cancelled = threading.Event()
         self._results: dict[Path, str | InputError] = {}
         self._done = {path: threading.Event() for path in self._paths}
-        self._thread = start_daemon(self._run, "sparq-sha256")
+        self._thread = threading.Thread(target=self._run, name="sparq-sha256", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         for path in self._paths:
@@ -61,7 +61,7 @@ class BackgroundSha256:
 
         Raises InputError when the file was unreadable or the hashing was cancelled.
         """
-        wait_until(self._done[path].wait)
+        self._done[path].wait()
         result = self._results[path]
         if isinstance(result, InputError):
             raise result

@@ -1,0 +1,156 @@
+"""Writing outputs safely: never over an input, never half a file.
+
+Every output is written to a temporary file in the target folder, flushed to disk and renamed
+into place, so a reader sees either no file, the previous file, or the complete new one. The
+temporary files being written are registered here (the one piece of process state), so that
+whoever handles a signal can remove them before the process ends: `discard_partial_outputs()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sparqcli.errors import OutputError, UsageError, first_line
+
+_PARTIAL: set[Path] = set()
+
+
+def discard_partial_outputs() -> list[Path]:
+    """Removes every temporary output still being written; returns their paths.
+
+    For a signal handler about to end the process: the outputs stay as they were before.
+    """
+    removed = sorted(_PARTIAL)
+    for temp in removed:
+        _remove_quietly(temp)
+    return removed
+
+
+def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+    """Checks that `output` may be written. Raises UsageError when it is an input or exists."""
+    for source in inputs:
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            raise UsageError(
+                f"{output}: is an input; sparq never overwrites its input", path=output
+            )
+        if output.resolve() == source.resolve():
+            raise UsageError(
+                f"{output}: is an input; sparq never overwrites its input", path=output
+            )
+    if output.exists() and not force:
+        raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
+    if output.exists() and output.is_dir():
+        raise UsageError(f"{output}: is a directory", path=output)
+
+
+def check_report_path(path: Path, force: bool) -> None:
+    """Checks that a report may be written to `path`. Raises UsageError when it exists (without
+    `force`) or its folder does not."""
+    check_output_path(path, [], force)
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"{{opt:report}} {path}: folder {path.parent} does not exist",
+            path=path,
+            option="report",
+        )
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; on success it is synced and renamed to `path`.
+
+    On any failure, or an interrupt, the temporary file is removed and `path` is untouched.
+    Raises OutputError when the folder is not writable or the write fails.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: cannot write: folder {folder} does not exist")
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write: {error.strerror}") from None
+    temp = Path(temp_name)
+    _PARTIAL.add(temp)
+    try:
+        os.close(handle)
+        yield temp
+        _finish(temp, path)
+    except OSError as error:
+        _remove_quietly(temp)
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    except OutputError as error:
+        # Writers name the file they were given; the user knows the output by its own name.
+        _remove_quietly(temp)
+        raise OutputError(str(error).replace(str(temp), str(path))) from None
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    finally:
+        _PARTIAL.discard(temp)
+
+
+def _finish(temp: Path, path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    with open(temp, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:
+    """Writes `obj` with torch.save to `path` atomically. Raises OutputError on failure."""
+    with atomic_output(path) as temp:
+        (write or save_torch_file)(obj, temp)
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """Writes `obj` with torch.save to exactly `path`; the same object gives the same bytes."""
+    import torch
+
+    # Through a file object: torch.save(obj, path) names the zip's inner folder after the
+    # (random) temporary file name, so the same object would give different bytes.
+    with open(path, "wb") as file:
+        sink = _Sink(file)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError as error:
+            # torch's zip writer turns a failed write (a full disk) into a RuntimeError.
+            if sink.error is not None:
+                raise sink.error from None
+            raise OutputError(f"{path}: cannot write: {first_line(error)}") from None
+
+
+class _Sink:
+    """A binary file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
