@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparqcli.engine.settings import Norm
+from sparqcli.settings import Norm
 
 
 @triton.jit

@@ -13,13 +13,13 @@ few row chunks plus the (compressed) result.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from sparqcli.engine.options import DEFAULT_OPTIONS, EngineOptions
 from sparqcli.engine.quantize import (
     dequantize,
     exact_zero_minimums,
@@ -28,7 +28,6 @@ from sparqcli.engine.quantize import (
     quantize_levels,
     row_qparams,
 )
-from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
 from sparqcli.engine.sparsify import (
     BlockPruner,
     ChunkKeep,
@@ -42,9 +41,7 @@ from sparqcli.engine.sparsify import (
 from sparqcli.engine.stats import StatsAccumulator, TableStats
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import SettingError, TableError
-
-# Fused kernels (engine/fused.py) run on CUDA where Triton is installed; False forces tensor ops.
-USE_FUSED_KERNELS = True
+from sparqcli.settings import Order, Quantization, Sparsity
 
 RowReader = Callable[[int, int], torch.Tensor]
 """Reads rows `start:stop` of a table as a 2-D tensor (any float dtype, any device)."""
@@ -67,12 +64,13 @@ CUDA_SCORE_BUDGET_BYTES = 2 << 30
 def compress_table(
     table: torch.Tensor,
     order: Order,
-    sparsity: SparsitySettings,
-    quantization: QuantizationSettings,
+    sparsity: Sparsity,
+    quantization: Quantization,
     *,
     device: torch.device | str | None = None,
     chunk_rows: int | None = None,
     name: str = "table",
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of an in-memory 2-D float table and its statistics.
 
@@ -92,6 +90,7 @@ def compress_table(
         device=table.device if device is None else device,
         chunk_rows=chunk_rows,
         name=name,
+        options=options,
     )
 
 
@@ -100,21 +99,22 @@ def compress_rows(
     shape: tuple[int, int],
     dtype: torch.dtype,
     order: Order,
-    sparsity: SparsitySettings,
-    quantization: QuantizationSettings,
+    sparsity: Sparsity,
+    quantization: Quantization,
     *,
     device: torch.device | str = "cpu",
     chunk_rows: int | None = None,
     score_budget_bytes: int | None = None,
     name: str = "table",
     progress: Callable[[float], None] | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
     `read_rows(start, stop)` is called for row ranges in order, twice per range (three times
     when the block scores exceed `score_budget_bytes`, by default 512 MiB on CPU and 2 GiB on
     CUDA). Results live on `device`. `progress`, when given, is called with the fraction of
-    the work done after each chunk.
+    the work done after each chunk. `options` choose how it computes, not what.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -125,7 +125,9 @@ def compress_rows(
             f"{name}: must be a floating table, got dtype {str(dtype).replace('torch.', '')}"
         )
     device = torch.device(device)
-    job = _TableJob(read_rows, shape, order, sparsity, quantization, device, chunk_rows, name)
+    job = _TableJob(
+        read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, options
+    )
     job.progress = progress
     if score_budget_bytes is None:
         cuda = device.type == "cuda"
@@ -133,14 +135,15 @@ def compress_rows(
     return job.run(dtype, score_budget_bytes)
 
 
-def _fused_kernels(device: torch.device) -> ModuleType | None:
+def _fused_kernels(device: torch.device, options: EngineOptions) -> ModuleType | None:
     """Returns the fused-kernel module when it can run on `device`, else None.
 
-    They run on CUDA where Triton is installed. With TRITON_INTERPRET=1 Triton runs them on the
-    CPU (slowly, through numpy): that is how they are checked without a GPU, so then they run on
-    CPU tensors too.
+    They run on CUDA where Triton is installed, and on CPU tensors through Triton's interpreter
+    when `options.interpret_kernels` is set (how they are checked without a GPU).
     """
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not options.fused_kernels:
+        return None
+    if device.type != "cuda" and not options.interpret_kernels:
         return None  # checked before importing Triton, which costs time
     try:
         from sparqcli.engine import fused
@@ -161,11 +164,12 @@ class _TableJob:
         read_rows: RowReader,
         shape: tuple[int, int],
         order: Order,
-        sparsity: SparsitySettings,
-        quantization: QuantizationSettings,
+        sparsity: Sparsity,
+        quantization: Quantization,
         device: torch.device,
         chunk_rows: int | None,
         name: str,
+        options: EngineOptions,
     ) -> None:
         self.read_rows = read_rows
         self.rows, self.cols = shape
@@ -175,7 +179,8 @@ class _TableJob:
         self.device = device
         self.name = name
         block_height = sparsity.block_shape[0]
-        self.fused = _fused_kernels(device) if self.cols and USE_FUSED_KERNELS else None
+        self.options = options
+        self.fused = _fused_kernels(device, options) if self.cols else None
         if chunk_rows is None:
             chunk_values = CPU_CHUNK_VALUES
             if device.type == "cuda":
@@ -217,7 +222,11 @@ class _TableJob:
             if all_scores is not None:
                 held = [all_scores[self._block_rows(start, stop)] for start, stop in self.ranges]
                 pruner = BlockPruner.for_scores(
-                    lambda: iter(held), n_blocks, self.sparsity.level, all_scores
+                    lambda: iter(held),
+                    n_blocks,
+                    self.sparsity.level,
+                    all_scores,
+                    self.options.cuda_selection,
                 )
             else:
                 pruner = BlockPruner.for_scores(self._score_chunks, n_blocks, self.sparsity.level)

@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-from sparqcli.engine.settings import QuantizationSettings
 from sparqcli.errors import TableError
+from sparqcli.settings import Quantization
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def row_qparams(
-    values: torch.Tensor, settings: QuantizationSettings, first_row: int = 0
+    values: torch.Tensor, settings: Quantization, first_row: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns `(scale, zero_point)` per row of a float32 (rows, cols) tensor, as float32.
 
@@ -55,7 +55,7 @@ def exact_zero_minimums(
 def qparams_from_range(
     row_min: torch.Tensor,
     row_max: torch.Tensor,
-    settings: QuantizationSettings,
+    settings: Quantization,
     first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns `(scale, zero_point)` from each row's float32 min and max; see `row_qparams`."""

@@ -17,17 +17,13 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from sparqcli.engine.settings import Norm, SparsitySettings
+from sparqcli.engine.blocks import block_grid, fit_blocks
+from sparqcli.settings import Norm, Sparsity
 
 # Non-negative float32 values order like their int32 bit patterns; the k-th smallest score is
 # found with two 16-bit histogram passes (radix select) instead of a sort: linear time, and the
 # temporaries are bounded by the size of one chunk of scores.
 _RADIX_BITS = 16
-# How a CUDA device selects among scores held in one tensor: "topk", "sort", or "radix" (the
-# histogram passes used on CPU). Measured with benchmarks/bench_cuda.py on an H100, over 131M
-# scores: topk 4.1 ms, sort 8.1 ms, radix 27.6 ms, torch.kthvalue 943 ms; topk also needs the
-# least memory (see benchmarks/README.md).
-CUDA_SELECTION = "topk"
 
 
 def value_norms(values: torch.Tensor, norm: Norm, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,22 +32,6 @@ def value_norms(values: torch.Tensor, norm: Norm, out: torch.Tensor | None = Non
     Written into `out` (float32, the shape of `values`; may be `values` itself) when given.
     """
     return torch.abs(values, out=out) if norm == "L1" else torch.mul(values, values, out=out)
-
-
-def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
-    """Returns the number of block rows and block columns covering a table of `shape`."""
-    rows, cols = shape
-    bh, bw = block_shape
-    return -(-rows // bh), -(-cols // bw)
-
-
-def fit_blocks(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
-    """Returns `block_shape` cut down to `shape` (each side at least 1).
-
-    The cut blocks cover `shape` exactly as the given ones do (same grid, same values in each
-    block), so a block larger than the table does not pad the table to the block's size.
-    """
-    return max(1, min(block_shape[0], shape[0])), max(1, min(block_shape[1], shape[1]))
 
 
 def _pad_to_blocks(values: torch.Tensor, block_shape: tuple[int, int], fill: float) -> torch.Tensor:
@@ -178,18 +158,19 @@ class BlockPruner:
         n_blocks: int,
         level: float,
         all_scores: torch.Tensor | None = None,
+        cuda_selection: str = "topk",
     ) -> BlockPruner:
         """Returns the pruner for `level` over the scores that `chunks()` yields (in block order).
 
         `all_scores`, when the caller holds every score in one tensor, lets a CUDA device select
-        the way `CUDA_SELECTION` says.
+        by `cuda_selection` (`topk`, `sort`; `radix` selects as on CPU).
         """
         k = blocks_to_prune(level, n_blocks)
         if k == 0:
             return cls(None, 0)
-        if all_scores is not None and all_scores.is_cuda and CUDA_SELECTION == "sort":
+        if all_scores is not None and all_scores.is_cuda and cuda_selection == "sort":
             value, below = kth_smallest_sorted(all_scores, k)
-        elif all_scores is not None and all_scores.is_cuda and CUDA_SELECTION == "topk":
+        elif all_scores is not None and all_scores.is_cuda and cuda_selection == "topk":
             value, below = kth_smallest_topk(all_scores, k)
         else:
             value, below = kth_smallest(chunks, k)
@@ -224,7 +205,7 @@ def expand_blocks(
 
 
 def keep_in_pruned_blocks(
-    norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: SparsitySettings
+    norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: Sparsity
 ) -> torch.Tensor:
     """Returns the per-value keep-mask of a row chunk (its value norms) given its pruned blocks.
 
@@ -275,7 +256,7 @@ class ChunkKeep:
     """
 
     def __init__(
-        self, norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: SparsitySettings
+        self, norms: torch.Tensor, pruned_blocks: torch.Tensor, settings: Sparsity
     ) -> None:
         rows, cols = norms.shape
         self.shape = (rows, cols)
@@ -346,7 +327,7 @@ class ChunkKeep:
         return values.reshape(-1, bw)[segments.reshape(-1)].reshape(-1)
 
 
-def sparsify(values: torch.Tensor, settings: SparsitySettings) -> torch.Tensor:
+def sparsify(values: torch.Tensor, settings: Sparsity) -> torch.Tensor:
     """Returns the bool keep-mask `DataNormSparsifier` gives a 2-D float table (in memory).
 
     The whole-table convenience form of what the pipeline does chunk by chunk; the table is read

@@ -31,9 +31,12 @@ class TableStats:
     row_cosine_mean: float
     row_cosine_min: float
 
-    def to_dict(self) -> dict[str, float | int]:
-        """Returns the statistics as a JSON-able dict."""
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Returns the statistics as strict JSON-able data: a non-finite value becomes None."""
+        return {
+            name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in asdict(self).items()
+        }
 
 
 class StatsAccumulator:

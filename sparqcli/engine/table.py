@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 
 from sparqcli.engine.quantize import dequantize, quantize
-from sparqcli.engine.settings import Order, QuantizationSettings, SparsitySettings
 from sparqcli.engine.sparsify import expand_blocks, fit_blocks
+from sparqcli.settings import Order, Quantization, Sparsity
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,8 +26,8 @@ class CompressedTable:
     shape: tuple[int, int]
     dtype: torch.dtype
     order: Order
-    sparsity: SparsitySettings
-    quantization: QuantizationSettings
+    sparsity: Sparsity
+    quantization: Quantization
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -117,6 +117,23 @@ class CompressedTable:
         dense = zero_codes.expand(self.rows, self.cols).clone()
         dense.masked_scatter_(keep, self.codes)
         return dense
+
+    def code_offsets(self) -> torch.Tensor:
+        """Returns where each row's codes start, and the total: int64 of length rows + 1 (CPU)."""
+        return self._code_offsets
+
+    def to(self, device: torch.device | str) -> CompressedTable:
+        """Returns the table with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.codes.device == device:
+            return self
+        return replace(
+            self,
+            codes=self.codes.to(device),
+            scale=self.scale.to(device),
+            zero_point=self.zero_point.to(device),
+            keep_mask=None if self.keep_mask is None else self.keep_mask.to(device),
+        )
 
     @cached_property
     def _code_offsets(self) -> torch.Tensor:
