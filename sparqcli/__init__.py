@@ -1,13 +1,26 @@
-"""sparq: compress the embedding tables of PyTorch checkpoints.
+"""sparq: compress the embedding tables of PyTorch checkpoints, and serve them.
 
 Block-norm sparsification and per-row float-qparams quantization, in either order, bit-exact
 with torch.ao's `post_training_sparse_quantize`, written to a compact safetensors file.
 
-The heavy parts (torch) are imported lazily, so `import sparqcli` and `sparq --help` are fast.
+    import sparqcli
+    config = sparqcli.Config(
+        sparsity=sparqcli.Sparsity(level=0.6),
+        quantization=sparqcli.Quantization(bits=4),
+        layers=[sparqcli.Rule(match="tables.*")],
+    )
+    result = sparqcli.compress_state_dict(model.state_dict(), config)
+    result.save("model.sparq.safetensors")
+    with sparqcli.open("model.sparq.safetensors") as file:
+        rows = file.get_rows("tables.0.weight", 0, 10)
+
+Names are loaded on first use, so `import sparqcli` and `sparq --help` do not import torch.
+Errors are `sparqcli.errors.SparqError` and its subclasses.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -16,20 +29,64 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compress", "load", "load_table"]
+# public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "Config": ("sparqcli.config", "Config"),
+    "Rule": ("sparqcli.config", "Rule"),
+    "Sparsity": ("sparqcli.settings", "Sparsity"),
+    "Quantization": ("sparqcli.settings", "Quantization"),
+    "Gates": ("sparqcli.settings", "Gates"),
+    "compress": ("sparqcli.compression", "compress"),
+    "compress_state_dict": ("sparqcli.compression", "compress_state_dict"),
+    "CompressedStateDict": ("sparqcli.compression", "CompressedStateDict"),
+    "CompressReport": ("sparqcli.results", "CompressReport"),
+    "open": ("sparqcli.format.reader", "open_file"),
+    "SparqFile": ("sparqcli.format.reader", "SparqFile"),
+    "load": ("sparqcli.format.reader", "load"),
+    "load_table": ("sparqcli.format.reader", "load_table"),
+    "CompressedTable": ("sparqcli.engine.table", "CompressedTable"),
+    "inspect": ("sparqcli.inspection", "inspect"),
+    "decompress": ("sparqcli.inspection", "decompress"),
+    "selection": ("sparqcli.inspection", "selection"),
+    "discard_partial_outputs": ("sparqcli.sinks", "discard_partial_outputs"),
+}
+
+__all__ = [
+    "CompressReport",
+    "CompressedStateDict",
+    "CompressedTable",
+    "Config",
+    "Gates",
+    "Quantization",
+    "Rule",
+    "SparqFile",
+    "Sparsity",
+    "__version__",
+    "compress",
+    "compress_state_dict",
+    "decompress",
+    "discard_partial_outputs",
+    "inspect",
+    "load",
+    "load_table",
+    "open",
+    "selection",
+]
 
 if TYPE_CHECKING:
-    from sparqcli.compress import compress
-    from sparqcli.format import load, load_table
+    from sparqcli.compression import CompressedStateDict, compress, compress_state_dict
+    from sparqcli.config import Config, Rule
+    from sparqcli.engine.table import CompressedTable
+    from sparqcli.format.reader import SparqFile, load, load_table
+    from sparqcli.format.reader import open_file as open
+    from sparqcli.inspection import decompress, inspect, selection
+    from sparqcli.results import CompressReport
+    from sparqcli.settings import Gates, Quantization, Sparsity
+    from sparqcli.sinks import discard_partial_outputs
 
 
 def __getattr__(name: str) -> Any:
-    if name == "compress":
-        from sparqcli.compress import compress
-
-        return compress
-    if name in ("load", "load_table"):
-        from sparqcli import format as _format
-
-        return getattr(_format, name)
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'sparqcli' has no attribute {name!r}")

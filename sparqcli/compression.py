@@ -1,40 +1,29 @@
-"""The library entry point: `compress(...)` reads, selects, compresses, checks gates, writes.
-
-The CLI calls it exactly as a Python user would; it prints nothing and returns a report.
+"""Compression, the library's entry points: files in and out (`compress`), or a state dict in
+memory (`compress_state_dict`). Both read, select, run the engine table by table, gather
+statistics and check gates the same way; they print nothing and return what they did.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sparqcli import __version__
-from sparqcli.config import (
-    Config,
-    Gates,
-    LayerRule,
-    config_to_dict,
-    load_config,
-    quantization_to_dict,
-    sparsity_to_dict,
-)
+from sparqcli.config import Config
 from sparqcli.digest import BackgroundSha256, sha256_file
-from sparqcli.errors import GateError, TableError, UsageError
-from sparqcli.threads import import_torch
+from sparqcli.errors import OutputError, TableError, UsageError
+from sparqcli.results import CompressReport, FileReport, TableReport
 
 if TYPE_CHECKING:
     import torch
 
-    from sparqcli.checkpoint import Checkpoint
-    from sparqcli.engine.stats import TableStats
+    from sparqcli.engine.options import EngineOptions
     from sparqcli.engine.table import CompressedTable
+    from sparqcli.sources import Checkpoint
 
 OutputFormat = Literal["sparq", "torch-ao"]
 OUTPUT_FORMATS: tuple[str, ...] = ("sparq", "torch-ao")
@@ -42,158 +31,6 @@ _SUFFIX = {"sparq": ".sparq.safetensors", "torch-ao": ".torchao.pt"}
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a description (`model.pt: emb.weight`) and the fraction of that table done."""
-
-
-@dataclass
-class TableReport:
-    """One compressed (or, in a dry run, planned) table."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-    rule: LayerRule
-    order: str
-    bytes_before: int
-    bytes_after: int | None = None
-    stats: TableStats | None = None
-    gate_failures: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the table's facts as JSON-able data."""
-        return {
-            "key": self.key,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "rule": self.rule.label,
-            "order": self.order,
-            "sparsity": sparsity_to_dict(self.rule.sparsity),
-            "quantization": quantization_to_dict(self.rule.quantization),
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "stats": self.stats.to_dict() if self.stats is not None else None,
-            "gate_failures": self.gate_failures,
-        }
-
-
-@dataclass
-class FileReport:
-    """One input checkpoint and what became of it."""
-
-    input: Path
-    output: Path
-    format: str
-    input_bytes: int
-    tables: list[TableReport]
-    output_bytes: int | None = None
-    output_sha256: str | None = None
-    written: bool = False
-    seconds: float = 0.0
-    dropped: list[str] = field(default_factory=list)
-
-    @property
-    def gate_failures(self) -> list[str]:
-        """Returns every failed gate of every table, as `key: what failed` lines."""
-        return [
-            f"{table.key}: {failure}" for table in self.tables for failure in table.gate_failures
-        ]
-
-    @property
-    def table_values(self) -> int:
-        """Returns the number of values in the compressed tables."""
-        return sum(math.prod(table.shape) for table in self.tables)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the file's facts as JSON-able data."""
-        table_bytes_after = sum(t.bytes_after or 0 for t in self.tables)
-        values = self.table_values
-        return {
-            "input": str(self.input),
-            "output": str(self.output),
-            "format": self.format,
-            "written": self.written,
-            "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes,
-            "output_sha256": self.output_sha256,
-            "ratio": self.output_bytes / self.input_bytes
-            if self.output_bytes is not None and self.input_bytes
-            else None,
-            "bits_per_weight": 8 * table_bytes_after / values
-            if values and self.output_bytes
-            else None,
-            "seconds": round(self.seconds, 3),
-            "dropped_entries": self.dropped,
-            "tables": [table.to_dict() for table in self.tables],
-        }
-
-
-@dataclass
-class CompressReport:
-    """Everything one `compress` call did."""
-
-    config: Config
-    files: list[FileReport]
-    dry_run: bool
-    device: str
-    seconds: float = 0.0
-    peak_memory_bytes: int = 0
-
-    @property
-    def gate_failures(self) -> list[str]:
-        """Returns every failed gate, as `file: key: what failed` lines."""
-        return [f"{file.input}: {failure}" for file in self.files for failure in file.gate_failures]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the report as JSON-able data (what `--report` and `--json` write)."""
-        return {
-            "sparq_version": __version__,
-            "dry_run": self.dry_run,
-            "device": self.device,
-            "config": config_to_dict(self.config),
-            "files": [file.to_dict() for file in self.files],
-            "seconds": round(self.seconds, 3),
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "gates_passed": not self.gate_failures,
-        }
-
-
-def plan_outputs(
-    inputs: Sequence[Path], output: Path | None, out_dir: Path | None, output_format: str
-) -> list[Path]:
-    """Returns the output path of each input. Raises UsageError for a conflicting plan."""
-    if output is not None and out_dir is not None:
-        raise UsageError("-o/--output and --out-dir exclude each other")
-    if output is not None and len(inputs) != 1:
-        raise UsageError(
-            f"-o/--output takes one input, got {len(inputs)}; use --out-dir for several"
-        )
-    if output is not None:
-        return [output]
-    suffix = _SUFFIX[output_format]
-    outputs = []
-    for source in inputs:
-        stem = source.name.removesuffix(source.suffix)
-        outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
-    seen: dict[Path, Path] = {}
-    for source, target in zip(inputs, outputs, strict=True):
-        if target in seen:
-            raise UsageError(f"{seen[target]} and {source} would both be written to {target}")
-        seen[target] = source
-    return outputs
-
-
-def check_device(device: str) -> None:
-    """Checks that `device` is usable. Raises UsageError for an unknown or absent device."""
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device: must be cpu or cuda, got {device!r}")
-    if device == "cuda":
-        import_torch()
-        import torch
-
-        if not torch.cuda.is_available():
-            build = "with" if torch.version.cuda else "without"
-            raise UsageError(
-                f"--device cuda: no CUDA device is available (this torch {torch.__version__} was built {build} CUDA)"
-            )
 
 
 def compress(
@@ -210,75 +47,208 @@ def compress(
     device: str = "cpu",
     trust_pickle: bool = False,
     key: str | None = None,
+    report_path: str | Path | None = None,
     progress: ProgressCallback | None = None,
+    options: EngineOptions | None = None,
 ) -> CompressReport:
     """Compresses the selected tables of each input checkpoint and returns the report.
 
-    `config` is a loaded Config or a YAML path (then `overrides` (`key.path=value`) and `order`
+    `config` is a Config or a YAML path (then `overrides` (`key.path=value`) and `order`
     apply). Each input is written to `output`, into `out_dir`, or beside itself. A dry run
-    resolves and checks everything and writes nothing.
+    resolves and checks everything that could fail later and writes nothing. A file whose
+    tables fail a quality gate is not written: the report says so (`report.gate_failures`,
+    `report.raise_for_gates()`). With `report_path`, the report is also written there as JSON
+    (checked before any work; replaced only with `force`).
     Raises ConfigError/UsageError/SelectionError/UnsafeInputError (exit 2) for bad usage,
-    InputError/TableError/OutputError (exit 1) for bad data or failed I/O, and GateError
-    (exit 3, carrying the report) when a quality gate fails; a file that fails a gate is not
-    written.
+    InputError/TableError/OutputError (exit 1) for bad data or failed I/O.
     """
     started = time.perf_counter()
     sources = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if not sources:
         raise UsageError("no input checkpoint given")
     if output_format not in OUTPUT_FORMATS:
-        raise UsageError(f"--format: must be sparq or torch-ao, got {output_format!r}")
-    if isinstance(config, (str, Path)):
-        config = load_config(config, overrides, order)
-    elif overrides or order:
-        raise UsageError("overrides and order apply to a config path, not a loaded Config")
+        raise UsageError(
+            f"{{opt:output_format}}: must be sparq or torch-ao, got {output_format!r}",
+            option="output_format",
+        )
+    config = _config(config, overrides, order)
     check_device(device)
+    targets = plan_outputs(
+        sources,
+        Path(output) if output is not None else None,
+        Path(out_dir) if out_dir is not None else None,
+        output_format,
+    )
     # The sparq format records each input's sha256: hashed from here on, beside torch's import
     # and the engine, instead of after them.
     digests = BackgroundSha256(sources) if output_format == "sparq" and not dry_run else None
     try:
-        targets = plan_outputs(
-            sources,
-            Path(output) if output is not None else None,
-            Path(out_dir) if out_dir is not None else None,
-            output_format,
-        )
-        import_torch()  # beside the hashing started above
-        from sparqcli.checkpoint import check_output_path
+        from sparqcli.engine.options import EngineOptions
+        from sparqcli.sinks import check_output_path, check_report_path
+        from sparqcli.sources import open_checkpoint
 
-        if out_dir is not None and not Path(out_dir).is_dir():
-            raise UsageError(f"--out-dir {out_dir}: no such folder")
+        options = options or EngineOptions.from_environment()
         for target in targets:
             check_output_path(target, sources, force)
+        if report_path is not None:
+            check_report_path(Path(report_path), force)
         report = CompressReport(config, [], dry_run, device)
         for source, target in zip(sources, targets, strict=True):
-            report.files.append(
-                _compress_file(
-                    source,
-                    target,
-                    config,
-                    output_format,
-                    dry_run,
-                    device,
-                    trust_pickle,
-                    key,
-                    progress,
-                    digests,
+            file_started = time.perf_counter()
+            checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
+            if checkpoint.is_sparq:
+                raise UsageError(
+                    f"{source}: is already compressed by sparq; compress the original checkpoint",
+                    path=source,
                 )
-            )
+            file = _plan(checkpoint, config, output_format, target, source.stat().st_size)
+            report.files.append(file)
+            if dry_run:
+                continue
+            tables = _compress_tables(checkpoint, file, device, progress, options)
+            if not file.gate_failures:
+                _write(checkpoint, file, tables, digests)
+            file.seconds = time.perf_counter() - file_started
     finally:
         if digests is not None:
             digests.cancel()
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = peak_memory_bytes()
-    if report.gate_failures:
-        count = len(report.gate_failures)
-        raise GateError(
-            f"{count} quality gate{'s' if count != 1 else ''} failed: "
-            + "; ".join(report.gate_failures),
-            report,
-        )
+    if report_path is not None:
+        report.save_json(report_path, force=True)
     return report
+
+
+class CompressedStateDict:
+    """The result of `compress_state_dict`: compressed tables and everything else, in memory.
+
+    `tables` maps each compressed key to its `CompressedTable`; `passthrough` holds the other
+    tensors unchanged; `report` holds each table's settings, statistics and gate results.
+    """
+
+    def __init__(
+        self,
+        tables: dict[str, CompressedTable],
+        passthrough: dict[str, torch.Tensor],
+        report: FileReport,
+    ) -> None:
+        self.tables = tables
+        self.passthrough = passthrough
+        self.report = report
+
+    def decode(self) -> dict[str, torch.Tensor]:
+        """Returns the dense state dict (keys sorted): tables decoded to their original dtype,
+        pruned values exactly 0.0 — the same tensors `sparqcli.load` gives for the saved file."""
+        state = {key: table.decode() for key, table in self.tables.items()}
+        state.update(self.passthrough)
+        return {key: state[key] for key in sorted(state)}
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Writes the tables and tensors as a sparq file at `path`, atomically; returns `path`.
+
+        Raises UsageError when `path` exists and `force` is not set, OutputError when it cannot
+        be written.
+        """
+        from sparqcli.format.writer import write_compressed
+        from sparqcli.sinks import atomic_output, check_output_path
+
+        path = Path(path)
+        check_output_path(path, [], force)
+        stats = {table.key: table.stats for table in self.report.tables if table.stats}
+        with atomic_output(path) as temp:
+            write_compressed(temp, self.passthrough, self.tables, stats)
+        return path
+
+
+def compress_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Config,
+    *,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    options: EngineOptions | None = None,
+) -> CompressedStateDict:
+    """Returns the tables of `state_dict` that `config` selects, compressed, with the rest.
+
+    Decoding the result gives exactly what `compress` writes for the same tensors and config.
+    Tables that fail a gate are still returned; their failures are in `result.report`.
+    Raises SelectionError/UsageError (exit 2) for a config that does not fit the state dict,
+    TableError (exit 1) for a table that cannot be compressed (NaN/Inf).
+    """
+    import torch
+
+    from sparqcli.engine.options import EngineOptions
+    from sparqcli.sources.torch_file import StateDictCheckpoint
+
+    if not isinstance(config, Config):
+        raise UsageError(f"config: must be a sparqcli.Config, got {type(config).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"state dict entry '{key}' is not a tensor ({type(value).__name__})")
+    check_device(device)
+    checkpoint = StateDictCheckpoint(None, "state_dict", state_dict)
+    input_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
+    file = _plan(checkpoint, config, "sparq", None, input_bytes)
+    tables = _compress_tables(
+        checkpoint, file, device, progress, options or EngineOptions.from_environment()
+    )
+    passthrough = {key: value for key, value in state_dict.items() if key not in tables}
+    return CompressedStateDict(tables, passthrough, file)
+
+
+def _config(config: Config | str | Path, overrides: Sequence[str], order: str | None) -> Config:
+    if isinstance(config, (str, Path)):
+        return Config.from_yaml(config, overrides, order)
+    if not isinstance(config, Config):
+        raise UsageError(f"config: must be a Config or a YAML path, got {type(config).__name__}")
+    if overrides or order:
+        raise UsageError("overrides and order apply to a config path, not a loaded Config")
+    return config
+
+
+def plan_outputs(
+    inputs: Sequence[Path], output: Path | None, out_dir: Path | None, output_format: str
+) -> list[Path]:
+    """Returns the output path of each input. Raises UsageError for a conflicting plan."""
+    if output is not None and out_dir is not None:
+        raise UsageError("{opt:output} and {opt:out_dir} exclude each other", option="output")
+    if output is not None and len(inputs) != 1:
+        raise UsageError(
+            f"{{opt:output}} takes one input, got {len(inputs)}; use {{opt:out_dir}} for several",
+            option="output",
+        )
+    if output is not None:
+        return [output]
+    suffix = _SUFFIX[output_format]
+    outputs = []
+    for source in inputs:
+        stem = source.name.removesuffix(source.suffix)
+        outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
+    seen: dict[Path, Path] = {}
+    for source, target in zip(inputs, outputs, strict=True):
+        if target in seen:
+            raise UsageError(
+                f"{seen[target]} and {source} would both be written to {target}", path=target
+            )
+        seen[target] = source
+    if out_dir is not None and not out_dir.is_dir():
+        raise UsageError(f"{{opt:out_dir}} {out_dir}: no such folder", path=out_dir)
+    return outputs
+
+
+def check_device(device: str) -> None:
+    """Checks that `device` is usable. Raises UsageError for an unknown or absent device."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"{{opt:device}}: must be cpu or cuda, got {device!r}", option="device")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "with" if torch.version.cuda else "without"
+            raise UsageError(
+                "{opt:device=cuda}: no CUDA device is available "
+                f"(this torch {torch.__version__} was built {build} CUDA)"
+            )
 
 
 def peak_memory_bytes() -> int:
@@ -286,28 +256,19 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _compress_file(
-    source: Path,
-    target: Path,
+def _plan(
+    checkpoint: Checkpoint,
     config: Config,
     output_format: str,
-    dry_run: bool,
-    device: str,
-    trust_pickle: bool,
-    key: str | None,
-    progress: ProgressCallback | None,
-    digests: BackgroundSha256 | None,
+    target: Path | None,
+    input_bytes: int,
 ) -> FileReport:
-    from sparqcli.checkpoint import open_checkpoint
+    """Returns the planned file: its selected tables, after every check that could fail at
+    write time (so that a dry run fails where the real run would, before any work)."""
+    from sparqcli.format.spec import key_collision
     from sparqcli.select import select_tables
 
-    started = time.perf_counter()
-    checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
-    if checkpoint.is_sparq:
-        raise UsageError(
-            f"{source}: is already compressed by sparq; compress the original checkpoint"
-        )
-    selection = select_tables(config, checkpoint.tensors, str(source), checkpoint.module_types)
+    selection = select_tables(config, checkpoint.tensors, checkpoint.name, checkpoint.module_types)
     tables = [
         TableReport(
             key=selected.key,
@@ -315,163 +276,124 @@ def _compress_file(
             dtype=selected.info.dtype,
             rule=selected.rule,
             order=config.order,
-            bytes_before=_tensor_bytes(selected.info.shape, selected.info.dtype),
+            bytes_before=selected.info.nbytes,
         )
         for selected in selection.tables
     ]
-    report = FileReport(source, target, output_format, source.stat().st_size, tables)
-    if dry_run:
-        return report
-    compressed: dict[str, CompressedTable] = {}
-    stats: dict[str, TableStats] = {}
-    for table in tables:
-        compressed[table.key], stats[table.key] = _compress_one(
-            checkpoint, table, config, device, progress
-        )
-        table.stats = stats[table.key]
-        table.bytes_after = _table_bytes_after(compressed[table.key], output_format)
-        table.gate_failures = gate_failures(table, _merged_gates(config.gates, table.rule.gates))
-    report.seconds = time.perf_counter() - started
-    if report.gate_failures:
-        return report
-    _write(checkpoint, report, compressed, stats, digests)
-    report.seconds = time.perf_counter() - started
-    return report
+    table_keys = {table.key: table for table in tables}
+    passthrough = [key for key in checkpoint.tensors if key not in table_keys]
+    if output_format == "torch-ao":
+        from sparqcli.format.torch_ao import check_torch_ao_table, torch_ao_keys
+
+        for table in tables:
+            check_torch_ao_table(table.key, table.shape, table.rule.quantization.bits)
+            for name in torch_ao_keys(table.key):
+                if name in checkpoint.tensors:
+                    raise OutputError(
+                        f"{target}: cannot write: torch-ao key '{name}' of table '{table.key}' "
+                        "collides with a tensor of the checkpoint",
+                        path=target,
+                        table=table.key,
+                    )
+    else:
+        collision = key_collision(passthrough, table_keys)
+        if collision is not None:
+            raise OutputError(f"{target}: cannot write: {collision}", path=target)
+    return FileReport(checkpoint.path, target, output_format, input_bytes, tables)
 
 
-def _compress_one(
+def _compress_tables(
     checkpoint: Checkpoint,
-    table: TableReport,
-    config: Config,
+    file: FileReport,
     device: str,
     progress: ProgressCallback | None,
-) -> tuple[CompressedTable, TableStats]:
+    options: EngineOptions,
+) -> dict[str, CompressedTable]:
+    """Compresses every table `file` plans; fills in its statistics, bytes and gate results."""
+    from sparqcli.dtypes import torch_dtype
     from sparqcli.engine.pipeline import compress_rows
+    from sparqcli.format.spec import table_file_bytes
 
-    rows, cols = table.shape
-    label = f"{checkpoint.path.name}: {table.key}"
-    name = f"{checkpoint.path}: {table.key}"
-    try:
-        with checkpoint.row_reader(table.key, for_gpu=device == "cuda") as read_rows:
-            result, stats = compress_rows(
-                read_rows,
-                (rows, cols),
-                _torch_dtype(table.dtype),
-                config.order,
-                table.rule.sparsity,
-                table.rule.quantization,
-                device=device,
-                name=name,
-                progress=(lambda done: progress(label, done)) if progress is not None else None,
-            )
-    except TableError as error:
-        # Some engine errors name only the row (`row 3: value range overflows float32`).
-        message = str(error)
-        raise TableError(message if message.startswith(name) else f"{name}: {message}") from None
-    return _to_cpu(result), stats
-
-
-def _to_cpu(table: CompressedTable) -> CompressedTable:
-    if table.codes.device.type == "cpu":
-        return table
-    from dataclasses import replace
-
-    return replace(
-        table,
-        codes=table.codes.cpu(),
-        scale=table.scale.cpu(),
-        zero_point=table.zero_point.cpu(),
-        keep_mask=table.keep_mask.cpu() if table.keep_mask is not None else None,
-    )
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, name)
-
-
-_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def _tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    return math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
-
-
-def _table_bytes_after(table: CompressedTable, output_format: str) -> int:
-    from sparqcli.format import table_file_bytes
-
-    if output_format == "sparq":
-        return table_file_bytes(table)
-    # torch-ao: dense codes (two per byte at 4 bits) plus float32 scales and zero points.
-    values = table.rows * table.cols
-    return (values * table.quantization.bits + 7) // 8 + table.rows * 8
-
-
-def _merged_gates(defaults: Gates, rule: Gates) -> Gates:
-    return Gates(
-        max_rel_error=rule.max_rel_error
-        if rule.max_rel_error is not None
-        else defaults.max_rel_error,
-        min_row_cosine=rule.min_row_cosine
-        if rule.min_row_cosine is not None
-        else defaults.min_row_cosine,
-        max_bytes_ratio=rule.max_bytes_ratio
-        if rule.max_bytes_ratio is not None
-        else defaults.max_bytes_ratio,
-    )
-
-
-def gate_failures(table: TableReport, gates: Gates) -> list[str]:
-    """Returns one line per gate that `table`'s statistics fail (empty when all pass)."""
-    failures = []
-    stats = table.stats
-    if stats is None:
-        return failures
-    if gates.max_rel_error is not None and stats.rel_error > gates.max_rel_error:
-        failures.append(f"rel_error {stats.rel_error:.4g} > max_rel_error {gates.max_rel_error:g}")
-    if gates.min_row_cosine is not None and stats.row_cosine_min < gates.min_row_cosine:
-        failures.append(
-            f"row_cosine_min {stats.row_cosine_min:.4g} < min_row_cosine {gates.min_row_cosine:g}"
+    compressed: dict[str, CompressedTable] = {}
+    for table in file.tables:
+        rows, cols = table.shape
+        label = f"{Path(checkpoint.name).name}: {table.key}"
+        name = f"{checkpoint.name}: {table.key}"
+        try:
+            with checkpoint.row_reader(table.key, for_gpu=device == "cuda") as read_rows:
+                result, stats = compress_rows(
+                    read_rows,
+                    (rows, cols),
+                    torch_dtype(table.dtype),
+                    table.order,  # type: ignore[arg-type]
+                    table.rule.sparsity,
+                    table.rule.quantization,
+                    device=device,
+                    name=name,
+                    progress=_table_progress(progress, label),
+                    options=options,
+                )
+        except TableError as error:
+            # Some engine errors name only the row (`row 3: value range overflows float32`).
+            message = str(error)
+            if not message.startswith(name):
+                message = f"{name}: {message}"
+            raise TableError(message, path=checkpoint.path, table=table.key) from None
+        compressed[table.key] = result.to("cpu")
+        table.stats = stats
+        table.bytes_after = (
+            table_file_bytes(result)
+            if file.format == "sparq"
+            else (rows * cols * result.quantization.bits + 7) // 8 + rows * 8
         )
-    if gates.max_bytes_ratio is not None and table.bytes_after is not None and table.bytes_before:
-        ratio = table.bytes_after / table.bytes_before
-        if ratio > gates.max_bytes_ratio:
-            failures.append(f"bytes_ratio {ratio:.4g} > max_bytes_ratio {gates.max_bytes_ratio:g}")
-    return failures
+        table.gate_failures = table.rule.gates.failures(
+            stats.rel_error, stats.row_cosine_min, table.bytes_ratio
+        )
+    return compressed
+
+
+def _table_progress(
+    progress: ProgressCallback | None, label: str
+) -> Callable[[float], None] | None:
+    if progress is None:
+        return None
+    return lambda done: progress(label, done)
 
 
 def _write(
     checkpoint: Checkpoint,
-    report: FileReport,
+    file: FileReport,
     compressed: dict[str, CompressedTable],
-    stats: dict[str, TableStats],
     digests: BackgroundSha256 | None,
 ) -> None:
-    # `digests` hashes every input whenever the format is sparq (the only one that records it).
-    from sparqcli.checkpoint import atomic_output
+    from sparqcli.sinks import atomic_output
 
+    if file.output is None or checkpoint.path is None or file.input is None:
+        raise ValueError("a file report to write needs an input and an output path")
     passthrough = {
         key: checkpoint.tensor(key) for key in checkpoint.tensors if key not in compressed
     }
-    with atomic_output(report.output) as temp:
-        if report.format == "sparq":
-            from sparqcli.format import SourceInfo, write_compressed
+    with atomic_output(file.output) as temp:
+        if file.format == "sparq":
+            from sparqcli.format.writer import SourceInfo, write_compressed
 
-            extra, report.dropped = _json_extras(checkpoint)
-            source = SourceInfo(checkpoint.path.name, digests.result(report.input))
+            if digests is None:
+                raise ValueError("the sparq format records the input's sha256")
+            extra, file.dropped = _json_extras(checkpoint)
+            source = SourceInfo(checkpoint.path.name, digests.result(file.input))
+            stats = {table.key: table.stats for table in file.tables if table.stats}
             write_compressed(temp, passthrough, compressed, stats, source, extra)
         else:
-            from sparqcli.checkpoint import save_torch_file
-            from sparqcli.format import torch_ao_state_dict
+            from sparqcli.format.torch_ao import torch_ao_state_dict
+            from sparqcli.sinks import save_torch_file
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's quantized-dtype deprecation notices
                 state = torch_ao_state_dict(compressed, passthrough)
                 save_torch_file(checkpoint.rebuild(state), temp)
-    report.written = True
-    report.output_bytes = report.output.stat().st_size
-    report.output_sha256 = sha256_file(report.output)
+    file.written = True
+    file.output_bytes = file.output.stat().st_size
+    file.output_sha256 = sha256_file(file.output)
 
 
 def _json_extras(checkpoint: Checkpoint) -> tuple[dict[str, Any], list[str]]:

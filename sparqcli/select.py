@@ -19,29 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from sparqcli.config import RULE_TYPES, Config, LayerRule
+from sparqcli.config import RULE_TYPES, Config, ResolvedRule
+from sparqcli.dtypes import TensorInfo
 from sparqcli.errors import SelectionError
 
-FLOAT_DTYPES: frozenset[str] = frozenset({"float32", "float16", "bfloat16", "float64"})
 _CLOSEST = 3
 _CLOSEST_CUTOFF = 0.6
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What selection needs to know of a tensor: its shape and its dtype (`float32`, `int64`)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def is_table(self) -> bool:
-        """Returns True for a 2-D floating tensor, the only kind sparq compresses."""
-        return len(self.shape) == 2 and self.dtype in FLOAT_DTYPES
-
-    def describe(self) -> str:
-        """Returns the shape and dtype as messages show them, e.g. `shape [10], float32`."""
-        return f"shape [{', '.join(str(side) for side in self.shape)}], {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +32,7 @@ class SelectedTable:
     """A tensor chosen for compression and the rule that won it."""
 
     key: str
-    rule: LayerRule
+    rule: ResolvedRule
     info: TensorInfo
 
 
@@ -61,7 +44,7 @@ class RuleMatch:
     `excluded`: matched, but `exclude` removed them.
     """
 
-    rule: LayerRule
+    rule: ResolvedRule
     won: tuple[str, ...]
     shadowed: tuple[str, ...]
     excluded: tuple[str, ...]
@@ -109,13 +92,14 @@ def select_tables(
     """
     keys = list(tensors)
     excluded = {key for key in keys if any(_matches(p, key) for p in config.exclude)}
-    winners: dict[str, LayerRule] = {}
+    winners: dict[str, ResolvedRule] = {}
     matches: list[RuleMatch] = []
-    for rule in config.layers:
+    for rule in config.resolved_rules:
         if rule.type is not None and module_types is None:
             raise SelectionError(
                 f"{source}: {rule.label} needs module types; this checkpoint is a state dict "
-                "(type rules work only on a pickled nn.Module loaded with --trust-pickle)"
+                "(type rules work only on a pickled nn.Module loaded with {opt:trust_pickle})",
+                path=source,
             )
         matched = [key for key in keys if _rule_matches(rule, key, module_types)]
         if not matched:
@@ -150,7 +134,7 @@ def _matches(pattern: str, key: str) -> bool:
     return pattern_matches(pattern, key) or pattern_matches(pattern, module_name(key))
 
 
-def _rule_matches(rule: LayerRule, key: str, module_types: Mapping[str, str] | None) -> bool:
+def _rule_matches(rule: ResolvedRule, key: str, module_types: Mapping[str, str] | None) -> bool:
     if rule.match is not None:
         return _matches(rule.match, key)
     if module_types is None or rule.type is None:
@@ -161,7 +145,7 @@ def _rule_matches(rule: LayerRule, key: str, module_types: Mapping[str, str] | N
     return name == "weight" and module_types.get(module) in RULE_TYPES[rule.type]
 
 
-def _hint(rule: LayerRule, keys: list[str], module_types: Mapping[str, str] | None) -> str:
+def _hint(rule: ResolvedRule, keys: list[str], module_types: Mapping[str, str] | None) -> str:
     """Returns what to tell about a rule that matches nothing: the nearest keys or module types."""
     if rule.type is not None:
         present = sorted(set((module_types or {}).values()))
