@@ -1,12 +1,11 @@
 """Presentation: compression reports, inspections and rule matches as rich tables and JSON.
 
-Nothing here computes; every number comes from the report objects it is given.
+Nothing here computes; every number comes from the result objects it is given.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -14,9 +13,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from sparqcli.results import CheckpointInspection
+from sparqcli.results import to_json as to_json  # the one JSON writer, for the CLI
+
 if TYPE_CHECKING:
-    from sparqcli.compress import CompressReport, FileReport
-    from sparqcli.select import Selection, TensorInfo
+    from sparqcli.format.reader import CompressedFileInfo
+    from sparqcli.results import CompressReport, FileReport
+    from sparqcli.select import Selection
 
 _ORDER_LABEL = {"sparsify-first": "S→Q", "quantize-first": "Q→S"}
 
@@ -159,16 +162,9 @@ def print_report(console: Console, renderable: Any) -> None:
     console.print(renderable, crop=False)
 
 
-def to_json(data: Any) -> str:
-    """Returns `data` as indented, key-sorted JSON text."""
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=True)
-
-
-def checkpoint_table(
-    path: str, tensors: Mapping[str, TensorInfo], sizes: Mapping[str, int]
-) -> Group:
+def checkpoint_table(inspection: CheckpointInspection) -> Group:
     """Returns the inspection of a plain checkpoint: every tensor, candidates marked."""
-    title = f"{path}: {len(tensors)} tensors"
+    title = f"{inspection.path}: {len(inspection.tensors)} tensors"
     table = _new_table()
     for name, justify in [
         ("key", "left"),
@@ -178,21 +174,26 @@ def checkpoint_table(
         ("table?", "center"),
     ]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for key, info in tensors.items():
+    for entry in inspection.tensors:
+        info = entry.info
         table.add_row(
-            key,
+            entry.key,
             _shape(info.shape),
             info.dtype,
-            human_bytes(sizes[key]),
+            human_bytes(info.nbytes),
             "✓" if info.is_table else "",
         )
     return _titled(title, table)
 
 
-def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Group:
+def compressed_table(file: CompressedFileInfo) -> Group:
     """Returns the inspection of a compressed file: its tables with settings, sparsity and bytes."""
+    info = file.to_dict()
     tables = info["tables"]
-    title = f"{path}: sparq format {info['format_version']}, {len(tables)} compressed table(s), {human_bytes(file_bytes)}"
+    title = (
+        f"{file.path}: sparq format {info['format_version']}, {len(tables)} compressed "
+        f"table(s), {human_bytes(file.file_bytes)}"
+    )
     table = _new_table()
     for name in (
         "table",
@@ -223,6 +224,13 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Gro
             human_bytes(entry.get("file_bytes")),
         )
     return _titled(title, table)
+
+
+def inspection(result: CheckpointInspection | CompressedFileInfo) -> Group:
+    """Returns what `sparq inspect` prints for either kind of file."""
+    if isinstance(result, CheckpointInspection):
+        return checkpoint_table(result)
+    return compressed_table(result)
 
 
 def selection_table(selection: Selection, source: str) -> Group:

@@ -1,0 +1,198 @@
+"""The Typer app, its error handling, signals and process exit; options shared by commands."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from sparqcli import __version__
+from sparqcli.errors import SparqError, python_spelling
+
+app = typer.Typer(
+    name="sparq",
+    help="Compress the embedding tables of PyTorch checkpoints: block sparsity + per-row "
+    "quantization, bit-exact with torch.ao's post_training_sparse_quantize.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# How the library's options are written on the command line (errors name options neutrally).
+FLAGS = {
+    "force": "--force",
+    "trust_pickle": "--trust-pickle",
+    "key": "--key",
+    "output": "-o/--output",
+    "out_dir": "--out-dir",
+    "device": "--device",
+    "output_format": "--format",
+    "overrides": "--set",
+    "order": "--order",
+    "report": "--report",
+    "dry_run": "--dry-run",
+}
+
+
+def flag_spelling(option: str, value: str | None) -> str:
+    """Returns how the command line writes `option` (with `value`): `--force`, `--format torch-ao`."""
+    flag = FLAGS.get(option)
+    if flag is None:
+        return python_spelling(option, value)
+    return flag if value is None else f"{flag} {value}"
+
+
+TrustPickleOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow unpickling code (whole nn.Module files). Only for files you trust.",
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--key", help="Entry holding the state dict in a nested .pt (e.g. state_dict)."),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. sparsity.level=0.7 (repeatable).",
+    ),
+]
+
+
+class OrderChoice(str, enum.Enum):
+    sparsify_first = "sparsify-first"
+    quantize_first = "quantize-first"
+
+
+OrderOption = Annotated[
+    OrderChoice | None, typer.Option("--order", help="Override the config's order.")
+]
+PathArgument = Annotated[Path, typer.Argument(show_default=False)]
+
+_state: dict[str, bool] = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def run_command(command: F) -> F:
+    """Wraps a command: project errors become `sparq: error: …` on stderr and their exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SparqError as error:
+            if _state["debug"]:
+                raise
+            print_error(error.render(flag_spelling))
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_error(message: str) -> None:
+    """Prints `sparq: error: message` on stderr."""
+    typer.echo(f"sparq: error: {message}", err=True)
+
+
+def stdout_console() -> Any:
+    """Returns the rich Console for stdout: the terminal's width, or wide when piped."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+    return Console(width=width, soft_wrap=False)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"sparq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    """sparq: compress embedding tables of PyTorch checkpoints."""
+    _state["debug"] = debug or os.environ.get("SPARQ_DEBUG") == "1"
+
+
+_SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+
+
+def _end_on_signal(signum: int, frame: object) -> None:
+    """Ends the process on SIGINT/SIGTERM: partial outputs removed, one line, 128 + signum.
+
+    Nothing is raised into whatever was running (torch's import, a thread's lock, a kernel), so
+    no traceback and no half-released lock; outputs are renamed into place only when complete,
+    so removing the temporary files leaves every output as it was or complete.
+    """
+    import sparqcli
+
+    sparqcli.discard_partial_outputs()
+    word, code = _SIGNAL_EXITS[signal.Signals(signum)]
+    if sys.stderr.isatty():
+        sys.stderr.write("\x1b[?25h")  # a progress bar may have hidden the cursor
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"\nsparq: error: {word}\n" if sys.stderr.isatty() else f"sparq: error: {word}\n"
+        )
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    """Runs the `sparq` command line (the console script's entry point)."""
+    for signum in _SIGNAL_EXITS:
+        signal.signal(signum, _end_on_signal)
+    try:
+        app(prog_name="sparq")
+        code: int | str | None = 0
+    except SystemExit as done:
+        code = done.code
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Ends the process with SystemExit's `code`.
+
+    Skips the interpreter's teardown (`os._exit` after flushing the streams): unloading torch
+    takes ~0.4 s, and every file is closed and renamed into place by now. SPARQ_FULL_EXIT=1
+    exits normally instead (for tools that need atexit handlers or coverage data).
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    if os.environ.get("SPARQ_FULL_EXIT") == "1":
+        sys.exit(code or 0)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    os._exit(code or 0)

@@ -1,0 +1,166 @@
+"""`sparq compress`: checkpoints in, compressed files out, the summary on stdout."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sparqcli.cli.app import (
+    ForceOption,
+    KeyOption,
+    OrderOption,
+    QuietOption,
+    SetOption,
+    TrustPickleOption,
+    app,
+    run_command,
+    stdout_console,
+)
+
+
+class FormatChoice(str, enum.Enum):
+    sparq = "sparq"
+    torch_ao = "torch-ao"
+
+
+class DeviceChoice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command("compress")
+@run_command
+def compress_command(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CKPT...",
+            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors).",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="CFG",
+            help="YAML config: which tables, which settings.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="OUT", help="Output file (one input only)."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", metavar="DIR", help="Write each output into DIR.")
+    ] = None,
+    order: OrderOption = None,
+    overrides: SetOption = None,
+    output_format: Annotated[
+        FormatChoice,
+        typer.Option(
+            "--format",
+            help="sparq: compact safetensors; torch-ao: the reference's quantized state dict (.pt).",
+        ),
+    ] = FormatChoice.sparq,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", metavar="FILE.json", help="Also write the report as JSON."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON instead of the table.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Resolve and check everything, print the plan, write nothing."
+        ),
+    ] = False,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+    device: Annotated[
+        DeviceChoice, typer.Option("--device", help="Where the engine runs.")
+    ] = DeviceChoice.cpu,
+    trust_pickle: TrustPickleOption = False,
+    key: KeyOption = None,
+) -> None:
+    """Compress the embedding tables of checkpoints.
+
+    Example: sparq compress model.pt --config configs/default.yaml -o model.sparq.safetensors
+    """
+    import sparqcli
+    from sparqcli import render
+
+    show_progress = not (quiet or as_json) and sys.stderr.isatty()
+    with _progress_bars() if show_progress else _no_progress() as progress:
+        result = sparqcli.compress(
+            checkpoints,
+            config,
+            output=output,
+            out_dir=out_dir,
+            overrides=overrides or (),
+            order=order.value if order else None,
+            output_format=output_format.value,  # type: ignore[arg-type]
+            dry_run=dry_run,
+            force=force,
+            device=device.value,
+            trust_pickle=trust_pickle,
+            key=key,
+            report_path=report,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(render.to_json(result.to_dict()))
+    elif not quiet:
+        render.print_report(stdout_console(), render.compress_summary(result))
+    result.raise_for_gates()
+
+
+class _no_progress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _progress_bars:
+    """A context manager giving a `(label, fraction)` callback that drives rich progress bars on stderr."""
+
+    def __enter__(self) -> Callable[[str, float], None]:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.progress.start()
+        self.tasks: dict[str, Any] = {}
+
+        def update(label: str, fraction: float) -> None:
+            if label not in self.tasks:
+                self.tasks[label] = self.progress.add_task(label, total=1.0)
+            self.progress.update(self.tasks[label], completed=fraction)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()

@@ -1,0 +1,76 @@
+"""`sparq inspect` and `sparq decompress`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sparqcli.cli.app import (
+    ForceOption,
+    JsonOption,
+    KeyOption,
+    QuietOption,
+    TrustPickleOption,
+    app,
+    run_command,
+    stdout_console,
+)
+
+
+@app.command("inspect")
+@run_command
+def inspect_command(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A checkpoint or a compressed sparq file.", show_default=False
+        ),
+    ],
+    as_json: JsonOption = False,
+    trust_pickle: TrustPickleOption = False,
+    key: KeyOption = None,
+) -> None:
+    """Show a checkpoint's tensors (candidate tables marked), or a compressed file's tables.
+
+    Example: sparq inspect model.sparq.safetensors
+    """
+    import sparqcli
+    from sparqcli import render
+
+    inspection = sparqcli.inspect(file, key=key, trust_pickle=trust_pickle)
+    if as_json:
+        typer.echo(render.to_json(inspection.to_dict()))
+    else:
+        render.print_report(stdout_console(), render.inspection(inspection))
+
+
+@app.command("decompress")
+@run_command
+def decompress_command(
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A compressed sparq file.", show_default=False)
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            help="Dense output: .safetensors or .pt.",
+            show_default=False,
+        ),
+    ],
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Decode a compressed file back to a dense checkpoint with the original keys and dtypes.
+
+    Example: sparq decompress model.sparq.safetensors -o model.dense.safetensors
+    """
+    import sparqcli
+
+    result = sparqcli.decompress(file, output, force=force)
+    if not quiet:
+        typer.echo(f"{file} → {output}: {result.tensors} tensors, {result.output_bytes} bytes")
