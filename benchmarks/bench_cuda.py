@@ -46,27 +46,26 @@ def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> No
     With the fused kernels (when Triton is installed) and each selection method on the GPU, and
     with tensor ops alone.
     """
-    from sparqcli.engine import pipeline, sparsify
+    from sparqcli.engine.options import EngineOptions
     from sparqcli.engine.pipeline import compress_table
-    from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+    from sparqcli.settings import Quantization, Sparsity
 
-    sparsity, quantization = SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+    sparsity, quantization = Sparsity(0.8, (1, 4)), Quantization(8)
     table_bytes = table.numel() * table.element_size()
-    default_selection = sparsify.CUDA_SELECTION
     header = ["order".ljust(15), "kernels".ljust(12), "selection".ljust(10)]
     header += ["seconds".rjust(8), "GB/s".rjust(7), "peak GPU memory".rjust(16)]
     print(" ".join(header))
     for order in ORDERS:
         for fused, selection in [(True, "sort"), (True, "topk"), (False, "sort")]:
-            pipeline.USE_FUSED_KERNELS = fused
-            sparsify.CUDA_SELECTION = selection
-            compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)  # warm-up
+            options = EngineOptions(fused_kernels=fused, cuda_selection=selection)
+            run = (table, order, sparsity, quantization)
+            compress_table(*run, chunk_rows=chunk_rows, options=options)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             start = time.perf_counter()
             for _ in range(repeat):
-                compress_table(table, order, sparsity, quantization, chunk_rows=chunk_rows)
+                compress_table(*run, chunk_rows=chunk_rows, options=options)
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / repeat
             peak = torch.cuda.max_memory_allocated() - base
@@ -76,8 +75,6 @@ def bench_engine(table: torch.Tensor, repeat: int, chunk_rows: int | None) -> No
                 f"{table_bytes / seconds / 1e9:>7.2f} {size(peak):>16}  (beyond the table)",
                 flush=True,
             )
-    pipeline.USE_FUSED_KERNELS = True
-    sparsify.CUDA_SELECTION = default_selection
 
 
 def bench_selection(table: torch.Tensor) -> None:
@@ -116,11 +113,11 @@ def profile_engine(table: torch.Tensor) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from sparqcli.engine.pipeline import compress_table
-    from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+    from sparqcli.settings import Quantization, Sparsity
 
     for order in ORDERS:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as run:
-            compress_table(table, order, SparsitySettings(0.8, (1, 4)), QuantizationSettings(8))
+            compress_table(table, order, Sparsity(0.8, (1, 4)), Quantization(8))
             torch.cuda.synchronize()
         print(f"\n{order}: top CUDA kernels")
         print(run.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))

@@ -28,10 +28,10 @@ _SPARQ = (
     _MAKE_TABLE
     + """
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+from sparqcli.settings import Quantization, Sparsity
 start = time.perf_counter()
 compressed, stats = compress_table(
-    table, "{order}", SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+    table, "{order}", Sparsity(0.8, (1, 4)), Quantization(8)
 )
 _seconds = time.perf_counter() - start
 """

@@ -40,7 +40,7 @@ from _measure import (
     write_random_safetensors,
 )
 
-IMPORTS = "import torch, safetensors, sparqcli.cli, sparqcli.compress, sparqcli.format"
+IMPORTS = "import torch, safetensors, sparqcli.cli, sparqcli.compression, sparqcli.format"
 
 
 def best_of(repeat: int, wait_quiet: float, argv: list[str]) -> dict[str, float]:

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparqcli.checkpoint import atomic_output, check_output_path, open_checkpoint
 from sparqcli.errors import InputError, OutputError, UnsafeInputError, UsageError
+from sparqcli.sinks import atomic_output, check_output_path
+from sparqcli.sources import open_checkpoint
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_explicit_key_and_missing_key(tmp_path, state):
     torch.save({"ema": {"weights": state}, "step": 3}, path)
     assert open_checkpoint(path, key="ema.weights").container_key == "ema.weights"
     with pytest.raises(
-        UsageError, match=r"^.*train\.pt: --key 'ema\.nope' not found; top-level keys: ema, step$"
+        UsageError, match=r"^.*train\.pt: key 'ema\.nope' not found; top-level keys: ema, step$"
     ):
         open_checkpoint(path, key="ema.nope")
 
@@ -74,7 +75,7 @@ def test_no_state_dict_found(tmp_path):
     torch.save({"a": 1, "b": [1, 2]}, path)
     with pytest.raises(
         InputError,
-        match=r"odd\.pt: no state dict found \(top-level keys: a, b\); name it with --key$",
+        match=r"odd\.pt: no state dict found \(top-level keys: a, b\); pass key='NAME'$",
     ):
         open_checkpoint(path)
 
@@ -84,7 +85,7 @@ def test_pickled_module_needs_trust(tmp_path):
     torch.save(nn.Sequential(nn.Embedding(10, 4), nn.EmbeddingBag(6, 2)), path)
     with pytest.raises(
         UnsafeInputError,
-        match=r"module\.pt: refusing to unpickle: loading it would run code .*--trust-pickle",
+        match=r"module\.pt: refusing to unpickle: loading it would run code .*pass trust_pickle=True only if",
     ):
         open_checkpoint(path)
     checkpoint = open_checkpoint(path, trust_pickle=True)
@@ -105,7 +106,7 @@ def test_hostile_pickle_never_runs(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2, 2), "x": _Hostile(marker)}, path)
-    with pytest.raises(UnsafeInputError, match="--trust-pickle"):
+    with pytest.raises(UnsafeInputError, match="pass trust_pickle=True"):
         open_checkpoint(path)
     assert not marker.exists()
 
@@ -183,7 +184,7 @@ def test_output_path_checks(tmp_path):
     existing = tmp_path / "out.safetensors"
     existing.write_bytes(b"x")
     with pytest.raises(
-        UsageError, match=r"out\.safetensors: already exists; pass --force to replace it$"
+        UsageError, match=r"out\.safetensors: already exists; pass force=True to replace it$"
     ):
         check_output_path(existing, [source], force=False)
     check_output_path(existing, [source], force=True)

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sparqcli
-from sparqcli.compress import compress, plan_outputs
-from sparqcli.config import load_config
+from sparqcli.compression import compress, plan_outputs
+from sparqcli.config import Config
 from sparqcli.engine.pipeline import compress_table
 from sparqcli.errors import GateError, UsageError
 
@@ -23,7 +23,7 @@ def test_report_and_output_match_the_engine(checkpoint, config, state):
     assert file.written and file.output == checkpoint.with_name("model.sparq.safetensors")
     assert [table.key for table in file.tables] == ["emb.weight", "bags.0.weight"]
     loaded = sparqcli.load(file.output)
-    rules = load_config(config).layers
+    rules = Config.from_yaml(config).resolved_rules
     for table, rule in zip(file.tables, rules, strict=True):
         expected, stats = compress_table(
             state[table.key], "sparsify-first", rule.sparsity, rule.quantization
@@ -61,10 +61,13 @@ def test_nested_checkpoint_keeps_its_other_entries(tmp_path, config, state):
     assert torch.equal(rebuilt["state_dict"]["proj.bias"], state["proj.bias"])
 
 
-def test_gate_failure_carries_the_report_and_writes_nothing(checkpoint, config):
+def test_gate_failure_is_data_on_the_report_and_writes_nothing(checkpoint, config):
+    report = compress(checkpoint, config, overrides=["layers[1].gates.max_bytes_ratio=0.01"])
+    assert not report.gates_passed
+    assert report.files[0].tables[1].gate_failures
     with pytest.raises(GateError) as caught:
-        compress(checkpoint, config, overrides=["layers[1].gates.max_bytes_ratio=0.01"])
-    report = caught.value.report
+        report.raise_for_gates()
+    assert caught.value.report is report
     assert report.gate_failures == [
         f"{checkpoint}: bags.0.weight: bytes_ratio {report.files[0].tables[1].bytes_after / 1280:.4g} > max_bytes_ratio 0.01"
     ]
@@ -83,7 +86,7 @@ def test_compressed_input_is_refused(checkpoint, config):
 
 
 def test_a_loaded_config_is_accepted_and_overrides_then_refused(checkpoint, config):
-    loaded = load_config(config)
+    loaded = Config.from_yaml(config)
     assert compress(checkpoint, loaded, dry_run=True).files[0].tables[0].stats is None
     with pytest.raises(
         UsageError, match=r"^overrides and order apply to a config path, not a loaded Config$"
@@ -103,5 +106,5 @@ def test_plan_outputs():
         match=r"^a/model\.pt and b/model\.safetensors would both be written to out/model\.sparq\.safetensors$",
     ):
         plan_outputs(inputs, None, Path("out"), "sparq")
-    with pytest.raises(UsageError, match=r"^-o/--output and --out-dir exclude each other$"):
+    with pytest.raises(UsageError, match=r"^output and out_dir exclude each other$"):
         plan_outputs(inputs[:1], Path("x"), Path("out"), "sparq")

@@ -18,7 +18,6 @@ from torch import nn
 
 import sparqcli
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import FormatError, InputError, OutputError, UsageError
 from sparqcli.format import (
@@ -36,8 +35,8 @@ from sparqcli.format import (
     unpack_bits,
     unpack_codes,
     write_compressed,
-    write_dense,
 )
+from sparqcli.settings import Quantization, Sparsity
 
 KEY = "emb.weight"
 
@@ -55,8 +54,8 @@ def _compress(
     compressed, _ = compress_table(
         table,
         order,
-        SparsitySettings(level, block_shape, zeros),
-        QuantizationSettings(bits, scale_dtype),
+        Sparsity(level, block_shape, zeros),
+        Quantization(bits, scale_dtype),
     )
     return compressed
 
@@ -189,8 +188,8 @@ def test_load_of_written_file_equals_engine_decode(case, tmp_path_factory):
     compressed, stats = compress_table(
         table,
         case["order"],
-        SparsitySettings(case["level"], case["block_shape"], case["zeros"], case["norm"]),
-        QuantizationSettings(case["bits"], case["scale_dtype"]),
+        Sparsity(case["level"], case["block_shape"], case["zeros"], case["norm"]),
+        Quantization(case["bits"], case["scale_dtype"]),
     )
     path = tmp_path_factory.mktemp("rt") / "model.sparq.safetensors"
     passthrough = _passthrough()
@@ -221,7 +220,7 @@ def test_load_of_written_file_equals_engine_decode(case, tmp_path_factory):
 
 def test_output_is_byte_reproducible_and_has_no_paths(tmp_path):
     compressed, stats = compress_table(
-        _random_table(50, 9), "sparsify-first", SparsitySettings(0.5), QuantizationSettings(4)
+        _random_table(50, 9), "sparsify-first", Sparsity(0.5), Quantization(4)
     )
     passthrough = {"b": torch.ones(3), "a": torch.arange(4)}
     first, second = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
@@ -290,13 +289,13 @@ def test_load_table_reads_one_tensor_and_names_close_keys(tmp_path):
     assert str(error.value).startswith(f"{path}: no tensor 'emb.bias'")
 
 
-def test_write_dense_writes_the_decoded_state(tmp_path):
+def test_decompress_writes_the_decoded_state(tmp_path):
     path = tmp_path / "m.sparq.safetensors"
     compressed = _compress(_random_table(20, 8), bits=2)
     write_compressed(path, {"x": torch.arange(3)}, {KEY: compressed})
     for name in ("dense.safetensors", "dense.pt"):
         out = tmp_path / name
-        assert write_dense(path, out) == 2
+        assert sparqcli.decompress(path, out).tensors == 2
         state = load(out) if name.endswith(".safetensors") else torch.load(out, weights_only=True)
         assert torch.equal(state[KEY], compressed.decode())
         assert torch.equal(state["x"], torch.arange(3))
@@ -792,14 +791,14 @@ def test_torch_ao_state_dict_refusals():
     with pytest.raises(UsageError) as error:
         torch_ao_state_dict({"emb.weight": compressed}, {})
     assert str(error.value) == (
-        "table 'emb.weight': --format torch-ao supports 8 and 4 bits; torch.ao has no 2-bit "
-        "embedding (use --format sparq)"
+        "table 'emb.weight': output_format='torch-ao' supports 8 and 4 bits; torch.ao has no "
+        "2-bit embedding (use the sparq format)"
     )
     odd = _compress(_random_table(10, 7), bits=4)
     with pytest.raises(UsageError) as error:
         torch_ao_state_dict({"emb.weight": odd}, {})
     assert str(error.value) == (
-        "table 'emb.weight': --format torch-ao at 4 bits needs an even number of columns, got 7 "
+        "table 'emb.weight': output_format='torch-ao' at 4 bits needs an even number of columns, got 7 "
         "(torch.ao's quint4x2 embeddings mis-pack odd widths)"
     )
     eight = _compress(_random_table(10, 8))

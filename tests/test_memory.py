@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparqcli.checkpoint import open_checkpoint
 from sparqcli.format import read_info, read_table
+from sparqcli.sources import open_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,7 @@ from typer.testing import CliRunner
 import sparqcli
 from sparqcli.cli import app
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
+from sparqcli.settings import Quantization, Sparsity
 
 SPARQ = Path(sys.executable).with_name("sparq")
 runner = CliRunner()
@@ -592,7 +592,7 @@ def test_block_shapes_larger_than_the_table_do_not_blow_up_memory(inputs, tmp_pa
     for index, (_, same_as, level) in enumerate(cases):
         table = sparqcli.load(tmp_path / f"o{index}.sparq.safetensors")["emb.weight"]
         expected, _ = compress_table(
-            original, "sparsify-first", SparsitySettings(level, same_as, 3), QuantizationSettings(8)
+            original, "sparsify-first", Sparsity(level, same_as, 3), Quantization(8)
         )
         assert torch.equal(table, expected.decode())
         assert 0 < float((table == 0).float().mean()) < 1
@@ -673,9 +673,7 @@ def test_degenerate_tables_round_trip_to_the_engine_decode(tmp_path, shape):
             )
             result = invoke("compress", source, "--config", config, "-o", out, "--force", "-q")
             assert result.exit_code == 0, (order, bits, level, result.output)
-            expected, _ = compress_table(
-                table, order, SparsitySettings(level, block), QuantizationSettings(bits)
-            )
+            expected, _ = compress_table(table, order, Sparsity(level, block), Quantization(bits))
             loaded = sparqcli.load(out)
             assert loaded["emb.weight"].shape == table.shape
             assert loaded["emb.weight"].dtype == table.dtype
@@ -722,9 +720,7 @@ def test_constant_rows_decode_exactly(tmp_path, dtype):
                 result = invoke("compress", source, "--config", config, "-o", out, "--force", "-q")
                 assert result.exit_code == 0, result.output
                 loaded = sparqcli.load(out)["emb.weight"]
-                expected, _ = compress_table(
-                    table, order, SparsitySettings(level), QuantizationSettings(bits)
-                )
+                expected, _ = compress_table(table, order, Sparsity(level), Quantization(bits))
                 assert torch.equal(loaded, expected.decode())
                 if level == 0.0:
                     assert torch.equal(loaded, table), (order, bits)
@@ -992,9 +988,7 @@ def _engine_results(table: torch.Tensor, threads: int) -> dict[str, Any]:
     try:
         results = {}
         for order in ("sparsify-first", "quantize-first"):
-            compressed, stats = compress_table(
-                table, order, SparsitySettings(0.5, (1, 4)), QuantizationSettings(4)
-            )
+            compressed, stats = compress_table(table, order, Sparsity(0.5, (1, 4)), Quantization(4))
             results[order] = (compressed, stats.to_dict())
         return results
     finally:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sparqcli.compress import CompressReport, FileReport, TableReport
-from sparqcli.config import parse_config
+from sparqcli.config import Config
 from sparqcli.engine.stats import TableStats
-from sparqcli.report import compress_summary, human_bytes, to_json
+from sparqcli.render import compress_summary, human_bytes, to_json
+from sparqcli.results import CompressReport, FileReport, TableReport
 
-CONFIG = parse_config(
+CONFIG = Config.from_dict(
     {
         "layers": [
             {"match": "emb.weight"},
@@ -49,7 +49,7 @@ def _report(written: bool = True) -> CompressReport:
             "emb.weight",
             (1000, 64),
             "float32",
-            CONFIG.layers[0],
+            CONFIG.resolved_rules[0],
             "sparsify-first",
             256000,
             40000,
@@ -59,7 +59,7 @@ def _report(written: bool = True) -> CompressReport:
             "bags.0.weight",
             (2000, 32),
             "float32",
-            CONFIG.layers[1],
+            CONFIG.resolved_rules[1],
             "sparsify-first",
             256000,
             12000,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sparqcli.config import load_config, parse_config
+from sparqcli.config import Config
 from sparqcli.errors import SelectionError
 from sparqcli.select import (
     RuleMatch,
@@ -45,7 +45,7 @@ def select(
     exclude: tuple[str, ...] = (),
     module_types: Mapping[str, str] | None = None,
 ) -> Selection:
-    config = parse_config({"layers": layers, "exclude": list(exclude)}, "cfg.yaml")
+    config = Config.from_dict({"layers": layers, "exclude": list(exclude)}, "cfg.yaml")
     return select_tables(config, tensors, "model.pt", module_types)
 
 
@@ -222,7 +222,7 @@ def test_type_rule_on_a_pickled_embedding_itself() -> None:
 def test_type_rule_without_module_types() -> None:
     assert error([{"match": "bags.*"}, {"type": "embedding"}]) == (
         "model.pt: layers[1] (type 'embedding') needs module types; this checkpoint is a state "
-        "dict (type rules work only on a pickled nn.Module loaded with --trust-pickle)"
+        "dict (type rules work only on a pickled nn.Module loaded with trust_pickle=True)"
     )
 
 
@@ -255,7 +255,7 @@ def test_errors_come_in_rule_order() -> None:
     ],
 )
 def test_shipped_configs_on_the_demo_checkpoint(name: str, expected: list[str]) -> None:
-    selection = select_tables(load_config(CONFIGS / name), DEMO, "model.pt")
+    selection = select_tables(Config.from_yaml(CONFIGS / name), DEMO, "model.pt")
     assert keys(selection) == expected
 
 
@@ -271,17 +271,17 @@ HF_KEYS = {
 
 
 def test_shipped_configs_on_a_bert_checkpoint() -> None:
-    default = select_tables(load_config(CONFIGS / "default.yaml"), HF_KEYS, "bert.bin")
+    default = select_tables(Config.from_yaml(CONFIGS / "default.yaml"), HF_KEYS, "bert.bin")
     assert keys(default) == [
         "bert.embeddings.word_embeddings.weight",
         "bert.embeddings.token_type_embeddings.weight",
     ]
-    token = select_tables(load_config(CONFIGS / "token-embedding.yaml"), HF_KEYS, "bert.bin")
+    token = select_tables(Config.from_yaml(CONFIGS / "token-embedding.yaml"), HF_KEYS, "bert.bin")
     assert keys(token) == ["bert.embeddings.word_embeddings.weight"]
 
 
 def test_token_config_on_llama_and_gpt2_names() -> None:
-    config = load_config(CONFIGS / "token-embedding.yaml")
+    config = Config.from_yaml(CONFIGS / "token-embedding.yaml")
     for key in ("model.embed_tokens.weight", "transformer.wte.weight"):
         tensors = {
             key: TensorInfo((32000, 64), "bfloat16"),
@@ -301,5 +301,5 @@ def test_recommender_config_on_torchrec_names() -> None:
         "dense_arch.model._mlp.0._linear.weight": TensorInfo((512, 13), "float32"),
         "dense_arch.model._mlp.0._linear.bias": TensorInfo((512,), "float32"),
     }
-    config = load_config(CONFIGS / "recommender.yaml")
+    config = Config.from_yaml(CONFIGS / "recommender.yaml")
     assert keys(select_tables(config, tensors, "dlrm.pt")) == list(tensors)[:2]

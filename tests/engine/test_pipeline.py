@@ -13,9 +13,9 @@ from torch import nn
 
 from sparqcli.engine.pipeline import compress_rows, compress_table
 from sparqcli.engine.quantize import dequantize, quantize
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
 from sparqcli.engine.sparsify import value_norms
 from sparqcli.errors import SettingError, TableError
+from sparqcli.settings import Quantization, Sparsity
 from tests.reference import run_reference
 
 BLOCK_SHAPES = [(1, 1), (1, 4), (2, 2), (4, 1), (2, 3)]
@@ -63,8 +63,8 @@ def test_matches_torch_ao_bit_for_bit(
     compressed, _ = compress_table(
         table,
         order,
-        SparsitySettings(level, block_shape, zeros, norm),
-        QuantizationSettings(bits),
+        Sparsity(level, block_shape, zeros, norm),
+        Quantization(bits),
         chunk_rows=64,
     )
     assert torch.equal(compressed.scale.double(), reference.scale.double())
@@ -101,9 +101,7 @@ def _with_reference(table, order, sparsity, monkeypatch, chunk_rows=None):
         zeros_per_block=sparsity.zeros_per_block,
         monkeypatch=monkeypatch,
     )
-    compressed, _ = compress_table(
-        table, order, sparsity, QuantizationSettings(8), chunk_rows=chunk_rows
-    )
+    compressed, _ = compress_table(table, order, sparsity, Quantization(8), chunk_rows=chunk_rows)
     return compressed, reference
 
 
@@ -120,7 +118,7 @@ def _assert_same_bits(compressed, reference) -> None:
 def test_blocks_that_tile_the_table_match_torch_ao(order, block_shape, monkeypatch):
     # 1000 x 36 is tiled by every block shape, so whole chunks take the block-mask fast path.
     table = torch.randn(1000, 36, generator=torch.Generator().manual_seed(sum(block_shape)))
-    sparsity = SparsitySettings(0.7, block_shape)
+    sparsity = Sparsity(0.7, block_shape)
     compressed, reference = _with_reference(table, order, sparsity, monkeypatch, chunk_rows=96)
     if order == "sparsify-first" or block_shape != (1, 1):  # (1, 1) quantize-first ties
         _assert_same_bits(compressed, reference)
@@ -135,9 +133,7 @@ def test_signed_zero_row_minimums_match_torch_ao(order, monkeypatch):
     tiny = (torch.rand(300, 8, generator=generator) - 0.5) * 1e-3
     table.view(300, 8, 4)[:, :, 0::2] = tiny[:, :, None]
     table.view(300, 8, 4)[:, 1::2] = tiny.view(300, 8, 1)[:, 1::2]
-    compressed, reference = _with_reference(
-        table, order, SparsitySettings(0.4, (1, 4)), monkeypatch
-    )
+    compressed, reference = _with_reference(table, order, Sparsity(0.4, (1, 4)), monkeypatch)
     _assert_same_bits(compressed, reference)
 
 
@@ -145,25 +141,21 @@ def test_signed_zero_row_minimums_match_torch_ao(order, monkeypatch):
 @pytest.mark.parametrize("order", ORDERS)
 def test_zeros_per_block_matches_torch_ao(zeros, order, monkeypatch):
     table = torch.randn(203, 41, generator=torch.Generator().manual_seed(zeros))
-    compressed, reference = _with_reference(
-        table, order, SparsitySettings(0.5, (2, 3), zeros), monkeypatch
-    )
+    compressed, reference = _with_reference(table, order, Sparsity(0.5, (2, 3), zeros), monkeypatch)
     _assert_same_bits(compressed, reference)
 
 
 def test_larger_table_matches_torch_ao(monkeypatch):
     table = torch.randn(4000, 25, generator=torch.Generator().manual_seed(7)) * 3 + 1
     for order in ORDERS:
-        compressed, reference = _with_reference(
-            table, order, SparsitySettings(0.8, (1, 4)), monkeypatch
-        )
+        compressed, reference = _with_reference(table, order, Sparsity(0.8, (1, 4)), monkeypatch)
         _assert_same_bits(compressed, reference)
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_chunking_and_score_streaming_do_not_change_the_result(order):
     table = torch.randn(999, 33, generator=torch.Generator().manual_seed(3))
-    settings = (SparsitySettings(0.6, (3, 2), 4), QuantizationSettings(4))
+    settings = (Sparsity(0.6, (3, 2), 4), Quantization(4))
     whole, whole_stats = compress_table(table, order, *settings, chunk_rows=10_000)
     streamed, streamed_stats = compress_rows(
         lambda start, stop: table[start:stop],
@@ -184,7 +176,7 @@ def test_chunking_and_score_streaming_do_not_change_the_result(order):
 def test_pruned_values_decode_to_exact_zero_unlike_the_reference(monkeypatch):
     table = torch.randn(500, 32, generator=torch.Generator().manual_seed(11))
     compressed, stats = compress_table(
-        table, "quantize-first", SparsitySettings(0.8, (1, 4)), QuantizationSettings(8)
+        table, "quantize-first", Sparsity(0.8, (1, 4)), Quantization(8)
     )
     decoded = compressed.decode()
     keep = compressed.value_keep_mask()
@@ -195,12 +187,8 @@ def test_pruned_values_decode_to_exact_zero_unlike_the_reference(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_precision_tables_compute_in_float32_and_decode_to_their_dtype(dtype):
     table = torch.randn(100, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-    compressed, _ = compress_table(
-        table, "sparsify-first", SparsitySettings(0.5), QuantizationSettings(8)
-    )
-    as_float32, _ = compress_table(
-        table.float(), "sparsify-first", SparsitySettings(0.5), QuantizationSettings(8)
-    )
+    compressed, _ = compress_table(table, "sparsify-first", Sparsity(0.5), Quantization(8))
+    as_float32, _ = compress_table(table.float(), "sparsify-first", Sparsity(0.5), Quantization(8))
     assert torch.equal(compressed.codes, as_float32.codes)
     assert compressed.decode().dtype == dtype
     assert torch.equal(compressed.decode(), as_float32.decode().to(dtype))
@@ -209,9 +197,7 @@ def test_low_precision_tables_compute_in_float32_and_decode_to_their_dtype(dtype
 def test_runs_are_deterministic_with_ties():
     # Every block ties: the documented rule prunes the lowest block indices first.
     table = torch.ones(10, 8)
-    compressed, _ = compress_table(
-        table, "sparsify-first", SparsitySettings(0.25, (1, 4)), QuantizationSettings(8)
-    )
+    compressed, _ = compress_table(table, "sparsify-first", Sparsity(0.25, (1, 4)), Quantization(8))
     expected = torch.ones(10, 2, dtype=torch.bool)
     expected.view(-1)[:5] = False
     assert torch.equal(compressed.keep_mask, expected)
@@ -220,13 +206,11 @@ def test_runs_are_deterministic_with_ties():
 def test_nothing_pruned_stores_no_mask():
     table = torch.randn(10, 8)
     for sparsity in (
-        SparsitySettings(0.0),
-        SparsitySettings(0.5, (1, 4), 0),
-        SparsitySettings(0.01),
+        Sparsity(0.0),
+        Sparsity(0.5, (1, 4), 0),
+        Sparsity(0.01),
     ):
-        compressed, stats = compress_table(
-            table, "sparsify-first", sparsity, QuantizationSettings(8)
-        )
+        compressed, stats = compress_table(table, "sparsify-first", sparsity, Quantization(8))
         assert compressed.keep_mask is None
         assert stats.kept == 80
 
@@ -235,9 +219,7 @@ def test_nothing_pruned_stores_no_mask():
 @pytest.mark.parametrize("order", ORDERS)
 def test_degenerate_shapes_round_trip(shape, order):
     table = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    compressed, stats = compress_table(
-        table, order, SparsitySettings(0.5, (2, 2)), QuantizationSettings(4)
-    )
+    compressed, stats = compress_table(table, order, Sparsity(0.5, (2, 2)), Quantization(4))
     decoded = compressed.decode()
     assert decoded.shape == table.shape
     assert stats.values == table.numel()
@@ -248,9 +230,7 @@ def test_degenerate_shapes_round_trip(shape, order):
 def test_constant_rows_decode_exactly():
     table = torch.full((4, 6), 2.5)
     table[1] = -7.0
-    compressed, stats = compress_table(
-        table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8)
-    )
+    compressed, stats = compress_table(table, "sparsify-first", Sparsity(0.0), Quantization(8))
     assert torch.equal(compressed.decode(), table)
     assert stats.rel_error == 0.0
     assert stats.row_cosine_min == pytest.approx(1.0, abs=1e-6)
@@ -265,8 +245,8 @@ def test_non_finite_values_name_the_first_bad_row(bad):
         compress_table(
             table,
             "sparsify-first",
-            SparsitySettings(0.0),
-            QuantizationSettings(8),
+            Sparsity(0.0),
+            Quantization(8),
             name="emb.weight",
         )
 
@@ -274,16 +254,14 @@ def test_non_finite_values_name_the_first_bad_row(bad):
 def test_huge_finite_values_are_not_mistaken_for_inf():
     table = torch.full((3, 4), 3e38)
     table[:, 0] = 1.0
-    compressed, _ = compress_table(
-        table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8)
-    )
+    compressed, _ = compress_table(table, "sparsify-first", Sparsity(0.0), Quantization(8))
     assert torch.isfinite(compressed.decode()).all()
 
 
 def test_value_range_overflow_is_an_error():
     table = torch.tensor([[-3e38, 3e38]])
     with pytest.raises(TableError, match=r"^row 0: value range overflows float32$"):
-        compress_table(table, "sparsify-first", SparsitySettings(0.0), QuantizationSettings(8))
+        compress_table(table, "sparsify-first", Sparsity(0.0), Quantization(8))
 
 
 @pytest.mark.parametrize(
@@ -296,16 +274,14 @@ def test_value_range_overflow_is_an_error():
 )
 def test_tables_that_are_not_2d_float_are_refused(table, message):
     with pytest.raises(TableError, match=message):
-        compress_table(
-            table, "sparsify-first", SparsitySettings(), QuantizationSettings(), name="t"
-        )
+        compress_table(table, "sparsify-first", Sparsity(), Quantization(), name="t")
 
 
 def test_unknown_order_is_a_setting_error():
     with pytest.raises(
         SettingError, match=r"^order: must be sparsify-first or quantize-first, got 'both'$"
     ):
-        compress_table(torch.zeros(2, 2), "both", SparsitySettings(), QuantizationSettings())
+        compress_table(torch.zeros(2, 2), "both", Sparsity(), Quantization())
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -332,7 +308,7 @@ def _assert_same_result(cpu, gpu) -> None:
 @pytest.mark.parametrize("order", ORDERS)
 def test_cuda_matches_cpu(order, block_shape, zeros, bits, shape):
     table = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    settings = (SparsitySettings(0.8, block_shape, zeros), QuantizationSettings(bits))
+    settings = (Sparsity(0.8, block_shape, zeros), Quantization(bits))
     cpu, cpu_stats = compress_table(table, order, *settings)
     gpu, gpu_stats = compress_table(table.cuda(), order, *settings)
     _assert_same_result(cpu, gpu)
@@ -351,7 +327,7 @@ def test_cuda_streams_chunks_from_the_host_like_the_cpu(order):
     table = torch.randn(2003, 48, generator=torch.Generator().manual_seed(6)).half()
     table[::7, :24] = table[::7, :24].abs()
     table[::7, 24:] = 0.0
-    settings = (SparsitySettings(0.6, (1, 4)), QuantizationSettings(8))
+    settings = (Sparsity(0.6, (1, 4)), Quantization(8))
     cpu, _ = compress_table(table, order, *settings)
     for budget in (0, 1 << 30):
         gpu, _ = compress_rows(
@@ -387,8 +363,8 @@ def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
     compressed, stats = compress_table(
         table,
         order,
-        SparsitySettings(level, block_shape, zeros),
-        QuantizationSettings(bits),
+        Sparsity(level, block_shape, zeros),
+        Quantization(bits),
         chunk_rows=block_shape[0],
     )
     keep = compressed.value_keep_mask()
@@ -409,8 +385,8 @@ def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
 
 def test_decode_by_row_chunks_equals_whole_decode():
     table = torch.randn(101, 13, generator=torch.Generator().manual_seed(4))
-    for settings_ in (SparsitySettings(0.7, (3, 2)), SparsitySettings(0.7, (3, 2), 3)):
-        compressed, _ = compress_table(table, "sparsify-first", settings_, QuantizationSettings(4))
+    for settings_ in (Sparsity(0.7, (3, 2)), Sparsity(0.7, (3, 2), 3)):
+        compressed, _ = compress_table(table, "sparsify-first", settings_, Quantization(4))
         whole = compressed.decode()
         pieces = torch.cat(
             [compressed.decode(start, min(start + 9, 101)) for start in range(0, 101, 9)]
@@ -430,7 +406,7 @@ def test_zero_fraction_counts_kept_values_that_decode_to_zero(order):
     table[1::3, 1:] = table[1::3, 1:].abs()
     for level in (0.0, 0.5):
         compressed, stats = compress_table(
-            table, order, SparsitySettings(level, (1, 4)), QuantizationSettings(8), chunk_rows=50
+            table, order, Sparsity(level, (1, 4)), Quantization(8), chunk_rows=50
         )
         assert stats.zero_fraction == int((compressed.decode() == 0).sum()) / table.numel()
         assert stats.zero_fraction > stats.pruned_fraction

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparqcli.engine.quantize import dequantize, quantize, row_qparams
-from sparqcli.engine.settings import QuantizationSettings
 from sparqcli.errors import TableError
+from sparqcli.settings import Quantization
 
 torch_ao = pytest.importorskip("torch.ao.quantization")
 
@@ -26,7 +26,7 @@ def test_matches_quantize_per_channel(bits, dtype):
     )
     observer(table)
     expected_scale, expected_zero_point = observer.calculate_qparams()
-    scale, zero_point = row_qparams(table, QuantizationSettings(bits))
+    scale, zero_point = row_qparams(table, Quantization(bits))
     assert torch.equal(scale, expected_scale.float())
     assert torch.equal(zero_point, expected_zero_point)
     reference = torch.quantize_per_channel(
@@ -54,13 +54,13 @@ def test_zero_row_minimums_keep_the_observers_sign():
     )
     observer(table)
     _, expected_zero_point = observer.calculate_qparams()
-    _, zero_point = row_qparams(table, QuantizationSettings(8))
+    _, zero_point = row_qparams(table, Quantization(8))
     assert torch.equal(zero_point.view(torch.int32), expected_zero_point.view(torch.int32))
     assert zero_point.signbit().any() and not zero_point.signbit().all()
 
 
 def test_constant_rows_use_scale_one():
-    scale, zero_point = row_qparams(torch.tensor([[3.0, 3.0], [0.0, 0.0]]), QuantizationSettings(8))
+    scale, zero_point = row_qparams(torch.tensor([[3.0, 3.0], [0.0, 0.0]]), Quantization(8))
     assert scale.tolist() == [1.0, 1.0]
     assert zero_point.tolist() == [-3.0, 0.0]
 
@@ -78,7 +78,7 @@ def test_codes_in_range_and_values_within_half_a_step(
     rows, cols, bits, scale_dtype, magnitude, seed
 ):
     table = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * magnitude
-    scale, zero_point = row_qparams(table, QuantizationSettings(bits, scale_dtype))
+    scale, zero_point = row_qparams(table, Quantization(bits, scale_dtype))
     codes = quantize(table, scale, zero_point, bits)
     assert int(codes.max()) <= (1 << bits) - 1
     error = (dequantize(codes, scale, zero_point) - table).abs()
@@ -91,8 +91,8 @@ def test_codes_in_range_and_values_within_half_a_step(
 
 def test_float16_qparams_are_float16_values_and_the_scale_rounds_up():
     table = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
-    exact, _ = row_qparams(table, QuantizationSettings(8))
-    scale, zero_point = row_qparams(table, QuantizationSettings(8, "float16"))
+    exact, _ = row_qparams(table, Quantization(8))
+    scale, zero_point = row_qparams(table, Quantization(8, "float16"))
     assert torch.equal(scale, scale.half().float())
     assert torch.equal(zero_point, zero_point.half().float())
     assert torch.all(scale >= exact)
@@ -104,4 +104,4 @@ def test_float16_overflow_names_the_row():
     with pytest.raises(
         TableError, match=r"^row 2: scale does not fit float16 \(use scale_dtype: float32\)$"
     ):
-        row_qparams(table, QuantizationSettings(8, "float16"))
+        row_qparams(table, Quantization(8, "float16"))

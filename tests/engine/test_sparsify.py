@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparqcli.engine.settings import SparsitySettings
 from sparqcli.engine.sparsify import (
     BlockPruner,
     block_grid,
@@ -18,6 +17,7 @@ from sparqcli.engine.sparsify import (
     kth_smallest_topk,
     sparsify,
 )
+from sparqcli.settings import Sparsity
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 40))
 block_shapes = st.tuples(st.integers(1, 5), st.integers(1, 5))
@@ -59,7 +59,7 @@ def test_kth_smallest_agrees_with_sorting(values, data, pieces):
 )
 def test_exactly_round_level_times_blocks_are_pruned(shape, block_shape, level, norm, seed):
     table = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    keep = sparsify(table, SparsitySettings(level, block_shape, None, norm))
+    keep = sparsify(table, Sparsity(level, block_shape, None, norm))
     n_block_rows, n_block_cols = block_grid(shape, block_shape)
     padded = F.pad(
         keep.float(),
@@ -77,7 +77,7 @@ def test_partial_zeroing_drops_the_smallest_values_of_pruned_blocks(
 ):
     zeros = min(zeros, block_shape[0] * block_shape[1])
     table = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    keep = sparsify(table, SparsitySettings(1.0, block_shape, zeros))
+    keep = sparsify(table, Sparsity(1.0, block_shape, zeros))
     # Level 1 prunes every block: each block keeps all but its `zeros` smallest |values|.
     for block_row in range(0, shape[0], block_shape[0]):
         for block_col in range(0, shape[1], block_shape[1]):
@@ -103,5 +103,5 @@ def test_block_pruner_splits_ties_across_chunks_in_block_order():
 
 def test_level_zero_and_one():
     table = torch.randn(7, 9)
-    assert sparsify(table, SparsitySettings(0.0, (2, 2))).all()
-    assert not sparsify(table, SparsitySettings(1.0, (2, 2))).any()
+    assert sparsify(table, Sparsity(0.0, (2, 2))).all()
+    assert not sparsify(table, Sparsity(1.0, (2, 2))).any()
