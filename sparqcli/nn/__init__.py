@@ -17,7 +17,7 @@ from sparqcli.nn._kernel import KernelWarning
 from sparqcli.nn._load import load_compressed
 from sparqcli.nn.modules import Embedding, EmbeddingBag
 
-__all__ = ["Embedding", "EmbeddingBag", "KernelWarning", "load_compressed", "kernel_available"]
+__all__ = ["Embedding", "EmbeddingBag", "KernelWarning", "kernel_available", "load_compressed"]
 
 
 def kernel_available() -> bool:

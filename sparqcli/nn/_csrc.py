@@ -26,6 +26,9 @@ SOURCE = r"""
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPARQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -49,6 +52,9 @@ struct Table {
   i64 mask_bytes;
   const i64* base;
   i64 rows, cols, bits, masked, bh, bw, unit_bits, wlast, group, round;
+  int group_shift;
+
+  SPARQ_INLINE i64 unit_of(i64 r) const { return bh == 1 ? r : r / bh; }
 
   SPARQ_INLINE float scale(i64 r) const {
     return scale32 ? scale32[r] : static_cast<float>(scale16[r]);
@@ -113,9 +119,9 @@ SPARQ_INLINE i64 unit_kept(const Table& t, i64 u) {
 // Code number of row r's first code.
 SPARQ_INLINE i64 row_offset(const Table& t, i64 r) {
   if (!t.masked) return r * t.cols;
-  i64 u = r / t.bh;
-  i64 g = u / t.group;
-  i64 u0 = g * t.group;
+  i64 u = t.unit_of(r);
+  i64 g = u >> t.group_shift;
+  i64 u0 = g << t.group_shift;
   i64 off = t.base[g];
   if (u > u0) {
     i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, (u - u0) * t.unit_bits) * t.bw;
@@ -140,7 +146,7 @@ SPARQ_INLINE void for_runs(const Table& t, i64 r, i64 k, F&& f) {
     f(i64(0), t.cols, k);
     return;
   }
-  i64 pos0 = (r / t.bh) * t.unit_bits;
+  i64 pos0 = t.unit_of(r) * t.unit_bits;
   for (i64 j = 0; j < t.unit_bits; j += 56) {
     i64 take = std::min<i64>(56, t.unit_bits - j);
     uint64_t w = load_bits(t.mask, t.mask_bytes, pos0 + j) & ((uint64_t(1) << take) - 1);
@@ -158,13 +164,12 @@ SPARQ_INLINE void for_runs(const Table& t, i64 r, i64 k, F&& f) {
   }
 }
 
-// Decodes n codes from code number k: emit(i, q) for i in [0, n).
-template <int B, class E>
-SPARQ_INLINE void decode_codes(const uint8_t* codes, i64 k, i64 n, E&& emit) {
+// Unpacks n codes of B bits from code number k into q[0, n) (one byte each).
+template <int B>
+SPARQ_INLINE void unpack_codes(const uint8_t* codes, i64 k, i64 n, uint8_t* q) {
   constexpr unsigned M = (1u << B) - 1u;
   if constexpr (B == 8) {
-    const uint8_t* p = codes + k;
-    for (i64 i = 0; i < n; ++i) emit(i, unsigned(p[i]));
+    std::memcpy(q, codes + k, n);
     return;
   }
   i64 i = 0;
@@ -173,21 +178,50 @@ SPARQ_INLINE void decode_codes(const uint8_t* codes, i64 k, i64 n, E&& emit) {
     i64 byte = at >> 3;
     unsigned v = codes[byte];
     if ((at & 7) + B > 8) v |= unsigned(codes[byte + 1]) << 8;
-    return (v >> (at & 7)) & M;
+    return uint8_t((v >> (at & 7)) & M);
   };
   if constexpr (8 % B == 0) {
     constexpr int P = 8 / B;
-    for (; i < n && (bit & 7); ++i, bit += B) emit(i, one(bit));
+    for (; i < n && (bit & 7); ++i, bit += B) q[i] = one(bit);
     const uint8_t* p = codes + (bit >> 3);
     i64 nb = (n - i) / P;
-    for (i64 b = 0; b < nb; ++b) {
+    i64 b = 0;
+#if defined(__x86_64__) && defined(__SSE2__)
+    if constexpr (B == 4) {
+      const __m128i low = _mm_set1_epi8(0x0F);
+      for (; b + 8 <= nb; b += 8) {
+        __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + b));
+        __m128i lo = _mm_and_si128(x, low);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i + 2 * b), _mm_unpacklo_epi8(lo, hi));
+      }
+    }
+#endif
+    for (; b < nb; ++b) {
       unsigned byte = p[b];
-      for (int s = 0; s < P; ++s) emit(i + b * P + s, (byte >> (s * B)) & M);
+      for (int s = 0; s < P; ++s) q[i + b * P + s] = uint8_t((byte >> (s * B)) & M);
     }
     i += nb * P;
     bit += nb * 8;
   }
-  for (; i < n; ++i, bit += B) emit(i, one(bit));
+  for (; i < n; ++i, bit += B) q[i] = one(bit);
+}
+
+constexpr i64 kChunk = 256;  // codes unpacked at a time
+
+// Calls emit(i0, q, m): q[0, m) are the codes number k + i0 .. k + i0 + m - 1 (one byte each).
+template <int B, class E>
+SPARQ_INLINE void decode_codes(const uint8_t* codes, i64 k, i64 n, E&& emit) {
+  if constexpr (B == 8) {
+    emit(i64(0), codes + k, n);
+  } else {
+    uint8_t q[kChunk];
+    for (i64 i0 = 0; i0 < n; i0 += kChunk) {
+      i64 m = std::min(kChunk, n - i0);
+      unpack_codes<B>(codes, k + i0, m, q);
+      emit(i0, static_cast<const uint8_t*>(q), m);
+    }
+  }
 }
 
 SPARQ_INLINE void round_row(float* v, i64 n, i64 round) {
@@ -205,12 +239,28 @@ SPARQ_INLINE void decode_dense(const Table& t, i64 r, i64 k0, float* dst) {
   const float z = t.zero_point(r);
   if (t.masked) std::fill(dst, dst + t.cols, 0.0f);
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
-    float* d = dst + c0;
-    decode_codes<B>(t.codes, k, n, [&](i64 i, unsigned q) __attribute__((always_inline)) {
-      d[i] = (static_cast<float>(q) - z) * s;
+    decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
+      float* d = dst + c0 + i0;
+      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(q[i]) - z) * s;
     });
   });
   round_row(dst, t.cols, t.round);
+}
+
+// Calls f(j, k) for each kept block column j of row r (whole blocks of 4 columns, 8-bit codes,
+// code number k of its first column): the common recommender layout, one 4-wide step each.
+template <class F>
+SPARQ_INLINE void for_blocks4(const Table& t, i64 r, i64 k, F&& f) {
+  i64 pos0 = t.unit_of(r) * t.unit_bits;
+  for (i64 j0 = 0; j0 < t.unit_bits; j0 += 56) {
+    i64 take = std::min<i64>(56, t.unit_bits - j0);
+    uint64_t w = load_bits(t.mask, t.mask_bytes, pos0 + j0) & ((uint64_t(1) << take) - 1);
+    while (w) {
+      f(j0 + __builtin_ctzll(w), k);
+      k += 4;
+      w &= w - 1;
+    }
+  }
 }
 
 // acc[c] += w * value for the kept values of row r (a float32 table: no rounding step).
@@ -218,10 +268,23 @@ template <int B>
 SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc) {
   const float s = t.scale(r);
   const float z = t.zero_point(r);
+  if constexpr (B == 8) {
+    if (t.masked && t.bw == 4 && t.wlast == 4) {
+      for_blocks4(t, r, k0, [&](i64 j, i64 k) __attribute__((always_inline)) {
+        const uint8_t* q = t.codes + k;
+        float* a = acc + 4 * j;
+        a[0] += w * ((static_cast<float>(q[0]) - z) * s);
+        a[1] += w * ((static_cast<float>(q[1]) - z) * s);
+        a[2] += w * ((static_cast<float>(q[2]) - z) * s);
+        a[3] += w * ((static_cast<float>(q[3]) - z) * s);
+      });
+      return;
+    }
+  }
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
-    float* a = acc + c0;
-    decode_codes<B>(t.codes, k, n, [&](i64 i, unsigned q) __attribute__((always_inline)) {
-      a[i] += w * ((static_cast<float>(q) - z) * s);
+    decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
+      float* a = acc + c0 + i0;
+      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(q[i]) - z) * s);
     });
   });
 }
@@ -232,8 +295,8 @@ SPARQ_INLINE void prefetch_row(const Table& t, i64 r) {
   __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r)
                             : static_cast<const void*>(t.zp16 + r));
   if (t.masked) {
-    i64 u = r / t.bh;
-    __builtin_prefetch(t.base + u / t.group);
+    i64 u = t.unit_of(r);
+    __builtin_prefetch(t.base + (u >> t.group_shift));
     __builtin_prefetch(t.mask + ((u * t.unit_bits) >> 3));
   } else {
     const uint8_t* p = t.codes + ((r * t.cols * t.bits) >> 3);
@@ -384,6 +447,9 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   t.unit_bits = g[6];
   t.wlast = g[7];
   t.group = g[8];
+  t.group_shift = 0;
+  while ((i64(1) << t.group_shift) < t.group) ++t.group_shift;
+  TORCH_CHECK((i64(1) << t.group_shift) == t.group, "sparq kernel: group must be a power of two");
   t.round = g[9];
   TORCH_CHECK(t.bits >= 1 && t.bits <= 8, "sparq kernel: bits must be 1..8");
   return t;

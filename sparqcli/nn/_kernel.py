@@ -28,7 +28,7 @@ from sparqcli.nn._csrc import SOURCE
 ENV_SWITCH = "SPARQ_NN_KERNEL"
 ENV_CACHE = "SPARQ_KERNEL_CACHE"
 _OFF_VALUES = ("0", "off", "false", "no", "torch")
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 _state: dict[str, ModuleType | None] = {}
 
@@ -65,13 +65,15 @@ def kernel() -> ModuleType | None:
     """Returns the compiled kernel module, building it on first use; None when unavailable.
 
     Never raises: a failed build warns once (KernelWarning, one line with the reason) and every
-    later call returns None without retrying in this process.
+    later call returns None without retrying in this process. `SPARQ_NN_KERNEL` is read at the
+    first call.
     """
-    if not enabled():
-        return None
     if "module" in _state:
         return _state["module"]
     module: ModuleType | None = None
+    if not enabled():
+        _state["module"] = None
+        return None
     try:
         module = _build()
     except Exception as error:  # any build failure: compiler, ninja, headers, linker

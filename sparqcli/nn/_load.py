@@ -33,7 +33,9 @@ def _replacement(
 ) -> _CompressedLookup:
     if isinstance(module, (nn.EmbeddingBag, EmbeddingBag)):
         if getattr(module, "max_norm", None) is not None:
-            raise UsageError(f"{path}: table '{key}': max_norm is not supported on a compressed table")
+            raise UsageError(
+                f"{path}: table '{key}': max_norm is not supported on a compressed table"
+            )
         return EmbeddingBag.from_file(
             path,
             key,

@@ -5,9 +5,9 @@ as in the file), `mask` (bit-packed keep-mask as in the file; empty when nothing
 `base`, the row index: the code number of the first row of every `group` mask units (a unit is a
 block row for a block mask, a row for a value mask), one int64 each. A row's first code is
 `base[unit // group]` plus the codes of the units between (a popcount of their mask bits), plus
-its earlier rows in its own block row; `group` is chosen so that popcount covers about 512 mask
-bits. The index takes 8 / (group * block height) bytes per row (0.5 for a 1M x 128 table with
-(1, 4) blocks), and nothing when there is no mask (a row's codes start at `row * cols`).
+its earlier rows in its own block row; `group` (a power of two) is chosen so that popcount covers
+at most 128 mask bits. The index takes 8 / (group * block height) bytes per row (2 for a table of
+128 columns with (1, 4) blocks), and nothing when there is no mask (a row's codes start at `row * cols`).
 
 `gather_rows` decodes a set of rows with tensor ops (any device): the fallback of the kernel.
 """
@@ -27,7 +27,7 @@ from sparqcli.errors import FormatError, InputError
 from sparqcli.nn._format import CompressedTable, TableInfo, pack_bits, pack_codes, read_info
 
 MaskKind = Literal["none", "block", "value"]
-INDEX_GROUP_BITS = 512
+INDEX_GROUP_BITS = 128
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -80,7 +80,8 @@ class Layout:
     @property
     def group(self) -> int:
         """Returns the number of units per index entry."""
-        return max(1, INDEX_GROUP_BITS // max(1, self.unit_bits))
+        units = max(1, INDEX_GROUP_BITS // max(1, self.unit_bits))
+        return 1 << (units.bit_length() - 1)
 
     def geometry(self) -> list[int]:
         """Returns the kernel's geometry vector (see _csrc.py make_table)."""
@@ -182,9 +183,7 @@ def read_packed(
         raise InputError(f"{where}: no compressed table '{key}'; {hint}")
     table = info.tables[key]
     names = table.tensor_keys
-    tensors = (
-        _read_mapped(where, names) if memory_map else _read_copied(where, names)
-    )
+    tensors = _read_mapped(where, names) if memory_map else _read_copied(where, names)
     if "mask" not in tensors:
         tensors["mask"] = torch.zeros(0, dtype=torch.uint8)
     return layout_of(table), tensors
@@ -221,7 +220,10 @@ def _read_mapped(where: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
             tensors[part] = torch.zeros(0, dtype=dtype)
             continue
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=start + begin)
-        if part in ("scale", "zero_point") or (start + begin) % raw.new_empty(0, dtype=dtype).element_size():
+        if (
+            part in ("scale", "zero_point")
+            or (start + begin) % raw.new_empty(0, dtype=dtype).element_size()
+        ):
             tensors[part] = raw.clone().view(dtype)
         else:
             tensors[part] = raw.view(dtype)

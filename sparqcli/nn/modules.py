@@ -156,6 +156,7 @@ class _CompressedLookup(nn.Module):
             where = prefix.rstrip(".") or "state dict"
             check_packed(where, self.layout, self._tensors())
             self.row_index = build_index(where, self.layout, mask.cpu()).to(self.codes.device)
+            self.__dict__.pop("_args", None)
 
     def _apply(self, fn: Any, recurse: bool = True) -> _CompressedLookup:
         # Device moves only: .half() / .to(dtype) must not re-round the stored scales. Results
@@ -167,6 +168,7 @@ class _CompressedLookup(nn.Module):
             if moved.dtype != buffer.dtype:
                 moved = buffer.to(moved.device)
             self._buffers[name] = moved
+        self.__dict__.pop("_args", None)
         return self
 
     # --- lookups -------------------------------------------------------------------------
@@ -181,7 +183,16 @@ class _CompressedLookup(nn.Module):
         }
 
     def _kernel_args(self) -> tuple[Any, ...]:
+        args = self.__dict__.get("_args")
+        if args is None:
+            args = self.__dict__["_args"] = self._make_kernel_args()
+        return args
+
+    def _make_kernel_args(self) -> tuple[Any, ...]:
+        # The storage, geometry and whether the kernel can serve it (CPU, not float64), cached
+        # until the buffers change (device move, load_state_dict).
         tensors = self._tensors()
+        servable = self.codes.device.type == "cpu" and self.layout.dtype != torch.float64
         return (
             tensors["codes"],
             tensors["scale"],
@@ -189,20 +200,24 @@ class _CompressedLookup(nn.Module):
             tensors["mask"],
             self.row_index,
             self.layout.geometry(),
+            servable,
         )
 
     def _compiled(self, indices: torch.Tensor) -> Any:
-        if self.codes.device.type != "cpu" or indices.device.type != "cpu":
-            return None
-        if self.layout.dtype == torch.float64:
+        """Returns the compiled kernel when it serves this lookup (CPU tensors), else None."""
+        if indices.device.type != "cpu" or not self._kernel_args()[-1]:
             return None
         return _kernel.kernel()
 
     def _check_indices(self, indices: torch.Tensor, name: str = "input") -> None:
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(indices).__name__}")
         if indices.dtype not in _INDEX_DTYPES:
             raise TypeError(
                 f"{name} must hold int32 or int64 indices, got {str(indices.dtype).removeprefix('torch.')}"
             )
+        if indices.device.type == "cpu" and self._kernel_args()[-1]:
+            return
         if indices.device != self.codes.device:
             raise ValueError(
                 f"{name} is on {indices.device} but the table is on {self.codes.device}"
@@ -291,8 +306,9 @@ class Embedding(_CompressedLookup):
         self._check_indices(input)
         compiled = self._compiled(input)
         if compiled is not None:
-            out = compiled.embedding_forward(*self._kernel_args(), input)
-            return out.view(*input.shape, self.layout.cols).to(self.layout.dtype)
+            out = compiled.embedding_forward(*self._kernel_args()[:-1], input)
+            out = out.view(*input.shape, self.layout.cols)
+            return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
         flat = input.reshape(-1)
         _, inverse, table = self._subset(flat)
         return F.embedding(inverse, table).view(*input.shape, self.layout.cols)
@@ -430,7 +446,7 @@ class EmbeddingBag(_CompressedLookup):
         if compiled is not None:
             weights = per_sample_weights if per_sample_weights is not None else _NO_WEIGHTS
             out = compiled.embedding_bag_forward(
-                *self._kernel_args(),
+                *self._kernel_args()[:-1],
                 input,
                 offsets,
                 weights,
@@ -438,7 +454,7 @@ class EmbeddingBag(_CompressedLookup):
                 -1 if self.padding_idx is None else self.padding_idx,
                 include_last_offset,
             )
-            return out.to(self.layout.dtype)
+            return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
         unique, inverse, table = self._subset(input)
         padding = None
         if self.padding_idx is not None:
