@@ -425,6 +425,9 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& zero_point, const at::Tensor& mask,
                         const at::Tensor& base, const std::vector<int64_t>& g) {
   TORCH_CHECK(g.size() == 10, "sparq kernel: bad geometry");
+  TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu() &&
+                  mask.device().is_cpu() && base.device().is_cpu(),
+              "sparq kernel: the table must be on the CPU");
   TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero_point.is_contiguous() &&
                   mask.is_contiguous() && base.is_contiguous(),
               "sparq kernel: storage must be contiguous");
@@ -477,6 +480,9 @@ at::Tensor embedding_bag_forward(at::Tensor codes, at::Tensor scale, at::Tensor 
                                  int64_t padding_idx, bool include_last_offset) {
   using namespace sparq_nn;
   Table t = make_table(codes, scale, zero_point, mask, base, geometry);
+  TORCH_CHECK(indices.device().is_cpu() && offsets.device().is_cpu() &&
+                  per_sample_weights.device().is_cpu(),
+              "sparq kernel: indices, offsets and weights must be CPU tensors");
   at::Tensor idx = indices.to(at::kLong).contiguous();
   at::Tensor offs = offsets.to(at::kLong).contiguous();
   const int64_t n_idx = idx.numel();
@@ -521,6 +527,7 @@ at::Tensor embedding_forward(at::Tensor codes, at::Tensor scale, at::Tensor zero
                              at::Tensor indices) {
   using namespace sparq_nn;
   Table t = make_table(codes, scale, zero_point, mask, base, geometry);
+  TORCH_CHECK(indices.device().is_cpu(), "sparq kernel: indices must be a CPU tensor");
   at::Tensor idx = indices.reshape({-1}).to(at::kLong).contiguous();
   const int64_t n = idx.numel();
   check_indices(idx.data_ptr<int64_t>(), n, t.rows);

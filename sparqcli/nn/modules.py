@@ -156,7 +156,7 @@ class _CompressedLookup(nn.Module):
             where = prefix.rstrip(".") or "state dict"
             check_packed(where, self.layout, self._tensors())
             self.row_index = build_index(where, self.layout, mask.cpu()).to(self.codes.device)
-            self.__dict__.pop("_args", None)
+            self._forget_cache()
 
     def _apply(self, fn: Any, recurse: bool = True) -> _CompressedLookup:
         # Device moves only: .half() / .to(dtype) must not re-round the stored scales. Results
@@ -168,7 +168,7 @@ class _CompressedLookup(nn.Module):
             if moved.dtype != buffer.dtype:
                 moved = buffer.to(moved.device)
             self._buffers[name] = moved
-        self.__dict__.pop("_args", None)
+        self._forget_cache()
         return self
 
     # --- lookups -------------------------------------------------------------------------
@@ -181,6 +181,32 @@ class _CompressedLookup(nn.Module):
             "zero_point": self.zero_point,
             "mask": mask,
         }
+
+    def _forget_cache(self) -> None:
+        self.__dict__.pop("_args", None)
+        self.__dict__.pop("_call", None)
+
+    def _fast_call(self, name: str) -> Any:
+        """Returns the kernel's entry `name` with this module's storage bound, or None.
+
+        None when the kernel does not serve this module (not on CPU, float64, no kernel).
+        Cached until the buffers change; a closure call keeps the per-lookup Python work small.
+        """
+        call = self.__dict__.get("_call")
+        if call is None:
+            args = self._kernel_args()
+            compiled = _kernel.kernel() if args[-1] else None
+            if compiled is None:
+                call = False
+            else:
+                entry = getattr(compiled, name)
+                storage = args[:-1]
+
+                def call(*rest: Any) -> torch.Tensor:
+                    return entry(*storage, *rest)
+
+            self.__dict__["_call"] = call
+        return call or None
 
     def _kernel_args(self) -> tuple[Any, ...]:
         args = self.__dict__.get("_args")
@@ -202,12 +228,6 @@ class _CompressedLookup(nn.Module):
             self.layout.geometry(),
             servable,
         )
-
-    def _compiled(self, indices: torch.Tensor) -> Any:
-        """Returns the compiled kernel when it serves this lookup (CPU tensors), else None."""
-        if indices.device.type != "cpu" or not self._kernel_args()[-1]:
-            return None
-        return _kernel.kernel()
 
     def _check_indices(self, indices: torch.Tensor, name: str = "input") -> None:
         if not isinstance(indices, torch.Tensor):
@@ -303,11 +323,17 @@ class Embedding(_CompressedLookup):
         Raises IndexError naming the first index outside [0, num_embeddings), TypeError for
         indices that are not int32/int64, ValueError for indices on another device.
         """
-        self._check_indices(input)
-        compiled = self._compiled(input)
-        if compiled is not None:
-            out = compiled.embedding_forward(*self._kernel_args()[:-1], input)
-            out = out.view(*input.shape, self.layout.cols)
+        call = self._fast_call("embedding_forward")
+        if (
+            call is None
+            or not isinstance(input, torch.Tensor)
+            or not input.is_cpu
+            or input.dtype not in _INDEX_DTYPES
+        ):
+            self._check_indices(input)  # raises unless the fallback can serve `input`
+            call = call if input.is_cpu else None
+        if call is not None:
+            out = call(input).view(*input.shape, self.layout.cols)
             return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
         flat = input.reshape(-1)
         _, inverse, table = self._subset(flat)
@@ -415,6 +441,24 @@ class EmbeddingBag(_CompressedLookup):
         NotImplementedError for per_sample_weights with a mode other than 'sum' (as torch);
         RuntimeError for offsets that do not start at 0, decrease or pass the input's end.
         """
+        call = self._fast_call("embedding_bag_forward")
+        if (
+            call is not None
+            and isinstance(input, torch.Tensor)
+            and isinstance(offsets, torch.Tensor)
+            and per_sample_weights is None
+            and input.dim() == 1
+            and input.is_cpu
+            and offsets.is_cpu
+            and input.dtype in _INDEX_DTYPES
+            and offsets.dtype in _INDEX_DTYPES
+            and offsets.dim() == 1
+        ):
+            padding = -1 if self.padding_idx is None else self.padding_idx
+            out = call(
+                input, offsets, _NO_WEIGHTS, _MODES[self.mode], padding, self.include_last_offset
+            )
+            return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
         self._check_indices(input)
         include_last_offset = self.include_last_offset
         if input.dim() == 2:
@@ -442,11 +486,11 @@ class EmbeddingBag(_CompressedLookup):
                     f"per_sample_weights must have the shape of input {list(input.shape)}, "
                     f"got {list(per_sample_weights.shape)}"
                 )
-        compiled = self._compiled(input)
-        if compiled is not None:
+        if call is not None and input.is_cpu and offsets.is_cpu:
             weights = per_sample_weights if per_sample_weights is not None else _NO_WEIGHTS
-            out = compiled.embedding_bag_forward(
-                *self._kernel_args()[:-1],
+            if not weights.is_cpu:
+                raise ValueError("per_sample_weights must be on the CPU like the table")
+            out = call(
                 input,
                 offsets,
                 weights,
