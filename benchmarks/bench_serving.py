@@ -56,8 +56,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from sparqcli.engine.pipeline import compress_table
-    from sparqcli.settings import Quantization, Sparsity
     from sparqcli.nn import EmbeddingBag, kernel_available
+    from sparqcli.settings import Quantization, Sparsity
 
     print(machine())
     print(
@@ -138,9 +138,7 @@ def main() -> None:
             f"{versus:>9} {delay[name] * 1e6:>8.1f} {delay[name] / delay[fp32]:>7.2f}x "
             f"{size(held[name]):>10} {bytes_versus:>9}"
         )
-    spread = {
-        name: (min(values) / 1e6, max(values) / 1e6) for name, values in throughput.items()
-    }
+    spread = {name: (min(values) / 1e6, max(values) / 1e6) for name, values in throughput.items()}
     print(
         "throughput range over rounds (M/s): "
         + "; ".join(f"{name}: {lo:.0f}-{hi:.0f}" for name, (lo, hi) in spread.items())

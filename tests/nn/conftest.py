@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.settings import Quantization, Sparsity
 from sparqcli.engine.table import CompressedTable
 from sparqcli.format import write_compressed
 from sparqcli.nn import _kernel
+from sparqcli.settings import Quantization, Sparsity
 
 HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None
 

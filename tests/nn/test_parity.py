@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparqcli.settings import BITS
 from sparqcli.nn import Embedding, EmbeddingBag
+from sparqcli.settings import BITS
 from tests.nn.conftest import make_table, write_tables
 
 SETTINGS = settings(
