@@ -210,6 +210,7 @@ def test_config_to_dict_is_the_yaml_mapping() -> None:
         "quantization": {"bits": 8, "scale_dtype": "float32"},
         "layers": [{"match": "re:emb", "quantization": {"bits": 2}}],
         "exclude": [],
+        "min_table_bytes": 65536,
         "gates": {"max_rel_error": 1.0, "min_row_cosine": None, "max_bytes_ratio": None},
     }
 
