@@ -265,7 +265,12 @@ def test_inspect_plain_and_compressed(checkpoint, config):
         "dtype": "float32",
         "bytes": 4096,
         "table": True,
+        "candidate": True,
+        "reasons": ["name"],
+        "why": "name says embedding (emb)",
     }
+    assert tensors["proj.weight"]["candidate"] is False
+    assert json.loads(plain.stdout)["candidates"] == ["emb.weight", "bags.0.weight"]
     assert tensors["proj.bias"]["table"] is False
     run("compress", checkpoint, "--config", config, "--quiet")
     compressed = run("inspect", checkpoint.with_name("model.sparq.safetensors"))
