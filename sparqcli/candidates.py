@@ -82,8 +82,9 @@ PROJECTION_WORDS = frozenset(
 )
 """Words that say "not an embedding": attention and MLP projections, heads, norms."""
 
-MIN_ROWS_PER_COLUMN = 16
-"""Shape evidence: a table with at least this many rows per column (a 30522 x 384 vocabulary)."""
+MIN_ROWS_PER_COLUMN = 6
+"""Shape evidence: at least this many rows per column (a 32000 x 4096 vocabulary; MLP weights
+have 4 or fewer)."""
 MIN_SHAPE_ROWS = 1024
 """Shape evidence needs at least this many rows (a 64 x 2 weight is not a lookup table)."""
 

@@ -157,7 +157,12 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
     data = config.to_dict()
 
     def block(name: str) -> str:
-        return yaml.safe_dump({name: data[name]}, sort_keys=False, default_flow_style=None)
+        lines = [f"{name}:"]
+        for field, value in data[name].items():
+            line = f"  {field}: {json.dumps(value)}"
+            note = _FIELD_NOTES.get(field)
+            lines.append(f"{line:<32} # {note}" if note else line)
+        return "\n".join(lines)
 
     lines = [
         f"# sparq starter config for {inspection.path.name}, written by",
@@ -166,7 +171,7 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
         "#",
         f"#   sparq validate CONFIG {inspection.path.name}",
         f"#   sparq compress {inspection.path.name} --config CONFIG --dry-run",
-        block("version").rstrip(),
+        f"version: {config.version}",
         f"order: {config.order}            # or quantize-first",
         "",
         "# Defaults for every selected table (the reference's defaults): half of the 1x4 blocks",
@@ -174,7 +179,8 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
         block("sparsity").rstrip(),
         block("quantization").rstrip(),
         "",
-        f"min_table_bytes: {config.min_table_bytes}       # glob/regex rules skip smaller tables",
+        f"{'min_table_bytes: ' + str(config.min_table_bytes):<32} # glob/regex rules skip smaller "
+        "tables",
         "",
         "layers:",
     ]
@@ -207,6 +213,16 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
     if Config.from_dict(yaml.safe_load(text), config.source) != config:
         raise RuntimeError("the starter config's YAML does not read back to its config")
     return config, text
+
+
+_FIELD_NOTES = {
+    "level": "fraction of blocks pruned, 0..1 (0: no pruning)",
+    "block_shape": "[rows, columns]",
+    "zeros_per_block": "null: every value of a pruned block",
+    "norm": "blocks ranked by mean |x| (L1) or x^2 (L2)",
+    "bits": "bits per code",
+    "scale_dtype": "float32 | float16 (per-row scale and zero point)",
+}
 
 
 def _size(count: int) -> str:

@@ -117,38 +117,36 @@ def shorten(text: str, width: int) -> str:
 
 
 def shorten_all(texts: Sequence[str], width: int) -> list[str]:
-    """Returns each of `texts` shortened to `width` cells with `shorten`, the ellipsis moved to
-    the right where that keeps keys apart: when a key's end is shared with another key (two
-    `….weight`s), its head grows to include the first character that differs from every other
-    key (`embeddings.w…eight`, `embeddings.p…eight`)."""
-    result = []
-    for text in texts:
-        if cell_len(text) <= width or width < 2 * _MIN_TAIL:
-            result.append(shorten(text, width))
-            continue
-        tail = width // 2
-        head = width - 1 - tail
-        others = [other for other in texts if other != text]
-        prefix = max((_common_prefix(text, other) for other in others), default=0)
-        suffix = max((_common_suffix(text, other) for other in others), default=0)
-        if suffix >= tail and prefix + 1 > head:
-            head = min(prefix + 1, width - 1 - _MIN_TAIL)
-            tail = width - 1 - head
-        result.append(text[:head] + _ELLIPSIS + text[len(text) - tail :])
-    return result
-
-
-def _common_prefix(a: str, b: str) -> int:
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
+    """Returns each of `texts` shortened to `width` cells with a middle ellipsis, the ellipsis
+    moved off the middle where that keeps keys apart: of the splits (head, tail) tried from the
+    middle outwards, each text gets the first whose head and tail no other text shares
+    (`embeddings.w…eight`, `embeddings.p…eight` rather than two `embeddi…s.weight`); a text
+    that no split tells apart gets the middle one."""
+    long = [i for i, text in enumerate(texts) if cell_len(text) > width]
+    result = list(texts)
+    if not long:
+        return result
+    if width < 2 * _MIN_TAIL + 1:
+        return [shorten(text, width) for text in texts]
+    middle = width // 2
+    tails = sorted(range(_MIN_TAIL, width - _MIN_TAIL), key=lambda t: (abs(t - middle), -t))
+    pending = set(long)
+    for tail in tails:
+        if not pending:
             break
-        count += 1
-    return count
-
-
-def _common_suffix(a: str, b: str) -> int:
-    return _common_prefix(a[::-1], b[::-1])
+        head = width - 1 - tail
+        pairs: dict[tuple[str, str], int] = {}
+        for text in texts:
+            pair = (text[:head], text[-tail:])
+            pairs[pair] = pairs.get(pair, 0) + 1
+        for index in sorted(pending):
+            text = texts[index]
+            if pairs[(text[:head], text[-tail:])] == 1:
+                result[index] = text[:head] + _ELLIPSIS + text[len(text) - tail :]
+                pending.discard(index)
+    for index in pending:
+        result[index] = shorten(texts[index], width)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +572,7 @@ def inspection(
 
 SELECTION_COLUMNS: list[Column[tuple[str, str, str, str]]] = [
     Column("key", lambda item: item[0], "left", shorten=True),
-    Column("rule", lambda item: item[1], "left", shorten=True),
+    Column("rule", lambda item: item[1], "left"),
     Column("size", lambda item: item[2]),
     Column("outcome", lambda item: item[3], "left"),
 ]
@@ -583,21 +581,28 @@ SELECTION_COLUMNS: list[Column[tuple[str, str, str, str]]] = [
 
 def selection_table(selection: Selection, source: str) -> FitTable:
     """Returns, for `sparq validate CFG CKPT`, each rule and the tensors it matches: one line
-    per match, saying whether the rule selects it, or why not."""
-    sizes = {table.key: table.info.nbytes for table in selection.tables}
-    sizes.update({table.key: table.bytes for table in selection.skipped})
-    reasons = {table.key: table.reason for table in selection.skipped}
+    per match, saying whether the rule selects it, or why not; the rules spelled out below."""
+    sizes = {key: info.nbytes for key, info in selection.infos.items()}
     items: list[tuple[str, str, str, str]] = []
     for match in selection.matches:
-        label = match.rule.label
         outcomes = (
             [(key, "selected") for key in match.won]
-            + [(key, "not selected: an earlier rule wins it") for key in match.shadowed]
-            + [(key, "not selected: excluded") for key in match.excluded]
-            + [(key, f"skipped: {reasons.get(key, 'too small')}") for key in match.skipped]
+            + [(key, "earlier rule wins") for key in match.shadowed]
+            + [(key, "excluded") for key in match.excluded]
+            + [(key, "skipped: < min_table_bytes") for key in match.skipped]
         )
+        label = f"layers[{match.rule.index}]"
         items.extend((key, label, human_bytes(sizes.get(key)), what) for key, what in outcomes)
     title = f"{source}: {len(selection.tables)} table(s) selected"
     if selection.skipped:
         title += f", {len(selection.skipped)} skipped"
-    return FitTable(title, SELECTION_COLUMNS, _rows(SELECTION_COLUMNS, items))
+    legend = [
+        "rules: " + match.rule.label if n == 0 else match.rule.label
+        for n, match in enumerate(selection.matches)
+    ]
+    return FitTable(
+        title,
+        SELECTION_COLUMNS,
+        _rows(SELECTION_COLUMNS, items),
+        [legend, *_skipped_lines(selection.skipped)],
+    )

@@ -379,3 +379,98 @@ def test_help_does_not_import_torch():
         env={**os.environ, "COLUMNS": "100"},
     )
     assert done.stdout.strip().endswith("False")
+
+
+# --- the summary on a terminal (fits its width) and piped (never shortened) -----------------------
+
+LONG_KEY = "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"
+
+
+@pytest.fixture
+def long_keys(tmp_path):
+    """A checkpoint with a long table key, a table under min_table_bytes and a config for both."""
+    generator = torch.Generator().manual_seed(3)
+    path = tmp_path / "long.pt"
+    torch.save(
+        {
+            LONG_KEY: torch.randn(2048, 16, generator=generator),
+            "embeddings.word_embeddings.weight": torch.randn(1200, 16, generator=generator),
+            "embeddings.token_type_embeddings.weight": torch.randn(2, 16, generator=generator),
+        },
+        path,
+    )
+    config = tmp_path / "long.yaml"
+    config.write_text("layers: [{match: '*embedding*'}]\n")
+    return path, config
+
+
+def _as_terminal(monkeypatch, columns: int) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules["sparqcli.cli.app"], "stdout_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+
+@pytest.mark.parametrize("columns", [80, 100, 150, 200])
+@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
+def test_on_a_terminal_every_line_fits(monkeypatch, long_keys, command, columns):
+    path, config = long_keys
+    _as_terminal(monkeypatch, columns)
+    args = {
+        "compress": ("compress", path, "-c", config, "--force"),
+        "dry-run": ("compress", path, "-c", config, "--dry-run"),
+        "inspect": ("inspect", path),
+        "validate": ("validate", config, path),
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # titles hold file paths, which are never shortened: the tables' lines fit
+    table_lines = [line for line in lines if str(path.parent) not in line]
+    assert max(len(line) for line in table_lines) <= columns, result.stdout
+    if columns == 80 and command != "validate":
+        assert LONG_KEY not in result.stdout and "sparse_arc" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
+def test_piped_output_is_whole_whatever_columns_says(monkeypatch, long_keys, command):
+    path, config = long_keys
+    monkeypatch.setenv("COLUMNS", "40")
+    args = {
+        "compress": ("compress", path, "-c", config, "--force"),
+        "dry-run": ("compress", path, "-c", config, "--dry-run"),
+        "inspect": ("inspect", path),
+        "validate": ("validate", config, path),
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout.replace("0…255", "")
+    rows = [line for line in result.stdout.splitlines() if line.startswith(LONG_KEY)]
+    assert len(rows) == 1  # one line per table, the whole key at its start
+    if command != "inspect":
+        assert (
+            "embeddings.token_type_embeddings.weight" in result.stdout
+            and "smaller than min_table_bytes (64 KiB)" in result.stdout
+        )
+
+
+def test_wide_shows_every_statistic(long_keys):
+    path, config = long_keys
+    compact = run("compress", path, "-c", config, "--force").stdout
+    wide = run("compress", path, "-c", config, "--force", "--wide").stdout
+    for header in ("min / median / max", "zero point", "pruned", "ratio", "dtype"):
+        assert header in wide and header not in compact
+    report = json.loads(run("compress", path, "-c", config, "--force", "--json").stdout)
+    file = report["files"][0]
+    assert [t["key"] for t in file["tables"]] == [LONG_KEY, "embeddings.word_embeddings.weight"]
+    assert file["skipped_tables"] == [
+        {
+            "key": "embeddings.token_type_embeddings.weight",
+            "shape": [2, 16],
+            "dtype": "float32",
+            "bytes": 128,
+            "rule": "layers[0] (match '*embedding*')",
+            "reason": "smaller than min_table_bytes (64 KiB)",
+        }
+    ]
+    assert report["config"]["min_table_bytes"] == 65536

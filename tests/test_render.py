@@ -22,6 +22,7 @@ from sparqcli.render import (
     human_bytes,
     inspection,
     print_report,
+    selection_table,
     shorten,
     shorten_all,
     to_json,
@@ -201,6 +202,9 @@ OUTPUTS = {
     "summary-wide": lambda: compress_summary(_bert_report(), wide=True),
     "dry-run": lambda: compress_summary(_bert_report(dry_run=True)),
     "inspect": lambda: inspection(_bert_inspection()),
+    "validate": lambda: selection_table(
+        select_tables(BERT_CONFIG, BERT_TENSORS, "encoder.pt"), "encoder.pt"
+    ),
 }
 
 
@@ -216,11 +220,11 @@ def test_golden_at_every_width(output: str, width: str) -> None:
 
 
 @pytest.mark.parametrize("width", [80, 100, 150, 200])
-@pytest.mark.parametrize("output", ["summary", "dry-run", "inspect"])
+@pytest.mark.parametrize("output", ["summary", "dry-run", "inspect", "validate"])
 def test_compact_tables_fit_and_keep_one_line_per_table(output: str, width: int) -> None:
     lines = _lines(_render(OUTPUTS[output](), width)).splitlines()
     assert max(len(line) for line in lines) <= width
-    rows = len(BERT_TENSORS) if output == "inspect" else 3
+    rows = {"inspect": len(BERT_TENSORS), "validate": 4}.get(output, 3)
     rule = next(i for i, line in enumerate(lines) if line.startswith("───"))
     body = lines[rule + 1 : rule + 1 + rows]
     for line in body:
