@@ -131,9 +131,10 @@ def candidacy(
     if module_types is not None:
         module_type = module_types.get(module)
         if module_type in EMBEDDING_TYPES and name == "weight":
-            return Candidacy(True, ("type",), f"module {module or '(root)'} is an {module_type}")
-        kind = f"an {module_type}" if module_type else "not a module's parameter"
-        return Candidacy(False, (), f"module {module or '(root)'} is {kind}")
+            return Candidacy(True, ("type",), f"module {module or '(root)'} is {_a(module_type)}")
+        if module_type is None:
+            return Candidacy(False, (), "not a parameter of a known module")
+        return Candidacy(False, (), f"module {module or '(root)'} is {_a(module_type)}")
     words = module_words(module or key)
     said = sorted(words & EMBEDDING_WORDS)
     rows, cols = info.shape
@@ -152,6 +153,10 @@ def candidacy(
     if projection:
         return Candidacy(False, (), f"name says projection ({', '.join(projection)})")
     return Candidacy(False, (), f"neither its name nor its shape ({rows} x {cols}) says embedding")
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1] in "AEIOU" else f"a {name}"
 
 
 def find_candidates(

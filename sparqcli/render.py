@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from rich.cells import cell_len
-from rich.console import Console, ConsoleOptions, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.text import Text
 
 from sparqcli.results import CheckpointInspection
@@ -386,11 +386,9 @@ PLAN_COLUMNS: list[Column[TableReport]] = [
 """The dry-run plan's columns (the settings each table will get)."""
 
 
-def compress_summary(report: CompressReport, *, wide: bool = False) -> FitTable | Any:
+def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
     """Returns the summary of a compress run (or the plan of a dry run): one table per file,
     its totals and the tables it skipped. `wide` shows every statistic."""
-    from rich.console import Group
-
     parts: list[Any] = []
     for file in report.files:
         parts.append(_plan_table(file, wide) if report.dry_run else _file_table(file, wide))
@@ -499,7 +497,7 @@ CHECKPOINT_COLUMNS: list[Column[Any]] = [
         lambda entry: "+".join(entry.candidate.reasons) if entry.candidate.is_candidate else "",
         "left",
     ),
-    Column("why", lambda entry: entry.candidate.why, "left", wide=True),
+    Column("why", lambda entry: entry.candidate.why, "left", wide=True, shorten=True),
 ]
 """The columns of a plain checkpoint's inspection; `candidate` says by which evidence
 (type, name, shape) a tensor is a candidate table."""

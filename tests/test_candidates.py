@@ -80,7 +80,7 @@ def test_module_types_decide_when_known() -> None:
         "bags.0.weight": ("type",),
     }
     assert found["token.weight"].why == "module token is an Embedding"
-    assert found["embedding_proj.weight"].why == "module embedding_proj is an Linear"
+    assert found["embedding_proj.weight"].why == "module embedding_proj is a Linear"
 
 
 def test_a_pickled_module_inspected_by_type(tmp_path: Path) -> None:
