@@ -111,7 +111,7 @@ def shorten(text: str, width: int) -> str:
         return text
     if width <= 1:
         return _ELLIPSIS[:width]
-    tail = (width - 1 + 1) // 2
+    tail = width // 2
     head = width - 1 - tail
     return text[:head] + _ELLIPSIS + text[len(text) - tail :]
 
