@@ -207,11 +207,18 @@ class CompressReport:
 class TensorEntry:
     """One tensor of an inspected checkpoint: its shape, dtype, bytes, whether it is a table
     sparq can compress (a 2-D floating tensor), and whether it is a candidate embedding table
-    and why (`candidate`; see `sparqcli.candidates`)."""
+    and why (`candidate`; see `sparqcli.candidates`). Without `candidate`, it is found from the
+    key and shape alone (no module types)."""
 
     key: str
     info: TensorInfo
-    candidate: Candidacy
+    candidate: Candidacy = None  # type: ignore[assignment]  # filled in by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.candidate is None:
+            from sparqcli.candidates import candidacy
+
+            object.__setattr__(self, "candidate", candidacy(self.key, self.info))
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the entry as JSON-able data."""

@@ -169,3 +169,11 @@ def test_suggest_config_without_candidates(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"mlp\.pt: no candidate embedding table"):
         sparqcli.suggest_config(path, tmp_path / "x.yaml")
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_a_tensor_entry_finds_its_candidacy_from_key_and_shape() -> None:
+    from sparqcli.results import TensorEntry
+
+    entry = TensorEntry("model.embed_tokens.weight", TensorInfo((32000, 64), "float32"))
+    assert entry.candidate.reasons == ("name", "shape")
+    assert entry.to_dict()["why"] == "name says embedding (embed); shape 32000 rows x 64 columns"
