@@ -474,3 +474,26 @@ def test_wide_shows_every_statistic(long_keys):
         }
     ]
     assert report["config"]["min_table_bytes"] == 65536
+
+
+def test_piped_dry_run_and_inspect_exactly(checkpoint, config, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # ignored: stdout is not a terminal
+    plan = run("compress", checkpoint, "--config", config, "--dry-run")
+    assert plan.stdout == (
+        f"{checkpoint} → {checkpoint.with_name('model.sparq.safetensors')} "
+        "(dry run: nothing written)\n"
+        "table          shape  rule       bits  sparsity  block     bytes\n" + "─" * 64 + "\n"
+        "emb.weight     64x16  layers[0]     8       50%    1x4  4.00 KiB\n"
+        "bags.0.weight   40x8  layers[1]     4       50%    1x4  1.25 KiB\n"
+        "2 table(s) selected, 5.25 KiB of tables\n"
+        "rules: layers[0] (match 'emb'), layers[1] (match 'bags.*')\n"
+    )
+    inspected = run("inspect", checkpoint)
+    assert inspected.stdout == (
+        f"{checkpoint}: 4 tensors, 2 candidate table(s)\n"
+        "key            shape  dtype        size  candidate\n" + "─" * 50 + "\n"
+        "emb.weight     64x16  float32  4.00 KiB  name\n"
+        "bags.0.weight   40x8  float32  1.25 KiB  name\n"
+        "proj.weight     4x24  float32     384 B\n"
+        "proj.bias          4  float32      16 B\n"
+    )
