@@ -48,6 +48,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "inspect": ("sparqcli.inspection", "inspect"),
     "decompress": ("sparqcli.inspection", "decompress"),
     "selection": ("sparqcli.inspection", "selection"),
+    "suggest_config": ("sparqcli.inspection", "suggest_config"),
     "discard_partial_outputs": ("sparqcli.sinks", "discard_partial_outputs"),
 }
 
@@ -71,6 +72,7 @@ __all__ = [
     "load_table",
     "open",
     "selection",
+    "suggest_config",
 ]
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ if TYPE_CHECKING:
     from sparqcli.engine.table import CompressedTable
     from sparqcli.format.reader import SparqFile, load, load_table
     from sparqcli.format.reader import open_file as open
-    from sparqcli.inspection import decompress, inspect, selection
+    from sparqcli.inspection import decompress, inspect, selection, suggest_config
     from sparqcli.results import CompressReport
     from sparqcli.settings import Gates, Quantization, Sparsity
     from sparqcli.sinks import discard_partial_outputs

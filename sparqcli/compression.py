@@ -299,7 +299,9 @@ def _plan(
         collision = key_collision(passthrough, table_keys)
         if collision is not None:
             raise OutputError(f"{target}: cannot write: {collision}", path=target)
-    return FileReport(checkpoint.path, target, output_format, input_bytes, tables)
+    return FileReport(
+        checkpoint.path, target, output_format, input_bytes, tables, skipped=list(selection.skipped)
+    )
 
 
 def _compress_tables(

@@ -27,6 +27,7 @@ import yaml
 from sparqcli.errors import ConfigError, InputError
 from sparqcli.overrides import apply_overrides
 from sparqcli.settings import (
+    DEFAULT_MIN_TABLE_BYTES,
     FIELD_RULES,
     ORDERS,
     SECTION_KEYS,
@@ -35,6 +36,7 @@ from sparqcli.settings import (
     Order,
     Quantization,
     Sparsity,
+    min_table_bytes_problem,
 )
 
 CONFIG_VERSION = 1
@@ -52,7 +54,16 @@ SECTIONS: dict[str, type[Sparsity] | type[Quantization] | type[Gates]] = {
     "quantization": Quantization,
     "gates": Gates,
 }
-_TOP_KEYS = ("version", "order", "sparsity", "quantization", "layers", "exclude", "gates")
+_TOP_KEYS = (
+    "version",
+    "order",
+    "sparsity",
+    "quantization",
+    "layers",
+    "exclude",
+    "min_table_bytes",
+    "gates",
+)
 _RULE_KEYS = ("match", "type", "sparsity", "quantization", "gates")
 # A section field written one level too high (`bits: 4` beside `layers`) is suggested in place.
 _SECTION_FIELDS = {key: section for section, keys in SECTION_KEYS.items() for key in keys}
@@ -117,6 +128,10 @@ class ResolvedRule:
 class Config:
     """A validated config: what to compress (`layers`, `exclude`) and how.
 
+    `min_table_bytes`: a glob or regex rule skips (leaves dense) the tables it matches that are
+    smaller than this many bytes; a rule naming an exact key or module, or a module type,
+    always selects. 0 skips nothing.
+
     Equal to the same YAML loaded with `Config.from_yaml`. `source` names where it came from
     (a file path; not compared). Raises ConfigError listing every problem.
     """
@@ -127,6 +142,7 @@ class Config:
     sparsity: Sparsity = field(default_factory=Sparsity)
     quantization: Quantization = field(default_factory=Quantization)
     exclude: Sequence[str] = ()
+    min_table_bytes: int = DEFAULT_MIN_TABLE_BYTES
     gates: Gates = field(default_factory=Gates)
     source: str = field(default="<config>", compare=False)
     resolved_rules: tuple[ResolvedRule, ...] = field(
@@ -194,6 +210,7 @@ class Config:
             version=data.get("version", CONFIG_VERSION),
             order=data.get("order", "sparsify-first"),
             exclude=tuple(data.get("exclude") or ()),
+            min_table_bytes=data.get("min_table_bytes", DEFAULT_MIN_TABLE_BYTES),
             source=source,
             **{name: section(**(data.get(name) or {})) for name, section in SECTIONS.items()},
         )
@@ -208,6 +225,7 @@ class Config:
             "exclude": list(self.exclude)
             if isinstance(self.exclude, (list, tuple))
             else self.exclude,
+            "min_table_bytes": self.min_table_bytes,
             "gates": _section_dict(self.gates),
         }
 
@@ -278,6 +296,10 @@ class _Validator:
         # top-level problem is reported once, not again for every rule.
         bases = {name: self.section(raw.get(name), name, name) for name in SECTIONS}
         self.patterns(raw.get("exclude"), "exclude")
+        if "min_table_bytes" in raw:
+            problem = min_table_bytes_problem(raw["min_table_bytes"])
+            if problem:
+                self.add("min_table_bytes", problem)
         self.layers(raw, bases)
         return self.problems
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +12,7 @@ from sparqcli.results import CheckpointInspection, DecompressResult, TensorEntry
 
 if TYPE_CHECKING:
     from sparqcli.config import Config
+    from sparqcli.format.reader import CompressedFileInfo
     from sparqcli.select import Selection
 
 DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -17,14 +20,16 @@ DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 def inspect(
     path: str | Path, *, key: str | None = None, trust_pickle: bool = False
-) -> CheckpointInspection | CompressedFileInfo:  # noqa: F821
+) -> CheckpointInspection | CompressedFileInfo:
     """Returns what the file at `path` holds.
 
     A compressed sparq file gives its `CompressedFileInfo` (tables, settings, statistics, bytes);
-    any other checkpoint a `CheckpointInspection` (every tensor, tables marked). `key` and
+    any other checkpoint a `CheckpointInspection` (every tensor; the candidate embedding tables
+    marked, with the evidence: module type, name or shape). `key` and
     `trust_pickle` are as for `compress`. Raises what opening a checkpoint raises (InputError,
     UnsafeInputError, UsageError) and FormatError for a corrupt sparq file.
     """
+    from sparqcli.candidates import find_candidates
     from sparqcli.format.reader import read_info
     from sparqcli.sources import open_checkpoint
 
@@ -32,7 +37,10 @@ def inspect(
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     if checkpoint.is_sparq:
         return read_info(path)
-    entries = tuple(TensorEntry(name, info) for name, info in checkpoint.tensors.items())
+    found = find_candidates(checkpoint.tensors, checkpoint.module_types)
+    entries = tuple(
+        TensorEntry(name, info, found[name]) for name, info in checkpoint.tensors.items()
+    )
     return CheckpointInspection(path, checkpoint.format, entries)
 
 
@@ -80,3 +88,144 @@ def selection(
 
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     return select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+
+
+@dataclass(frozen=True)
+class SuggestedConfig:
+    """What `suggest_config` wrote: the starter config, its YAML text (with comments), where it
+    was written, and the inspection it was built from."""
+
+    config: Config
+    text: str
+    output: Path
+    inspection: CheckpointInspection
+
+
+def suggest_config(
+    path: str | Path,
+    output: str | Path,
+    *,
+    force: bool = False,
+    key: str | None = None,
+    trust_pickle: bool = False,
+) -> SuggestedConfig:
+    """Writes to `output`, atomically, a starter config selecting the candidate embedding
+    tables of the checkpoint at `path`, each by its exact key, with comments saying why.
+
+    Candidates smaller than the default `min_table_bytes` are listed in a comment and left out
+    (unless every candidate is that small). Raises UsageError for a compressed input, a
+    checkpoint without candidates, or an existing `output` without `force`; what opening the
+    checkpoint raises; OutputError when `output` cannot be written.
+    """
+    from sparqcli.sinks import atomic_output, check_output_path
+
+    path, output = Path(path), Path(output)
+    check_output_path(output, [path], force)
+    found = inspect(path, key=key, trust_pickle=trust_pickle)
+    if not isinstance(found, CheckpointInspection):
+        raise UsageError(
+            f"{path}: is already compressed by sparq; suggest a config for the original checkpoint",
+            path=path,
+        )
+    config, text = starter_config(found)
+    with atomic_output(output) as temp:
+        temp.write_text(text)
+    return SuggestedConfig(config, text, output, found)
+
+
+def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
+    """Returns the starter config for an inspected checkpoint and its YAML text with comments.
+
+    Raises UsageError when the checkpoint has no candidate table.
+    """
+    import yaml
+
+    from sparqcli.config import Config, Rule
+    from sparqcli.settings import DEFAULT_MIN_TABLE_BYTES
+
+    candidates = inspection.candidates
+    if not candidates:
+        raise UsageError(
+            f"{inspection.path}: no candidate embedding table (no module type, name or shape "
+            "says embedding); write the rules by hand (`layers: [{match: KEY}]`)",
+            path=inspection.path,
+        )
+    large = [entry for entry in candidates if entry.info.nbytes >= DEFAULT_MIN_TABLE_BYTES]
+    chosen = large or list(candidates)
+    small = [entry for entry in candidates if entry not in chosen]
+    config = Config(layers=[Rule(match=entry.key) for entry in chosen], source=str(inspection.path))
+    data = config.to_dict()
+
+    def block(name: str) -> str:
+        lines = [f"{name}:"]
+        for field, value in data[name].items():
+            line = f"  {field}: {json.dumps(value)}"
+            note = _FIELD_NOTES.get(field)
+            lines.append(f"{line:<32} # {note}" if note else line)
+        return "\n".join(lines)
+
+    lines = [
+        f"# sparq starter config for {inspection.path.name}, written by",
+        "# `sparq inspect --suggest-config`: its candidate embedding tables, found by evidence",
+        "# (module type, name, shape), each selected by its exact key. Check, then compress:",
+        "#",
+        f"#   sparq validate CONFIG {inspection.path.name}",
+        f"#   sparq compress {inspection.path.name} --config CONFIG --dry-run",
+        f"version: {config.version}",
+        f"order: {config.order}            # or quantize-first",
+        "",
+        "# Defaults for every selected table (the reference's defaults): half of the 1x4 blocks",
+        "# pruned, 8-bit codes per row.",
+        block("sparsity").rstrip(),
+        block("quantization").rstrip(),
+        "",
+        f"{'min_table_bytes: ' + str(config.min_table_bytes):<32} # glob/regex rules skip smaller "
+        "tables",
+        "",
+        "layers:",
+    ]
+    for entry in chosen:
+        info = entry.info
+        lines.append(
+            f"  # {'x'.join(map(str, info.shape))} {info.dtype}, {_size(info.nbytes)}: "
+            f"{entry.candidate.why}"
+        )
+        lines.append(f"  - match: {json.dumps(entry.key)}")
+    if small:
+        lines += [
+            "",
+            "# Candidates smaller than min_table_bytes, left dense (add a rule to compress one):",
+        ]
+        lines += [
+            f"#   {entry.key}: {'x'.join(map(str, entry.info.shape))} {entry.info.dtype}, "
+            f"{_size(entry.info.nbytes)}"
+            for entry in small
+        ]
+    lines += [
+        "",
+        "# Quality gates (a failing table: exit 3, nothing written), off until you set them:",
+        "# gates:",
+        "#   max_rel_error: 0.5          # relative L2 error of a table",
+        "#   min_row_cosine: 0.9         # worst row's cosine similarity",
+        "",
+    ]
+    text = "\n".join(lines)
+    if Config.from_dict(yaml.safe_load(text), config.source) != config:
+        raise RuntimeError("the starter config's YAML does not read back to its config")
+    return config, text
+
+
+_FIELD_NOTES = {
+    "level": "fraction of blocks pruned, 0..1 (0: no pruning)",
+    "block_shape": "[rows, columns]",
+    "zeros_per_block": "null: every value of a pruned block",
+    "norm": "blocks ranked by mean |x| (L1) or x^2 (L2)",
+    "bits": "bits per code",
+    "scale_dtype": "float32 | float16 (per-row scale and zero point)",
+}
+
+
+def _size(count: int) -> str:
+    from sparqcli.render import human_bytes
+
+    return human_bytes(count)

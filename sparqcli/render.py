@@ -1,16 +1,28 @@
-"""Presentation: compression reports, inspections and rule matches as rich tables and JSON.
+"""Presentation: compression reports, inspections and rule matches as text tables and JSON.
 
 Nothing here computes; every number comes from the result objects it is given.
+
+Every table is laid out for the width it is printed at, and never wrapped: one line per table
+(or tensor), no cell broken inside a token. When the columns do not fit, the key column (and
+then any other shortenable column) is shortened in the middle with an ellipsis that keeps both
+ends (`embeddings.wor…ings.weight`); when even that does not fit, lines run past the width
+rather than wrap. Printed to a pipe (`PIPED_WIDTH`), nothing is shortened: whole keys, one line
+per table, whatever the terminal's width, so scripts can grep the output.
+
+Columns are data: a `Column` names its header, how to get its cell from a row and whether it
+shows only under `--wide`; adding a statistic or a setting is one entry in a column list.
+Numbers are shown with 3 significant digits and their unit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from rich import box
-from rich.console import Console, Group
-from rich.table import Table
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.text import Text
 
 from sparqcli.results import CheckpointInspection
@@ -18,175 +30,520 @@ from sparqcli.results import to_json as to_json  # the one JSON writer, for the 
 
 if TYPE_CHECKING:
     from sparqcli.format.reader import CompressedFileInfo
-    from sparqcli.results import CompressReport, FileReport
+    from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
     from sparqcli.select import Selection
 
+PIPED_WIDTH = 1 << 16
+"""The console width for output that is not a terminal: wide enough that nothing is shortened."""
+
 _ORDER_LABEL = {"sparsify-first": "S→Q", "quantize-first": "Q→S"}
+_GAP = "  "  # between two columns
+_ELLIPSIS = "…"
+_KEY_MIN = 12  # a key column is never shortened below this many cells
+_OTHER_MIN = 9  # nor any other shortenable column (a rule label) below this
+_MIN_TAIL = 4  # a shortened key keeps at least this much of its end
+
+T = TypeVar("T")
+Justify = Literal["left", "right"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
 
 
 def human_bytes(count: float | None) -> str:
-    """Returns a byte count in binary units (`1.5 MiB`); `-` for None."""
+    """Returns a byte count in binary units with 3 significant digits (`1.50 MiB`, `424 B`);
+    whole bytes below 1 KiB; `-` for None."""
     if count is None:
         return "-"
     value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if abs(value) < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-    return f"{value:.1f} TiB"
+        if abs(float(f"{value:.3g}")) < 1000 or unit == "TiB":
+            return f"{_sig(value)} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sig(value: float | None) -> str:
+    """Returns `value` with 3 significant digits (`0.412`, `39.1`, `250`, `1.00`); `-` when it
+    is None or not finite; scientific notation below 0.001 and from a million up."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    value = float(f"{value:.3g}") + 0.0  # rounded; no negative zero
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude < -3 or magnitude >= 6:
+        return f"{value:.2e}"
+    return f"{value:.{max(0, 2 - magnitude)}f}"
+
+
+def _percent(fraction: float | None) -> str:
+    """Returns a fraction as a percentage with up to 3 significant digits (`50%`, `50.1%`)."""
+    if fraction is None or not math.isfinite(fraction):
+        return "-"
+    value = fraction * 100
+    if value == 0:
+        return "0%"
+    if 0 < value < 0.01:
+        return "<0.01%"
+    text = f"{value:.3g}"
+    if text == "100" and value < 100:
+        text = "99.9"
+    return f"{text}%"
 
 
 def _shape(shape: Sequence[int]) -> str:
     return "x".join(str(side) for side in shape) if shape else "scalar"
 
 
-def _number(value: float) -> str:
-    return f"{value:.3g}"
+def _is_number(value: object) -> bool:
+    """Returns True for an int or float (a file's statistic may be null: not finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def compress_summary(report: CompressReport) -> Group:
-    """Returns the summary of a compress run: one table per file, then its totals."""
+def shorten(text: str, width: int) -> str:
+    """Returns `text` cut to `width` cells in the middle, keeping both ends around an ellipsis
+    (`embeddings.wor…ings.weight`); `text` itself when it fits."""
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return _ELLIPSIS[:width]
+    tail = width // 2
+    head = width - 1 - tail
+    return text[:head] + _ELLIPSIS + text[len(text) - tail :]
+
+
+def shorten_all(texts: Sequence[str], width: int) -> list[str]:
+    """Returns each of `texts` shortened to `width` cells with a middle ellipsis, the ellipsis
+    moved off the middle where that keeps keys apart: of the splits (head, tail) tried from the
+    middle outwards, each text gets the first whose head and tail no other text shares
+    (`embeddings.w…eight`, `embeddings.p…eight` rather than two `embeddi…s.weight`); a text
+    that no split tells apart gets the middle one."""
+    long = [i for i, text in enumerate(texts) if cell_len(text) > width]
+    result = list(texts)
+    if not long:
+        return result
+    if width < 2 * _MIN_TAIL + 1:
+        return [shorten(text, width) for text in texts]
+    middle = width // 2
+    tails = sorted(range(_MIN_TAIL, width - _MIN_TAIL), key=lambda t: (abs(t - middle), -t))
+    pending = set(long)
+    for tail in tails:
+        if not pending:
+            break
+        head = width - 1 - tail
+        pairs: dict[tuple[str, str], int] = {}
+        for text in texts:
+            pair = (text[:head], text[-tail:])
+            pairs[pair] = pairs.get(pair, 0) + 1
+        for index in sorted(pending):
+            text = texts[index]
+            if pairs[(text[:head], text[-tail:])] == 1:
+                result[index] = text[:head] + _ELLIPSIS + text[len(text) - tail :]
+                pending.discard(index)
+    for index in pending:
+        result[index] = shorten(texts[index], width)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables that fit their width
+
+
+Cell = str | tuple[str, ...]
+"""A cell: text, or parts joined by the column's separator, each part aligned within the column
+(so the arrows of `250 KiB → 39.1 KiB` line up from row to row)."""
+
+
+@dataclass(frozen=True)
+class Column(Generic[T]):
+    """One column of a table: its header (`\\n` for two lines), how a row gives its cell,
+    its alignment, the separator between a cell's parts, whether only `--wide` shows it, and
+    whether it may be shortened in the middle (keys, rule labels) to fit the width."""
+
+    header: str
+    cell: Callable[[T], Cell]
+    justify: Justify = "right"
+    separator: str = ""
+    wide: bool = False
+    shorten: bool = False
+
+
+def _columns(columns: Sequence[Column[T]], wide: bool) -> list[Column[T]]:
+    return [column for column in columns if wide or not column.wide]
+
+
+class FitTable:
+    """A rich renderable: a title, a table laid out for the console width, and lines after it.
+
+    `rows` are (cells, style) pairs: a style colours the row's first cell (a failed gate).
+    `after` holds lines printed below the table (totals, skipped tables); each is a list of
+    clauses, put on one line when they fit and broken between clauses when they do not, or a
+    function of the width giving the line.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        columns: Sequence[Column[Any]],
+        rows: Sequence[tuple[Sequence[Cell], str]],
+        after: Sequence[Sequence[str] | Text | Callable[[int], str]] = (),
+    ) -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.rows = list(rows)
+        self.after = list(after)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.lines(options.max_width)
+
+    def lines(self, width: int) -> list[Text]:
+        """Returns the rendered lines for a console `width` cells wide."""
+        lines = [_line(self.title)] if self.title else []
+        if self.rows:
+            lines.extend(_table_lines(self.columns, self.rows, width))
+        for clauses in self.after:
+            if isinstance(clauses, Text):
+                lines.append(clauses)
+            elif callable(clauses):
+                lines.append(_line(clauses(width)))
+            else:
+                lines.extend(_line(text) for text in _clauses(clauses, width))
+        return lines
+
+
+def _line(text: str, style: str = "") -> Text:
+    return Text(text, style=style, no_wrap=True, overflow="ignore", end="\n")
+
+
+def _clauses(clauses: Sequence[str], width: int) -> list[str]:
+    """Returns `clauses` joined by `, ` on as few lines as fit `width`; lines after the first
+    are indented by two spaces. A clause is never broken."""
+    lines: list[str] = []
+    current = ""
+    for clause in clauses:
+        candidate = f"{current}, {clause}" if current else clause
+        if current and cell_len(candidate) > width:
+            lines.append(current + ",")
+            current = "  " + clause
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _parts(cell: Cell) -> tuple[str, ...]:
+    return (cell,) if isinstance(cell, str) else cell
+
+
+def _table_lines(
+    columns: Sequence[Column[Any]], rows: Sequence[tuple[Sequence[Cell], str]], width: int
+) -> list[Text]:
+    # Each column: the widths of its cells' parts (aligned part by part), then its width.
+    part_widths: list[list[int]] = []
+    widths: list[int] = []
+    for index, column in enumerate(columns):
+        parts = [_parts(cells[index]) for cells, _ in rows]
+        count = max(len(p) for p in parts)
+        sizes = [
+            max((cell_len(p[i]) for p in parts if len(p) > i), default=0) for i in range(count)
+        ]
+        part_widths.append(sizes)
+        content = sum(sizes) + cell_len(column.separator) * (count - 1)
+        header = max(cell_len(line) for line in column.header.split("\n"))
+        widths.append(max(content, header))
+    # Shorten the shortenable columns, the key (the first) last, until the table fits.
+    excess = sum(widths) + len(_GAP) * (len(widths) - 1) - width
+    order = [i for i, c in enumerate(columns) if c.shorten and i] + [0] * columns[0].shorten
+    for index in order:
+        column = columns[index]
+        if excess <= 0:
+            break
+        floor = _KEY_MIN if index == 0 else _OTHER_MIN
+        header = max(cell_len(line) for line in column.header.split("\n"))
+        cut = min(excess, widths[index] - max(floor, header))
+        if cut > 0:
+            widths[index] -= cut
+            excess -= cut
+    header_rows = max(column.header.count("\n") + 1 for column in columns)
+    lines: list[Text] = []
+    for level in range(header_rows):
+        texts = []
+        for column, size in zip(columns, widths, strict=True):
+            header_lines = column.header.split("\n")
+            header_lines = [""] * (header_rows - len(header_lines)) + header_lines
+            texts.append(_justify(header_lines[level], size, column.justify))
+        lines.append(_line(_GAP.join(texts).rstrip(), "bold"))
+    lines.append(_line("─" * (sum(widths) + len(_GAP) * (len(widths) - 1))))
+    shortened = {
+        index: shorten_all([str(cells[index]) for cells, _ in rows], widths[index])
+        for index, column in enumerate(columns)
+        if column.shorten
+    }
+    for number, (cells, style) in enumerate(rows):
+        line = Text(no_wrap=True, overflow="ignore", end="\n")
+        for index, (column, size) in enumerate(zip(columns, widths, strict=True)):
+            parts = _parts(cells[index])
+            if len(parts) == 1:
+                text = shortened[index][number] if index in shortened else parts[0]
+            else:
+                text = column.separator.join(
+                    _justify(part, part_size, column.justify)
+                    for part, part_size in zip(parts, part_widths[index], strict=False)
+                )
+            if index:
+                line.append(_GAP)
+            line.append(_justify(text, size, column.justify), style=style if index == 0 else "")
+        line.rstrip()
+        lines.append(line)
+    return lines
+
+
+def _justify(text: str, width: int, justify: Justify) -> str:
+    pad = max(0, width - cell_len(text))
+    return text + " " * pad if justify == "left" else " " * pad + text
+
+
+def print_report(console: Console, renderable: Any) -> None:
+    """Prints `renderable`; lines wider than the console run past it instead of wrapping."""
+    console.print(renderable, crop=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# compress: the summary, and the dry-run plan
+
+
+def _stat(name: str) -> Callable[[TableReport], str]:
+    return lambda row: _sig(getattr(row.stats, name))
+
+
+SUMMARY_COLUMNS: list[Column[TableReport]] = [
+    Column("table", lambda row: row.key, "left", shorten=True),
+    Column("shape", lambda row: _shape(row.shape)),
+    Column("dtype", lambda row: row.dtype, "left", wide=True),
+    Column("order", lambda row: _ORDER_LABEL.get(row.order, row.order), "left", wide=True),
+    Column("bits", lambda row: str(row.rule.quantization.bits)),
+    Column(
+        "sparsity\n→ zeros",
+        lambda row: (_percent(row.rule.sparsity.level), _percent(row.stats.zero_fraction)),
+        separator="→",
+    ),
+    Column("pruned", lambda row: _percent(row.stats.pruned_fraction), wide=True),
+    Column(
+        "scale\nmin / median / max",
+        lambda row: (
+            _sig(row.stats.scale_min),
+            _sig(row.stats.scale_median),
+            _sig(row.stats.scale_max),
+        ),
+        separator=" / ",
+        wide=True,
+    ),
+    Column(
+        "zero point\nrange",
+        lambda row: (_sig(row.stats.zero_point_min), _sig(row.stats.zero_point_max)),
+        separator="…",
+        wide=True,
+    ),
+    Column("rel.\nerror", _stat("rel_error")),
+    Column("mean\ncosine", _stat("row_cosine_mean"), wide=True),
+    Column("worst\ncosine", _stat("row_cosine_min")),
+    Column(
+        "bytes\nbefore→after",
+        lambda row: (human_bytes(row.bytes_before), human_bytes(row.bytes_after)),
+        separator="→",
+    ),
+    Column("ratio", lambda row: f"{_sig(row.bytes_ratio)}x", wide=True),
+]
+"""The summary's columns, in order; `wide` ones only under `--wide` (JSON always has all)."""
+
+PLAN_COLUMNS: list[Column[TableReport]] = [
+    Column("table", lambda row: row.key, "left", shorten=True),
+    Column("shape", lambda row: _shape(row.shape)),
+    Column("dtype", lambda row: row.dtype, "left", wide=True),
+    Column("rule", lambda row: f"layers[{row.rule.index}]", "left"),
+    Column("order", lambda row: row.order, "left", wide=True),
+    Column("bits", lambda row: str(row.rule.quantization.bits)),
+    Column("scales", lambda row: row.rule.quantization.scale_dtype, "left", wide=True),
+    Column("sparsity", lambda row: _percent(row.rule.sparsity.level)),
+    Column("block", lambda row: _shape(row.rule.sparsity.block_shape)),
+    Column(
+        "zeros/block",
+        lambda row: (
+            "all"
+            if row.rule.sparsity.zeros_per_block is None
+            else str(row.rule.sparsity.zeros_per_block)
+        ),
+        wide=True,
+    ),
+    Column("norm", lambda row: row.rule.sparsity.norm, "left", wide=True),
+    Column("bytes", lambda row: human_bytes(row.bytes_before)),
+]
+"""The dry-run plan's columns (the settings each table will get)."""
+
+
+def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
+    """Returns the summary of a compress run (or the plan of a dry run): one table per file,
+    its totals and the tables it skipped. `wide` shows every statistic."""
     parts: list[Any] = []
     for file in report.files:
-        parts.append(_file_table(file) if not report.dry_run else _plan_table(file))
-        parts.append(_file_totals(file, report.dry_run))
+        parts.append(_plan_table(file, wide) if report.dry_run else _file_table(file, wide))
     if len(report.files) > 1 and not report.dry_run:
         before = sum(f.input_bytes for f in report.files)
         after = sum(f.output_bytes or 0 for f in report.files)
         parts.append(
-            Text(
+            _line(
                 f"all files: {human_bytes(before)} → {human_bytes(after)} in {report.seconds:.2f} s"
             )
         )
     return Group(*parts)
 
 
-def _titled(title: str, table: Table) -> Group:
-    """Returns `title` on its own line above `table` (a table title would wrap to its width)."""
-    return Group(Text(title, no_wrap=True, overflow="ignore"), table)
+def _rows(
+    columns: Sequence[Column[T]], items: Iterable[T], style: Callable[[T], str] = lambda _: ""
+) -> list[tuple[list[Cell], str]]:
+    return [([column.cell(item) for column in columns], style(item)) for item in items]
 
 
-def _new_table() -> Table:
-    return Table(box=box.SIMPLE_HEAD, pad_edge=False)
+def _file_table(file: FileReport, wide: bool) -> FitTable:
+    columns = _columns(SUMMARY_COLUMNS, wide)
+    tables = [row for row in file.tables if row.stats is not None]
+    rows = _rows(columns, tables, lambda row: "bold red" if row.gate_failures else "")
+    return FitTable(
+        f"{file.input} → {file.output}",
+        columns,
+        rows,
+        [_file_totals(file), *_skipped_lines(file.skipped)],
+    )
 
 
-def _file_table(file: FileReport) -> Group:
-    table = _new_table()
-    for name, justify in [
-        ("table", "left"),
-        ("shape", "right"),
-        ("bits", "right"),
-        ("order", "center"),
-        ("sparsity\ntarget→zeros", "right"),
-        ("scale\nmin / median / max", "right"),
-        ("zero point\nrange", "right"),
-        ("rel. L2\nerror", "right"),
-        ("row cosine\nmean / min", "right"),
-        ("bytes\nbefore → after", "right"),
-    ]:
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for row in file.tables:
-        stats = row.stats
-        if stats is None:
-            continue
-        failed = bool(row.gate_failures)
-        table.add_row(
-            Text(row.key, style="bold red" if failed else ""),
-            _shape(row.shape),
-            str(row.rule.quantization.bits),
-            _ORDER_LABEL.get(row.order, row.order),
-            f"{row.rule.sparsity.level:.0%}→{stats.zero_fraction:.1%}",
-            f"{_number(stats.scale_min)} / {_number(stats.scale_median)} / {_number(stats.scale_max)}",
-            f"{stats.zero_point_min + 0.0:.1f}…{stats.zero_point_max + 0.0:.1f}",
-            f"{stats.rel_error:.4f}",
-            f"{stats.row_cosine_mean:.4f} / {stats.row_cosine_min:.4f}",
-            f"{human_bytes(row.bytes_before)} → {human_bytes(row.bytes_after)}",
-        )
-    return _titled(f"{file.input} → {file.output}", table)
+def _plan_table(file: FileReport, wide: bool) -> FitTable:
+    columns = _columns(PLAN_COLUMNS, wide)
+    total = human_bytes(sum(t.bytes_before for t in file.tables))
+    return FitTable(
+        f"{file.input} → {file.output} (dry run: nothing written)",
+        columns,
+        _rows(columns, file.tables),
+        [
+            [f"{len(file.tables)} table(s) selected", f"{total} of tables"],
+            _rule_legend(file),
+            *_skipped_lines(file.skipped),
+        ],
+    )
 
 
-def _plan_table(file: FileReport) -> Group:
-    table = _new_table()
-    for name in (
-        "table",
-        "shape",
-        "dtype",
-        "rule",
-        "order",
-        "level",
-        "block",
-        "zeros/block",
-        "norm",
-        "bits",
-        "scales",
-    ):
-        table.add_column(name, overflow="fold")
-    for row in file.tables:
-        sparsity, quantization = row.rule.sparsity, row.rule.quantization
-        table.add_row(
-            row.key,
-            _shape(row.shape),
-            row.dtype,
-            row.rule.label,
-            row.order,
-            f"{sparsity.level:g}",
-            _shape(sparsity.block_shape),
-            "all" if sparsity.zeros_per_block is None else str(sparsity.zeros_per_block),
-            sparsity.norm,
-            str(quantization.bits),
-            quantization.scale_dtype,
-        )
-    return _titled(f"{file.input} → {file.output} (dry run: nothing written)", table)
+def _rule_legend(file: FileReport) -> list[str]:
+    """Returns the rules the plan's tables use, as clauses: `layers[1] (match 'bags.*')`."""
+    labels = {table.rule.index: table.rule.label for table in file.tables}
+    return [
+        "rules: " + labels[index] if n == 0 else labels[index]
+        for n, index in enumerate(sorted(labels))
+    ]
 
 
-def _file_totals(file: FileReport, dry_run: bool) -> Text:
-    if dry_run:
+def _file_totals(file: FileReport) -> Sequence[str] | Text:
+    if not file.written:
         return Text(
-            f"{len(file.tables)} table(s) selected; {human_bytes(sum(t.bytes_before for t in file.tables))} of tables"
+            f"not written: {len(file.gate_failures)} gate(s) failed",
+            style="bold red",
+            no_wrap=True,
+            overflow="ignore",
         )
     facts = file.to_dict()
-    if not file.written:
-        return Text(f"not written: {len(file.gate_failures)} gate(s) failed", style="bold red")
-    line = (
+    clauses = [
         f"file {human_bytes(file.input_bytes)} → {human_bytes(file.output_bytes)} "
-        f"({facts['ratio']:.3f}x), {facts['bits_per_weight']:.2f} bits/weight over "
-        f"{len(file.tables)} table(s), {file.seconds:.2f} s"
-    )
+        f"({_sig(facts['ratio'])}x)",
+        f"{_sig(facts['bits_per_weight'])} bits/weight over {len(file.tables)} table(s)",
+        f"{file.seconds:.2f} s",
+    ]
     if file.dropped:
-        line += f"; entries not kept: {', '.join(file.dropped)}"
-    return Text(line)
+        clauses.append(f"entries not kept: {', '.join(file.dropped)}")
+    return clauses
 
 
-def print_report(console: Console, renderable: Any) -> None:
-    """Prints `renderable`; long title lines run past the console width instead of wrapping."""
-    console.print(renderable, crop=False)
+def _skipped_lines(skipped: Sequence[SkippedTable]) -> list[Callable[[int], str]]:
+    """Returns one line per skipped table, `skipped KEY (SIZE): why`, the key shortened (keys
+    kept apart) when the line is wider than the console."""
+
+    def line(index: int) -> Callable[[int], str]:
+        table = skipped[index]
+
+        def fit(width: int) -> str:
+            rest = f" ({human_bytes(table.bytes)}): {table.reason}"
+            room = max(_KEY_MIN, width - cell_len("skipped ") - cell_len(rest))
+            key = shorten_all([t.key for t in skipped], room)[index]
+            return f"skipped {key}{rest}"
+
+        return fit
+
+    return [line(index) for index in range(len(skipped))]
 
 
-def checkpoint_table(inspection: CheckpointInspection) -> Group:
-    """Returns the inspection of a plain checkpoint: every tensor, candidates marked."""
-    title = f"{inspection.path}: {len(inspection.tensors)} tensors"
-    table = _new_table()
-    for name, justify in [
-        ("key", "left"),
-        ("shape", "right"),
-        ("dtype", "left"),
-        ("size", "right"),
-        ("table?", "center"),
-    ]:
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for entry in inspection.tensors:
-        info = entry.info
-        table.add_row(
-            entry.key,
-            _shape(info.shape),
-            info.dtype,
-            human_bytes(info.nbytes),
-            "✓" if info.is_table else "",
-        )
-    return _titled(title, table)
+# ---------------------------------------------------------------------------------------------
+# inspect
 
 
-def compressed_table(file: CompressedFileInfo) -> Group:
+CHECKPOINT_COLUMNS: list[Column[Any]] = [
+    Column("key", lambda entry: entry.key, "left", shorten=True),
+    Column("shape", lambda entry: _shape(entry.info.shape)),
+    Column("dtype", lambda entry: entry.info.dtype, "left"),
+    Column("size", lambda entry: human_bytes(entry.info.nbytes)),
+    Column(
+        "candidate",
+        lambda entry: "+".join(entry.candidate.reasons) if entry.candidate.is_candidate else "",
+        "left",
+    ),
+    Column("why", lambda entry: entry.candidate.why, "left", wide=True, shorten=True),
+]
+"""The columns of a plain checkpoint's inspection; `candidate` says by which evidence
+(type, name, shape) a tensor is a candidate table."""
+
+
+def checkpoint_table(inspection: CheckpointInspection, *, wide: bool = False) -> FitTable:
+    """Returns the inspection of a plain checkpoint: every tensor, candidates marked with why."""
+    candidates = sum(1 for entry in inspection.tensors if entry.candidate.is_candidate)
+    title = f"{inspection.path}: {len(inspection.tensors)} tensors, {candidates} candidate table(s)"
+    columns = _columns(CHECKPOINT_COLUMNS, wide)
+    return FitTable(title, columns, _rows(columns, inspection.tensors))
+
+
+def _file_stat(entry: dict[str, Any], name: str) -> float | None:
+    value = (entry.get("stats") or {}).get(name)
+    return float(value) if _is_number(value) else None
+
+
+COMPRESSED_COLUMNS: list[Column[tuple[str, dict[str, Any]]]] = [
+    Column("table", lambda item: item[0], "left", shorten=True),
+    Column("shape", lambda item: _shape(item[1]["shape"])),
+    Column("dtype", lambda item: item[1]["dtype"], "left", wide=True),
+    Column(
+        "order",
+        lambda item: _ORDER_LABEL.get(item[1]["order"], item[1]["order"]),
+        "left",
+        wide=True,
+    ),
+    Column("bits", lambda item: str(item[1]["bits"])),
+    Column(
+        "sparsity\n→ pruned",
+        lambda item: (
+            _percent(item[1]["sparsity"]["level"]),
+            _percent(_file_stat(item[1], "pruned_fraction")),
+        ),
+        separator="→",
+    ),
+    Column("block", lambda item: _shape(item[1]["sparsity"]["block_shape"]), wide=True),
+    Column("rel.\nerror", lambda item: _sig(_file_stat(item[1], "rel_error"))),
+    Column("worst\ncosine", lambda item: _sig(_file_stat(item[1], "row_cosine_min")), wide=True),
+    Column("bytes", lambda item: human_bytes(item[1].get("file_bytes"))),
+]
+"""The columns of a compressed file's inspection."""
+
+
+def compressed_table(file: CompressedFileInfo, *, wide: bool = False) -> FitTable:
     """Returns the inspection of a compressed file: its tables with settings, sparsity and bytes."""
     info = file.to_dict()
     tables = info["tables"]
@@ -194,60 +551,56 @@ def compressed_table(file: CompressedFileInfo) -> Group:
         f"{file.path}: sparq format {info['format_version']}, {len(tables)} compressed "
         f"table(s), {human_bytes(file.file_bytes)}"
     )
-    table = _new_table()
-    for name in (
-        "table",
-        "shape",
-        "dtype",
-        "bits",
-        "order",
-        "level",
-        "block",
-        "pruned",
-        "rel. error",
-        "bytes",
-    ):
-        table.add_column(name, overflow="fold")
-    for key, entry in tables.items():
-        stats = entry.get("stats") or {}
-        sparsity = entry["sparsity"]
-        table.add_row(
-            key,
-            _shape(entry["shape"]),
-            entry["dtype"],
-            str(entry["bits"]),
-            _ORDER_LABEL.get(entry["order"], entry["order"]),
-            f"{sparsity['level']:g}",
-            _shape(sparsity["block_shape"]),
-            f"{stats['pruned_fraction']:.1%}" if _is_number(stats.get("pruned_fraction")) else "-",
-            f"{stats['rel_error']:.4f}" if _is_number(stats.get("rel_error")) else "-",
-            human_bytes(entry.get("file_bytes")),
-        )
-    return _titled(title, table)
+    columns = _columns(COMPRESSED_COLUMNS, wide)
+    return FitTable(title, columns, _rows(columns, tables.items()))
 
 
-def inspection(result: CheckpointInspection | CompressedFileInfo) -> Group:
+def inspection(
+    result: CheckpointInspection | CompressedFileInfo, *, wide: bool = False
+) -> FitTable:
     """Returns what `sparq inspect` prints for either kind of file."""
     if isinstance(result, CheckpointInspection):
-        return checkpoint_table(result)
-    return compressed_table(result)
+        return checkpoint_table(result, wide=wide)
+    return compressed_table(result, wide=wide)
 
 
-def selection_table(selection: Selection, source: str) -> Group:
-    """Returns, for `sparq validate CFG CKPT`, each rule and the tensors it matches."""
-    title = f"{source}: {len(selection.tables)} table(s) selected"
-    table = _new_table()
-    table.add_column("rule", overflow="fold")
-    table.add_column("selects", overflow="fold")
-    table.add_column("matched, not selected", overflow="fold")
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+SELECTION_COLUMNS: list[Column[tuple[str, str, str, str]]] = [
+    Column("key", lambda item: item[0], "left", shorten=True),
+    Column("rule", lambda item: item[1], "left"),
+    Column("size", lambda item: item[2]),
+    Column("outcome", lambda item: item[3], "left"),
+]
+"""The columns of `validate`'s matches: one line per (rule, matched tensor)."""
+
+
+def selection_table(selection: Selection, source: str) -> FitTable:
+    """Returns, for `sparq validate CFG CKPT`, each rule and the tensors it matches: one line
+    per match, saying whether the rule selects it, or why not; the rules spelled out below."""
+    sizes = {key: info.nbytes for key, info in selection.infos.items()}
+    items: list[tuple[str, str, str, str]] = []
     for match in selection.matches:
-        lost = [f"{key} (earlier rule)" for key in match.shadowed] + [
-            f"{key} (excluded)" for key in match.excluded
-        ]
-        table.add_row(match.rule.label, "\n".join(match.won) or "-", "\n".join(lost) or "-")
-    return _titled(title, table)
-
-
-def _is_number(value: object) -> bool:
-    """Returns True for an int or float (a file's statistic may be null: not finite)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        outcomes = (
+            [(key, "selected") for key in match.won]
+            + [(key, "earlier rule wins") for key in match.shadowed]
+            + [(key, "excluded") for key in match.excluded]
+            + [(key, "skipped: < min_table_bytes") for key in match.skipped]
+        )
+        label = f"layers[{match.rule.index}]"
+        items.extend((key, label, human_bytes(sizes.get(key)), what) for key, what in outcomes)
+    title = f"{source}: {len(selection.tables)} table(s) selected"
+    if selection.skipped:
+        title += f", {len(selection.skipped)} skipped"
+    legend = [
+        "rules: " + match.rule.label if n == 0 else match.rule.label
+        for n, match in enumerate(selection.matches)
+    ]
+    return FitTable(
+        title,
+        SELECTION_COLUMNS,
+        _rows(SELECTION_COLUMNS, items),
+        [legend, *_skipped_lines(selection.skipped)],
+    )

@@ -20,6 +20,7 @@ from sparqcli import __version__
 from sparqcli.errors import GateError
 
 if TYPE_CHECKING:
+    from sparqcli.candidates import Candidacy
     from sparqcli.config import Config, ResolvedRule
     from sparqcli.dtypes import TensorInfo
     from sparqcli.engine.stats import TableStats
@@ -64,6 +65,29 @@ class TableReport:
         }
 
 
+@dataclass(frozen=True)
+class SkippedTable:
+    """A table a rule matched but left dense, and why (`under min_table_bytes (64.0 KiB)`)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    rule: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the skipped table as JSON-able data."""
+        return {
+            "key": self.key,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "bytes": self.bytes,
+            "rule": self.rule,
+            "reason": self.reason,
+        }
+
+
 @dataclass
 class FileReport:
     """One input (a checkpoint file, or a state dict: `input` None) and what became of it."""
@@ -78,6 +102,7 @@ class FileReport:
     written: bool = False
     seconds: float = 0.0
     dropped: list[str] = field(default_factory=list)
+    skipped: list[SkippedTable] = field(default_factory=list)
 
     @property
     def gate_failures(self) -> list[str]:
@@ -117,6 +142,7 @@ class FileReport:
             "dropped_entries": self.dropped,
             "gates_passed": not self.gate_failures,
             "tables": [table.to_dict() for table in self.tables],
+            "skipped_tables": [table.to_dict() for table in self.skipped],
         }
 
 
@@ -179,11 +205,20 @@ class CompressReport:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of an inspected checkpoint: its shape, dtype, bytes, and whether it is a
-    table sparq can compress (a 2-D floating tensor)."""
+    """One tensor of an inspected checkpoint: its shape, dtype, bytes, whether it is a table
+    sparq can compress (a 2-D floating tensor), and whether it is a candidate embedding table
+    and why (`candidate`; see `sparqcli.candidates`). Without `candidate`, it is found from the
+    key and shape alone (no module types)."""
 
     key: str
     info: TensorInfo
+    candidate: Candidacy = None  # type: ignore[assignment]  # filled in by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.candidate is None:
+            from sparqcli.candidates import candidacy
+
+            object.__setattr__(self, "candidate", candidacy(self.key, self.info))
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the entry as JSON-able data."""
@@ -192,6 +227,7 @@ class TensorEntry:
             "dtype": self.info.dtype,
             "bytes": self.info.nbytes,
             "table": self.info.is_table,
+            **self.candidate.to_dict(),
         }
 
 
@@ -203,6 +239,11 @@ class CheckpointInspection:
     format: str
     tensors: tuple[TensorEntry, ...]
 
+    @property
+    def candidates(self) -> tuple[TensorEntry, ...]:
+        """Returns the candidate embedding tables, in key order."""
+        return tuple(entry for entry in self.tensors if entry.candidate.is_candidate)
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the inspection as JSON-able data."""
         return {
@@ -210,6 +251,7 @@ class CheckpointInspection:
             "compressed": False,
             "format": self.format,
             "tensors": {entry.key: entry.to_dict() for entry in self.tensors},
+            "candidates": [entry.key for entry in self.candidates],
         }
 
 

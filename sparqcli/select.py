@@ -6,7 +6,10 @@ the key without its last dotted component; a key without a dot is its own module
 (fnmatchcase), so a plain name matches exactly. A `type` rule selects `<module>.weight` of every
 module of that class; it needs the module types of a pickled nn.Module.
 
-The first rule that matches a tensor wins it; `exclude` wins over every rule.
+The first rule that matches a tensor wins it; `exclude` wins over every rule. A glob or regex
+rule skips the tables it matches that are smaller than the config's `min_table_bytes` (they stay
+dense, and a later rule may still win them); a rule naming an exact key or module name (no
+glob characters), or a module type, always selects.
 
 Importing this module does not import torch.
 """
@@ -16,12 +19,13 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from sparqcli.config import RULE_TYPES, Config, ResolvedRule
 from sparqcli.dtypes import TensorInfo
 from sparqcli.errors import SelectionError
+from sparqcli.results import SkippedTable
 
 _CLOSEST = 3
 _CLOSEST_CUTOFF = 0.6
@@ -41,26 +45,34 @@ class RuleMatch:
     """What one rule matched, each group in checkpoint key order.
 
     `won`: the tensors it selects; `shadowed`: matched, but an earlier rule won them;
-    `excluded`: matched, but `exclude` removed them.
+    `excluded`: matched, but `exclude` removed them; `skipped`: matched by a glob or regex,
+    but smaller than `min_table_bytes`.
     """
 
     rule: ResolvedRule
     won: tuple[str, ...]
     shadowed: tuple[str, ...]
     excluded: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     @property
     def lost(self) -> tuple[str, ...]:
-        """Returns the keys it matched but did not win (shadowed or excluded)."""
-        return self.shadowed + self.excluded
+        """Returns the keys it matched but did not win (shadowed, excluded or skipped)."""
+        return self.shadowed + self.excluded + self.skipped
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The tables a config selects, in checkpoint key order, and what every rule matched."""
+    """The tables a config selects, in checkpoint key order, and what every rule matched.
+
+    `skipped` holds the tables a rule matched but left dense because they are small (and no
+    later rule won), in key order; `infos` the shape and dtype of every tensor of the checkpoint.
+    """
 
     tables: tuple[SelectedTable, ...]
     matches: tuple[RuleMatch, ...]
+    skipped: tuple[SkippedTable, ...] = ()
+    infos: Mapping[str, TensorInfo] = field(default_factory=dict)
 
 
 def module_name(key: str) -> str:
@@ -76,6 +88,11 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
+def is_exact(pattern: str) -> bool:
+    """Returns True for a pattern that names one key or module (no glob characters, no `re:`)."""
+    return not pattern.startswith("re:") and not any(char in pattern for char in "*?[")
+
+
 def select_tables(
     config: Config,
     tensors: Mapping[str, TensorInfo],
@@ -86,6 +103,7 @@ def select_tables(
 
     `module_types` maps module names to class names (`Embedding`, `EmbeddingBag`); it is known
     only for a pickled nn.Module and is needed by `type` rules.
+    A glob or regex rule skips the tables smaller than `config.min_table_bytes`.
     Raises SelectionError, naming `source`, for the first problem in rule order: a type rule
     without module types, a rule that matches no tensor, a selected tensor that is not a 2-D
     floating tensor; or when nothing at all is selected.
@@ -93,6 +111,7 @@ def select_tables(
     keys = list(tensors)
     excluded = {key for key in keys if any(_matches(p, key) for p in config.exclude)}
     winners: dict[str, ResolvedRule] = {}
+    small: dict[str, ResolvedRule] = {}  # skipped for their size, by the first rule that did
     matches: list[RuleMatch] = []
     for rule in config.resolved_rules:
         if rule.type is not None and module_types is None:
@@ -109,25 +128,69 @@ def select_tables(
         won: list[str] = []
         shadowed: list[str] = []
         lost_to_exclude: list[str] = []
+        too_small: list[str] = []
+        threshold = config.min_table_bytes if _skips_small(rule) else 0
         for key in matched:
             if key in excluded:
                 lost_to_exclude.append(key)
             elif key in winners:
                 shadowed.append(key)
-            else:
-                winners[key] = rule
-                won.append(key)
-        for key in won:
-            if not tensors[key].is_table:
+            elif not tensors[key].is_table:
                 raise SelectionError(
                     f"{source}: {rule.label} matches {key!r}, which is not a 2-D floating tensor "
                     f"({tensors[key].describe()})"
                 )
-        matches.append(RuleMatch(rule, tuple(won), tuple(shadowed), tuple(lost_to_exclude)))
+            elif tensors[key].nbytes < threshold:
+                small.setdefault(key, rule)
+                too_small.append(key)
+            else:
+                winners[key] = rule
+                won.append(key)
+        matches.append(
+            RuleMatch(rule, tuple(won), tuple(shadowed), tuple(lost_to_exclude), tuple(too_small))
+        )
+    skipped = tuple(
+        _skipped(key, tensors[key], small[key], config.min_table_bytes)
+        for key in keys
+        if key in small and key not in winners
+    )
     if not winners:
-        raise SelectionError(f"{source}: the config selects no table")
+        hint = ""
+        if skipped:
+            hint = (
+                f"; {len(skipped)} matched table(s) are smaller than min_table_bytes "
+                f"({_bytes(config.min_table_bytes)}): "
+                f"{', '.join(t.key for t in skipped[:_CLOSEST])}"
+                f"{', ...' if len(skipped) > _CLOSEST else ''} (name them exactly, or lower "
+                "min_table_bytes)"
+            )
+        raise SelectionError(f"{source}: the config selects no table{hint}")
     tables = tuple(SelectedTable(key, winners[key], tensors[key]) for key in keys if key in winners)
-    return Selection(tables=tables, matches=tuple(matches))
+    return Selection(tables=tables, matches=tuple(matches), skipped=skipped, infos=dict(tensors))
+
+
+def _skips_small(rule: ResolvedRule) -> bool:
+    """Returns True for a rule that leaves small tables dense: a glob or a regex."""
+    return rule.match is not None and not is_exact(rule.match)
+
+
+def _skipped(key: str, info: TensorInfo, rule: ResolvedRule, threshold: int) -> SkippedTable:
+    return SkippedTable(
+        key=key,
+        shape=info.shape,
+        dtype=info.dtype,
+        bytes=info.nbytes,
+        rule=rule.label,
+        reason=f"smaller than min_table_bytes ({_bytes(threshold)})",
+    )
+
+
+def _bytes(count: int) -> str:
+    """Returns a byte count as written in messages: `64 KiB`, `1 MiB`, `1000 bytes`."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count and count % size == 0:
+            return f"{count // size} {unit}"
+    return f"{count} bytes"
 
 
 def _matches(pattern: str, key: str) -> bool:

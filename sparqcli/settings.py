@@ -26,6 +26,8 @@ NORMS: tuple[str, ...] = ("L1", "L2")
 ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
 BITS: tuple[int, ...] = (8, 4, 2)
 SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+DEFAULT_MIN_TABLE_BYTES = 64 * 1024
+"""Glob and regex rules skip tables smaller than this (`min_table_bytes`); exact keys do not."""
 
 Problem = tuple[str, str]
 """One problem: the dotted path of the offending value and what is wrong with it."""
@@ -255,6 +257,13 @@ def gate_field_problem(name: str, value: object) -> str | None:
 def gates_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
     """Returns every problem of a set of gates."""
     return _field_problems(values, path, gate_field_problem)
+
+
+def min_table_bytes_problem(value: object) -> str | None:
+    """Returns what is wrong with a `min_table_bytes` value (a byte count), or None."""
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        return f"must be an integer >= 0 (bytes; 0 skips no table), got {value!r}"
+    return None
 
 
 FIELD_RULES = {

@@ -25,6 +25,7 @@ def run(*args: object):
 
 PYTHON_CONFIG = sparqcli.Config(
     sparsity=sparqcli.Sparsity(level=0.5, block_shape=(1, 4)),
+    min_table_bytes=0,  # the same config as conftest's CONFIG_TEXT
     layers=[
         sparqcli.Rule(match="emb"),
         sparqcli.Rule(match="bags.*", quantization={"bits": 4}),
@@ -121,6 +122,9 @@ def test_inspect_and_decompress_return_typed_results(tmp_path, checkpoint, state
         "dtype": "float32",
         "bytes": 4096,
         "table": True,
+        "candidate": True,
+        "reasons": ["name"],
+        "why": "name says embedding (emb)",
     }
     path = sparqcli.compress_state_dict(state, PYTHON_CONFIG).save(tmp_path / "m.sparq.safetensors")
     info = sparqcli.inspect(path)

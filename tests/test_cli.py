@@ -265,7 +265,12 @@ def test_inspect_plain_and_compressed(checkpoint, config):
         "dtype": "float32",
         "bytes": 4096,
         "table": True,
+        "candidate": True,
+        "reasons": ["name"],
+        "why": "name says embedding (emb)",
     }
+    assert tensors["proj.weight"]["candidate"] is False
+    assert json.loads(plain.stdout)["candidates"] == ["emb.weight", "bags.0.weight"]
     assert tensors["proj.bias"]["table"] is False
     run("compress", checkpoint, "--config", config, "--quiet")
     compressed = run("inspect", checkpoint.with_name("model.sparq.safetensors"))
@@ -442,3 +447,121 @@ def test_progress_bars_draw_on_a_terminal_and_vanish(checkpoint, config):
     assert "model.pt: emb.weight" in text and "100%" in text
     assert "sparq: error" not in text
     assert b"bits/weight over 2 table(s)" in done.stdout  # the summary: stdout, not the terminal
+
+
+# --- the summary on a terminal (fits its width) and piped (never shortened) -----------------------
+
+LONG_KEY = "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"
+
+
+@pytest.fixture
+def long_keys(tmp_path):
+    """A checkpoint with a long table key, a table under min_table_bytes and a config for both."""
+    generator = torch.Generator().manual_seed(3)
+    path = tmp_path / "long.pt"
+    torch.save(
+        {
+            LONG_KEY: torch.randn(2048, 16, generator=generator),
+            "embeddings.word_embeddings.weight": torch.randn(1200, 16, generator=generator),
+            "embeddings.token_type_embeddings.weight": torch.randn(2, 16, generator=generator),
+        },
+        path,
+    )
+    config = tmp_path / "long.yaml"
+    config.write_text("layers: [{match: '*embedding*'}]\n")
+    return path, config
+
+
+def _as_terminal(monkeypatch, columns: int) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules["sparqcli.cli.app"], "stdout_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+
+@pytest.mark.parametrize("columns", [80, 100, 150, 200])
+@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
+def test_on_a_terminal_every_line_fits(monkeypatch, long_keys, command, columns):
+    path, config = long_keys
+    _as_terminal(monkeypatch, columns)
+    args = {
+        "compress": ("compress", path, "-c", config, "--force"),
+        "dry-run": ("compress", path, "-c", config, "--dry-run"),
+        "inspect": ("inspect", path),
+        "validate": ("validate", config, path),
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # titles hold file paths, which are never shortened: the tables' lines fit
+    table_lines = [line for line in lines if str(path.parent) not in line]
+    assert max(len(line) for line in table_lines) <= columns, result.stdout
+    if columns == 80 and command != "validate":
+        assert LONG_KEY not in result.stdout and "sparse_arc" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
+def test_piped_output_is_whole_whatever_columns_says(monkeypatch, long_keys, command):
+    path, config = long_keys
+    monkeypatch.setenv("COLUMNS", "40")
+    args = {
+        "compress": ("compress", path, "-c", config, "--force"),
+        "dry-run": ("compress", path, "-c", config, "--dry-run"),
+        "inspect": ("inspect", path),
+        "validate": ("validate", config, path),
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout.replace("0…255", "")
+    rows = [line for line in result.stdout.splitlines() if line.startswith(LONG_KEY)]
+    assert len(rows) == 1  # one line per table, the whole key at its start
+    if command != "inspect":
+        assert (
+            "embeddings.token_type_embeddings.weight" in result.stdout
+            and "smaller than min_table_bytes (64 KiB)" in result.stdout
+        )
+
+
+def test_wide_shows_every_statistic(long_keys):
+    path, config = long_keys
+    compact = run("compress", path, "-c", config, "--force").stdout
+    wide = run("compress", path, "-c", config, "--force", "--wide").stdout
+    for header in ("min / median / max", "zero point", "pruned", "ratio", "dtype"):
+        assert header in wide and header not in compact
+    report = json.loads(run("compress", path, "-c", config, "--force", "--json").stdout)
+    file = report["files"][0]
+    assert [t["key"] for t in file["tables"]] == [LONG_KEY, "embeddings.word_embeddings.weight"]
+    assert file["skipped_tables"] == [
+        {
+            "key": "embeddings.token_type_embeddings.weight",
+            "shape": [2, 16],
+            "dtype": "float32",
+            "bytes": 128,
+            "rule": "layers[0] (match '*embedding*')",
+            "reason": "smaller than min_table_bytes (64 KiB)",
+        }
+    ]
+    assert report["config"]["min_table_bytes"] == 65536
+
+
+def test_piped_dry_run_and_inspect_exactly(checkpoint, config, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # ignored: stdout is not a terminal
+    plan = run("compress", checkpoint, "--config", config, "--dry-run")
+    assert plan.stdout == (
+        f"{checkpoint} → {checkpoint.with_name('model.sparq.safetensors')} "
+        "(dry run: nothing written)\n"
+        "table          shape  rule       bits  sparsity  block     bytes\n" + "─" * 64 + "\n"
+        "emb.weight     64x16  layers[0]     8       50%    1x4  4.00 KiB\n"
+        "bags.0.weight   40x8  layers[1]     4       50%    1x4  1.25 KiB\n"
+        "2 table(s) selected, 5.25 KiB of tables\n"
+        "rules: layers[0] (match 'emb'), layers[1] (match 'bags.*')\n"
+    )
+    inspected = run("inspect", checkpoint)
+    assert inspected.stdout == (
+        f"{checkpoint}: 4 tensors, 2 candidate table(s)\n"
+        "key            shape  dtype        size  candidate\n" + "─" * 50 + "\n"
+        "emb.weight     64x16  float32  4.00 KiB  name\n"
+        "bags.0.weight   40x8  float32  1.25 KiB  name\n"
+        "proj.weight     4x24  float32     384 B\n"
+        "proj.bias          4  float32      16 B\n"
+    )

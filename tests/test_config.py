@@ -210,6 +210,7 @@ def test_config_to_dict_is_the_yaml_mapping() -> None:
         "quantization": {"bits": 8, "scale_dtype": "float32"},
         "layers": [{"match": "re:emb", "quantization": {"bits": 2}}],
         "exclude": [],
+        "min_table_bytes": 65536,
         "gates": {"max_rel_error": 1.0, "min_row_cosine": None, "max_bytes_ratio": None},
     }
 
@@ -586,8 +587,8 @@ def test_roundtrip_keeps_type_rules() -> None:
 
 # Each shipped config, run on a small checkpoint shaped like the models it is written for.
 SHIPPED_MODELS = {
-    "default.yaml": {"token_embedding.weight": (500, 32), "bags.0.weight": (300, 16)},
-    "recommender.yaml": {"sparse.bags.0.weight": (800, 16), "sparse.emb_user.weight": (600, 8)},
+    "default.yaml": {"token_embedding.weight": (1000, 32), "bags.0.weight": (600, 32)},
+    "recommender.yaml": {"sparse.bags.0.weight": (2000, 16), "sparse.emb_user.weight": (2500, 8)},
     "token-embedding.yaml": {"embeddings.word_embeddings.weight": (1000, 32)},
 }
 

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
+from sparqcli.candidates import find_candidates
 from sparqcli.config import Config
+from sparqcli.dtypes import TensorInfo
 from sparqcli.engine.stats import TableStats
-from sparqcli.render import compress_summary, human_bytes, to_json
-from sparqcli.results import CompressReport, FileReport, TableReport
+from sparqcli.render import (
+    PIPED_WIDTH,
+    _percent,
+    _sig,
+    compress_summary,
+    human_bytes,
+    inspection,
+    print_report,
+    selection_table,
+    shorten,
+    shorten_all,
+    to_json,
+)
+from sparqcli.results import (
+    CheckpointInspection,
+    CompressReport,
+    FileReport,
+    TableReport,
+    TensorEntry,
+)
+from sparqcli.select import select_tables
 
 CONFIG = Config.from_dict(
     {
@@ -85,29 +108,170 @@ def _report(written: bool = True) -> CompressReport:
 
 def _render(renderable: object, width: int = 150) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
-    console.print(renderable)
+    print_report(console, renderable)
     return console.file.getvalue()
-
-
-GOLDEN = """\
-model.pt → model.sparq.safetensors
-
-                                              sparsity                       scale   zero point   rel. L2        row cosine                  bytes
- table             shape   bits   order   target→zeros          min / median / max        range     error        mean / min         before → after
- ─────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
- emb.weight      1000x64      8    S→Q       50%→50.1%   0.00123 / 0.0156 / 0.0312    3.2…251.5    0.4123   0.9123 / 0.5123   250.0 KiB → 39.1 KiB
- bags.0.weight   2000x32      4    S→Q       80%→80.3%   0.00123 / 0.0156 / 0.0312    3.2…251.5    0.7712   0.9123 / 0.5123   250.0 KiB → 11.7 KiB
-
-file 507.8 KiB → 58.6 KiB (0.115x), 3.25 bits/weight over 2 table(s), 0.25 s
-"""
 
 
 def _lines(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
-def test_summary_table_golden():
-    assert _lines(_render(compress_summary(_report()))) == GOLDEN
+# --- golden outputs at 80, 100, 150, 200 columns and piped ---------------------------------------
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+WIDTHS = {"80": 80, "100": 100, "150": 150, "200": 200, "piped": PIPED_WIDTH}
+BERT_CONFIG = Config.from_dict(
+    {
+        "layers": [
+            {"match": "re:embeddings\\.\\w+_embeddings\\.weight"},
+            {
+                "match": "sparse_arch.*",
+                "quantization": {"bits": 4},
+                "sparsity": {"level": 0.8},
+                "gates": {"max_rel_error": 0.75},
+            },
+        ]
+    },
+    "cfg.yaml",
+)
+BERT_TENSORS = {
+    "embeddings.word_embeddings.weight": TensorInfo((30522, 384), "float32"),
+    "embeddings.position_embeddings.weight": TensorInfo((512, 384), "float32"),
+    "embeddings.token_type_embeddings.weight": TensorInfo((2, 384), "float32"),
+    "embeddings.LayerNorm.weight": TensorInfo((384,), "float32"),
+    "encoder.layer.0.attention.self.query.weight": TensorInfo((384, 384), "float32"),
+    "encoder.layer.0.attention.self.query.bias": TensorInfo((384,), "float32"),
+    "encoder.layer.0.intermediate.dense.weight": TensorInfo((1536, 384), "float32"),
+    "encoder.layer.0.output.dense.weight": TensorInfo((384, 1536), "float32"),
+    "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight": TensorInfo(
+        (1000000, 64), "float32"
+    ),
+    "pooler.dense.weight": TensorInfo((384, 384), "float32"),
+    "step": TensorInfo((), "int64"),
+}
+LONG_KEY = "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"
+
+
+def _bert_report(dry_run: bool = False) -> CompressReport:
+    """A compress report over BERT_TENSORS (the real selection, made-up statistics)."""
+    selection = select_tables(BERT_CONFIG, BERT_TENSORS, "encoder.pt")
+    after = [7_800_000, 197_000, 8_450_000]
+    stats = [
+        _stats(zero_fraction=0.5004, rel_error=0.3874, row_cosine_min=0.8123),
+        _stats(zero_fraction=0.5, rel_error=0.2991, row_cosine_min=0.9543),
+        _stats(pruned_fraction=0.8, zero_fraction=0.80012, rel_error=0.7712, row_cosine_min=0.0),
+    ]
+    tables = []
+    for index, selected in enumerate(selection.tables):
+        table = TableReport(
+            selected.key,
+            selected.info.shape,
+            selected.info.dtype,
+            selected.rule,
+            "sparsify-first",
+            selected.info.nbytes,
+        )
+        if not dry_run:
+            table.bytes_after, table.stats = after[index], stats[index]
+            table.gate_failures = selected.rule.gates.failures(
+                table.stats.rel_error, table.stats.row_cosine_min, table.bytes_ratio
+            )
+        tables.append(table)
+    file = FileReport(
+        Path("encoder.pt"),
+        Path("encoder.sparq.safetensors"),
+        "sparq",
+        sum(info.nbytes for info in BERT_TENSORS.values()),
+        tables,
+        skipped=list(selection.skipped),
+    )
+    if not dry_run:
+        file.output_bytes, file.written, file.seconds = 21_300_000, True, 3.21
+        file.output_sha256 = "cd" * 32
+    return CompressReport(BERT_CONFIG, [file], dry_run=dry_run, device="cpu", seconds=3.3)
+
+
+def _bert_inspection() -> CheckpointInspection:
+    found = find_candidates(BERT_TENSORS)
+    entries = tuple(TensorEntry(key, info, found[key]) for key, info in BERT_TENSORS.items())
+    return CheckpointInspection(Path("encoder.pt"), "torch", entries)
+
+
+OUTPUTS = {
+    "summary": lambda: compress_summary(_bert_report()),
+    "summary-wide": lambda: compress_summary(_bert_report(), wide=True),
+    "dry-run": lambda: compress_summary(_bert_report(dry_run=True)),
+    "inspect": lambda: inspection(_bert_inspection()),
+    "validate": lambda: selection_table(
+        select_tables(BERT_CONFIG, BERT_TENSORS, "encoder.pt"), "encoder.pt"
+    ),
+}
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_golden_at_every_width(output: str, width: str) -> None:
+    text = _lines(_render(OUTPUTS[output](), WIDTHS[width]))
+    golden = GOLDEN_DIR / f"{output}-{width}.txt"
+    if os.environ.get("SPARQ_UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("width", [80, 100, 150, 200])
+@pytest.mark.parametrize("output", ["summary", "dry-run", "inspect", "validate"])
+def test_compact_tables_fit_and_keep_one_line_per_table(output: str, width: int) -> None:
+    lines = _lines(_render(OUTPUTS[output](), width)).splitlines()
+    assert max(len(line) for line in lines) <= width
+    rows = {"inspect": len(BERT_TENSORS), "validate": 4}.get(output, 3)
+    rule = next(i for i, line in enumerate(lines) if line.startswith("───"))
+    body = lines[rule + 1 : rule + 1 + rows]
+    for line in body:
+        # each row: a key (whole, or both ends around an ellipsis), then its cells, unwrapped
+        key = line.split("  ")[0].strip()
+        head, _, tail = key.partition("…")
+        assert any(
+            name == key or (tail and name.startswith(head) and name.endswith(tail))
+            for name in BERT_TENSORS
+        ), line
+
+
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_piped_output_has_whole_keys(output: str) -> None:
+    text = _render(OUTPUTS[output](), PIPED_WIDTH)
+    assert "…" not in text.replace("0…255", "").replace("3.25…252", "")
+    assert LONG_KEY in text
+
+
+def test_shorten_keeps_both_ends() -> None:
+    assert shorten("embeddings.word_embeddings.weight", 26) == "embeddings.w…ddings.weight"
+    # keys that share their ends keep the first character that tells them apart
+    assert shorten_all(
+        ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"], 18
+    ) == ["embeddings.w…eight", "embeddings.p…eight"]
+    assert shorten("emb.weight", 26) == "emb.weight"
+    assert len(shorten("embeddings.word_embeddings.weight", 12)) == 12
+
+
+def test_numbers_have_three_significant_digits() -> None:
+    assert [_sig(v) for v in (0.41234, 0.00123, 39.0625, 250.0, 1.0, 0.99987, -0.0, 1.5e-7)] == [
+        "0.412",
+        "0.00123",
+        "39.1",
+        "250",
+        "1.00",
+        "1.00",
+        "0",
+        "1.50e-07",
+    ]
+    assert [_percent(v) for v in (0.5, 0.5012, 0.0, 0.99999, 0.000001)] == [
+        "50%",
+        "50.1%",
+        "0%",
+        "99.9%",
+        "<0.01%",
+    ]
 
 
 def test_failed_gate_says_not_written():
@@ -138,8 +302,14 @@ def test_human_bytes():
     assert [human_bytes(n) for n in (0, 1023, 1024, 1536 * 1024, 3 << 30)] == [
         "0 B",
         "1023 B",
-        "1.0 KiB",
-        "1.5 MiB",
-        "3.0 GiB",
+        "1.00 KiB",
+        "1.50 MiB",
+        "3.00 GiB",
+    ]
+    assert [human_bytes(n) for n in (250 * 1024, 40000, 1023 * 1024, 46_882_000)] == [
+        "250 KiB",
+        "39.1 KiB",
+        "0.999 MiB",
+        "44.7 MiB",
     ]
     assert human_bytes(None) == "-"

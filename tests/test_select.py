@@ -44,8 +44,12 @@ def select(
     tensors: Mapping[str, TensorInfo] = DEMO,
     exclude: tuple[str, ...] = (),
     module_types: Mapping[str, str] | None = None,
+    min_table_bytes: int = 0,
 ) -> Selection:
-    config = Config.from_dict({"layers": layers, "exclude": list(exclude)}, "cfg.yaml")
+    config = Config.from_dict(
+        {"layers": layers, "exclude": list(exclude), "min_table_bytes": min_table_bytes},
+        "cfg.yaml",
+    )
     return select_tables(config, tensors, "model.pt", module_types)
 
 
@@ -249,14 +253,17 @@ def test_errors_come_in_rule_order() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("default.yaml", ["token_embedding.weight", "bags.0.weight", "bags.1.weight"]),
-        ("recommender.yaml", ["token_embedding.weight", "bags.0.weight", "bags.1.weight"]),
+        # bags.1 (500 x 16, 31.2 KiB) is under the default min_table_bytes: left dense
+        ("default.yaml", ["token_embedding.weight", "bags.0.weight"]),
+        ("recommender.yaml", ["token_embedding.weight", "bags.0.weight"]),
         ("token-embedding.yaml", ["token_embedding.weight"]),
     ],
 )
 def test_shipped_configs_on_the_demo_checkpoint(name: str, expected: list[str]) -> None:
     selection = select_tables(Config.from_yaml(CONFIGS / name), DEMO, "model.pt")
     assert keys(selection) == expected
+    skipped = [table.key for table in selection.skipped]
+    assert skipped == ([] if name == "token-embedding.yaml" else ["bags.1.weight"])
 
 
 HF_KEYS = {
@@ -272,9 +279,14 @@ HF_KEYS = {
 
 def test_shipped_configs_on_a_bert_checkpoint() -> None:
     default = select_tables(Config.from_yaml(CONFIGS / "default.yaml"), HF_KEYS, "bert.bin")
-    assert keys(default) == [
-        "bert.embeddings.word_embeddings.weight",
-        "bert.embeddings.token_type_embeddings.weight",
+    # the 2 x 768 token-type table (6 KiB) is under min_table_bytes: skipped, and said so
+    assert keys(default) == ["bert.embeddings.word_embeddings.weight"]
+    assert [(t.key, t.bytes, t.reason) for t in default.skipped] == [
+        (
+            "bert.embeddings.token_type_embeddings.weight",
+            6144,
+            "smaller than min_table_bytes (64 KiB)",
+        )
     ]
     token = select_tables(Config.from_yaml(CONFIGS / "token-embedding.yaml"), HF_KEYS, "bert.bin")
     assert keys(token) == ["bert.embeddings.word_embeddings.weight"]
@@ -303,3 +315,56 @@ def test_recommender_config_on_torchrec_names() -> None:
     }
     config = Config.from_yaml(CONFIGS / "recommender.yaml")
     assert keys(select_tables(config, tensors, "dlrm.pt")) == list(tensors)[:2]
+
+
+# --- tiny tables: globs and regexes skip them, exact keys do not ----------------------------------
+
+
+def test_glob_and_regex_rules_skip_tables_under_min_table_bytes() -> None:
+    threshold = 64 * 1024
+    for pattern in ("bags.*", "re:bags\\.\\d\\.weight"):
+        selection = select([{"match": pattern}], min_table_bytes=threshold)
+        assert keys(selection) == ["bags.0.weight"]  # 250 KiB; bags.1 is 31.2 KiB
+        assert [(t.key, t.rule) for t in selection.skipped] == [
+            ("bags.1.weight", f"layers[0] (match {pattern!r})")
+        ]
+        assert selection.matches[0].skipped == ("bags.1.weight",)
+
+
+def test_an_exact_key_always_selects_and_a_later_rule_can_win_a_skipped_table() -> None:
+    assert keys(select([{"match": "bags.1.weight"}], min_table_bytes=1 << 20)) == ["bags.1.weight"]
+    assert keys(select([{"match": "bags.1"}], min_table_bytes=1 << 20)) == ["bags.1.weight"]
+    selection = select([{"match": "bags.*"}, {"match": "bags.1"}], min_table_bytes=64 * 1024)
+    assert keys(selection) == ["bags.0.weight", "bags.1.weight"]
+    assert selection.skipped == ()
+    assert selection.matches[0].skipped == ("bags.1.weight",)
+
+
+def test_a_config_whose_tables_are_all_small_says_so() -> None:
+    assert error([{"match": "bags.*"}], min_table_bytes=1 << 20) == (
+        "model.pt: the config selects no table; 2 matched table(s) are smaller than "
+        "min_table_bytes (1 MiB): bags.0.weight, bags.1.weight (name them exactly, or lower "
+        "min_table_bytes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, "min_table_bytes: must be an integer >= 0 (bytes; 0 skips no table), got -1"),
+        (1.5, "min_table_bytes: must be an integer >= 0 (bytes; 0 skips no table), got 1.5"),
+        (
+            "64KiB",
+            "min_table_bytes: must be an integer >= 0 (bytes; 0 skips no table), got '64KiB'",
+        ),
+        (None, "min_table_bytes: must be an integer >= 0 (bytes; 0 skips no table), got None"),
+    ],
+)
+def test_min_table_bytes_is_validated(value: object, message: str) -> None:
+    from sparqcli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"layers": [{"match": "x"}], "min_table_bytes": value}, "cfg.yaml")
+    assert info.value.problems == [message]
+    with pytest.raises(ConfigError):
+        Config(layers=[], min_table_bytes=-1)

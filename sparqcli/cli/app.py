@@ -110,12 +110,27 @@ def print_error(message: str) -> None:
     typer.echo(f"sparq: error: {message}", err=True)
 
 
+def stdout_is_terminal() -> bool:
+    """Returns True when stdout is a terminal (tables then fit its width)."""
+    return sys.stdout.isatty()
+
+
 def stdout_console() -> Any:
-    """Returns the rich Console for stdout: the terminal's width, or wide when piped."""
+    """Returns the rich Console for stdout: on a terminal, the terminal's width (COLUMNS when
+    set); otherwise unlimited, so that keys are never shortened and a table is never wrapped,
+    whatever COLUMNS says (scripts grep the output)."""
     from rich.console import Console
 
-    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+    from sparqcli.render import PIPED_WIDTH
+
+    width = None if stdout_is_terminal() else PIPED_WIDTH
     return Console(width=width, soft_wrap=False)
+
+
+WideOption = Annotated[
+    bool,
+    typer.Option("--wide", help="Show every statistic (the table is wider than 80 columns)."),
+]
 
 
 def _version_callback(value: bool) -> None:

@@ -17,6 +17,7 @@ from sparqcli.cli.app import (
     QuietOption,
     SetOption,
     TrustPickleOption,
+    WideOption,
     app,
     run_command,
     stdout_console,
@@ -83,6 +84,7 @@ def compress_command(
             "--dry-run", help="Resolve and check everything, print the plan, write nothing."
         ),
     ] = False,
+    wide: WideOption = False,
     force: ForceOption = False,
     quiet: QuietOption = False,
     device: Annotated[
@@ -119,7 +121,7 @@ def compress_command(
     if as_json:
         typer.echo(render.to_json(result.to_dict()))
     elif not quiet:
-        render.print_report(stdout_console(), render.compress_summary(result))
+        render.print_report(stdout_console(), render.compress_summary(result, wide=wide))
     result.raise_for_gates()
 
 

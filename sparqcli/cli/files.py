@@ -13,6 +13,7 @@ from sparqcli.cli.app import (
     KeyOption,
     QuietOption,
     TrustPickleOption,
+    WideOption,
     app,
     run_command,
     stdout_console,
@@ -29,21 +30,43 @@ def inspect_command(
         ),
     ],
     as_json: JsonOption = False,
+    wide: WideOption = False,
+    suggest_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--suggest-config",
+            metavar="FILE.yaml",
+            help="Write a starter config that selects the candidate tables, with comments.",
+        ),
+    ] = None,
+    force: ForceOption = False,
     trust_pickle: TrustPickleOption = False,
     key: KeyOption = None,
 ) -> None:
-    """Show a checkpoint's tensors (candidate tables marked), or a compressed file's tables.
+    """Show a checkpoint's tensors (candidate tables marked, and why), or a compressed file's tables.
 
-    Example: sparq inspect model.sparq.safetensors
+    Example: sparq inspect model.pt --suggest-config model.yaml
     """
     import sparqcli
     from sparqcli import render
 
-    inspection = sparqcli.inspect(file, key=key, trust_pickle=trust_pickle)
+    if suggest_config is not None:
+        written = sparqcli.suggest_config(
+            file, suggest_config, force=force, key=key, trust_pickle=trust_pickle
+        )
+        count = len(written.config.layers)
+        typer.echo(
+            f"{suggest_config}: starter config selecting {count} table"
+            f"{'s' if count != 1 else ''}; check it with: sparq validate {suggest_config} {file}",
+            err=True,
+        )
+        inspection = written.inspection
+    else:
+        inspection = sparqcli.inspect(file, key=key, trust_pickle=trust_pickle)
     if as_json:
         typer.echo(render.to_json(inspection.to_dict()))
     else:
-        render.print_report(stdout_console(), render.inspection(inspection))
+        render.print_report(stdout_console(), render.inspection(inspection, wide=wide))
 
 
 @app.command("decompress")

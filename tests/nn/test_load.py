@@ -16,6 +16,7 @@ from sparqcli.nn import Embedding, EmbeddingBag, load_compressed
 
 CONFIG = """\
 version: 1
+min_table_bytes: 0                 # the test tables are tiny
 sparsity: {level: 0.6, block_shape: [1, 4]}
 quantization: {bits: 8}
 layers:
