@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +49,17 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
         raise UsageError(f"{output}: is a directory", path=output)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM in this thread for the block; they arrive right after it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def check_report_path(path: Path, force: bool) -> None:
     """Checks that a report may be written to `path`. Raises UsageError when it exists (without
     `force`) or its folder does not."""
@@ -72,11 +84,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     if not folder.is_dir():
         raise OutputError(f"{path}: cannot write: folder {folder} does not exist")
     try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with _signals_held():  # a temporary file exists only once it is registered
+            handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            temp = Path(temp_name)
+            _PARTIAL.add(temp)
     except OSError as error:
         raise OutputError(f"{path}: cannot write: {error.strerror}") from None
-    temp = Path(temp_name)
-    _PARTIAL.add(temp)
     try:
         os.close(handle)
         yield temp
