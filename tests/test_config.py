@@ -131,8 +131,14 @@ def test_config_to_dict_is_plain_json() -> None:
     assert data == {
         "version": 1,
         "order": "sparsify-first",
-        "sparsity": {"level": 0.5, "block_shape": [1, 4], "zeros_per_block": None, "norm": "L1"},
-        "quantization": {"bits": 8, "scale_dtype": "float32"},
+        "sparsity": {
+            "level": 0.5,
+            "block_shape": [1, 4],
+            "zeros_per_block": None,
+            "norm": "L1",
+            "scope": "table",
+        },
+        "quantization": {"bits": 8, "scale_dtype": "float32", "range": "minmax"},
         "layers": [
             {
                 "match": "re:emb",
@@ -141,8 +147,9 @@ def test_config_to_dict_is_plain_json() -> None:
                     "block_shape": [1, 4],
                     "zeros_per_block": None,
                     "norm": "L1",
+                    "scope": "table",
                 },
-                "quantization": {"bits": 2, "scale_dtype": "float32"},
+                "quantization": {"bits": 2, "scale_dtype": "float32", "range": "minmax"},
                 "gates": {"max_rel_error": 1.0, "min_row_cosine": None, "max_bytes_ratio": None},
             }
         ],
@@ -195,7 +202,7 @@ def test_wrong_types() -> None:
         "sparsity.level: must be a number in [0, 1], got 'high'",
         "sparsity.block_shape: must be two positive integers [rows, columns], got '1x4'",
         "sparsity.zeros_per_block: must be an integer or null, got 1.5",
-        "quantization.bits: must be one of 8, 4, 2, got 8.0",
+        "quantization.bits: must be an integer from 1 to 8, got 8.0",
     ]
 
 
@@ -212,7 +219,7 @@ def test_booleans_are_not_numbers() -> None:
         "version: must be 1, got True",
         "sparsity.level: must be a number in [0, 1], got True",
         "sparsity.block_shape: must be two positive integers [rows, columns], got [True, 4]",
-        "quantization.bits: must be one of 8, 4, 2, got True",
+        "quantization.bits: must be an integer from 1 to 8, got True",
         "gates.max_rel_error: must be a number >= 0, got False",
     ]
 
@@ -240,7 +247,7 @@ order: sparse-first
 sparsity:
   levle: 0.5
   norm: L3
-quantization: {bits: 3}
+quantization: {bits: 9}
 layers:
   - match: "*emb*"
     sparsity: {level: 1.5}
@@ -253,7 +260,7 @@ exclude: "*pos*"
         "order: must be one of sparsify-first, quantize-first, got 'sparse-first'",
         "sparsity.levle: unknown key; did you mean 'level'?",
         "sparsity.norm: must be one of L1, L2, got 'L3'",
-        "quantization.bits: must be one of 8, 4, 2, got 3",
+        "quantization.bits: must be an integer from 1 to 8, got 9",
         "exclude: must be a list of patterns, got string",
         "layers[0].sparsity.level: must be a number in [0, 1], got 1.5",
         "layers[1]: needs 'match' or 'type'",
@@ -468,7 +475,7 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
         "--set sparsity.block_shape: cannot read value '[1, 2': "
         "invalid YAML at line 1, column 6: expected ',' or ']', but got '<stream end>'",
         "sparsity.levle: unknown key; did you mean 'level'?",
-        "quantization.bits: must be one of 8, 4, 2, got 5",
+        "quantization.bits: must be an integer from 1 to 8, got 0",
     ]
     with pytest.raises(ConfigError) as info:
         load_config(
@@ -482,7 +489,7 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
                 "a..b=1",
                 "sparsity.block_shape=[1, 2",
                 "sparsity.levle=0.3",
-                "quantization.bits=5",
+                "quantization.bits=0",
             ],
         )
     assert info.value.problems == problems

@@ -605,8 +605,8 @@ def test_metadata_with_bad_settings(good_file):
         ({"kept": -1}, "kept must be an integer in [0, 310], got -1"),
         ({"shape": [31]}, "shape must be two non-negative integers, got [31]"),
         (
-            {"quantization": {"bits": 3, "scale_dtype": "float32"}},
-            "quantization.bits: must be one of 8, 4, 2, got 3",
+            {"quantization": {"bits": 9, "scale_dtype": "float32"}},
+            "quantization.bits: must be an integer from 1 to 8, got 9",
         ),
     ],
 )

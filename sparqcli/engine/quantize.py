@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from sparqcli.engine.settings import QuantizationSettings
+from sparqcli.engine.stats import _row_norms, _row_sums
 from sparqcli.errors import TableError
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -57,22 +58,30 @@ def qparams_from_range(
     row_max: torch.Tensor,
     settings: QuantizationSettings,
     first_row: int = 0,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns `(scale, zero_point)` from each row's float32 min and max; see `row_qparams`."""
+    """Returns `(scale, zero_point)` from each row's float32 min and max; see `row_qparams`.
+
+    With `check` False nothing is raised: a row that would raise gets non-finite qparams.
+    """
     # Divided by a tensor, not a Python float: CUDA multiplies by the float's reciprocal instead,
     # which differs from the division (and from the CPU) in the last bit.
     scale = (row_max - row_min) / row_max.new_tensor(float(settings.quant_max))
     scale = torch.where(scale > _FLOAT32_EPS, scale, torch.ones_like(scale))
-    _check_finite(scale, "value range overflows float32", first_row)
+    if check:
+        _check_finite(scale, "value range overflows float32", first_row)
     if settings.scale_dtype == "float16":
         scale = _round_up_to_half(scale)
-        _check_finite(scale, "scale does not fit float16 (use scale_dtype: float32)", first_row)
+        if check:
+            _check_finite(scale, "scale does not fit float16 (use scale_dtype: float32)", first_row)
     zero_point = -1 * row_min / scale
     if settings.scale_dtype == "float16":
         zero_point = zero_point.half().float()
-        _check_finite(
-            zero_point, "zero point does not fit float16 (use scale_dtype: float32)", first_row
-        )
+        if check:
+            _check_finite(
+                zero_point, "zero point does not fit float16 (use scale_dtype: float32)", first_row
+            )
     return scale, zero_point
 
 
@@ -140,3 +149,168 @@ def dequantize(
     """
     decoded = torch.sub(codes, zero_point[:, None], out=out)
     return decoded.mul_(scale[:, None])
+
+
+# Half-width, in standard deviations, of the uniform quantizer with 2**bits levels that
+# minimises the squared error of a Gaussian: (2**bits - 1) / 2 times its optimal step (Max 1960;
+# Hui and Neuhoff 2001). `mse_qparams` starts its search around it.
+_GAUSSIAN_HALF_WIDTH = {
+    1: 0.798,
+    2: 1.494,
+    3: 2.051,
+    4: 2.514,
+    5: 2.916,
+    6: 3.279,
+    7: 3.613,
+    8: 3.927,
+}
+# The search of `mse_qparams`: starting ranges around the row's mean, as multiples of the
+# Gaussian half-width; Lloyd steps after them; then pattern moves of each end of the best range
+# by these fractions of its step; then Lloyd steps again.
+MSE_START_FACTORS: tuple[float, ...] = (0.8, 1.0, 1.25)
+MSE_LLOYD_STEPS = 2
+MSE_PATTERN_STEPS: tuple[float, ...] = (0.5, 0.25)
+MSE_FINAL_LLOYD_STEPS = 1
+
+
+def mse_qparams(
+    values: torch.Tensor,
+    settings: QuantizationSettings,
+    keep: torch.Tensor | None = None,
+    first_row: int = 0,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns per-row `(scale, zero_point)` minimising the squared error of the kept values.
+
+    `values` is a float32 (rows, cols) tensor as `row_qparams` sees it: pruned positions already
+    hold zeros. `keep` (bool, that shape; None: every value) marks the values whose error
+    counts: pruned values decode to 0.0 whatever the qparams. `work`, when given, is two float32
+    tensors with at least as many elements as `values`, used for temporaries.
+
+    The qparams follow the format's rule from a range [lo, hi] (`qparams_from_range`: scale
+    (hi - lo) / (2**bits - 1), zero point -lo / scale, both rounded as `scale_dtype` says), so
+    only the range differs from min/max. Batched over rows, the candidates are: the min/max
+    qparams (`row_qparams`); the kept values' min and max; ranges around the row's mean of
+    `MSE_START_FACTORS` times the Gaussian-optimal half-width; `MSE_LLOYD_STEPS` Lloyd steps
+    (codes fixed, scale and offset refitted by least squares); pattern moves of either end of
+    the best range by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps.
+    Ranges are cut to the kept values' min and max. Each candidate is evaluated with its stored
+    (rounded) qparams by `row_errors`, and a row moves only to a strictly smaller error, so no
+    row is worse than with min/max. Deterministic, the same for any thread count. Raises
+    TableError where `row_qparams` does.
+    """
+    scale, zero_point = row_qparams(values, settings, first_row)
+    rows, cols = values.shape
+    if rows == 0 or cols == 0:
+        return scale, zero_point
+    if work is None:
+        work = (torch.empty_like(values), torch.empty_like(values))
+    levels, spare = (buffer.reshape(-1)[: values.numel()].view(values.shape) for buffer in work)
+    bits, quant_max = settings.bits, float(settings.quant_max)
+    weights = None if keep is None else keep.to(values.dtype)
+    if keep is None:
+        count = torch.full((rows,), float(cols), dtype=torch.float64, device=values.device)
+        low, high = values.amin(dim=1), values.amax(dim=1)
+    else:
+        count = _row_sums(weights).double()
+        low = values.masked_fill(~keep, float("inf")).amin(dim=1)
+        high = values.masked_fill(~keep, float("-inf")).amax(dim=1)
+        empty = count == 0
+        low = low.masked_fill(empty, 0.0)
+        high = high.masked_fill(empty, 0.0)
+    count = count.clamp(min=1.0)
+    total = _row_sums(values).double()
+    mean = total / count
+    centered = torch.sub(values, mean.float()[:, None], out=spare)
+    if weights is not None:
+        centered *= weights
+    std = _row_norms(centered).double() / count.sqrt()
+    best = _Best(scale, zero_point, row_errors(values, weights, scale, zero_point, bits, levels))
+    best.low, best.high = low.clone(), high.clone()
+
+    def consider(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.maximum(torch.minimum(lo.float(), high), low)
+        hi = torch.maximum(torch.minimum(hi.float(), high), lo)
+        scale, zero_point = qparams_from_range(lo, hi, settings, check=False)
+        best.offer(
+            lo, hi, scale, zero_point, row_errors(values, weights, scale, zero_point, bits, levels)
+        )
+        return scale, zero_point
+
+    def lloyd(steps: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        for _ in range(steps):
+            quantize_levels(values, scale, zero_point, bits, out=levels)
+            weighted = levels if weights is None else torch.mul(levels, weights, out=spare)
+            sum_q = _row_sums(weighted).double()
+            sum_qq = _row_norms(weighted).double().square()
+            sum_qx = _row_sums(torch.mul(levels, values, out=spare)).double()
+            var_q = sum_qq - sum_q * sum_q / count
+            step = (sum_qx - sum_q * total / count) / var_q
+            offset = (total - step * sum_q) / count
+            fitted = (var_q > 0) & (step > 0) & torch.isfinite(step) & torch.isfinite(offset)
+            old_low = -zero_point.double() * scale.double()
+            old_high = old_low + quant_max * scale.double()
+            scale, zero_point = consider(
+                torch.where(fitted, offset, old_low),
+                torch.where(fitted, offset + quant_max * step, old_high),
+            )
+
+    if keep is not None:
+        consider(low, high)
+    half_width = _GAUSSIAN_HALF_WIDTH[bits] * std
+    for factor in MSE_START_FACTORS:
+        consider(mean - factor * half_width, mean + factor * half_width)
+    lloyd(MSE_LLOYD_STEPS, best.scale, best.zero_point)
+    for fraction in MSE_PATTERN_STEPS:
+        lo, hi = best.low, best.high
+        move = (hi - lo) * (fraction / quant_max)
+        for new_lo, new_hi in ((lo - move, hi), (lo + move, hi), (lo, hi - move), (lo, hi + move)):
+            consider(new_lo, new_hi)
+    lloyd(MSE_FINAL_LLOYD_STEPS, best.scale, best.zero_point)
+    return best.scale, best.zero_point
+
+
+class _Best:
+    """The best candidate of each row so far: its range, qparams and error."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, error: torch.Tensor) -> None:
+        self.scale, self.zero_point, self.error = scale, zero_point, error
+        self.low = self.high = scale
+
+    def offer(
+        self,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        error: torch.Tensor,
+    ) -> None:
+        """Takes the candidate in the rows where its error is smaller (NaN never is)."""
+        better = error < self.error
+        self.scale = torch.where(better, scale, self.scale)
+        self.zero_point = torch.where(better, zero_point, self.zero_point)
+        self.error = torch.where(better, error, self.error)
+        self.low = torch.where(better, low, self.low)
+        self.high = torch.where(better, high, self.high)
+
+
+def row_errors(
+    values: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Returns each row's L2 norm of `(decode(quantize(values)) - values) * weights` (float32).
+
+    The codes and decoded values are the pipeline's own (`quantize_levels`, `dequantize`);
+    `weights` (0/1 float32, or None for all ones) masks the values that count; `out` (float32,
+    the shape of `values`) holds the temporaries when given. Rows whose qparams are not finite
+    get NaN. The same for any thread count.
+    """
+    levels = quantize_levels(values, scale, zero_point, bits, out=out)
+    error = dequantize(levels, scale, zero_point, out=levels).sub_(values)
+    if weights is not None:
+        error *= weights
+    return _row_norms(error)

@@ -14,25 +14,33 @@ from sparqcli.errors import SettingError
 Norm = Literal["L1", "L2"]
 Order = Literal["sparsify-first", "quantize-first"]
 ScaleDtype = Literal["float32", "float16"]
+Range = Literal["minmax", "mse"]
+Scope = Literal["table", "row"]
 
 NORMS: tuple[str, ...] = ("L1", "L2")
 ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
-BITS: tuple[int, ...] = (8, 4, 2)
+BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+RANGES: tuple[str, ...] = ("minmax", "mse")
+SCOPES: tuple[str, ...] = ("table", "row")
 
 
 @dataclass(frozen=True)
 class SparsitySettings:
     """`DataNormSparsifier` settings.
 
-    `level` is the fraction of blocks pruned, `round(level * n_blocks)` of them, ranked over the
-    whole table; `zeros_per_block` values are zeroed inside a pruned block (None: all of them).
+    `level` is the fraction of blocks pruned; `zeros_per_block` values are zeroed inside a pruned
+    block (None: all of them). `scope` says where blocks are ranked: `table` (the reference)
+    prunes the `round(level * n_blocks)` lowest-scoring blocks of the whole table; `row` prunes
+    `round(level * n_block_cols)` blocks in every block row, so no row is emptied unless level
+    is 1.
     """
 
     level: float = 0.5
     block_shape: tuple[int, int] = (1, 4)
     zeros_per_block: int | None = None
     norm: Norm = "L1"
+    scope: Scope = "table"
 
     def __post_init__(self) -> None:
         problems = sparsity_problems(self)
@@ -57,10 +65,16 @@ class SparsitySettings:
 
 @dataclass(frozen=True)
 class QuantizationSettings:
-    """Per-row affine quantization with float zero points (torch.ao's float_qparams scheme)."""
+    """Per-row affine quantization with float zero points (torch.ao's float_qparams scheme).
+
+    `bits` is 1 to 8 (8, 4 and 2 are torch.ao's widths). `range` picks each row's [lo, hi]:
+    `minmax` (the reference) takes the row's min and max; `mse` the range that minimises the
+    squared error of the row's kept values (engine/quantize.py, `mse_qparams`).
+    """
 
     bits: int = 8
     scale_dtype: ScaleDtype = "float32"
+    range: Range = "minmax"
 
     def __post_init__(self) -> None:
         problems = quantization_problems(self)
@@ -106,18 +120,23 @@ def sparsity_problems(settings: SparsitySettings, path: str = "sparsity") -> lis
             problems.append(f"{path}.zeros_per_block: must not be negative, got {zeros}")
     if settings.norm not in NORMS:
         problems.append(f"{path}.norm: must be one of L1, L2, got {settings.norm!r}")
+    if settings.scope not in SCOPES:
+        problems.append(f"{path}.scope: must be one of table, row, got {settings.scope!r}")
     return problems
 
 
 def quantization_problems(settings: QuantizationSettings, path: str = "quantization") -> list[str]:
     """Returns every problem with `settings` as `path.field: message` lines (empty when valid)."""
     problems: list[str] = []
-    if settings.bits not in BITS or isinstance(settings.bits, bool):
-        problems.append(f"{path}.bits: must be one of 8, 4, 2, got {settings.bits!r}")
+    bits = settings.bits
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in BITS:
+        problems.append(f"{path}.bits: must be an integer from 1 to 8, got {bits!r}")
     if settings.scale_dtype not in SCALE_DTYPES:
         problems.append(
             f"{path}.scale_dtype: must be one of float32, float16, got {settings.scale_dtype!r}"
         )
+    if settings.range not in RANGES:
+        problems.append(f"{path}.range: must be one of minmax, mse, got {settings.range!r}")
     return problems
 
 
