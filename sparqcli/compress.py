@@ -26,7 +26,7 @@ from sparqcli.config import (
     sparsity_to_dict,
 )
 from sparqcli.digest import BackgroundSha256, sha256_file
-from sparqcli.errors import GateError, TableError, UsageError
+from sparqcli.errors import GateError, SettingError, TableError, UsageError
 from sparqcli.threads import import_torch
 
 if TYPE_CHECKING:
@@ -246,6 +246,8 @@ def compress(
         import_torch()  # beside the hashing started above
         from sparqcli.checkpoint import check_output_path
 
+        _check_settings(config, output_format, device)
+
         if out_dir is not None and not Path(out_dir).is_dir():
             raise UsageError(f"--out-dir {out_dir}: no such folder")
         for target in targets:
@@ -279,6 +281,26 @@ def compress(
             report,
         )
     return report
+
+
+def _check_settings(config: Config, output_format: str, device: str) -> None:
+    """Checks, before any work, that every rule's settings run on `device` and fit the format.
+
+    Raises SettingError (`layers[i].quantization.range: ...` on CUDA) or UsageError (a width
+    that `--format torch-ao` cannot hold).
+    """
+    from sparqcli.engine.pipeline import device_problems
+    from sparqcli.format import torch_ao_problem
+
+    for index, rule in enumerate(config.layers):
+        path = f"layers[{index}]"
+        problems = device_problems(rule.sparsity, rule.quantization, device, path)
+        if problems:
+            raise SettingError(problems[0])
+        if output_format == "torch-ao":
+            problem = torch_ao_problem(f"{path}.quantization.bits", rule.quantization.bits)
+            if problem is not None:
+                raise UsageError(problem)
 
 
 def peak_memory_bytes() -> int:
@@ -319,6 +341,15 @@ def _compress_file(
         )
         for selected in selection.tables
     ]
+    if output_format == "torch-ao":
+        from sparqcli.format import torch_ao_problem
+
+        for table in tables:
+            problem = torch_ao_problem(
+                f"table '{table.key}'", table.rule.quantization.bits, table.shape[1]
+            )
+            if problem is not None:
+                raise UsageError(problem)
     report = FileReport(source, target, output_format, source.stat().st_size, tables)
     if dry_run:
         return report

@@ -83,14 +83,14 @@ _STORED_DTYPE_NAMES = {
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in (8, 4, 2) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 8, 4 or 2, got {bits!r}")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}")
 
 
 def packed_size(n_codes: int, bits: int) -> int:
     """Returns the bytes `n_codes` codes of `bits` bits take packed: ceil(n_codes * bits / 8).
 
-    Raises ValueError for bits other than 8, 4, 2 or a negative count.
+    Raises ValueError for bits outside 1..8 or a negative count.
     """
     _check_bits(bits)
     if n_codes < 0:
@@ -99,11 +99,13 @@ def packed_size(n_codes: int, bits: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Returns uint8 codes (any shape, read row-major) packed 8/bits to a byte, 1-D uint8.
+    """Returns uint8 codes (any shape, read row-major) packed continuously, LSB first, 1-D uint8.
 
-    The first code of a byte takes its lowest bits (4 bits: the low nibble, as torch.quint4x2);
-    the last byte is zero-padded. Raises ValueError for non-uint8 codes, bits other than 8, 4, 2,
-    or a code that does not fit `bits`.
+    Code i occupies bits i * bits .. i * bits + bits - 1 of the stream, bit k of the stream
+    being bit k % 8 of byte k // 8; at 3, 5, 6 and 7 bits a code can straddle two bytes. The
+    first code of a byte takes its lowest bits (4 bits: the low nibble, as torch.quint4x2); the
+    last byte is zero-padded. Raises ValueError for non-uint8 codes, bits outside 1..8, or a
+    code that does not fit `bits`.
     """
     _check_bits(bits)
     if codes.dtype != torch.uint8:
@@ -113,6 +115,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.contiguous()
     if flat.numel() and int(flat.max()) >> bits:
         raise ValueError(f"codes must be below {1 << bits} for {bits} bits")
+    if 8 % bits:
+        return _pack_groups(flat, bits)
     per_byte = 8 // bits
     pad = -flat.numel() % per_byte
     if pad:
@@ -137,9 +141,56 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     if bits == 8:
         return flat
+    if 8 % bits:
+        return _unpack_groups(flat, bits, n_codes)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
     codes = (flat[:, None] >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n_codes]
+
+
+# Codes packed per group of 8 (8 * bits bits, a whole number of bytes) at a time, so that the
+# int64 temporaries stay bounded whatever the number of codes.
+_GROUPS_PER_STEP = 1 << 20
+
+
+def _pack_groups(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Returns 1-D uint8 codes packed at a width that does not divide 8 (3, 5, 6, 7 bits).
+
+    Every 8 codes fill exactly `bits` bytes: they are gathered into one int64 (code k at bit
+    k * bits) whose low `bits` bytes, least significant first, are the packed bytes.
+    """
+    n_codes = flat.numel()
+    pad = -n_codes % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    out = torch.empty((groups.shape[0], bits), dtype=torch.uint8, device=flat.device)
+    for start in range(0, groups.shape[0], _GROUPS_PER_STEP):
+        part = groups[start : start + _GROUPS_PER_STEP].to(torch.int64)
+        word = part[:, 0].clone()
+        for k in range(1, 8):
+            word |= part[:, k] << (k * bits)
+        for j in range(bits):
+            out[start : start + _GROUPS_PER_STEP, j] = (word >> (8 * j)) & 0xFF
+    return out.reshape(-1)[: packed_size(n_codes, bits)]
+
+
+def _unpack_groups(flat: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Returns the first `n_codes` codes of bytes packed by `_pack_groups`, 1-D uint8."""
+    pad = -flat.numel() % bits
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, bits)
+    out = torch.empty((groups.shape[0], 8), dtype=torch.uint8, device=flat.device)
+    mask = (1 << bits) - 1
+    for start in range(0, groups.shape[0], _GROUPS_PER_STEP):
+        part = groups[start : start + _GROUPS_PER_STEP].to(torch.int64)
+        word = part[:, 0].clone()
+        for j in range(1, bits):
+            word |= part[:, j] << (8 * j)
+        for k in range(8):
+            out[start : start + _GROUPS_PER_STEP, k] = (word >> (k * bits)) & mask
+    return out.reshape(-1)[:n_codes]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -333,10 +384,12 @@ def _table_metadata(table: CompressedTable, stats: TableStats | None) -> dict[st
             "block_shape": list(sparsity.block_shape),
             "zeros_per_block": sparsity.zeros_per_block,
             "norm": sparsity.norm,
+            "scope": sparsity.scope,
         },
         "quantization": {
             "bits": table.quantization.bits,
             "scale_dtype": table.quantization.scale_dtype,
+            "range": table.quantization.range,
         },
         "mask": _mask_kind(table),
         "kept": int(table.codes.numel()),
@@ -471,10 +524,12 @@ class TableInfo:
                 "block_shape": list(self.sparsity.block_shape),
                 "zeros_per_block": self.sparsity.zeros_per_block,
                 "norm": self.sparsity.norm,
+                "scope": self.sparsity.scope,
             },
             "quantization": {
                 "bits": self.quantization.bits,
                 "scale_dtype": self.quantization.scale_dtype,
+                "range": self.quantization.range,
             },
             "mask": self.mask,
             "kept": self.kept,
@@ -607,10 +662,13 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
             block_shape=tuple(block_shape) if isinstance(block_shape, list) else block_shape,
             zeros_per_block=sparsity_entry.get("zeros_per_block"),
             norm=sparsity_entry.get("norm"),
+            # Members added in sparq 0.2; files written before lack them (the defaults).
+            scope=sparsity_entry.get("scope", "table"),
         )
         quantization = QuantizationSettings(
             bits=quantization_entry.get("bits"),
             scale_dtype=quantization_entry.get("scale_dtype"),
+            range=quantization_entry.get("range", "minmax"),
         )
     except (SettingError, TypeError) as error:
         raise problem(str(error)) from None
@@ -929,6 +987,26 @@ def _quint4x2_per_channel(
     return quantized
 
 
+def torch_ao_problem(subject: str, bits: int, cols: int | None = None) -> str | None:
+    """Returns why `--format torch-ao` cannot hold a table, as `subject: reason`, or None.
+
+    torch.ao's embeddings are 8-bit (quint8) or 4-bit (quint4x2), the latter with an even
+    number of columns (`cols` None: not known yet); anything else cannot be written. `subject`
+    names the table (`table 'emb.weight'`) or the setting (`layers[0].quantization.bits`).
+    """
+    if bits not in (8, 4):
+        return (
+            f"{subject}: --format torch-ao supports 8 and 4 bits; torch.ao has no {bits}-bit "
+            f"embedding (use --format sparq)"
+        )
+    if bits == 4 and cols is not None and cols % 2:
+        return (
+            f"{subject}: --format torch-ao at 4 bits needs an even number of columns, "
+            f"got {cols} (torch.ao's quint4x2 embeddings mis-pack odd widths)"
+        )
+    return None
+
+
 def torch_ao_state_dict(
     tables: Mapping[str, CompressedTable], passthrough: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
@@ -939,23 +1017,16 @@ def torch_ao_state_dict(
     int_repr = the dense codes, pruned values holding the code of 0.0) and
     `<module>._packed_params.dtype`. Pass-through tensors are returned unchanged. The result is
     dense and decodes pruned values to `(round(zp) - zp) * scale`, as the reference does.
-    Raises UsageError for a 2-bit table, a 4-bit table with an odd number of columns (torch.ao
-    mis-packs those) or a key not ending in `.weight`; OutputError when a produced key collides
+    Raises UsageError for a table at other than 8 or 4 bits, a 4-bit table with an odd number
+    of columns (torch.ao mis-packs those) or a key not ending in `.weight`; OutputError when a produced key collides
     with a pass-through key.
     """
     state: dict[str, Any] = dict(passthrough)
     for key, table in tables.items():
         bits = table.quantization.bits
-        if bits == 2:
-            raise UsageError(
-                f"table '{key}': --format torch-ao supports 8 and 4 bits; torch.ao has no "
-                f"2-bit embedding (use --format sparq)"
-            )
-        if bits == 4 and table.cols % 2:
-            raise UsageError(
-                f"table '{key}': --format torch-ao at 4 bits needs an even number of columns, "
-                f"got {table.cols} (torch.ao's quint4x2 embeddings mis-pack odd widths)"
-            )
+        problem = torch_ao_problem(f"table '{key}'", bits, table.cols)
+        if problem is not None:
+            raise UsageError(problem)
         prefix = _module_prefix(key)
         names = (f"{prefix}_packed_params._packed_weight", f"{prefix}_packed_params.dtype")
         for name in (key, *names):

@@ -90,9 +90,10 @@ def _file_table(file: FileReport) -> Group:
         table.add_row(
             Text(row.key, style="bold red" if failed else ""),
             _shape(row.shape),
-            str(row.rule.quantization.bits),
+            _bits_label(row.rule.quantization.bits, row.rule.quantization.range),
             _ORDER_LABEL.get(row.order, row.order),
-            f"{row.rule.sparsity.level:.0%}→{stats.zero_fraction:.1%}",
+            f"{row.rule.sparsity.level:.0%}{_scope_label(row.rule.sparsity.scope)}"
+            f"→{stats.zero_fraction:.1%}",
             f"{_number(stats.scale_min)} / {_number(stats.scale_median)} / {_number(stats.scale_max)}",
             f"{stats.zero_point_min + 0.0:.1f}…{stats.zero_point_max + 0.0:.1f}",
             f"{stats.rel_error:.4f}",
@@ -100,6 +101,16 @@ def _file_table(file: FileReport) -> Group:
             f"{human_bytes(row.bytes_before)} → {human_bytes(row.bytes_after)}",
         )
     return _titled(f"{file.input} → {file.output}", table)
+
+
+def _bits_label(bits: int, value_range: str) -> str:
+    """Returns the summary's bits cell: `4`, or `4 mse` for MSE ranges."""
+    return str(bits) if value_range == "minmax" else f"{bits} {value_range}"
+
+
+def _scope_label(scope: str) -> str:
+    """Returns what the summary's sparsity cell adds for the ranking scope: `/row` or nothing."""
+    return "" if scope == "table" else f"/{scope}"
 
 
 def _plan_table(file: FileReport) -> Group:
@@ -114,7 +125,9 @@ def _plan_table(file: FileReport) -> Group:
         "block",
         "zeros/block",
         "norm",
+        "scope",
         "bits",
+        "range",
         "scales",
     ):
         table.add_column(name, overflow="fold")
@@ -130,7 +143,9 @@ def _plan_table(file: FileReport) -> Group:
             _shape(sparsity.block_shape),
             "all" if sparsity.zeros_per_block is None else str(sparsity.zeros_per_block),
             sparsity.norm,
+            sparsity.scope,
             str(quantization.bits),
+            quantization.range,
             quantization.scale_dtype,
         )
     return _titled(f"{file.input} → {file.output} (dry run: nothing written)", table)
@@ -199,9 +214,11 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Gro
         "shape",
         "dtype",
         "bits",
+        "range",
         "order",
         "level",
         "block",
+        "scope",
         "pruned",
         "rel. error",
         "bytes",
@@ -215,9 +232,11 @@ def compressed_table(path: str, info: Mapping[str, Any], file_bytes: int) -> Gro
             _shape(entry["shape"]),
             entry["dtype"],
             str(entry["bits"]),
+            str(entry["quantization"].get("range", "minmax")),
             _ORDER_LABEL.get(entry["order"], entry["order"]),
             f"{sparsity['level']:g}",
             _shape(sparsity["block_shape"]),
+            str(sparsity.get("scope", "table")),
             f"{stats['pruned_fraction']:.1%}" if _is_number(stats.get("pruned_fraction")) else "-",
             f"{stats['rel_error']:.4f}" if _is_number(stats.get("rel_error")) else "-",
             human_bytes(entry.get("file_bytes")),
