@@ -164,10 +164,12 @@ _GAUSSIAN_HALF_WIDTH = {
     7: 3.613,
     8: 3.927,
 }
-# The search of `mse_qparams`: starting ranges around the row's mean, as multiples of the
-# Gaussian half-width; Lloyd steps after them; then pattern moves of each end of the best range
-# by these fractions of its step; then Lloyd steps again.
+# The search of `mse_qparams`. Starting ranges: mean -+ factor * the Gaussian half-width, and
+# for rows with a lone outlier, [min, mean of the others] and [mean of the others, max] (the
+# outlier gets a level of its own); then Lloyd steps from min/max and from the best; then pattern moves of either end of the
+# best range by these fractions of its step; then Lloyd steps again.
 MSE_START_FACTORS: tuple[float, ...] = (0.8, 1.0, 1.25)
+MSE_MINMAX_LLOYD_STEPS = 1
 MSE_LLOYD_STEPS = 2
 MSE_PATTERN_STEPS: tuple[float, ...] = (0.5, 0.25)
 MSE_FINAL_LLOYD_STEPS = 1
@@ -190,19 +192,24 @@ def mse_qparams(
     The qparams follow the format's rule from a range [lo, hi] (`qparams_from_range`: scale
     (hi - lo) / (2**bits - 1), zero point -lo / scale, both rounded as `scale_dtype` says), so
     only the range differs from min/max. Batched over rows, the candidates are: the min/max
-    qparams (`row_qparams`); the kept values' min and max; ranges around the row's mean of
-    `MSE_START_FACTORS` times the Gaussian-optimal half-width; `MSE_LLOYD_STEPS` Lloyd steps
-    (codes fixed, scale and offset refitted by least squares); pattern moves of either end of
-    the best range by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps.
-    Ranges are cut to the kept values' min and max. Each candidate is evaluated with its stored
-    (rounded) qparams by `row_errors`, and a row moves only to a strictly smaller error, so no
-    row is worse than with min/max. Deterministic, the same for any thread count. Raises
-    TableError where `row_qparams` does.
+    qparams (exactly `row_qparams`'); the kept values' min and max; ranges from the row's mean,
+    standard deviation and the Gaussian-optimal half-width (`MSE_START_FACTORS`); the min or
+    the max with the mean of the other values; `MSE_MINMAX_LLOYD_STEPS` Lloyd steps from
+    min/max and `MSE_LLOYD_STEPS` from the best so far (codes fixed, scale and offset
+    refitted by least squares, codes recomputed); pattern moves of either end of the best range
+    by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps. Ranges are cut
+    to the kept values' min and max. Every candidate is evaluated with its stored (rounded)
+    qparams by `row_errors`; each row keeps its smallest error, the earliest candidate on ties,
+    so no row is worse than with min/max and equal rows keep min/max's qparams. Deterministic,
+    the same for any thread count. Raises TableError where `row_qparams` does.
     """
-    scale, zero_point = row_qparams(values, settings, first_row)
     rows, cols = values.shape
     if rows == 0 or cols == 0:
-        return scale, zero_point
+        return row_qparams(values, settings, first_row)
+    all_low, all_high = values.amin(dim=1), values.amax(dim=1)
+    # Exactly row_qparams (amin, amax, the observer's zero), from the reductions computed here.
+    row_min = exact_zero_minimums(all_low.clone(), lambda chosen: values[chosen])
+    scale, zero_point = qparams_from_range(row_min, all_high, settings, first_row)
     if work is None:
         work = (torch.empty_like(values), torch.empty_like(values))
     levels, spare = (buffer.reshape(-1)[: values.numel()].view(values.shape) for buffer in work)
@@ -210,32 +217,27 @@ def mse_qparams(
     weights = None if keep is None else keep.to(values.dtype)
     if keep is None:
         count = torch.full((rows,), float(cols), dtype=torch.float64, device=values.device)
-        low, high = values.amin(dim=1), values.amax(dim=1)
+        low, high = all_low, all_high
     else:
         count = _row_sums(weights).double()
-        low = values.masked_fill(~keep, float("inf")).amin(dim=1)
-        high = values.masked_fill(~keep, float("-inf")).amax(dim=1)
         empty = count == 0
-        low = low.masked_fill(empty, 0.0)
-        high = high.masked_fill(empty, 0.0)
+        low = values.masked_fill(~keep, float("inf")).amin(dim=1).masked_fill_(empty, 0.0)
+        high = values.masked_fill(~keep, float("-inf")).amax(dim=1).masked_fill_(empty, 0.0)
     count = count.clamp(min=1.0)
     total = _row_sums(values).double()
     mean = total / count
-    centered = torch.sub(values, mean.float()[:, None], out=spare)
-    if weights is not None:
-        centered *= weights
-    std = _row_norms(centered).double() / count.sqrt()
-    best = _Best(scale, zero_point, row_errors(values, weights, scale, zero_point, bits, levels))
-    best.low, best.high = low.clone(), high.clone()
-
-    def consider(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.maximum(torch.minimum(lo.float(), high), low)
-        hi = torch.maximum(torch.minimum(hi.float(), high), lo)
-        scale, zero_point = qparams_from_range(lo, hi, settings, check=False)
-        best.offer(
-            lo, hi, scale, zero_point, row_errors(values, weights, scale, zero_point, bits, levels)
-        )
-        return scale, zero_point
+    # sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (nothing worse).
+    variance = _row_norms(values).double().square() / count - mean.square()
+    half_width = _GAUSSIAN_HALF_WIDTH[bits] * variance.clamp(min=0.0).sqrt()
+    search = _Search(values, weights, settings, low, high, levels)
+    search.add(all_low, all_high, scale, zero_point)
+    if keep is not None:
+        search.consider(low, high)
+    for factor in MSE_START_FACTORS:
+        search.consider(mean - factor * half_width, mean + factor * half_width)
+    others = (count - 1).clamp(min=1.0)
+    search.consider(low, (total - low.double()) / others)
+    search.consider((total - high.double()) / others, high)
 
     def lloyd(steps: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         for _ in range(steps):
@@ -249,49 +251,75 @@ def mse_qparams(
             offset = (total - step * sum_q) / count
             fitted = (var_q > 0) & (step > 0) & torch.isfinite(step) & torch.isfinite(offset)
             old_low = -zero_point.double() * scale.double()
-            old_high = old_low + quant_max * scale.double()
-            scale, zero_point = consider(
+            scale, zero_point = search.consider(
                 torch.where(fitted, offset, old_low),
-                torch.where(fitted, offset + quant_max * step, old_high),
+                torch.where(fitted, offset + quant_max * step, old_low + quant_max * scale),
             )
 
-    if keep is not None:
-        consider(low, high)
-    half_width = _GAUSSIAN_HALF_WIDTH[bits] * std
-    for factor in MSE_START_FACTORS:
-        consider(mean - factor * half_width, mean + factor * half_width)
-    lloyd(MSE_LLOYD_STEPS, best.scale, best.zero_point)
+    # From min/max too: rows whose best range keeps outliers at both ends lie near it.
+    lloyd(MSE_MINMAX_LLOYD_STEPS, scale, zero_point)
+    lloyd(MSE_LLOYD_STEPS, *search.best()[2:])
     for fraction in MSE_PATTERN_STEPS:
-        lo, hi = best.low, best.high
+        lo, hi = search.best()[:2]
         move = (hi - lo) * (fraction / quant_max)
         for new_lo, new_hi in ((lo - move, hi), (lo + move, hi), (lo, hi - move), (lo, hi + move)):
-            consider(new_lo, new_hi)
-    lloyd(MSE_FINAL_LLOYD_STEPS, best.scale, best.zero_point)
-    return best.scale, best.zero_point
+            search.consider(new_lo, new_hi)
+    lloyd(MSE_FINAL_LLOYD_STEPS, *search.best()[2:])
+    return search.best()[2:]
 
 
-class _Best:
-    """The best candidate of each row so far: its range, qparams and error."""
+class _Search:
+    """The candidate ranges of `mse_qparams`: each one's range, stored qparams and row errors."""
 
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, error: torch.Tensor) -> None:
-        self.scale, self.zero_point, self.error = scale, zero_point, error
-        self.low = self.high = scale
-
-    def offer(
+    def __init__(
         self,
+        values: torch.Tensor,
+        weights: torch.Tensor | None,
+        settings: QuantizationSettings,
         low: torch.Tensor,
         high: torch.Tensor,
-        scale: torch.Tensor,
-        zero_point: torch.Tensor,
-        error: torch.Tensor,
+        work: torch.Tensor,
     ) -> None:
-        """Takes the candidate in the rows where its error is smaller (NaN never is)."""
-        better = error < self.error
-        self.scale = torch.where(better, scale, self.scale)
-        self.zero_point = torch.where(better, zero_point, self.zero_point)
-        self.error = torch.where(better, error, self.error)
-        self.low = torch.where(better, low, self.low)
-        self.high = torch.where(better, high, self.high)
+        self.values, self.weights, self.settings = values, weights, settings
+        self.low, self.high, self.work = low, high, work
+        self.candidates: list[tuple[torch.Tensor, ...]] = []
+        self._best: tuple[torch.Tensor, ...] | None = None
+
+    def add(
+        self, low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> None:
+        """Evaluates the qparams `scale`, `zero_point` (made from [low, high]) and keeps them."""
+        error = row_errors(
+            self.values, self.weights, scale, zero_point, self.settings.bits, self.work
+        )
+        # qparams that do not fit (non-finite, NaN errors) are never chosen
+        error = error.nan_to_num_(nan=float("inf"))
+        self.candidates.append((low, high, scale, zero_point, error))
+        self._best = None
+
+    def consider(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the range [low, high] (high raised to low if below); returns its qparams.
+
+        A range may reach past the values' min or max: that can align a level with the bulk
+        of a row whose ends are outliers.
+        """
+        low = low.float()
+        high = torch.maximum(high.float(), low)
+        scale, zero_point = qparams_from_range(low, high, self.settings, check=False)
+        self.add(low, high, scale, zero_point)
+        return scale, zero_point
+
+    def best(self) -> tuple[torch.Tensor, ...]:
+        """Returns each row's best `(low, high, scale, zero_point)` so far (earliest on ties)."""
+        if self._best is None:
+            # (rows, candidates): argmin along contiguous rows is ~30x faster than along dim 0
+            stacked = [torch.stack(part, dim=1) for part in zip(*self.candidates, strict=True)]
+            chosen = stacked[-1].argmin(dim=1, keepdim=True)  # the first of equal minimums
+            best = tuple(part.gather(1, chosen)[:, 0] for part in stacked)
+            self._best = best[:4]
+            # Only the best survives: later checkpoints choose among it and newer candidates.
+            self.candidates = [best]
+        return self._best
 
 
 def row_errors(
