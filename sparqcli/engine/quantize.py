@@ -164,14 +164,15 @@ _GAUSSIAN_HALF_WIDTH = {
     7: 3.613,
     8: 3.927,
 }
-# The search of `mse_qparams`. Starting ranges: mean -+ factor * the Gaussian half-width, and
-# for rows with a lone outlier, [min, mean of the others] and [mean of the others, max] (the
-# outlier gets a level of its own); then Lloyd steps from min/max and from the best; then pattern moves of either end of the
-# best range by these fractions of its step; then Lloyd steps again.
-MSE_START_FACTORS: tuple[float, ...] = (0.8, 1.0, 1.25)
+# The search of `mse_qparams` (its breadth, so its cost). Starting ranges: mean -+ factor *
+# the Gaussian half-width; for rows with a lone outlier, [min, mean of the others] and [mean of
+# the others, max] (the outlier gets a level of its own). Then Lloyd steps from min/max and from
+# the best so far; pattern moves of either end of the best range by these fractions of its
+# step; a last Lloyd step. Measured trade-offs: docs/DECISIONS.md.
+MSE_START_FACTORS: tuple[float, ...] = (1.0,)
 MSE_MINMAX_LLOYD_STEPS = 1
 MSE_LLOYD_STEPS = 2
-MSE_PATTERN_STEPS: tuple[float, ...] = (0.5, 0.25)
+MSE_PATTERN_STEPS: tuple[float, ...] = (0.5,)
 MSE_FINAL_LLOYD_STEPS = 1
 
 
@@ -197,9 +198,9 @@ def mse_qparams(
     the max with the mean of the other values; `MSE_MINMAX_LLOYD_STEPS` Lloyd steps from
     min/max and `MSE_LLOYD_STEPS` from the best so far (codes fixed, scale and offset
     refitted by least squares, codes recomputed); pattern moves of either end of the best range
-    by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps. Ranges are cut
-    to the kept values' min and max. Every candidate is evaluated with its stored (rounded)
-    qparams by `row_errors`; each row keeps its smallest error, the earliest candidate on ties,
+    by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps. A range may
+    reach past the values' min or max. Every candidate is evaluated with its stored (rounded)
+    qparams by `row_errors` (qparams that overflow float16 count as infinitely bad); each row keeps its smallest error, the earliest candidate on ties,
     so no row is worse than with min/max and equal rows keep min/max's qparams. Deterministic,
     the same for any thread count. Raises TableError where `row_qparams` does.
     """
@@ -229,7 +230,7 @@ def mse_qparams(
     # sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (nothing worse).
     variance = _row_norms(values).double().square() / count - mean.square()
     half_width = _GAUSSIAN_HALF_WIDTH[bits] * variance.clamp(min=0.0).sqrt()
-    search = _Search(values, weights, settings, low, high, levels)
+    search = _Search(values, weights, settings, levels)
     search.add(all_low, all_high, scale, zero_point)
     if keep is not None:
         search.consider(low, high)
@@ -276,12 +277,9 @@ class _Search:
         values: torch.Tensor,
         weights: torch.Tensor | None,
         settings: QuantizationSettings,
-        low: torch.Tensor,
-        high: torch.Tensor,
         work: torch.Tensor,
     ) -> None:
-        self.values, self.weights, self.settings = values, weights, settings
-        self.low, self.high, self.work = low, high, work
+        self.values, self.weights, self.settings, self.work = values, weights, settings, work
         self.candidates: list[tuple[torch.Tensor, ...]] = []
         self._best: tuple[torch.Tensor, ...] | None = None
 
