@@ -526,3 +526,35 @@ def _roundtrip(data: dict[str, Any]) -> Config:
 def test_roundtrip_keeps_type_rules() -> None:
     data: dict[str, Any] = {"layers": [{"type": "embedding", "gates": {"max_bytes_ratio": 0.4}}]}
     assert _roundtrip(data) == parse_config(data, "c")
+
+
+def test_range_scope_and_every_width() -> None:
+    config = parse_config(
+        {
+            "sparsity": {"scope": "row"},
+            "quantization": {"bits": 3, "range": "mse"},
+            "layers": [{"match": "x"}, {"match": "y", "quantization": {"bits": 1}}],
+        },
+        "cfg.yaml",
+    )
+    first, second = config.layers
+    assert (first.sparsity.scope, first.quantization.range, first.quantization.bits) == (
+        "row",
+        "mse",
+        3,
+    )
+    assert (second.quantization.range, second.quantization.bits) == ("mse", 1)
+    assert problems_of(
+        {
+            "sparsity": {"scope": "rows"},
+            "quantization": {"range": "MSE", "bits": 9, "rnage": "mse"},
+            "layers": [{"match": "x", "quantization": {"bits": 2.5}, "sparsity": {"scope": 1}}],
+        }
+    ) == [
+        "sparsity.scope: must be one of table, row, got 'rows'",
+        "quantization.rnage: unknown key; did you mean 'range'?",
+        "quantization.bits: must be an integer from 1 to 8, got 9",
+        "quantization.range: must be one of minmax, mse, got 'MSE'",
+        "layers[0].sparsity.scope: must be one of table, row, got 1",
+        "layers[0].quantization.bits: must be an integer from 1 to 8, got 2.5",
+    ]
