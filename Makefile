@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_cuda.py
 	$(PY) benchmarks/bench_serving.py --wait-quiet 60
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli.config import Config
 from sparqcli.digest import BackgroundSha256, sha256_file
-from sparqcli.errors import OutputError, TableError, UsageError
+from sparqcli.errors import OutputError, SettingError, TableError, UsageError
 from sparqcli.results import CompressReport, FileReport, TableReport
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def compress(
         from sparqcli.sources import open_checkpoint
 
         options = options or EngineOptions.from_environment()
+        check_settings(config, output_format, device)  # beside the hashing started above
         for target in targets:
             check_output_path(target, sources, force)
         if report_path is not None:
@@ -186,6 +187,7 @@ def compress_state_dict(
         if not isinstance(value, torch.Tensor):
             raise UsageError(f"state dict entry '{key}' is not a tensor ({type(value).__name__})")
     check_device(device)
+    check_settings(config, "sparq", device)
     checkpoint = StateDictCheckpoint(None, "state_dict", state_dict)
     input_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
     file = _plan(checkpoint, config, "sparq", None, input_bytes)
@@ -249,6 +251,27 @@ def check_device(device: str) -> None:
                 "{opt:device=cuda}: no CUDA device is available "
                 f"(this torch {torch.__version__} was built {build} CUDA)"
             )
+
+
+def check_settings(config: Config, output_format: str, device: str) -> None:
+    """Checks, before any file is read, that every rule's settings run on `device` and fit the
+    output format.
+
+    Raises SettingError (`layers[1].quantization.range: mse is not supported with ...` on CUDA)
+    or UsageError (a width the torch-ao format cannot hold).
+    """
+    from sparqcli.engine.pipeline import device_problems
+    from sparqcli.format.torch_ao import torch_ao_problem
+
+    for rule in config.resolved_rules:
+        path = f"layers[{rule.index}]"
+        problems = device_problems(rule.sparsity, rule.quantization, device, path)
+        if problems:
+            raise SettingError(problems[0])
+        if output_format == "torch-ao":
+            problem = torch_ao_problem(f"{path}.quantization.bits", rule.quantization.bits)
+            if problem is not None:
+                raise UsageError(problem)
 
 
 def peak_memory_bytes() -> int:

@@ -17,7 +17,7 @@ Numbers are shown with 3 significant digits and their unit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -156,6 +156,18 @@ def shorten_all(texts: Sequence[str], width: int) -> list[str]:
 Cell = str | tuple[str, ...]
 """A cell: text, or parts joined by the column's separator, each part aligned within the column
 (so the arrows of `250 KiB → 39.1 KiB` line up from row to row)."""
+
+
+def _bits_label(quantization: Mapping[str, Any]) -> str:
+    """Returns a bits cell: `4`, or `4 mse` for MSE ranges."""
+    value_range = quantization.get("range", "minmax")
+    return str(quantization["bits"]) + ("" if value_range == "minmax" else f" {value_range}")
+
+
+def _level_label(sparsity: Mapping[str, Any]) -> str:
+    """Returns a sparsity-level cell: `50%`, or `50%/row` when blocks are ranked per row."""
+    scope = sparsity.get("scope", "table")
+    return _percent(sparsity["level"]) + ("" if scope == "table" else f"/{scope}")
 
 
 @dataclass(frozen=True)
@@ -326,10 +338,10 @@ SUMMARY_COLUMNS: list[Column[TableReport]] = [
     Column("shape", lambda row: _shape(row.shape)),
     Column("dtype", lambda row: row.dtype, "left", wide=True),
     Column("order", lambda row: _ORDER_LABEL.get(row.order, row.order), "left", wide=True),
-    Column("bits", lambda row: str(row.rule.quantization.bits)),
+    Column("bits", lambda row: _bits_label(row.rule.quantization.to_dict())),
     Column(
         "sparsity\n→ zeros",
-        lambda row: (_percent(row.rule.sparsity.level), _percent(row.stats.zero_fraction)),
+        lambda row: (_level_label(row.rule.sparsity.to_dict()), _percent(row.stats.zero_fraction)),
         separator="→",
     ),
     Column("pruned", lambda row: _percent(row.stats.pruned_fraction), wide=True),
@@ -367,9 +379,9 @@ PLAN_COLUMNS: list[Column[TableReport]] = [
     Column("dtype", lambda row: row.dtype, "left", wide=True),
     Column("rule", lambda row: f"layers[{row.rule.index}]", "left"),
     Column("order", lambda row: row.order, "left", wide=True),
-    Column("bits", lambda row: str(row.rule.quantization.bits)),
+    Column("bits", lambda row: _bits_label(row.rule.quantization.to_dict())),
     Column("scales", lambda row: row.rule.quantization.scale_dtype, "left", wide=True),
-    Column("sparsity", lambda row: _percent(row.rule.sparsity.level)),
+    Column("sparsity", lambda row: _level_label(row.rule.sparsity.to_dict())),
     Column("block", lambda row: _shape(row.rule.sparsity.block_shape)),
     Column(
         "zeros/block",
@@ -526,11 +538,11 @@ COMPRESSED_COLUMNS: list[Column[tuple[str, dict[str, Any]]]] = [
         "left",
         wide=True,
     ),
-    Column("bits", lambda item: str(item[1]["bits"])),
+    Column("bits", lambda item: _bits_label(item[1]["quantization"])),
     Column(
         "sparsity\n→ pruned",
         lambda item: (
-            _percent(item[1]["sparsity"]["level"]),
+            _level_label(item[1]["sparsity"]),
             _percent(_file_stat(item[1], "pruned_fraction")),
         ),
         separator="→",

@@ -21,11 +21,15 @@ from sparqcli.errors import SettingError
 Norm = Literal["L1", "L2"]
 Order = Literal["sparsify-first", "quantize-first"]
 ScaleDtype = Literal["float32", "float16"]
+Range = Literal["minmax", "mse"]
+Scope = Literal["table", "row"]
 
 NORMS: tuple[str, ...] = ("L1", "L2")
 ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
-BITS: tuple[int, ...] = (8, 4, 2)
+BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+RANGES: tuple[str, ...] = ("minmax", "mse")
+SCOPES: tuple[str, ...] = ("table", "row")
 DEFAULT_MIN_TABLE_BYTES = 64 * 1024
 """Glob and regex rules skip tables smaller than this (`min_table_bytes`); exact keys do not."""
 
@@ -47,16 +51,19 @@ def _raise_problems(problems: list[Problem]) -> None:
 class Sparsity:
     """Block-norm sparsity (`DataNormSparsifier`), the `sparsity:` section of a config.
 
-    `level` is the fraction of blocks pruned, `round(level * n_blocks)` of them, ranked over the
-    whole table; `zeros_per_block` values are zeroed inside a pruned block (None: all of them);
-    `norm` ranks the blocks by the mean |x| (L1) or x^2 (L2) of their values.
-    Raises SettingError listing every invalid field.
+    `level` is the fraction of blocks pruned; `zeros_per_block` values are zeroed inside a pruned
+    block (None: all of them); `norm` ranks the blocks by the mean |x| (L1) or x^2 (L2) of their
+    values. `scope` says where blocks are ranked: `table` (the reference) prunes the
+    `round(level * n_blocks)` lowest-scoring blocks of the whole table; `row` prunes
+    `round(level * n_block_cols)` blocks in every block row, so no row is emptied unless level
+    is 1. Raises SettingError listing every invalid field.
     """
 
     level: float = 0.5
     block_shape: tuple[int, int] = (1, 4)
     zeros_per_block: int | None = None
     norm: Norm = "L1"
+    scope: Scope = "table"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_shape, list):
@@ -86,16 +93,24 @@ class Sparsity:
             "block_shape": list(self.block_shape),
             "zeros_per_block": self.zeros_per_block,
             "norm": self.norm,
+            "scope": self.scope,
         }
 
 
 @dataclass(frozen=True)
 class Quantization:
     """Per-row affine quantization with float zero points (torch.ao's float_qparams scheme),
-    the `quantization:` section of a config. Raises SettingError listing every invalid field."""
+    the `quantization:` section of a config.
+
+    `bits` is 1 to 8 (8, 4 and 2 are torch.ao's widths). `range` picks each row's [lo, hi]:
+    `minmax` (the reference) takes the row's min and max; `mse` the range that minimises the
+    squared error of the row's kept values (engine/quantize.py, `mse_qparams`).
+    Raises SettingError listing every invalid field.
+    """
 
     bits: int = 8
     scale_dtype: ScaleDtype = "float32"
+    range: Range = "minmax"
 
     def __post_init__(self) -> None:
         _raise_problems(quantization_problems(_values(self), "quantization"))
@@ -107,7 +122,7 @@ class Quantization:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the settings as JSON/YAML-able data."""
-        return {"bits": self.bits, "scale_dtype": self.scale_dtype}
+        return {"bits": self.bits, "scale_dtype": self.scale_dtype, "range": self.range}
 
 
 @dataclass(frozen=True)
@@ -203,6 +218,8 @@ def sparsity_field_problem(name: str, value: object) -> str | None:
             return f"must not be negative, got {value}"
     elif name == "norm" and value not in NORMS:
         return f"must be one of {', '.join(NORMS)}, got {value!r}"
+    elif name == "scope" and value not in SCOPES:
+        return f"must be one of {', '.join(SCOPES)}, got {value!r}"
     return None
 
 
@@ -228,9 +245,11 @@ def sparsity_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
 def quantization_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one quantization field's value, or None."""
     if name == "bits" and (not _is_int(value) or value not in BITS):
-        return f"must be one of {', '.join(map(str, BITS))}, got {value!r}"
+        return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {value!r}"
     if name == "scale_dtype" and value not in SCALE_DTYPES:
         return f"must be one of {', '.join(SCALE_DTYPES)}, got {value!r}"
+    if name == "range" and value not in RANGES:
+        return f"must be one of {', '.join(RANGES)}, got {value!r}"
     return None
 
 

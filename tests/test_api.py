@@ -198,7 +198,9 @@ def test_bug2_key_collisions_are_found_before_any_work(tmp_path) -> None:
 
 
 def test_bug3_settings_and_gates_validate_themselves() -> None:
-    with pytest.raises(SettingError, match=r"^quantization.bits: must be one of 8, 4, 2, got 8.0$"):
+    with pytest.raises(
+        SettingError, match=r"^quantization.bits: must be an integer from 1 to 8, got 8.0$"
+    ):
         sparqcli.Quantization(bits=8.0)  # type: ignore[arg-type]
     with pytest.raises(SettingError, match=r"^gates.max_rel_error: must be a number >= 0, got -1$"):
         sparqcli.Gates(max_rel_error=-1)

@@ -71,11 +71,11 @@ def test_unknown_config_key(checkpoint, tmp_path):
 
 def test_bad_values_are_all_reported_at_once(checkpoint, tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("layers: [{match: emb, sparsity: {level: 1.5}}]\nquantization: {bits: 3}\n")
+    cfg.write_text("layers: [{match: emb, sparsity: {level: 1.5}}]\nquantization: {bits: 9}\n")
     result = run("compress", checkpoint, "--config", cfg)
     assert result.exit_code == 2
     assert error_line(result) == (
-        f"sparq: error: {cfg}: 2 problems: quantization.bits: must be one of 8, 4, 2, got 3; "
+        f"sparq: error: {cfg}: 2 problems: quantization.bits: must be an integer from 1 to 8, got 9; "
         "layers[0].sparsity.level: must be a number in [0, 1], got 1.5"
     )
 

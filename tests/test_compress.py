@@ -14,7 +14,7 @@ import sparqcli
 from sparqcli.compression import compress, plan_outputs
 from sparqcli.config import Config
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.errors import GateError, UsageError
+from sparqcli.errors import GateError, SettingError, UsageError
 
 
 def test_report_and_output_match_the_engine(checkpoint, config, state):
@@ -108,3 +108,53 @@ def test_plan_outputs():
         plan_outputs(inputs, None, Path("out"), "sparq")
     with pytest.raises(UsageError, match=r"^output and out_dir exclude each other$"):
         plan_outputs(inputs[:1], Path("x"), Path("out"), "sparq")
+
+
+def test_torch_ao_widths_are_refused_before_any_work(tmp_path, checkpoint, config):
+    output = tmp_path / "out.torchao.pt"
+    with pytest.raises(UsageError) as error:
+        compress(
+            checkpoint,
+            config,
+            overrides=["layers[0].quantization.bits=3"],
+            output=output,
+            output_format="torch-ao",
+        )
+    assert str(error.value) == (
+        "layers[0].quantization.bits: output_format='torch-ao' supports 8 and 4 bits; torch.ao "
+        "has no 3-bit embedding (use the sparq format)"
+    )
+    assert not output.exists()
+
+
+def test_new_options_run_and_are_reported(checkpoint, config, state):
+    report = compress(
+        checkpoint,
+        config,
+        overrides=["quantization.range=mse", "sparsity.scope=row", "quantization.bits=3"],
+    )
+    data = report.to_dict()["files"][0]["tables"][0]
+    assert data["quantization"]["range"] == "mse"
+    assert data["quantization"]["bits"] == 3
+    assert data["sparsity"]["scope"] == "row"
+    info = sparqcli.format.read_info(report.files[0].output)
+    table = info.tables[report.files[0].tables[0].key]
+    assert (table.quantization.range, table.sparsity.scope) == ("mse", "row")
+
+
+def test_cuda_refuses_mse_ranges_and_row_scope():
+    from sparqcli.compression import check_settings as _check_settings
+
+    config = Config.from_dict(
+        {"layers": [{"match": "x"}, {"match": "y", "quantization": {"range": "mse"}}]}, "c.yaml"
+    )
+    _check_settings(config, "sparq", "cpu")
+    with pytest.raises(SettingError) as error:
+        _check_settings(config, "sparq", "cuda")
+    assert str(error.value) == (
+        "layers[1].quantization.range: mse is not supported with device='cuda'; "
+        "use device='cpu' or range: minmax"
+    )
+    config = Config.from_dict({"layers": [{"match": "x", "sparsity": {"scope": "row"}}]}, "c.yaml")
+    with pytest.raises(SettingError, match=r"^layers\[0\]\.sparsity\.scope: row is not supported"):
+        _check_settings(config, "sparq", "cuda")

@@ -115,7 +115,7 @@ def test_a_config_built_in_python_lists_every_problem_with_its_path() -> None:
             order="backwards",  # type: ignore[arg-type]
             layers=[
                 Rule(match="a", sparsity={"level": 2, "blocks": [1, 4]}),
-                Rule(quantization={"bits": 3}),
+                Rule(quantization={"bits": 9}),
             ],
         )
     assert info.value.problems == [
@@ -123,7 +123,7 @@ def test_a_config_built_in_python_lists_every_problem_with_its_path() -> None:
         "layers[0].sparsity.blocks: unknown key; did you mean 'block_shape'?",
         "layers[0].sparsity.level: must be a number in [0, 1], got 2",
         "layers[1]: needs 'match' or 'type'",
-        "layers[1].quantization.bits: must be one of 8, 4, 2, got 3",
+        "layers[1].quantization.bits: must be an integer from 1 to 8, got 9",
     ]
     with pytest.raises(ConfigError, match=r"^<config>: 1 problem: layers: must be a non-empty"):
         Config(layers=[])
@@ -132,7 +132,7 @@ def test_a_config_built_in_python_lists_every_problem_with_its_path() -> None:
 def test_settings_validate_themselves() -> None:
     with pytest.raises(SettingError) as info:
         Quantization(bits=8.0)  # type: ignore[arg-type]
-    assert str(info.value) == "quantization.bits: must be one of 8, 4, 2, got 8.0"
+    assert str(info.value) == "quantization.bits: must be an integer from 1 to 8, got 8.0"
     with pytest.raises(SettingError) as info:
         Gates(max_rel_error=-1, min_row_cosine=2)
     assert str(info.value) == (
@@ -206,8 +206,14 @@ def test_config_to_dict_is_the_yaml_mapping() -> None:
     assert data == {
         "version": 1,
         "order": "sparsify-first",
-        "sparsity": {"level": 0.5, "block_shape": [1, 4], "zeros_per_block": None, "norm": "L1"},
-        "quantization": {"bits": 8, "scale_dtype": "float32"},
+        "sparsity": {
+            "level": 0.5,
+            "block_shape": [1, 4],
+            "zeros_per_block": None,
+            "norm": "L1",
+            "scope": "table",
+        },
+        "quantization": {"bits": 8, "scale_dtype": "float32", "range": "minmax"},
         "layers": [{"match": "re:emb", "quantization": {"bits": 2}}],
         "exclude": [],
         "min_table_bytes": 65536,
@@ -259,7 +265,7 @@ def test_wrong_types() -> None:
         "sparsity.level: must be a number in [0, 1], got 'high'",
         "sparsity.block_shape: must be two positive integers [rows, columns], got '1x4'",
         "sparsity.zeros_per_block: must be an integer or null, got 1.5",
-        "quantization.bits: must be one of 8, 4, 2, got 8.0",
+        "quantization.bits: must be an integer from 1 to 8, got 8.0",
     ]
 
 
@@ -276,7 +282,7 @@ def test_booleans_are_not_numbers() -> None:
         "version: must be 1, got True",
         "sparsity.level: must be a number in [0, 1], got True",
         "sparsity.block_shape: must be two positive integers [rows, columns], got [True, 4]",
-        "quantization.bits: must be one of 8, 4, 2, got True",
+        "quantization.bits: must be an integer from 1 to 8, got True",
         "gates.max_rel_error: must be a number >= 0, got False",
     ]
 
@@ -304,7 +310,7 @@ order: sparse-first
 sparsity:
   levle: 0.5
   norm: L3
-quantization: {bits: 3}
+quantization: {bits: 9}
 layers:
   - match: "*emb*"
     sparsity: {level: 1.5}
@@ -317,7 +323,7 @@ exclude: "*pos*"
         "order: must be one of sparsify-first, quantize-first, got 'sparse-first'",
         "sparsity.levle: unknown key; did you mean 'level'?",
         "sparsity.norm: must be one of L1, L2, got 'L3'",
-        "quantization.bits: must be one of 8, 4, 2, got 3",
+        "quantization.bits: must be an integer from 1 to 8, got 9",
         "exclude: must be a list of patterns, got string",
         "layers[0].sparsity.level: must be a number in [0, 1], got 1.5",
         "layers[1]: needs 'match' or 'type'",
@@ -532,7 +538,7 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
         "override sparsity.block_shape: cannot read value '[1, 2': "
         "invalid YAML at line 1, column 6: expected ',' or ']', but got '<stream end>'",
         "sparsity.levle: unknown key; did you mean 'level'?",
-        "quantization.bits: must be one of 8, 4, 2, got 5",
+        "quantization.bits: must be an integer from 1 to 8, got 0",
     ]
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(
@@ -546,7 +552,7 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
                 "a..b=1",
                 "sparsity.block_shape=[1, 2",
                 "sparsity.levle=0.3",
-                "quantization.bits=5",
+                "quantization.bits=0",
             ],
         )
     assert info.value.problems == problems
@@ -612,3 +618,35 @@ def test_every_shipped_config_runs(path: Path, tmp_path: Path) -> None:
     assert sorted(table.key for table in tables) == sorted(SHIPPED_MODELS[path.name])
     assert all(table.stats is not None and table.bytes_after for table in tables)
     assert report.files[0].written == report.gates_passed
+
+
+def test_range_scope_and_every_width() -> None:
+    config = Config.from_dict(
+        {
+            "sparsity": {"scope": "row"},
+            "quantization": {"bits": 3, "range": "mse"},
+            "layers": [{"match": "x"}, {"match": "y", "quantization": {"bits": 1}}],
+        },
+        "cfg.yaml",
+    )
+    first, second = config.resolved_rules
+    assert (first.sparsity.scope, first.quantization.range, first.quantization.bits) == (
+        "row",
+        "mse",
+        3,
+    )
+    assert (second.quantization.range, second.quantization.bits) == ("mse", 1)
+    assert problems_of(
+        {
+            "sparsity": {"scope": "rows"},
+            "quantization": {"range": "MSE", "bits": 9, "rnage": "mse"},
+            "layers": [{"match": "x", "quantization": {"bits": 2.5}, "sparsity": {"scope": 1}}],
+        }
+    ) == [
+        "sparsity.scope: must be one of table, row, got 'rows'",
+        "quantization.rnage: unknown key; did you mean 'range'?",
+        "quantization.range: must be one of minmax, mse, got 'MSE'",
+        "quantization.bits: must be an integer from 1 to 8, got 9",
+        "layers[0].sparsity.scope: must be one of table, row, got 1",
+        "layers[0].quantization.bits: must be an integer from 1 to 8, got 2.5",
+    ]

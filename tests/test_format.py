@@ -106,7 +106,31 @@ def test_four_bit_packing_is_torch_quint4x2s():
     assert torch.equal(pack_codes(codes, 4), quantized.int_repr().reshape(-1))
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+def _packed_by_the_spec(codes: list[int], bits: int) -> bytes:
+    """FORMAT.md's rule, bit by bit: code i's bit k is stream bit i * bits + k, LSB first."""
+    stream = [(code >> k) & 1 for code in codes for k in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return bytes(sum(stream[8 * j + t] << t for t in range(8)) for j in range(len(stream) // 8))
+
+
+@pytest.mark.parametrize(
+    ("bits", "codes", "packed"),
+    [
+        (4, [1, 2, 3], [0x21, 0x03]),
+        (2, [1, 2, 3, 0, 1], [0x39, 0x01]),
+        (3, [5, 3, 6], [0x9D, 0x01]),  # the third code straddles bytes 0 and 1
+        (5, [31, 1, 2], [0x3F, 0x08]),
+        (1, [1, 0, 1, 1, 0, 0, 0, 0, 1], [0x0D, 0x01]),
+    ],
+)
+def test_format_md_packing_examples(bits, codes, packed):
+    tensor = torch.tensor(codes, dtype=torch.uint8)
+    assert pack_codes(tensor, bits).tolist() == packed
+    assert list(_packed_by_the_spec(codes, bits)) == packed
+    assert unpack_codes(torch.tensor(packed, dtype=torch.uint8), bits, len(codes)).tolist() == codes
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 1001])
 def test_codes_round_trip(bits, n):
     generator = torch.Generator().manual_seed(n)
@@ -115,6 +139,7 @@ def test_codes_round_trip(bits, n):
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_size(n, bits) == -(-n * bits // 8)
     assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert bytes(packed.tolist()) == _packed_by_the_spec(codes.tolist(), bits)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 1001])
@@ -132,13 +157,22 @@ def test_packing_is_vectorized_for_large_inputs():
     assert torch.equal(unpack_codes(pack_codes(codes, 2), 2, codes.numel()), codes)
     mask = codes > 1
     assert torch.equal(unpack_bits(pack_bits(mask), mask.numel()), mask)
+    # Straddling widths pack 2^20 groups of 8 codes per step: cross a step boundary.
+    codes = torch.randint(0, 8, (10_000_003,), dtype=torch.uint8)
+    packed = pack_codes(codes, 3)
+    assert packed.numel() == packed_size(codes.numel(), 3)
+    assert torch.equal(unpack_codes(packed, 3, codes.numel()), codes)
+    head = codes[:8003].tolist()
+    assert bytes(packed[: packed_size(8003, 3)].tolist())[:-1] == _packed_by_the_spec(head, 3)[:-1]
 
 
 def test_packing_rejects_bad_arguments():
     with pytest.raises(ValueError, match="below 16"):
         pack_codes(torch.tensor([16], dtype=torch.uint8), 4)
-    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
-        pack_codes(torch.tensor([1], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="bits must be an integer from 1 to 8, got 9"):
+        pack_codes(torch.tensor([1], dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="bits must be an integer from 1 to 8, got 0"):
+        packed_size(3, 0)
     with pytest.raises(ValueError, match="must be uint8"):
         pack_codes(torch.tensor([1]), 8)
     with pytest.raises(ValueError, match="must be 2 uint8 bytes"):
@@ -162,8 +196,10 @@ def _cases(draw):
         "block_shape": (bh, bw),
         "zeros": draw(st.one_of(st.none(), st.integers(0, bh * bw))),
         "norm": draw(st.sampled_from(["L1", "L2"])),
-        "bits": draw(st.sampled_from([8, 4, 2])),
+        "bits": draw(st.integers(1, 8)),
         "scale_dtype": draw(st.sampled_from(["float32", "float16"])),
+        "range": draw(st.sampled_from(["minmax", "mse"])),
+        "scope": draw(st.sampled_from(["table", "row"])),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -189,8 +225,8 @@ def test_load_of_written_file_equals_engine_decode(case, tmp_path_factory):
     compressed, stats = compress_table(
         table,
         case["order"],
-        Sparsity(case["level"], case["block_shape"], case["zeros"], case["norm"]),
-        Quantization(case["bits"], case["scale_dtype"]),
+        Sparsity(case["level"], case["block_shape"], case["zeros"], case["norm"], case["scope"]),
+        Quantization(case["bits"], case["scale_dtype"], case["range"]),
     )
     path = tmp_path_factory.mktemp("rt") / "model.sparq.safetensors"
     passthrough = _passthrough()
@@ -217,6 +253,8 @@ def test_load_of_written_file_equals_engine_decode(case, tmp_path_factory):
     info = read_info(path).tables[KEY]
     assert info.kept == compressed.codes.numel()
     assert info.file_bytes == table_file_bytes(compressed)
+    assert info.quantization == compressed.quantization
+    assert info.sparsity == compressed.sparsity
 
 
 def test_output_is_byte_reproducible_and_has_no_paths(tmp_path):
@@ -246,8 +284,14 @@ def test_output_is_byte_reproducible_and_has_no_paths(tmp_path):
         "dtype": "float32",
         "bits": 4,
         "order": "sparsify-first",
-        "sparsity": {"level": 0.5, "block_shape": [1, 4], "zeros_per_block": None, "norm": "L1"},
-        "quantization": {"bits": 4, "scale_dtype": "float32"},
+        "sparsity": {
+            "level": 0.5,
+            "block_shape": [1, 4],
+            "zeros_per_block": None,
+            "norm": "L1",
+            "scope": "table",
+        },
+        "quantization": {"bits": 4, "scale_dtype": "float32", "range": "minmax"},
         "mask": "block",
         "kept": int(compressed.codes.numel()),
         "stats": stats.to_dict(),
@@ -605,8 +649,24 @@ def test_metadata_with_bad_settings(good_file):
         ({"kept": -1}, "kept must be an integer in [0, 310], got -1"),
         ({"shape": [31]}, "shape must be two non-negative integers, got [31]"),
         (
-            {"quantization": {"bits": 3, "scale_dtype": "float32"}},
-            "quantization.bits: must be one of 8, 4, 2, got 3",
+            {"quantization": {"bits": 9, "scale_dtype": "float32"}},
+            "quantization.bits: must be an integer from 1 to 8, got 9",
+        ),
+        (
+            {"quantization": {"bits": 4, "scale_dtype": "float32", "range": "best"}},
+            "quantization.range: must be one of minmax, mse, got 'best'",
+        ),
+        (
+            {
+                "sparsity": {
+                    "level": 0.5,
+                    "block_shape": [1, 1],
+                    "zeros_per_block": None,
+                    "norm": "L1",
+                    "scope": "column",
+                }
+            },
+            "sparsity.scope: must be one of table, row, got 'column'",
         ),
     ],
 )
@@ -614,6 +674,45 @@ def test_metadata_lying_about_a_table(good_file, change, message):
     path, _ = good_file
     _damage_document(path, lambda d: d["tables"][KEY].update(change))
     _expect(path, f"{path}: table '{KEY}': {message}")
+
+
+def test_files_without_range_and_scope_read_as_the_defaults(good_file):
+    # Files written before `range` and `scope` existed decode as they always did.
+    path, compressed = good_file
+
+    def drop(document):
+        del document["tables"][KEY]["quantization"]["range"]
+        del document["tables"][KEY]["sparsity"]["scope"]
+
+    _damage_document(path, drop)
+    info = read_info(path).tables[KEY]
+    assert (info.quantization.range, info.sparsity.scope) == ("minmax", "table")
+    assert torch.equal(load_table(path, KEY), compressed.decode())
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7, 1])
+def test_new_widths_and_options_are_recorded_and_read_back(tmp_path, bits):
+    table = _random_table(40, 13, seed=bits)
+    compressed, stats = compress_table(
+        table,
+        "quantize-first",
+        Sparsity(0.5, (2, 3), scope="row"),
+        Quantization(bits, "float16", range="mse"),
+    )
+    path = tmp_path / "model.sparq.safetensors"
+    write_compressed(path, {}, {KEY: compressed}, {KEY: stats})
+    _, metadata = _stored(path)
+    entry = json.loads(metadata["sparq"])["tables"][KEY]
+    assert entry["bits"] == bits
+    assert entry["quantization"] == {"bits": bits, "scale_dtype": "float16", "range": "mse"}
+    assert entry["sparsity"]["scope"] == "row"
+    info = read_info(path)
+    assert info.format_version == 1
+    assert info.tables[KEY].to_dict()["quantization"]["range"] == "mse"
+    back = read_table(path, KEY)
+    assert torch.equal(back.codes, compressed.codes)
+    assert int(back.codes.max()) < 1 << bits
+    assert torch.equal(load_table(path, KEY), compressed.decode())
 
 
 @pytest.mark.parametrize(

@@ -293,7 +293,9 @@ def test_report_json_has_the_facts():
         "block_shape": [1, 4],
         "zeros_per_block": None,
         "norm": "L1",
+        "scope": "table",
     }
+    assert file["tables"][0]["quantization"]["range"] == "minmax"
     assert data["peak_memory_bytes"] == 300 << 20
     assert data["gates_passed"] is True
 

@@ -24,6 +24,7 @@ from sparqcli.engine.quantize import (
     dequantize,
     exact_zero_minimums,
     may_decode_to_zero,
+    mse_qparams,
     qparams_from_range,
     quantize_levels,
     row_qparams,
@@ -31,6 +32,7 @@ from sparqcli.engine.quantize import (
 from sparqcli.engine.sparsify import (
     BlockPruner,
     ChunkKeep,
+    RowBlockPruner,
     block_grid,
     block_scores,
     blocks_to_prune,
@@ -125,6 +127,9 @@ def compress_rows(
             f"{name}: must be a floating table, got dtype {str(dtype).replace('torch.', '')}"
         )
     device = torch.device(device)
+    problems = device_problems(sparsity, quantization, device)
+    if problems:
+        raise SettingError(f"{name}: {problems[0]}")
     job = _TableJob(
         read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, options
     )
@@ -133,6 +138,34 @@ def compress_rows(
         cuda = device.type == "cuda"
         score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
     return job.run(dtype, score_budget_bytes)
+
+
+def device_problems(
+    sparsity: Sparsity,
+    quantization: Quantization,
+    device: torch.device | str,
+    path: str = "",
+) -> list[str]:
+    """Returns the settings the engine does not run on `device`, as `path.field: ...` lines.
+
+    On CUDA: `quantization.range: mse` and `sparsity.scope: row` (CPU only: their CUDA results
+    have not been checked bit for bit against the CPU's). Empty when everything runs.
+    """
+    if torch.device(device).type != "cuda":
+        return []
+    prefix = f"{path}." if path else ""
+    problems = []
+    if quantization.range != "minmax":
+        problems.append(
+            f"{prefix}quantization.range: {quantization.range} is not supported with "
+            "{opt:device=cuda}; use {opt:device=cpu} or range: minmax"
+        )
+    if sparsity.scope != "table":
+        problems.append(
+            f"{prefix}sparsity.scope: {sparsity.scope} is not supported with "
+            "{opt:device=cuda}; use {opt:device=cpu} or scope: table"
+        )
+    return problems
 
 
 def _fused_kernels(device: torch.device, options: EngineOptions) -> ModuleType | None:
@@ -199,6 +232,7 @@ class _TableJob:
         self.checked_finite = False
         self.progress: Callable[[float], None] | None = None
         self.passes = 1
+        self.pruned_blocks = 0
         self.saved_scale: torch.Tensor | None = None
         self.saved_zero_point: torch.Tensor | None = None
 
@@ -207,10 +241,17 @@ class _TableJob:
     ) -> tuple[CompressedTable, TableStats]:
         n_block_rows, n_block_cols = block_grid((self.rows, self.cols), self.sparsity.block_shape)
         n_blocks = n_block_rows * n_block_cols
-        prunes = (
-            self.sparsity.effective_zeros_per_block > 0
-            and blocks_to_prune(self.sparsity.level, n_blocks) > 0
-        )
+        if self.sparsity.scope == "row":
+            # Each block row is ranked on its own: no global threshold, no held scores.
+            row_pruner = RowBlockPruner.for_level(self.sparsity.level, n_block_cols)
+            self.pruned_blocks = row_pruner.per_row * n_block_rows if n_block_cols else 0
+            prunes = self.sparsity.effective_zeros_per_block > 0 and self.pruned_blocks > 0
+            if self.order == "quantize-first":
+                self.passes = 2
+                self._first_pass(hold_scores=False)
+            return self._second_pass(row_pruner if prunes else None, None, dtype)
+        self.pruned_blocks = blocks_to_prune(self.sparsity.level, n_blocks)
+        prunes = self.sparsity.effective_zeros_per_block > 0 and self.pruned_blocks > 0
         all_scores = None
         if self.order == "quantize-first" or prunes:
             self.passes = 2
@@ -243,10 +284,27 @@ class _TableJob:
         return converted.copy_(chunk, non_blocking=True)
 
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """Returns work buffer `index` (0 or 1) as a float32 tensor of `like`'s shape."""
-        if not self.work:
-            self.work = [self._empty(self.chunk_values), self._empty(self.chunk_values)]
+        """Returns work buffer `index` (0 to 3) as a float32 tensor of `like`'s shape.
+
+        Buffers 0 and 1 serve every chunk; 2 and 3 only the MSE range search.
+        """
+        while len(self.work) <= index:
+            self.work.append(self._empty(self.chunk_values))
         return self.work[index][: like.numel()].view(like.shape)
+
+    def _qparams(
+        self, values: torch.Tensor, keep: ChunkKeep | None, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the qparams of rows start:stop (read as `values`, pruned values zeroed).
+
+        `range: minmax` takes each row's min and max; `range: mse` searches the range that
+        minimises the squared error of the kept values (`keep`; None: all of them).
+        """
+        if self.quantization.range == "minmax":
+            return row_qparams(values, self.quantization, start)
+        work = (self._buffer(2, values), self._buffer(3, values))
+        dense = None if keep is None else keep.dense()
+        return mse_qparams(values, self.quantization, dense, start, work=work)
 
     def _seen(self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Returns rows start:stop as the quantize-first sparsifier sees them: dequantized codes."""
@@ -288,7 +346,7 @@ class _TableJob:
             values = self._read(start, stop)
             self._check_finite(values, start)
             if quantize_first:
-                scale, zero_point = row_qparams(values, self.quantization, start)
+                scale, zero_point = self._qparams(values, None, start)
                 self.saved_scale[start:stop] = scale
                 self.saved_zero_point[start:stop] = zero_point
             if all_scores is not None:
@@ -302,20 +360,20 @@ class _TableJob:
     ) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
 
-    def _max_kept(self, pruner: BlockPruner | None) -> int:
+    def _max_kept(self, pruner: BlockPruner | RowBlockPruner | None) -> int:
         """Returns an upper bound of the values kept: exact when every block is whole.
 
-        The pruner prunes exactly `blocks_to_prune` blocks, each losing at least
+        The pruner prunes exactly `self.pruned_blocks` blocks, each losing at least
         min(zeros_per_block, the smallest (corner) block's size) values.
         """
         values = self.rows * self.cols
-        if pruner is None or pruner.threshold is None or values == 0:
+        if pruner is None or self.pruned_blocks == 0 or values == 0:
             return values
         bh, bw = self.sparsity.block_shape
         n_block_rows, n_block_cols = block_grid((self.rows, self.cols), self.sparsity.block_shape)
         smallest = (self.rows - (n_block_rows - 1) * bh) * (self.cols - (n_block_cols - 1) * bw)
         lost = min(self.sparsity.effective_zeros_per_block, smallest)
-        return values - blocks_to_prune(self.sparsity.level, n_block_rows * n_block_cols) * lost
+        return values - self.pruned_blocks * lost
 
     def _score_chunks(self) -> Iterator[torch.Tensor]:
         for start, stop in self.ranges:
@@ -336,7 +394,10 @@ class _TableJob:
             raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
 
     def _second_pass(
-        self, pruner: BlockPruner | None, held: list[torch.Tensor] | None, dtype: torch.dtype
+        self,
+        pruner: BlockPruner | RowBlockPruner | None,
+        held: list[torch.Tensor] | None,
+        dtype: torch.dtype,
     ) -> tuple[CompressedTable, TableStats]:
         per_block = self.sparsity.prunes_whole_blocks
         # Results go straight into tensors allocated once. Kept in lists of per-chunk pieces, they
@@ -356,6 +417,8 @@ class _TableJob:
             grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
             out.mask = self._empty(grid if per_block else (self.rows, self.cols), torch.bool)
         fused = self.fused if pruner is None or per_block else None
+        if self.quantization.range != "minmax":  # the MSE search runs on tensor ops
+            fused = None
         for index, (start, stop) in enumerate(self.ranges):
             original = self._read(start, stop)
             if not self.checked_finite:
@@ -411,7 +474,7 @@ class _TableJob:
         else:
             if keep is not None:
                 seen = keep.multiply(seen, out=values)
-            scale, zero_point = row_qparams(seen, self.quantization, start)
+            scale, zero_point = self._qparams(seen, keep, start)
             out.scale[start:stop] = scale
             out.zero_point[start:stop] = zero_point
         levels = quantize_levels(seen, scale, zero_point, bits, out=values)

@@ -3,7 +3,8 @@
 The table is cut into blocks of `block_shape` starting at index 0 (edge blocks are partial). A
 block's score is the mean of its values' norms (|x| for L1, x*x for L2) over its valid values,
 summed in the same order as `avg_pool2d(ceil_mode=True)`, so scores are bit-identical to the
-reference's. The `round(level * n_blocks)` lowest-scoring blocks of the whole table are pruned.
+reference's. The `round(level * n_blocks)` lowest-scoring blocks of the whole table are pruned
+(`scope: table`), or the `round(level * n_block_cols)` lowest of each block row (`scope: row`).
 
 Ties: blocks with equal scores are pruned in row-major block order (lower block index first);
 inside a pruned block, values with equal norms are zeroed in row-major order. The reference
@@ -194,6 +195,33 @@ class BlockPruner:
         return pruned
 
 
+class RowBlockPruner:
+    """Prunes, in every block row, its `per_row` lowest-scoring blocks (`scope: row`).
+
+    Ties break by position: among equal scores the lower block column is pruned first. Every
+    block row loses exactly `per_row` blocks, so none is emptied unless `per_row` is the
+    number of block columns.
+    """
+
+    def __init__(self, per_row: int) -> None:
+        self.per_row = per_row
+
+    @classmethod
+    def for_level(cls, level: float, n_block_cols: int) -> RowBlockPruner:
+        """Returns the pruner for `level`: `round(level * n_block_cols)` blocks per block row."""
+        return cls(blocks_to_prune(level, n_block_cols))
+
+    def prune(self, scores: torch.Tensor) -> torch.Tensor:
+        """Returns the bool pruned-block mask of a chunk of whole block rows of scores."""
+        pruned = torch.zeros_like(scores, dtype=torch.bool)
+        if self.per_row <= 0 or scores.numel() == 0:
+            return pruned
+        if self.per_row >= scores.shape[1]:
+            return pruned.fill_(True)
+        lowest = torch.sort(scores, dim=1, stable=True).indices[:, : self.per_row]
+        return pruned.scatter_(1, lowest, True)
+
+
 def expand_blocks(
     block_mask: torch.Tensor, block_shape: tuple[int, int], shape: tuple[int, int]
 ) -> torch.Tensor:
@@ -335,5 +363,10 @@ def sparsify(values: torch.Tensor, settings: Sparsity) -> torch.Tensor:
     """
     norms = value_norms(values.float(), settings.norm)
     scores = block_scores(norms, settings.block_shape)
-    pruner = BlockPruner.for_scores(lambda: [scores], scores.numel(), settings.level)
+    if settings.scope == "row":
+        pruner: BlockPruner | RowBlockPruner = RowBlockPruner.for_level(
+            settings.level, scores.shape[1]
+        )
+    else:
+        pruner = BlockPruner.for_scores(lambda: [scores], scores.numel(), settings.level)
     return keep_in_pruned_blocks(norms, pruner.prune(scores), settings)

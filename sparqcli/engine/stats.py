@@ -70,13 +70,13 @@ class StatsAccumulator:
         if original.numel() == 0:
             return  # rows with no columns are zero in both forms: all figures stay 0
         original_norm, decoded_norm, error_norm, dot = self.per_row[:, start:][:, : len(original)]
-        _row_norms(original, out=original_norm)
-        _row_norms(decoded, out=decoded_norm)
-        _row_sums(torch.mul(original, decoded, out=work), out=dot)
-        _row_norms(torch.sub(decoded, original, out=work), out=error_norm)
+        row_norms(original, out=original_norm)
+        row_norms(decoded, out=decoded_norm)
+        row_sums(torch.mul(original, decoded, out=work), out=dot)
+        row_norms(torch.sub(decoded, original, out=work), out=error_norm)
         self.zeros += zeros if zeros is not None else decoded.numel() - torch.count_nonzero(decoded)
 
-    def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
+    def addrow_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.
 
         `sums` has shape (rows, 5): the sums of x^2, x_hat^2, (x_hat - x)^2 and x * x_hat, and
@@ -127,7 +127,7 @@ class StatsAccumulator:
 _PIECE = 8192
 
 
-def _row_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def row_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the sum of each row of a 2-D tensor, the same for any number of threads.
 
     Written into `out` (one value per row) when given.
@@ -141,17 +141,17 @@ def _row_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return values.sum(1) if out is None else torch.sum(values, 1, out=out)
 
 
-def _row_norms(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def row_norms(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the L2 norm of each row of a 2-D tensor, the same for any number of threads.
 
     Written into `out` (one value per row) when given.
     """
     if values.shape[1] <= _PIECE:
         return torch.linalg.vector_norm(values, dim=1, out=out)
-    norms = _row_sums(values * values).sqrt()
+    norms = row_sums(values * values).sqrt()
     return norms if out is None else out.copy_(norms)
 
 
 def _total(values: torch.Tensor) -> torch.Tensor:
     """Returns the sum of all values of a tensor (0-D), the same for any number of threads."""
-    return _row_sums(values.reshape(1, -1))[0]
+    return row_sums(values.reshape(1, -1))[0]

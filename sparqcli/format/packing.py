@@ -8,11 +8,13 @@ from sparqcli.format.spec import check_bits, packed_size
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Returns uint8 codes (any shape, read row-major) packed 8/bits to a byte, 1-D uint8.
+    """Returns uint8 codes (any shape, read row-major) packed continuously, LSB first, 1-D uint8.
 
-    The first code of a byte takes its lowest bits (4 bits: the low nibble, as torch.quint4x2);
-    the last byte is zero-padded. Raises ValueError for non-uint8 codes, bits other than 8, 4, 2,
-    or a code that does not fit `bits`.
+    Code i occupies bits i * bits .. i * bits + bits - 1 of the stream, bit k of the stream
+    being bit k % 8 of byte k // 8; at 3, 5, 6 and 7 bits a code can straddle two bytes. The
+    first code of a byte takes its lowest bits (4 bits: the low nibble, as torch.quint4x2); the
+    last byte is zero-padded. Raises ValueError for non-uint8 codes, bits outside 1..8, or a
+    code that does not fit `bits`.
     """
     check_bits(bits)
     if codes.dtype != torch.uint8:
@@ -22,6 +24,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.contiguous()
     if flat.numel() and int(flat.max()) >> bits:
         raise ValueError(f"codes must be below {1 << bits} for {bits} bits")
+    if 8 % bits:
+        return _pack_groups(flat, bits)
     per_byte = 8 // bits
     pad = -flat.numel() % per_byte
     if pad:
@@ -46,9 +50,56 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     if bits == 8:
         return flat
+    if 8 % bits:
+        return _unpack_groups(flat, bits, n_codes)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
     codes = (flat[:, None] >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n_codes]
+
+
+# Codes packed per group of 8 (8 * bits bits, a whole number of bytes) at a time, so that the
+# int64 temporaries stay bounded whatever the number of codes.
+_GROUPS_PER_STEP = 1 << 20
+
+
+def _pack_groups(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Returns 1-D uint8 codes packed at a width that does not divide 8 (3, 5, 6, 7 bits).
+
+    Every 8 codes fill exactly `bits` bytes: they are gathered into one int64 (code k at bit
+    k * bits) whose low `bits` bytes, least significant first, are the packed bytes.
+    """
+    n_codes = flat.numel()
+    pad = -n_codes % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    out = torch.empty((groups.shape[0], bits), dtype=torch.uint8, device=flat.device)
+    for start in range(0, groups.shape[0], _GROUPS_PER_STEP):
+        part = groups[start : start + _GROUPS_PER_STEP].to(torch.int64)
+        word = part[:, 0].clone()
+        for k in range(1, 8):
+            word |= part[:, k] << (k * bits)
+        for j in range(bits):
+            out[start : start + _GROUPS_PER_STEP, j] = (word >> (8 * j)) & 0xFF
+    return out.reshape(-1)[: packed_size(n_codes, bits)]
+
+
+def _unpack_groups(flat: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Returns the first `n_codes` codes of bytes packed by `_pack_groups`, 1-D uint8."""
+    pad = -flat.numel() % bits
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, bits)
+    out = torch.empty((groups.shape[0], 8), dtype=torch.uint8, device=flat.device)
+    mask = (1 << bits) - 1
+    for start in range(0, groups.shape[0], _GROUPS_PER_STEP):
+        part = groups[start : start + _GROUPS_PER_STEP].to(torch.int64)
+        word = part[:, 0].clone()
+        for j in range(1, bits):
+            word |= part[:, j] << (8 * j)
+        for k in range(8):
+            out[start : start + _GROUPS_PER_STEP, k] = (word >> (k * bits)) & mask
+    return out.reshape(-1)[:n_codes]
 
 
 def unpack_code_range(

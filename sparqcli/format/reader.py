@@ -209,10 +209,13 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
             block_shape=tuple(block_shape) if isinstance(block_shape, list) else block_shape,
             zeros_per_block=sparsity_entry.get("zeros_per_block"),
             norm=sparsity_entry.get("norm"),
+            # Members added in sparq 0.2; files written before lack them (the defaults).
+            scope=sparsity_entry.get("scope", "table"),
         )
         quantization = Quantization(
             bits=quantization_entry.get("bits"),
             scale_dtype=quantization_entry.get("scale_dtype"),
+            range=quantization_entry.get("range", "minmax"),
         )
     except (SettingError, TypeError) as error:
         raise problem(str(error)) from None

@@ -23,14 +23,14 @@ MaskKind = Literal["block", "value", "none"]
 
 def check_bits(bits: int) -> None:
     """Raises ValueError unless `bits` is a code width the format stores."""
-    if bits not in (8, 4, 2) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 8, 4 or 2, got {bits!r}")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}")
 
 
 def packed_size(n_codes: int, bits: int) -> int:
     """Returns the bytes `n_codes` codes of `bits` bits take packed: ceil(n_codes * bits / 8).
 
-    Raises ValueError for bits other than 8, 4, 2 or a negative count.
+    Raises ValueError for bits outside 1..8 or a negative count.
     """
     check_bits(bits)
     if n_codes < 0:

@@ -57,26 +57,37 @@ def torch_ao_keys(key: str) -> tuple[str, str]:
     return f"{prefix}_packed_params._packed_weight", f"{prefix}_packed_params.dtype"
 
 
+def torch_ao_problem(subject: str, bits: int, cols: int | None = None) -> str | None:
+    """Returns why the torch-ao format cannot hold a table, as `subject: reason`, or None.
+
+    torch.ao's embeddings are 8-bit (quint8) or 4-bit (quint4x2), the latter with an even
+    number of columns (`cols` None: not known yet). `subject` names the table
+    (`table 'emb.weight'`) or the setting (`layers[0].quantization.bits`).
+    """
+    option = "{opt:output_format=torch-ao}"
+    if bits not in (8, 4):
+        return (
+            f"{subject}: {option} supports 8 and 4 bits; torch.ao has no {bits}-bit embedding "
+            "(use the sparq format)"
+        )
+    if bits == 4 and cols is not None and cols % 2:
+        return (
+            f"{subject}: {option} at 4 bits needs an even number of columns, got {cols} "
+            "(torch.ao's quint4x2 embeddings mis-pack odd widths)"
+        )
+    return None
+
+
 def check_torch_ao_table(key: str, shape: tuple[int, ...], bits: int) -> None:
     """Checks that table `key` of `shape` at `bits` can be written in the torch-ao format.
 
     Run before any compression work, so that a run never fails at write time. Raises
-    UsageError for 2 bits (torch.ao has no 2-bit embedding), 4 bits with an odd number of
-    columns (torch.ao mis-packs those) or a key not ending in `.weight`.
+    UsageError for widths other than 8 and 4 (torch.ao has no other embedding), 4 bits with an
+    odd number of columns (torch.ao mis-packs those) or a key not ending in `.weight`.
     """
-    option = "{opt:output_format=torch-ao}"
-    if bits not in (8, 4):
-        raise UsageError(
-            f"table '{key}': {option} supports 8 and 4 bits; torch.ao has no {bits}-bit "
-            "embedding (use the sparq format)",
-            table=key,
-        )
-    if bits == 4 and shape[1] % 2:
-        raise UsageError(
-            f"table '{key}': {option} at 4 bits needs an even number of columns, got "
-            f"{shape[1]} (torch.ao's quint4x2 embeddings mis-pack odd widths)",
-            table=key,
-        )
+    problem = torch_ao_problem(f"table '{key}'", bits, shape[1])
+    if problem is not None:
+        raise UsageError(problem, table=key)
     _module_prefix(key)
 
 

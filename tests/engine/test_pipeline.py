@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparqcli.engine.pipeline import compress_rows, compress_table
-from sparqcli.engine.quantize import dequantize, quantize
-from sparqcli.engine.sparsify import value_norms
+from sparqcli.engine.quantize import dequantize, mse_qparams, quantize, row_qparams
+from sparqcli.engine.sparsify import block_grid, block_scores, blocks_to_prune, value_norms
 from sparqcli.errors import SettingError, TableError
 from sparqcli.settings import Quantization, Sparsity
 from tests.reference import run_reference
@@ -358,12 +358,14 @@ def test_cuda_streams_chunks_from_the_host_like_the_cpu(order):
     block_shape=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     level=st.floats(0, 1),
     zeros=st.one_of(st.none(), st.integers(0, 16)),
-    bits=st.sampled_from([8, 4, 2]),
+    bits=st.integers(1, 8),
     order=st.sampled_from(ORDERS),
+    scope=st.sampled_from(["table", "row"]),
+    value_range=st.sampled_from(["minmax", "mse"]),
     seed=st.integers(0, 2**16),
 )
 def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
-    rows, cols, block_shape, level, zeros, bits, order, seed
+    rows, cols, block_shape, level, zeros, bits, order, scope, value_range, seed
 ):
     if zeros is not None:
         zeros = min(zeros, block_shape[0] * block_shape[1])
@@ -371,8 +373,8 @@ def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
     compressed, stats = compress_table(
         table,
         order,
-        Sparsity(level, block_shape, zeros),
-        Quantization(bits),
+        Sparsity(level, block_shape, zeros, scope=scope),
+        Quantization(bits, range=value_range),
         chunk_rows=block_shape[0],
     )
     keep = compressed.value_keep_mask()
@@ -381,7 +383,12 @@ def test_pruned_values_are_zero_and_kept_values_within_half_a_step(
     assert all(code <= (1 << bits) - 1 for code in compressed.codes.tolist())
     assert compressed.codes.numel() == int(keep.sum()) == stats.kept == compressed.kept_count()
     assert torch.equal(compressed.kept_per_row(), keep.sum(1))
-    if order == "sparsify-first":
+    if order == "sparsify-first" and value_range == "mse":
+        # The qparams are the MSE search's over the kept values of the pruned rows.
+        expected = mse_qparams(table * keep, compressed.quantization, keep)
+        assert torch.equal(compressed.scale, expected[0])
+        assert torch.equal(compressed.zero_point, expected[1])
+    elif order == "sparsify-first":
         step = compressed.scale[:, None].expand_as(table)
         assert torch.all((decoded - table)[keep].abs() <= step[keep] * 0.5 * (1 + 1e-5) + 1e-7)
     else:
@@ -418,3 +425,114 @@ def test_zero_fraction_counts_kept_values_that_decode_to_zero(order):
         )
         assert stats.zero_fraction == int((compressed.decode() == 0).sum()) / table.numel()
         assert stats.zero_fraction > stats.pruned_fraction
+
+
+# --- the opt-in options: scope row, range mse, every width -------------------------------------
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(("block_shape", "level"), [((1, 4), 0.5), ((2, 3), 0.7), ((3, 1), 0.25)])
+def test_row_scope_prunes_exact_counts_in_every_block_row(order, block_shape, level):
+    table = torch.randn(301, 29, generator=torch.Generator().manual_seed(4))
+    table[:40] *= 0.01  # rows of small norms: a table-wide ranking would empty them
+    compressed, _ = compress_table(
+        table, order, Sparsity(level, block_shape, scope="row"), Quantization(4)
+    )
+    n_block_rows, n_block_cols = block_grid(table.shape, block_shape)
+    per_row = blocks_to_prune(level, n_block_cols)
+    pruned = ~compressed.keep_mask
+    assert pruned.shape == (n_block_rows, n_block_cols)
+    assert torch.all(pruned.sum(1) == per_row)
+    kept = compressed.kept_per_row()
+    assert int(kept.min()) > 0
+    # The pruned blocks are each block row's lowest scores, ties to the lower column.
+    seen = table
+    if order == "quantize-first":
+        scale, zero_point = row_qparams(table, compressed.quantization)
+        seen = dequantize(quantize(table, scale, zero_point, 4), scale, zero_point)
+    scores = block_scores(value_norms(seen, "L1"), block_shape)
+    for scores_row, pruned_row in zip(scores.tolist(), pruned.tolist(), strict=True):
+        ranked = sorted(range(n_block_cols), key=lambda j: (scores_row[j], j))
+        assert sorted(ranked[:per_row]) == [j for j, p in enumerate(pruned_row) if p]
+
+
+def test_row_scope_at_level_one_empties_every_row_and_table_scope_empties_small_rows():
+    table = torch.randn(200, 16, generator=torch.Generator().manual_seed(5))
+    table[:50] *= 0.01
+    settings = Quantization(8)
+    by_table, _ = compress_table(table, "sparsify-first", Sparsity(0.5), settings)
+    by_row, _ = compress_table(table, "sparsify-first", Sparsity(0.5, scope="row"), settings)
+    assert int((by_table.kept_per_row() == 0).sum()) >= 50
+    assert torch.all(by_row.kept_per_row() == 8)
+    everything, _ = compress_table(table, "sparsify-first", Sparsity(1.0, scope="row"), settings)
+    assert everything.codes.numel() == 0 and torch.all(everything.decode() == 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(("scope", "value_range"), [("row", "minmax"), ("table", "mse")])
+def test_new_options_do_not_depend_on_chunking(order, scope, value_range):
+    table = torch.randn(999, 33, generator=torch.Generator().manual_seed(3))
+    settings = (
+        Sparsity(0.6, (3, 2), 4, scope=scope),
+        Quantization(3, range=value_range),
+    )
+    whole, whole_stats = compress_table(table, order, *settings, chunk_rows=10_000)
+    streamed, streamed_stats = compress_rows(
+        lambda start, stop: table[start:stop],
+        (999, 33),
+        table.dtype,
+        order,
+        *settings,
+        chunk_rows=7,
+        score_budget_bytes=0,
+    )
+    for part in ("codes", "keep_mask", "scale", "zero_point"):
+        assert torch.equal(getattr(whole, part), getattr(streamed, part))
+    assert whole_stats == streamed_stats
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mse_lowers_the_table_error_in_both_orders(order):
+    table = torch.randn(400, 64, generator=torch.Generator().manual_seed(8))
+    sparsity = Sparsity(0.3, (1, 4))
+    _, minmax = compress_table(table, order, sparsity, Quantization(2))
+    compressed, mse = compress_table(table, order, sparsity, Quantization(2, range="mse"))
+    assert mse.rel_error < minmax.rel_error * 0.9
+    if order == "quantize-first":
+        # quantize-first keeps the qparams it chose on the whole rows before pruning
+        expected = mse_qparams(table, compressed.quantization)
+        assert torch.equal(compressed.scale, expected[0])
+        assert torch.equal(compressed.zero_point, expected[1])
+
+
+def test_defaults_are_unchanged_by_the_new_options(monkeypatch):
+    # scope: table and range: minmax are the reference: spelled out, they give the same bits.
+    table = torch.randn(300, 20, generator=torch.Generator().manual_seed(9))
+    plain, _ = compress_table(table, "sparsify-first", Sparsity(0.5), Quantization(4))
+    explicit, _ = compress_table(
+        table,
+        "sparsify-first",
+        Sparsity(0.5, scope="table"),
+        Quantization(4, range="minmax"),
+    )
+    for part in ("codes", "keep_mask", "scale", "zero_point"):
+        assert torch.equal(getattr(plain, part), getattr(explicit, part))
+
+
+def test_cuda_refuses_mse_and_row_scope_by_name():
+    table = torch.randn(4, 4)
+    with pytest.raises(SettingError) as error:
+        compress_rows(
+            lambda start, stop: table[start:stop],
+            (4, 4),
+            table.dtype,
+            "sparsify-first",
+            Sparsity(0.5, scope="row"),
+            Quantization(8),
+            device="cuda",
+            name="emb",
+        )
+    assert str(error.value) == (
+        "emb: sparsity.scope: row is not supported with device='cuda'; "
+        "use device='cpu' or scope: table"
+    )
