@@ -122,8 +122,9 @@ def compress(
 class CompressedStateDict:
     """The result of `compress_state_dict`: compressed tables and everything else, in memory.
 
-    `tables` maps each compressed key to its `CompressedTable`; `passthrough` holds the other
-    tensors unchanged; `report` holds each table's settings, statistics and gate results.
+    `tables` maps each compressed key to its `CompressedTable`; `aliases` maps a table's key to
+    the other keys that held the same values (tied weights: stored once); `passthrough` holds the
+    other tensors unchanged; `report` holds each table's settings, statistics and gate results.
     """
 
     def __init__(
@@ -135,11 +136,15 @@ class CompressedStateDict:
         self.tables = tables
         self.passthrough = passthrough
         self.report = report
+        self.aliases = {table.key: tuple(table.aliases) for table in report.tables if table.aliases}
 
     def decode(self) -> dict[str, torch.Tensor]:
         """Returns the dense state dict (keys sorted): tables decoded to their original dtype,
-        pruned values exactly 0.0 — the same tensors `sparqcli.load` gives for the saved file."""
+        pruned values exactly 0.0, an alias the same tensor as its table — the same tensors
+        `sparqcli.load` gives for the saved file."""
         state = {key: table.decode() for key, table in self.tables.items()}
+        for key, names in self.aliases.items():
+            state.update({name: state[key] for name in names})
         state.update(self.passthrough)
         return {key: state[key] for key in sorted(state)}
 
@@ -156,7 +161,7 @@ class CompressedStateDict:
         check_output_path(path, [], force)
         stats = {table.key: table.stats for table in self.report.tables if table.stats}
         with atomic_output(path) as temp:
-            write_compressed(temp, self.passthrough, self.tables, stats)
+            write_compressed(temp, self.passthrough, self.tables, stats, aliases=self.aliases)
         return path
 
 
@@ -192,7 +197,10 @@ def compress_state_dict(
     tables = _compress_tables(
         checkpoint, file, device, progress, options or EngineOptions.from_environment()
     )
-    passthrough = {key: value for key, value in state_dict.items() if key not in tables}
+    tied = {alias for table in file.tables for alias in table.aliases}
+    passthrough = {
+        key: value for key, value in state_dict.items() if key not in tables and key not in tied
+    }
     return CompressedStateDict(tables, passthrough, file)
 
 
@@ -265,11 +273,25 @@ def _plan(
 ) -> FileReport:
     """Returns the planned file: its selected tables, after every check that could fail at
     write time (so that a dry run fails where the real run would, before any work)."""
-    from sparqcli.format.spec import key_collision
+    tables = plan_tables(checkpoint, config)
+    check_plan(checkpoint.tensors, tables, output_format, target)
+    return FileReport(checkpoint.path, target, output_format, input_bytes, tables)
+
+
+def plan_tables(checkpoint: Checkpoint, config: Config) -> list[TableReport]:
+    """Returns the tables `config` selects in `checkpoint`, each alias group as one table.
+
+    Raises SelectionError for a selection problem (see `select_tables` and `apply_aliases`),
+    InputError when a tensor compared for aliases cannot be read.
+    """
+    from sparqcli.aliasing import apply_aliases
     from sparqcli.select import select_tables
+    from sparqcli.sources.aliases import find_aliases
 
     selection = select_tables(config, checkpoint.tensors, checkpoint.name, checkpoint.module_types)
-    tables = [
+    groups = find_aliases(checkpoint, [table.key for table in selection.tables])
+    selection, aliases = apply_aliases(selection, groups, config, checkpoint.name)
+    return [
         TableReport(
             key=selected.key,
             shape=selected.info.shape,
@@ -277,18 +299,31 @@ def _plan(
             rule=selected.rule,
             order=config.order,
             bytes_before=selected.info.nbytes,
+            aliases=list(aliases.get(selected.key, ())),
         )
         for selected in selection.tables
     ]
+
+
+def check_plan(
+    tensors: Mapping[str, Any], tables: list[TableReport], output_format: str, target: Path | None
+) -> None:
+    """Checks that the planned `tables` (and the other keys of `tensors`) can be written in
+    `output_format`. Raises OutputError for a key collision, UsageError for a table the torch-ao
+    format cannot hold."""
+    from sparqcli.format.spec import key_collision
+
     table_keys = {table.key: table for table in tables}
-    passthrough = [key for key in checkpoint.tensors if key not in table_keys]
+    alias_keys = {alias for table in tables for alias in table.aliases}
+    passthrough = [key for key in tensors if key not in table_keys and key not in alias_keys]
     if output_format == "torch-ao":
         from sparqcli.format.torch_ao import check_torch_ao_table, torch_ao_keys
 
         for table in tables:
-            check_torch_ao_table(table.key, table.shape, table.rule.quantization.bits)
-            for name in torch_ao_keys(table.key):
-                if name in checkpoint.tensors:
+            for key in (table.key, *table.aliases):
+                check_torch_ao_table(key, table.shape, table.rule.quantization.bits)
+            for name in (n for key in (table.key, *table.aliases) for n in torch_ao_keys(key)):
+                if name in tensors:
                     raise OutputError(
                         f"{target}: cannot write: torch-ao key '{name}' of table '{table.key}' "
                         "collides with a tensor of the checkpoint",
@@ -296,10 +331,9 @@ def _plan(
                         table=table.key,
                     )
     else:
-        collision = key_collision(passthrough, table_keys)
+        collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
         if collision is not None:
             raise OutputError(f"{target}: cannot write: {collision}", path=target)
-    return FileReport(checkpoint.path, target, output_format, input_bytes, tables)
 
 
 def _compress_tables(
@@ -370,8 +404,12 @@ def _write(
 
     if file.output is None or checkpoint.path is None or file.input is None:
         raise ValueError("a file report to write needs an input and an output path")
+    aliases = {table.key: table.aliases for table in file.tables if table.aliases}
+    skipped = {alias for names in aliases.values() for alias in names}
     passthrough = {
-        key: checkpoint.tensor(key) for key in checkpoint.tensors if key not in compressed
+        key: checkpoint.tensor(key)
+        for key in checkpoint.tensors
+        if key not in compressed and key not in skipped
     }
     with atomic_output(file.output) as temp:
         if file.format == "sparq":
@@ -382,14 +420,15 @@ def _write(
             extra, file.dropped = _json_extras(checkpoint)
             source = SourceInfo(checkpoint.path.name, digests.result(file.input))
             stats = {table.key: table.stats for table in file.tables if table.stats}
-            write_compressed(temp, passthrough, compressed, stats, source, extra)
+            write_compressed(temp, passthrough, compressed, stats, source, extra, aliases)
         else:
             from sparqcli.format.torch_ao import torch_ao_state_dict
             from sparqcli.sinks import save_torch_file
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's quantized-dtype deprecation notices
-                state = torch_ao_state_dict(compressed, passthrough)
+                tied = {alias: compressed[key] for key, names in aliases.items() for alias in names}
+                state = torch_ao_state_dict({**compressed, **tied}, passthrough)
                 save_torch_file(checkpoint.rebuild(state), temp)
     file.written = True
     file.output_bytes = file.output.stat().st_size

@@ -38,6 +38,8 @@ class TableReport:
     bytes_after: int | None = None
     stats: TableStats | None = None
     gate_failures: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    """The other keys that held the same values (tied weights), stored once with this table."""
 
     @property
     def bytes_ratio(self) -> float | None:
@@ -61,6 +63,7 @@ class TableReport:
             "stats": self.stats.to_dict() if self.stats is not None else None,
             "gates": self.rule.gates.to_dict(),
             "gate_failures": self.gate_failures,
+            "aliases": self.aliases,
         }
 
 
