@@ -80,20 +80,37 @@ def compress(
         output_format,
     )
     # The sparq format records each input's sha256: hashed from here on, beside torch's import
-    # and the engine, instead of after them.
-    digests = BackgroundSha256(sources) if output_format == "sparq" and not dry_run else None
+    # and the engine, instead of after them. (A folder hashes its shards itself.)
+    files = [source for source in sources if not source.is_dir()]
+    digests = BackgroundSha256(files) if output_format == "sparq" and not dry_run else None
     try:
         from sparqcli.engine.options import EngineOptions
-        from sparqcli.sinks import check_output_path, check_report_path
+        from sparqcli.sinks import check_output_folder, check_output_path, check_report_path
         from sparqcli.sources import open_checkpoint
 
         options = options or EngineOptions.from_environment()
-        for target in targets:
-            check_output_path(target, sources, force)
+        for source, target in zip(sources, targets, strict=True):
+            if source.is_dir():
+                check_output_folder(target, sources, force)
+            else:
+                check_output_path(target, sources, force)
         if report_path is not None:
             check_report_path(Path(report_path), force)
         report = CompressReport(config, [], dry_run, device)
         for source, target in zip(sources, targets, strict=True):
+            if source.is_dir():
+                _compress_folder(
+                    source,
+                    target,
+                    config,
+                    report,
+                    trust_pickle,
+                    output_format,
+                    force,
+                    progress,
+                    options,
+                )
+                continue
             file_started = time.perf_counter()
             checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
             if checkpoint.is_sparq:
@@ -204,6 +221,47 @@ def compress_state_dict(
     return CompressedStateDict(tables, passthrough, file)
 
 
+def _compress_folder(
+    source: Path,
+    target: Path,
+    config: Config,
+    report: CompressReport,
+    trust_pickle: bool,
+    output_format: str,
+    force: bool,
+    progress: ProgressCallback | None,
+    options: EngineOptions,
+) -> None:
+    """Compresses the model folder `source` into the folder `target`; adds it to `report`."""
+    from sparqcli.folder_compression import plan_folder, write_folder
+    from sparqcli.sources.folder import open_folder
+
+    if output_format != "sparq":
+        raise UsageError(
+            f"{source}: {{opt:output_format=torch-ao}} writes one .pt file; a model folder is "
+            "compressed to the sparq format",
+            path=source,
+        )
+    checkpoint = open_folder(source, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq:
+        raise UsageError(
+            f"{source}: is already compressed by sparq; compress the original checkpoint",
+            path=source,
+        )
+    folder = plan_folder(checkpoint, config, target)
+    report.folders.append(folder)
+    report.files.extend(folder.shards)
+    if not report.dry_run:
+        write_folder(
+            checkpoint,
+            folder,
+            device=report.device,
+            progress=progress,
+            options=options,
+            force=force,
+        )
+
+
 def _config(config: Config | str | Path, overrides: Sequence[str], order: str | None) -> Config:
     if isinstance(config, (str, Path)):
         return Config.from_yaml(config, overrides, order)
@@ -217,7 +275,8 @@ def _config(config: Config | str | Path, overrides: Sequence[str], order: str | 
 def plan_outputs(
     inputs: Sequence[Path], output: Path | None, out_dir: Path | None, output_format: str
 ) -> list[Path]:
-    """Returns the output path of each input. Raises UsageError for a conflicting plan."""
+    """Returns the output path of each input (a folder for a model folder). Raises UsageError
+    for a conflicting plan."""
     if output is not None and out_dir is not None:
         raise UsageError("{opt:output} and {opt:out_dir} exclude each other", option="output")
     if output is not None and len(inputs) != 1:
@@ -230,8 +289,16 @@ def plan_outputs(
     suffix = _SUFFIX[output_format]
     outputs = []
     for source in inputs:
-        stem = source.name.removesuffix(source.suffix)
-        outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
+        if source.is_dir():
+            from sparqcli.folder_compression import FOLDER_SUFFIX
+
+            # A model folder gives a folder `<name>-sparq` (`.` is named by its real name).
+            folder = source if source.name not in ("", ".", "..") else source.resolve()
+            parent = out_dir if out_dir is not None else folder.parent
+            outputs.append(parent / (folder.name + FOLDER_SUFFIX))
+        else:
+            stem = source.name.removesuffix(source.suffix)
+            outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
     seen: dict[Path, Path] = {}
     for source, target in zip(inputs, outputs, strict=True):
         if target in seen:

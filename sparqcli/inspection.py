@@ -18,10 +18,11 @@ DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 def inspect(
     path: str | Path, *, key: str | None = None, trust_pickle: bool = False
 ) -> CheckpointInspection | CompressedFileInfo:  # noqa: F821
-    """Returns what the file at `path` holds.
+    """Returns what the file or model folder at `path` holds.
 
-    A compressed sparq file gives its `CompressedFileInfo` (tables, settings, statistics, bytes);
-    any other checkpoint a `CheckpointInspection` (every tensor, tables marked). `key` and
+    A compressed sparq file gives its `CompressedFileInfo` (tables, settings, statistics, bytes),
+    a folder of sparq shards a `CompressedFolderInfo` (the same, merged, and per shard); any other
+    checkpoint a `CheckpointInspection` (every tensor, tables marked). `key` and
     `trust_pickle` are as for `compress`. Raises what opening a checkpoint raises (InputError,
     UnsafeInputError, UsageError) and FormatError for a corrupt sparq file.
     """
@@ -30,6 +31,11 @@ def inspect(
 
     path = Path(path)
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq and path.is_dir():
+        from sparqcli.format.folder import SparqFolder
+
+        with SparqFolder(path) as folder:
+            return folder.info
     if checkpoint.is_sparq:
         return read_info(path)
     entries = tuple(TensorEntry(name, info) for name, info in checkpoint.tensors.items())
@@ -40,9 +46,11 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     """Decodes the sparq file `src` and writes the dense state dict to `dst`, atomically.
 
     `dst` ending in `.safetensors` is written with safetensors, `.pt`/`.pth`/`.bin` with
-    torch.save; original keys, shapes and dtypes. Raises UsageError for another suffix, an
-    existing `dst` without `force`, or a `src` that is not a sparq file; InputError/FormatError
-    for an unreadable or corrupt `src`; OutputError when `dst` cannot be written.
+    torch.save; original keys, shapes and dtypes. A folder of sparq shards `src` is written to
+    the folder `dst` in the same layout (see `decompress_folder`). Raises UsageError for another
+    suffix, an existing `dst` without `force`, or a `src` that is not a sparq file;
+    InputError/FormatError for an unreadable or corrupt `src`; OutputError when `dst` cannot be
+    written.
     """
     from sparqcli.format.reader import load
     from sparqcli.format.writer import save_safetensors
@@ -50,6 +58,8 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     from sparqcli.sources import open_checkpoint
 
     src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        return decompress_folder(src, dst, force=force)
     if dst.suffix.lower() not in DENSE_SUFFIXES:
         raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)
     check_output_path(dst, [src], force)
@@ -80,3 +90,48 @@ def selection(
 
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     return select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+
+
+def decompress_folder(src: Path, dst: Path, *, force: bool = False) -> DecompressResult:
+    """Decodes the folder of sparq shards `src` into the dense model folder `dst`, atomically.
+
+    Each shard becomes a dense safetensors file of the same name (metadata `format: pt`, as
+    `save_pretrained` writes), the index is rewritten for the dense keys, every other file is
+    copied: `transformers`' `from_pretrained` loads `dst` as it loaded the original folder.
+    Shards are decoded one at a time. Raises UsageError for a `dst` that exists without `force`
+    or is an input, or a `src` without sparq shards; InputError/FormatError for an unreadable or
+    corrupt shard; OutputError when `dst` cannot be written.
+    """
+    from sparqcli.folder_compression import INDEX_NAME, write_index
+    from sparqcli.format.folder import SparqFolder
+    from sparqcli.format.writer import save_safetensors
+    from sparqcli.sinks import atomic_folder, check_output_folder, copy_side_file
+    from sparqcli.sources.folder import find_layout
+
+    check_output_folder(dst, [src], force)
+    layout = find_layout(src)
+    tensors = 0
+    with SparqFolder(src) as folder:
+        if not folder.info.is_sparq:
+            raise UsageError(
+                f"{src}: no sparq-compressed shard (no sparq metadata); nothing to decompress",
+                path=src,
+            )
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        with atomic_folder(dst, replace=force) as temp:
+            for file in folder.shard_files():
+                name = Path(file.path).name
+                state = file.state_dict()
+                save_safetensors(temp / name, state, {"format": "pt"})
+                for key, value in state.items():
+                    weight_map[key] = name
+                    total_size += value.numel() * value.element_size()
+                tensors += len(state)
+                del state
+            if layout.index is not None:
+                write_index(temp / INDEX_NAME, weight_map, total_size, layout.index_metadata)
+            for name in layout.side_files:
+                copy_side_file(src / name, temp / name)
+    size = sum(path.stat().st_size for path in dst.rglob("*") if path.is_file())
+    return DecompressResult(src, dst, tensors, size)

@@ -20,12 +20,12 @@ from sparqcli.errors import SettingError
 
 Norm = Literal["L1", "L2"]
 Order = Literal["sparsify-first", "quantize-first"]
-ScaleDtype = Literal["float32", "float16"]
+ScaleDtype = Literal["float32", "float16", "bfloat16"]
 
 NORMS: tuple[str, ...] = ("L1", "L2")
 ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
 BITS: tuple[int, ...] = (8, 4, 2)
-SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 Problem = tuple[str, str]
 """One problem: the dotted path of the offending value and what is wrong with it."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,6 +42,9 @@ from sparqcli.format.spec import (
 )
 from sparqcli.format.writer import SourceInfo
 from sparqcli.settings import ORDERS, Order, Quantization, Sparsity
+
+if TYPE_CHECKING:
+    from sparqcli.format.folder import SparqFolder
 
 
 @dataclass(frozen=True)
@@ -551,12 +554,17 @@ class SparqFile:
         return _read_rows(self.path, self._handle, info, start, stop).to(self.device)
 
 
-def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile:
-    """Returns the open `SparqFile` at `path` (`sparqcli.open`).
+def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile | SparqFolder:
+    """Returns the open `SparqFile` at `path` (`sparqcli.open`), or a `SparqFolder` when `path`
+    is a folder of sparq shards (what compressing a model folder writes).
 
-    Raises InputError when the file is missing or unreadable, FormatError when it is not valid
-    safetensors or its sparq metadata is inconsistent.
+    Raises InputError when the file is missing or unreadable (or the folder is not a model
+    folder), FormatError when it is not valid safetensors or its sparq metadata is inconsistent.
     """
+    if Path(path).is_dir():
+        from sparqcli.format.folder import SparqFolder
+
+        return SparqFolder(path, device)
     return SparqFile(path, device)
 
 
@@ -598,18 +606,19 @@ def read_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when `key` is not a compressed table of the file (naming close keys) or the
     file is unreadable, FormatError when the file or the table is inconsistent or corrupt.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_table(key)
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Returns the dense state dict of a sparq (or plain safetensors) file, keys sorted.
+    """Returns the dense state dict of a sparq (or plain safetensors) file, or of a folder of
+    sparq shards, keys sorted. A table's aliases are the same tensor object as the table.
 
     Tables come back with their original keys, shapes and dtypes: pruned values exactly 0.0,
     kept ones `(q - zero_point) * scale`; pass-through tensors as stored. Raises InputError when
     the file is missing or unreadable, FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.state_dict()
 
 
@@ -619,5 +628,5 @@ def load_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when the file holds no such key (naming close keys) or is unreadable,
     FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_tensor(key)
