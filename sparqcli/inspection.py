@@ -80,16 +80,22 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
 def selection(
     config: Config, path: str | Path, *, key: str | None = None, trust_pickle: bool = False
 ) -> Selection:
-    """Returns what each rule of `config` matches in the checkpoint at `path`.
+    """Returns what each rule of `config` matches in the checkpoint (or model folder) at `path`;
+    each group of aliases (tied tables) is one selected table.
 
     Raises what opening the checkpoint raises, and SelectionError for a rule that matches
-    nothing or a selected tensor that is not a table.
+    nothing, a selected tensor that is not a table, or an alias excluded while another key of its
+    group is selected.
     """
+    from sparqcli.aliasing import apply_aliases
     from sparqcli.select import select_tables
     from sparqcli.sources import open_checkpoint
+    from sparqcli.sources.aliases import find_aliases
 
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
-    return select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+    chosen = select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+    groups = find_aliases(checkpoint, [table.key for table in chosen.tables])
+    return apply_aliases(chosen, groups, config, str(path))[0]
 
 
 def decompress_folder(src: Path, dst: Path, *, force: bool = False) -> DecompressResult:
