@@ -99,6 +99,12 @@ def compress(
         report = CompressReport(config, [], dry_run, device)
         for source, target in zip(sources, targets, strict=True):
             if source.is_dir():
+                if key is not None:
+                    raise UsageError(
+                        f"{source}: {{opt:key}} applies to .pt files; a model folder's shards "
+                        "are flat",
+                        path=source,
+                    )
                 _compress_folder(
                     source,
                     target,

@@ -147,7 +147,10 @@ def write_folder(
                     # Every tensor of the shard is stored elsewhere (an alias): no file, as
                     # the index could not list it.
                     file.output = None
-                    file.notes.append(f"{shard.name}: holds only aliases; no shard written")
+                    file.notes.append(
+                        f"{shard.name}: every tensor is an alias of a table stored in another "
+                        "shard; no file written for it"
+                    )
                     checkpoint.release()
                     continue
                 stats = {table.key: table.stats for table in file.tables if table.stats}

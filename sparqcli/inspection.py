@@ -59,6 +59,10 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
 
     src, dst = Path(src), Path(dst)
     if src.is_dir():
+        if dst.suffix.lower() in DENSE_SUFFIXES:
+            raise UsageError(
+                f"{dst}: a folder decompresses to a folder; name a folder, not a file", path=dst
+            )
         return decompress_folder(src, dst, force=force)
     if dst.suffix.lower() not in DENSE_SUFFIXES:
         raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)

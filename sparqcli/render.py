@@ -52,9 +52,13 @@ def compress_summary(report: CompressReport) -> Group:
     for file in report.files:
         if file.tables:
             parts.append(_file_table(file) if not report.dry_run else _plan_table(file))
+        elif file.output is None:  # a shard of a folder that held only aliases
+            parts.append(Text(f"{file.input}: no shard written"))
         else:  # a shard of a folder with no selected table
             parts.append(Text(f"{file.input} → {file.output}: no table selected here"))
-        parts.append(_file_totals(file, report.dry_run))
+        totals = _file_totals(file, report.dry_run)
+        if totals is not None:
+            parts.append(totals)
         parts.extend(Text(note) for note in _table_notes(file))
         if id(file) in last_shard:
             parts.append(_folder_totals(last_shard[id(file)], report.dry_run))
@@ -151,13 +155,15 @@ def _plan_table(file: FileReport) -> Group:
     return _titled(f"{file.input} → {file.output} (dry run: nothing written)", table)
 
 
-def _file_totals(file: FileReport, dry_run: bool) -> Text:
+def _file_totals(file: FileReport, dry_run: bool) -> Text | None:
     if dry_run:
         return Text(
             f"{len(file.tables)} table(s) selected; {human_bytes(sum(t.bytes_before for t in file.tables))} of tables"
         )
     facts = file.to_dict()
     if not file.written:
+        if not file.gate_failures and file.output is None:
+            return None  # its note says why
         if not file.gate_failures:
             return Text("not written: its folder failed a gate", style="bold red")
         return Text(f"not written: {len(file.gate_failures)} gate(s) failed", style="bold red")

@@ -239,7 +239,7 @@ def test_broken_folders_are_named_errors(tmp_path: Path) -> None:
         sparqcli.inspect(folder)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InputError, match="not a model folder"):
+    with pytest.raises(InputError, match="not a checkpoint or a model folder"):
         sparqcli.compress(empty, CONFIG)
     index_path.write_text('{"weight_map": {"x": "../escape.safetensors"}}')
     with pytest.raises(InputError, match="not a file name in the folder"):
@@ -352,3 +352,33 @@ def test_bfloat16_scales(tmp_path: Path) -> None:
         assert handle.get_slice("emb.weight.scale").get_dtype() == "BF16"
     assert torch.equal(sparqcli.load(saved)["emb.weight"], result.decode()["emb.weight"])
     assert result.report.tables[0].stats.rel_error < 0.6
+
+
+def test_an_alias_in_another_shard_is_stored_once(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    emb = torch.randn(200, 16, generator=generator)
+    state = {
+        "emb.weight": emb,
+        "mid.weight": torch.randn(150, 16, generator=generator),
+        "head.weight": emb.clone(),
+    }
+    folder = tmp_path / "xs"
+    folder.mkdir()
+    huggingface_hub.save_torch_state_dict(state, folder, max_shard_size="13KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["emb.weight"] != index["head.weight"]
+    report = sparqcli.compress(folder, sparqcli.Config(layers=[sparqcli.Rule(match="emb")]))
+    assert report.folders[0].tables[0].aliases == ["head.weight"]
+    out = tmp_path / "xs-sparq"
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(weight_map.values())) == sorted(p.name for p in out.glob("model-*"))
+    assert index["head.weight"] not in weight_map.values()
+    loaded = sparqcli.load(out)
+    assert sorted(loaded) == sorted(state) and loaded["head.weight"] is loaded["emb.weight"]
+    sparqcli.decompress(out, tmp_path / "dense")
+    dense = sparqcli.load(tmp_path / "dense")
+    assert torch.equal(dense["head.weight"], loaded["emb.weight"])
+    with pytest.raises(UsageError, match="a folder decompresses to a folder"):
+        sparqcli.decompress(out, tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match=r"applies to \.pt files"):
+        sparqcli.compress(folder, CONFIG, key="model", force=True)

@@ -89,8 +89,8 @@ def find_layout(folder: Path) -> FolderLayout:
     ]
     if not kinds:
         raise InputError(
-            f"{folder}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {TORCH_SINGLE} or "
-            f"{TORCH_INDEX}; not a model folder",
+            f"{folder}: is a directory, not a checkpoint or a model folder (no "
+            f"{SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {TORCH_SINGLE} or {TORCH_INDEX})",
             path=folder,
         )
     kind = kinds[0]
