@@ -382,3 +382,15 @@ def test_an_alias_in_another_shard_is_stored_once(tmp_path: Path) -> None:
         sparqcli.decompress(out, tmp_path / "x.safetensors")
     with pytest.raises(UsageError, match=r"applies to \.pt files"):
         sparqcli.compress(folder, CONFIG, key="model", force=True)
+
+
+def test_dry_run_of_a_folder_plans_every_shard_and_writes_nothing(
+    tmp_path: Path, folder: Path
+) -> None:
+    done = run("compress", folder, "--config", config_file(tmp_path), "--dry-run")
+    assert done.exit_code == 0, done.output
+    assert "dry run: nothing written" in done.output and "file(s) to copy" in done.output
+    assert not (tmp_path / "toy-sparq").exists()
+    report = sparqcli.compress(folder, CONFIG, dry_run=True)
+    assert report.folders[0].to_dict()["written"] is False
+    assert sum(len(file.tables) for file in report.files) == 3
