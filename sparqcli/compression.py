@@ -125,6 +125,10 @@ def compress(
                     path=source,
                 )
             file = _plan(checkpoint, config, output_format, target, source.stat().st_size)
+            from sparqcli.folder_compression import tied_head_notes
+
+            # A model file inside its Hugging Face folder: config.json may say the head is tied.
+            file.notes += [note for note, _ in tied_head_notes(source.parent, file.tables)]
             report.files.append(file)
             if dry_run:
                 continue

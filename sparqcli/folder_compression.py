@@ -24,7 +24,7 @@ from sparqcli.results import FileReport, FolderReport, TableReport
 if TYPE_CHECKING:
     from sparqcli.compression import ProgressCallback
     from sparqcli.engine.options import EngineOptions
-    from sparqcli.sources.folder import FolderLayout, ShardedCheckpoint
+    from sparqcli.sources.folder import ShardedCheckpoint
 
 FOLDER_SUFFIX = "-sparq"
 INDEX_NAME = "model.safetensors.index.json"
@@ -84,7 +84,7 @@ def plan_folder(
         left_out=list(layout.other_weights),
         input_bytes=input_bytes,
     )
-    for note, table in tied_head_notes(layout, tables):
+    for note, table in tied_head_notes(layout.folder, tables):
         for shard in shards:
             if any(mine is table for mine in shard.tables):
                 shard.notes.append(note)
@@ -223,13 +223,11 @@ _INPUT_EMBEDDINGS = (
 )
 
 
-def tied_head_notes(
-    layout: FolderLayout, tables: list[TableReport]
-) -> list[tuple[str, TableReport]]:
+def tied_head_notes(folder: Path, tables: list[TableReport]) -> list[tuple[str, TableReport]]:
     """Returns a note for each compressed table that is the input embedding of a model whose
-    `config.json` says `tie_word_embeddings: true`: the output head is the same tensor, so it
-    changes too (transformers leaves `lm_head.weight` out of the files of a tied model)."""
-    config = _model_config(layout.folder / "config.json")
+    `config.json` (in `folder`) says `tie_word_embeddings: true`: the output head is the same
+    tensor, so it changes too (transformers leaves `lm_head.weight` out of a tied model's files)."""
+    config = _model_config(folder / "config.json")
     if config is None:
         return []
     sections = [config, *(v for v in config.values() if isinstance(v, dict))]

@@ -78,6 +78,7 @@ def test_sharded_llama_round_trip_matches_the_single_file_path(tmp_path: Path, t
         tmp_path / "one.sparq.safetensors",
     )
     assert done.exit_code == 0, done.output
+    assert ("the output head is this table, so it changes too" in done.output) is tied
     assert (
         run(
             "decompress", tmp_path / "one.sparq.safetensors", "-o", tmp_path / "one.safetensors"
