@@ -394,3 +394,38 @@ def test_dry_run_of_a_folder_plans_every_shard_and_writes_nothing(
     report = sparqcli.compress(folder, CONFIG, dry_run=True)
     assert report.folders[0].to_dict()["written"] is False
     assert sum(len(file.tables) for file in report.files) == 3
+
+
+MEMORY_SCRIPT = """
+import sys, sparqcli
+config = sparqcli.Config(layers=[sparqcli.Rule(match="tables.*")])
+print(sparqcli.compress(sys.argv[1], config).peak_memory_bytes)
+"""
+
+
+@pytest.mark.slow
+def test_a_folder_compresses_in_the_memory_of_one_shard(tmp_path: Path) -> None:
+    """Four 64 MiB tables in four shards take no more peak memory than one of them alone."""
+    import subprocess
+    import sys
+
+    generator = torch.Generator().manual_seed(0)
+    state = {f"tables.{i}.weight": torch.randn(131072, 128, generator=generator) for i in range(4)}
+    folder = tmp_path / "big"
+    folder.mkdir()
+    huggingface_hub.save_torch_state_dict(state, folder, max_shard_size="70MB")
+    assert len(list(folder.glob("model-*.safetensors"))) == 4
+    save_file({"tables.0.weight": state["tables.0.weight"]}, tmp_path / "one.safetensors")
+    del state
+
+    def peak(path: Path) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(done.stdout.split()[-1])
+
+    one, whole = peak(tmp_path / "one.safetensors"), peak(folder)
+    assert whole < one * 1.15 + (16 << 20), (one, whole)
