@@ -14,6 +14,9 @@ with torch.ao's `post_training_sparse_quantize`, written to a compact safetensor
     with sparqcli.open("model.sparq.safetensors") as file:
         rows = file.get_rows("tables.0.weight", 0, 10)
 
+Wherever a checkpoint is accepted, a Hugging Face model folder (shards + index) is too:
+`compress` writes a folder of sparq shards, which `open`, `load`, `inspect` and `decompress` read.
+
 Names are loaded on first use, so `import sparqcli` and `sparq --help` do not import torch.
 Errors are `sparqcli.errors.SparqError` and its subclasses.
 """
@@ -42,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "CompressReport": ("sparqcli.results", "CompressReport"),
     "open": ("sparqcli.format.reader", "open_file"),
     "SparqFile": ("sparqcli.format.reader", "SparqFile"),
+    "SparqFolder": ("sparqcli.format.folder", "SparqFolder"),
     "load": ("sparqcli.format.reader", "load"),
     "load_table": ("sparqcli.format.reader", "load_table"),
     "CompressedTable": ("sparqcli.engine.table", "CompressedTable"),
@@ -61,6 +65,7 @@ __all__ = [
     "Quantization",
     "Rule",
     "SparqFile",
+    "SparqFolder",
     "Sparsity",
     "__version__",
     "compress",
@@ -79,6 +84,7 @@ if TYPE_CHECKING:
     from sparqcli.compression import CompressedStateDict, compress, compress_state_dict
     from sparqcli.config import Config, Rule
     from sparqcli.engine.table import CompressedTable
+    from sparqcli.format.folder import SparqFolder
     from sparqcli.format.reader import SparqFile, load, load_table
     from sparqcli.format.reader import open_file as open
     from sparqcli.inspection import decompress, inspect, selection, suggest_config

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sparqcli.config import Config
 from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import OutputError, SettingError, TableError, UsageError
-from sparqcli.results import CompressReport, FileReport, TableReport
+from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
 
 if TYPE_CHECKING:
     import torch
@@ -80,21 +80,44 @@ def compress(
         output_format,
     )
     # The sparq format records each input's sha256: hashed from here on, beside torch's import
-    # and the engine, instead of after them.
-    digests = BackgroundSha256(sources) if output_format == "sparq" and not dry_run else None
+    # and the engine, instead of after them. (A folder hashes its shards itself.)
+    files = [source for source in sources if not source.is_dir()]
+    digests = BackgroundSha256(files) if output_format == "sparq" and not dry_run else None
     try:
         from sparqcli.engine.options import EngineOptions
-        from sparqcli.sinks import check_output_path, check_report_path
+        from sparqcli.sinks import check_output_folder, check_output_path, check_report_path
         from sparqcli.sources import open_checkpoint
 
         options = options or EngineOptions.from_environment()
         check_settings(config, output_format, device)  # beside the hashing started above
-        for target in targets:
-            check_output_path(target, sources, force)
+        for source, target in zip(sources, targets, strict=True):
+            if source.is_dir():
+                check_output_folder(target, sources, force)
+            else:
+                check_output_path(target, sources, force)
         if report_path is not None:
             check_report_path(Path(report_path), force)
         report = CompressReport(config, [], dry_run, device)
         for source, target in zip(sources, targets, strict=True):
+            if source.is_dir():
+                if key is not None:
+                    raise UsageError(
+                        f"{source}: {{opt:key}} applies to .pt files; a model folder's shards "
+                        "are flat",
+                        path=source,
+                    )
+                _compress_folder(
+                    source,
+                    target,
+                    config,
+                    report,
+                    trust_pickle,
+                    output_format,
+                    force,
+                    progress,
+                    options,
+                )
+                continue
             file_started = time.perf_counter()
             checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
             if checkpoint.is_sparq:
@@ -103,6 +126,10 @@ def compress(
                     path=source,
                 )
             file = _plan(checkpoint, config, output_format, target, source.stat().st_size)
+            from sparqcli.folder_compression import tied_head_notes
+
+            # A model file inside its Hugging Face folder: config.json may say the head is tied.
+            file.notes += [note for note, _ in tied_head_notes(source.parent, file.tables)]
             report.files.append(file)
             if dry_run:
                 continue
@@ -123,8 +150,9 @@ def compress(
 class CompressedStateDict:
     """The result of `compress_state_dict`: compressed tables and everything else, in memory.
 
-    `tables` maps each compressed key to its `CompressedTable`; `passthrough` holds the other
-    tensors unchanged; `report` holds each table's settings, statistics and gate results.
+    `tables` maps each compressed key to its `CompressedTable`; `aliases` maps a table's key to
+    the other keys that held the same values (tied weights: stored once); `passthrough` holds the
+    other tensors unchanged; `report` holds each table's settings, statistics and gate results.
     """
 
     def __init__(
@@ -136,11 +164,15 @@ class CompressedStateDict:
         self.tables = tables
         self.passthrough = passthrough
         self.report = report
+        self.aliases = {table.key: tuple(table.aliases) for table in report.tables if table.aliases}
 
     def decode(self) -> dict[str, torch.Tensor]:
         """Returns the dense state dict (keys sorted): tables decoded to their original dtype,
-        pruned values exactly 0.0 — the same tensors `sparqcli.load` gives for the saved file."""
+        pruned values exactly 0.0, an alias the same tensor as its table — the same tensors
+        `sparqcli.load` gives for the saved file."""
         state = {key: table.decode() for key, table in self.tables.items()}
+        for key, names in self.aliases.items():
+            state.update({name: state[key] for name in names})
         state.update(self.passthrough)
         return {key: state[key] for key in sorted(state)}
 
@@ -157,7 +189,7 @@ class CompressedStateDict:
         check_output_path(path, [], force)
         stats = {table.key: table.stats for table in self.report.tables if table.stats}
         with atomic_output(path) as temp:
-            write_compressed(temp, self.passthrough, self.tables, stats)
+            write_compressed(temp, self.passthrough, self.tables, stats, aliases=self.aliases)
         return path
 
 
@@ -194,8 +226,52 @@ def compress_state_dict(
     tables = _compress_tables(
         checkpoint, file, device, progress, options or EngineOptions.from_environment()
     )
-    passthrough = {key: value for key, value in state_dict.items() if key not in tables}
+    tied = {alias for table in file.tables for alias in table.aliases}
+    passthrough = {
+        key: value for key, value in state_dict.items() if key not in tables and key not in tied
+    }
     return CompressedStateDict(tables, passthrough, file)
+
+
+def _compress_folder(
+    source: Path,
+    target: Path,
+    config: Config,
+    report: CompressReport,
+    trust_pickle: bool,
+    output_format: str,
+    force: bool,
+    progress: ProgressCallback | None,
+    options: EngineOptions,
+) -> None:
+    """Compresses the model folder `source` into the folder `target`; adds it to `report`."""
+    from sparqcli.folder_compression import plan_folder, write_folder
+    from sparqcli.sources.folder import open_folder
+
+    if output_format != "sparq":
+        raise UsageError(
+            f"{source}: {{opt:output_format=torch-ao}} writes one .pt file; a model folder is "
+            "compressed to the sparq format",
+            path=source,
+        )
+    checkpoint = open_folder(source, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq:
+        raise UsageError(
+            f"{source}: is already compressed by sparq; compress the original checkpoint",
+            path=source,
+        )
+    folder = plan_folder(checkpoint, config, target)
+    report.folders.append(folder)
+    report.files.extend(folder.shards)
+    if not report.dry_run:
+        write_folder(
+            checkpoint,
+            folder,
+            device=report.device,
+            progress=progress,
+            options=options,
+            force=force,
+        )
 
 
 def _config(config: Config | str | Path, overrides: Sequence[str], order: str | None) -> Config:
@@ -211,7 +287,8 @@ def _config(config: Config | str | Path, overrides: Sequence[str], order: str | 
 def plan_outputs(
     inputs: Sequence[Path], output: Path | None, out_dir: Path | None, output_format: str
 ) -> list[Path]:
-    """Returns the output path of each input. Raises UsageError for a conflicting plan."""
+    """Returns the output path of each input (a folder for a model folder). Raises UsageError
+    for a conflicting plan."""
     if output is not None and out_dir is not None:
         raise UsageError("{opt:output} and {opt:out_dir} exclude each other", option="output")
     if output is not None and len(inputs) != 1:
@@ -224,8 +301,16 @@ def plan_outputs(
     suffix = _SUFFIX[output_format]
     outputs = []
     for source in inputs:
-        stem = source.name.removesuffix(source.suffix)
-        outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
+        if source.is_dir():
+            from sparqcli.folder_compression import FOLDER_SUFFIX
+
+            # A model folder gives a folder `<name>-sparq` (`.` is named by its real name).
+            folder = source if source.name not in ("", ".", "..") else source.resolve()
+            parent = out_dir if out_dir is not None else folder.parent
+            outputs.append(parent / (folder.name + FOLDER_SUFFIX))
+        else:
+            stem = source.name.removesuffix(source.suffix)
+            outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
     seen: dict[Path, Path] = {}
     for source, target in zip(inputs, outputs, strict=True):
         if target in seen:
@@ -288,10 +373,27 @@ def _plan(
 ) -> FileReport:
     """Returns the planned file: its selected tables, after every check that could fail at
     write time (so that a dry run fails where the real run would, before any work)."""
-    from sparqcli.format.spec import key_collision
+    tables, skipped = plan_tables(checkpoint, config)
+    check_plan(checkpoint.tensors, tables, output_format, target)
+    return FileReport(checkpoint.path, target, output_format, input_bytes, tables, skipped=skipped)
+
+
+def plan_tables(
+    checkpoint: Checkpoint, config: Config
+) -> tuple[list[TableReport], list[SkippedTable]]:
+    """Returns the tables `config` selects in `checkpoint`, each alias group as one table, and
+    the tables its glob and regex rules skipped as too small.
+
+    Raises SelectionError for a selection problem (see `select_tables` and `apply_aliases`),
+    InputError when a tensor compared for aliases cannot be read.
+    """
+    from sparqcli.aliasing import apply_aliases
     from sparqcli.select import select_tables
+    from sparqcli.sources.aliases import find_aliases
 
     selection = select_tables(config, checkpoint.tensors, checkpoint.name, checkpoint.module_types)
+    groups = find_aliases(checkpoint, [table.key for table in selection.tables])
+    selection, aliases = apply_aliases(selection, groups, config, checkpoint.name)
     tables = [
         TableReport(
             key=selected.key,
@@ -300,18 +402,32 @@ def _plan(
             rule=selected.rule,
             order=config.order,
             bytes_before=selected.info.nbytes,
+            aliases=list(aliases.get(selected.key, ())),
         )
         for selected in selection.tables
     ]
+    return tables, list(selection.skipped)
+
+
+def check_plan(
+    tensors: Mapping[str, Any], tables: list[TableReport], output_format: str, target: Path | None
+) -> None:
+    """Checks that the planned `tables` (and the other keys of `tensors`) can be written in
+    `output_format`. Raises OutputError for a key collision, UsageError for a table the torch-ao
+    format cannot hold."""
+    from sparqcli.format.spec import key_collision
+
     table_keys = {table.key: table for table in tables}
-    passthrough = [key for key in checkpoint.tensors if key not in table_keys]
+    alias_keys = {alias for table in tables for alias in table.aliases}
+    passthrough = [key for key in tensors if key not in table_keys and key not in alias_keys]
     if output_format == "torch-ao":
         from sparqcli.format.torch_ao import check_torch_ao_table, torch_ao_keys
 
         for table in tables:
-            check_torch_ao_table(table.key, table.shape, table.rule.quantization.bits)
-            for name in torch_ao_keys(table.key):
-                if name in checkpoint.tensors:
+            for key in (table.key, *table.aliases):
+                check_torch_ao_table(key, table.shape, table.rule.quantization.bits)
+            for name in (n for key in (table.key, *table.aliases) for n in torch_ao_keys(key)):
+                if name in tensors:
                     raise OutputError(
                         f"{target}: cannot write: torch-ao key '{name}' of table '{table.key}' "
                         "collides with a tensor of the checkpoint",
@@ -319,12 +435,9 @@ def _plan(
                         table=table.key,
                     )
     else:
-        collision = key_collision(passthrough, table_keys)
+        collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
         if collision is not None:
             raise OutputError(f"{target}: cannot write: {collision}", path=target)
-    return FileReport(
-        checkpoint.path, target, output_format, input_bytes, tables, skipped=list(selection.skipped)
-    )
 
 
 def _compress_tables(
@@ -395,8 +508,12 @@ def _write(
 
     if file.output is None or checkpoint.path is None or file.input is None:
         raise ValueError("a file report to write needs an input and an output path")
+    aliases = {table.key: table.aliases for table in file.tables if table.aliases}
+    skipped = {alias for names in aliases.values() for alias in names}
     passthrough = {
-        key: checkpoint.tensor(key) for key in checkpoint.tensors if key not in compressed
+        key: checkpoint.tensor(key)
+        for key in checkpoint.tensors
+        if key not in compressed and key not in skipped
     }
     with atomic_output(file.output) as temp:
         if file.format == "sparq":
@@ -407,14 +524,15 @@ def _write(
             extra, file.dropped = _json_extras(checkpoint)
             source = SourceInfo(checkpoint.path.name, digests.result(file.input))
             stats = {table.key: table.stats for table in file.tables if table.stats}
-            write_compressed(temp, passthrough, compressed, stats, source, extra)
+            write_compressed(temp, passthrough, compressed, stats, source, extra, aliases)
         else:
             from sparqcli.format.torch_ao import torch_ao_state_dict
             from sparqcli.sinks import save_torch_file
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's quantized-dtype deprecation notices
-                state = torch_ao_state_dict(compressed, passthrough)
+                tied = {alias: compressed[key] for key, names in aliases.items() for alias in names}
+                state = torch_ao_state_dict({**compressed, **tied}, passthrough)
                 save_torch_file(checkpoint.rebuild(state), temp)
     file.written = True
     file.output_bytes = file.output.stat().st_size

@@ -21,11 +21,12 @@ DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 def inspect(
     path: str | Path, *, key: str | None = None, trust_pickle: bool = False
 ) -> CheckpointInspection | CompressedFileInfo:
-    """Returns what the file at `path` holds.
+    """Returns what the file or model folder at `path` holds.
 
-    A compressed sparq file gives its `CompressedFileInfo` (tables, settings, statistics, bytes);
-    any other checkpoint a `CheckpointInspection` (every tensor; the candidate embedding tables
-    marked, with the evidence: module type, name or shape). `key` and
+    A compressed sparq file gives its `CompressedFileInfo` (tables, settings, statistics, bytes),
+    a folder of sparq shards a `CompressedFolderInfo` (the same, merged, and per shard); any other
+    checkpoint a `CheckpointInspection` (every tensor; the candidate embedding tables marked,
+    with the evidence: module type, name or shape). `key` and
     `trust_pickle` are as for `compress`. Raises what opening a checkpoint raises (InputError,
     UnsafeInputError, UsageError) and FormatError for a corrupt sparq file.
     """
@@ -35,6 +36,11 @@ def inspect(
 
     path = Path(path)
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq and path.is_dir():
+        from sparqcli.format.folder import SparqFolder
+
+        with SparqFolder(path) as folder:
+            return folder.info
     if checkpoint.is_sparq:
         return read_info(path)
     found = find_candidates(checkpoint.tensors, checkpoint.module_types)
@@ -48,9 +54,11 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     """Decodes the sparq file `src` and writes the dense state dict to `dst`, atomically.
 
     `dst` ending in `.safetensors` is written with safetensors, `.pt`/`.pth`/`.bin` with
-    torch.save; original keys, shapes and dtypes. Raises UsageError for another suffix, an
-    existing `dst` without `force`, or a `src` that is not a sparq file; InputError/FormatError
-    for an unreadable or corrupt `src`; OutputError when `dst` cannot be written.
+    torch.save; original keys, shapes and dtypes. A folder of sparq shards `src` is written to
+    the folder `dst` in the same layout (see `decompress_folder`). Raises UsageError for another
+    suffix, an existing `dst` without `force`, or a `src` that is not a sparq file;
+    InputError/FormatError for an unreadable or corrupt `src`; OutputError when `dst` cannot be
+    written.
     """
     from sparqcli.format.reader import load
     from sparqcli.format.writer import save_safetensors
@@ -58,6 +66,12 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     from sparqcli.sources import open_checkpoint
 
     src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        if dst.suffix.lower() in DENSE_SUFFIXES:
+            raise UsageError(
+                f"{dst}: a folder decompresses to a folder; name a folder, not a file", path=dst
+            )
+        return decompress_folder(src, dst, force=force)
     if dst.suffix.lower() not in DENSE_SUFFIXES:
         raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)
     check_output_path(dst, [src], force)
@@ -78,16 +92,22 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
 def selection(
     config: Config, path: str | Path, *, key: str | None = None, trust_pickle: bool = False
 ) -> Selection:
-    """Returns what each rule of `config` matches in the checkpoint at `path`.
+    """Returns what each rule of `config` matches in the checkpoint (or model folder) at `path`;
+    each group of aliases (tied tables) is one selected table.
 
     Raises what opening the checkpoint raises, and SelectionError for a rule that matches
-    nothing or a selected tensor that is not a table.
+    nothing, a selected tensor that is not a table, or an alias excluded while another key of its
+    group is selected.
     """
+    from sparqcli.aliasing import apply_aliases
     from sparqcli.select import select_tables
     from sparqcli.sources import open_checkpoint
+    from sparqcli.sources.aliases import find_aliases
 
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
-    return select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+    chosen = select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
+    groups = find_aliases(checkpoint, [table.key for table in chosen.tables])
+    return apply_aliases(chosen, groups, config, str(path))[0]
 
 
 @dataclass(frozen=True)
@@ -221,7 +241,7 @@ _FIELD_NOTES = {
     "zeros_per_block": "null: every value of a pruned block",
     "norm": "blocks ranked by mean |x| (L1) or x^2 (L2)",
     "bits": "bits per code",
-    "scale_dtype": "float32 | float16 (per-row scale and zero point)",
+    "scale_dtype": "float32 | float16 | bfloat16 (per-row scale and zero point)",
 }
 
 
@@ -229,3 +249,48 @@ def _size(count: int) -> str:
     from sparqcli.render import human_bytes
 
     return human_bytes(count)
+
+
+def decompress_folder(src: Path, dst: Path, *, force: bool = False) -> DecompressResult:
+    """Decodes the folder of sparq shards `src` into the dense model folder `dst`, atomically.
+
+    Each shard becomes a dense safetensors file of the same name (metadata `format: pt`, as
+    `save_pretrained` writes), the index is rewritten for the dense keys, every other file is
+    copied: `transformers`' `from_pretrained` loads `dst` as it loaded the original folder.
+    Shards are decoded one at a time. Raises UsageError for a `dst` that exists without `force`
+    or is an input, or a `src` without sparq shards; InputError/FormatError for an unreadable or
+    corrupt shard; OutputError when `dst` cannot be written.
+    """
+    from sparqcli.folder_compression import INDEX_NAME, write_index
+    from sparqcli.format.folder import SparqFolder
+    from sparqcli.format.writer import save_safetensors
+    from sparqcli.sinks import atomic_folder, check_output_folder, copy_side_file
+    from sparqcli.sources.folder import find_layout
+
+    check_output_folder(dst, [src], force)
+    layout = find_layout(src)
+    tensors = 0
+    with SparqFolder(src) as folder:
+        if not folder.info.is_sparq:
+            raise UsageError(
+                f"{src}: no sparq-compressed shard (no sparq metadata); nothing to decompress",
+                path=src,
+            )
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        with atomic_folder(dst, replace=force) as temp:
+            for file in folder.shard_files():
+                name = Path(file.path).name
+                state = file.state_dict()
+                save_safetensors(temp / name, state, {"format": "pt"})
+                for key, value in state.items():
+                    weight_map[key] = name
+                    total_size += value.numel() * value.element_size()
+                tensors += len(state)
+                del state
+            if layout.index is not None:
+                write_index(temp / INDEX_NAME, weight_map, total_size, layout.index_metadata)
+            for name in layout.side_files:
+                copy_side_file(src / name, temp / name)
+    size = sum(path.stat().st_size for path in dst.rglob("*") if path.is_file())
+    return DecompressResult(src, dst, tensors, size)

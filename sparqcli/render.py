@@ -30,7 +30,7 @@ from sparqcli.results import to_json as to_json  # the one JSON writer, for the 
 
 if TYPE_CHECKING:
     from sparqcli.format.reader import CompressedFileInfo
-    from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
+    from sparqcli.results import CompressReport, FileReport, FolderReport, SkippedTable, TableReport
     from sparqcli.select import Selection
 
 PIPED_WIDTH = 1 << 16
@@ -402,11 +402,31 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
     """Returns the summary of a compress run (or the plan of a dry run): one table per file,
     its totals and the tables it skipped. `wide` shows every statistic."""
     parts: list[Any] = []
+    # A folder's totals follow its last shard.
+    last_shard = {id(folder.shards[-1]): folder for folder in report.folders if folder.shards}
     for file in report.files:
-        parts.append(_plan_table(file, wide) if report.dry_run else _file_table(file, wide))
-    if len(report.files) > 1 and not report.dry_run:
-        before = sum(f.input_bytes for f in report.files)
-        after = sum(f.output_bytes or 0 for f in report.files)
+        if file.tables:
+            parts.append(_plan_table(file, wide) if report.dry_run else _file_table(file, wide))
+        elif file.output is None:  # a shard of a folder that held only aliases
+            parts.append(_line(f"{file.input}: no shard written"))
+        else:  # a shard of a folder with no selected table
+            line = f"{file.input} → {file.output}: no table selected here"
+            if file.written:
+                line += (
+                    f"; file {human_bytes(file.input_bytes)} → {human_bytes(file.output_bytes)}, "
+                    f"tensors passed through, {file.seconds:.2f} s"
+                )
+            parts.append(_line(line))
+        parts.extend(_line(note) for note in _table_notes(file))
+        if id(file) in last_shard:
+            parts.append(_folder_totals(last_shard[id(file)], report.dry_run))
+    outputs = len(report.files) - sum(len(f.shards) - 1 for f in report.folders if f.shards)
+    if outputs > 1 and not report.dry_run:
+        in_folders = {id(shard) for folder in report.folders for shard in folder.shards}
+        singles = [f for f in report.files if id(f) not in in_folders]
+        before = sum(f.input_bytes for f in singles) + sum(f.input_bytes for f in report.folders)
+        after = sum(f.output_bytes or 0 for f in singles)
+        after += sum(f.output_bytes or 0 for f in report.folders)
         parts.append(
             _line(
                 f"all files: {human_bytes(before)} → {human_bytes(after)} in {report.seconds:.2f} s"
@@ -459,8 +479,11 @@ def _rule_legend(file: FileReport) -> list[str]:
 
 def _file_totals(file: FileReport) -> Sequence[str] | Text:
     if not file.written:
+        failed = len(file.gate_failures)
         return Text(
-            f"not written: {len(file.gate_failures)} gate(s) failed",
+            f"not written: {failed} gate(s) failed"
+            if failed
+            else "not written: its folder failed a gate",
             style="bold red",
             no_wrap=True,
             overflow="ignore",
@@ -493,6 +516,51 @@ def _skipped_lines(skipped: Sequence[SkippedTable]) -> list[Callable[[int], str]
         return fit
 
     return [line(index) for index in range(len(skipped))]
+
+
+def _table_notes(file: FileReport) -> list[str]:
+    """Returns the lines told under a file's totals: aliases, all-zero rows, the file's notes."""
+    lines = []
+    for table in file.tables:
+        if table.aliases:
+            lines.append(
+                f"{table.key}: the same values as {', '.join(table.aliases)} (tied); "
+                "compressed and stored once, all decode to the same tensor"
+            )
+        stats = table.stats
+        if stats is not None and stats.zero_rows:
+            share = stats.zero_rows / table.shape[0] if table.shape[0] else 0.0
+            lines.append(f"{table.key}: {stats.zero_rows} all-zero row(s) ({share:.1%} of rows)")
+    return lines + list(file.notes)
+
+
+def _folder_totals(folder: FolderReport, dry_run: bool) -> Text:
+    tables = len(folder.tables)
+    head = (
+        f"folder {folder.input} → {folder.output}: {len(folder.shards)} shard(s), {tables} table(s)"
+    )
+    notes = "".join(f"\n{note}" for note in folder.notes if note not in _shard_notes(folder))
+    if dry_run:
+        return _line(
+            f"{head}, {len(folder.copied)} file(s) to copy (dry run: nothing written){notes}"
+        )
+    if not folder.written:
+        return _line(
+            f"{head}: not written, {len(folder.gate_failures)} gate(s) failed{notes}",
+            style="bold red",
+        )
+    facts = folder.to_dict()
+    bits = facts["bits_per_weight"]
+    return _line(
+        f"{head}, {len(folder.copied)} file(s) copied: {human_bytes(folder.input_bytes)} → "
+        f"{human_bytes(folder.output_bytes)} ({facts['ratio']:.3f}x)"
+        + (f", {bits:.2f} bits/weight over its tables" if bits is not None else "")
+        + f", {folder.seconds:.2f} s{notes}"
+    )
+
+
+def _shard_notes(folder: FolderReport) -> set[str]:
+    return {note for shard in folder.shards for note in shard.notes}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class TableReport:
     bytes_after: int | None = None
     stats: TableStats | None = None
     gate_failures: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    """The other keys that held the same values (tied weights), stored once with this table."""
 
     @property
     def bytes_ratio(self) -> float | None:
@@ -62,6 +64,7 @@ class TableReport:
             "stats": self.stats.to_dict() if self.stats is not None else None,
             "gates": self.rule.gates.to_dict(),
             "gate_failures": self.gate_failures,
+            "aliases": self.aliases,
         }
 
 
@@ -103,6 +106,8 @@ class FileReport:
     seconds: float = 0.0
     dropped: list[str] = field(default_factory=list)
     skipped: list[SkippedTable] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Facts the summary tells besides the numbers (e.g. a tied output head that changes too)."""
 
     @property
     def gate_failures(self) -> list[str]:
@@ -143,6 +148,64 @@ class FileReport:
             "gates_passed": not self.gate_failures,
             "tables": [table.to_dict() for table in self.tables],
             "skipped_tables": [table.to_dict() for table in self.skipped],
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class FolderReport:
+    """One model folder in, one folder out: its shards (each a `FileReport`, also listed in
+    `CompressReport.files`), the side files copied, and the folder's totals.
+
+    `input_bytes` counts every file read or copied; `output_bytes` every file of the output
+    folder. `left_out` names the input's files not carried over (the same weights in another
+    layout). The folder is written whole or not at all (`written`).
+    """
+
+    input: Path
+    output: Path
+    shards: list[FileReport]
+    index: str | None
+    copied: list[str]
+    left_out: list[str]
+    input_bytes: int
+    output_bytes: int | None = None
+    written: bool = False
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gate_failures(self) -> list[str]:
+        """Returns every failed gate of every shard's tables, as `key: what failed` lines."""
+        return [failure for shard in self.shards for failure in shard.gate_failures]
+
+    @property
+    def tables(self) -> list[TableReport]:
+        """Returns the tables of every shard."""
+        return [table for shard in self.shards for table in shard.tables]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the folder's facts and totals as JSON-able data (shards by output name)."""
+        values = sum(math.prod(table.shape) for table in self.tables)
+        table_bytes = sum(table.bytes_after or 0 for table in self.tables)
+        return {
+            "input": str(self.input),
+            "output": str(self.output),
+            "written": self.written,
+            "shards": [shard.input.name for shard in self.shards if shard.input is not None],
+            "index": self.index,
+            "copied": self.copied,
+            "left_out": self.left_out,
+            "tables": len(self.tables),
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "ratio": self.output_bytes / self.input_bytes
+            if self.output_bytes is not None and self.input_bytes
+            else None,
+            "bits_per_weight": 8 * table_bytes / values if values and table_bytes else None,
+            "seconds": round(self.seconds, 3),
+            "gates_passed": not self.gate_failures,
+            "notes": self.notes,
         }
 
 
@@ -156,6 +219,8 @@ class CompressReport:
     device: str
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    folders: list[FolderReport] = field(default_factory=list)
+    """The model folders among the inputs; their shards are in `files` too."""
 
     @property
     def gate_failures(self) -> list[str]:
@@ -197,6 +262,7 @@ class CompressReport:
             "device": self.device,
             "config": self.config.to_dict(),
             "files": [file.to_dict() for file in self.files],
+            "folders": [folder.to_dict() for folder in self.folders],
             "seconds": round(self.seconds, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
             "gates_passed": self.gates_passed,

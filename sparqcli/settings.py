@@ -20,14 +20,14 @@ from sparqcli.errors import SettingError
 
 Norm = Literal["L1", "L2"]
 Order = Literal["sparsify-first", "quantize-first"]
-ScaleDtype = Literal["float32", "float16"]
+ScaleDtype = Literal["float32", "float16", "bfloat16"]
 Range = Literal["minmax", "mse"]
 Scope = Literal["table", "row"]
 
 NORMS: tuple[str, ...] = ("L1", "L2")
 ORDERS: tuple[str, ...] = ("sparsify-first", "quantize-first")
 BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 RANGES: tuple[str, ...] = ("minmax", "mse")
 SCOPES: tuple[str, ...] = ("table", "row")
 DEFAULT_MIN_TABLE_BYTES = 64 * 1024

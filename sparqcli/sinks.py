@@ -1,15 +1,18 @@
-"""Writing outputs safely: never over an input, never half a file.
+"""Writing outputs safely: never over an input, never half a file or half a folder.
 
 Every output is written to a temporary file in the target folder, flushed to disk and renamed
-into place, so a reader sees either no file, the previous file, or the complete new one. The
-temporary files being written are registered here (the one piece of process state), so that
-whoever handles a signal can remove them before the process ends: `discard_partial_outputs()`.
+into place, so a reader sees either no file, the previous file, or the complete new one. A folder
+output (`atomic_folder`) is built in a temporary folder beside its target and renamed into place
+the same way. The temporaries being written are registered here (the one piece of process
+state), so that whoever handles a signal can remove them before the process ends:
+`discard_partial_outputs()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -124,8 +127,118 @@ def _finish(temp: Path, path: Path) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
+    """Checks that the folder `output` may be written.
+
+    Raises UsageError when it is an input, holds one or lies inside one (replacing it could
+    remove the input), when it exists without `force`, or when it exists and is not a folder.
+    """
+    target = output.resolve()
+    for source in inputs:
+        origin = source.resolve()
+        if target == origin or origin.is_relative_to(target):
+            raise UsageError(
+                f"{output}: is or holds an input; sparq never overwrites its input", path=output
+            )
+        if target.is_relative_to(origin):
+            raise UsageError(
+                f"{output}: lies inside the input folder {source}; write it elsewhere",
+                path=output,
+            )
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise UsageError(
+                f"{output}: already exists; pass {{opt:force}} to replace it", path=output
+            )
+        if not output.is_dir() or output.is_symlink():
+            raise UsageError(f"{output}: exists and is not a folder", path=output)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yields a new temporary folder beside `path`; on success it is renamed to `path`.
+
+    Whatever the caller writes in it appears at `path` all at once, its files synced first. With
+    `replace`, a folder already at `path` is replaced (moved aside, the new one renamed in, the
+    old one removed); without it, an existing `path` is an OutputError. On any failure, or an
+    interrupt, the temporary folder is removed and `path` is untouched. Raises OutputError when
+    the parent folder is not writable or a write fails.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write: folder {parent} does not exist")
+    try:
+        temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write: {error.strerror}") from None
+    _PARTIAL.add(temp)
+    try:
+        yield temp
+        _finish_folder(temp, path, replace)
+    except OSError as error:
+        _remove_quietly(temp)
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    except OutputError as error:
+        _remove_quietly(temp)
+        raise OutputError(str(error).replace(str(temp), str(path))) from None
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    finally:
+        _PARTIAL.discard(temp)
+
+
+def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, names in os.walk(temp):
+        for name in names:
+            file_path = os.path.join(folder, name)
+            os.chmod(file_path, 0o666 & ~umask)  # writers may create files private (0600)
+            with open(file_path, "rb") as file:
+                os.fsync(file.fileno())
+    os.chmod(temp, 0o777 & ~umask)
+    old: Path | None = None
+    if path.exists() or path.is_symlink():
+        if not replace:
+            raise OutputError(f"{path}: cannot write: it already exists")
+        # Not registered as partial: a signal between the two renames must not remove it.
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+    try:
+        os.rename(temp, path)
+    except OSError:
+        if old is not None:  # put the previous folder back
+            os.replace(old / path.name, path)
+            _remove_quietly(old)
+        raise
+    if old is not None:
+        _remove_quietly(old)
+    with contextlib.suppress(OSError):
+        handle = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def copy_side_file(source: Path, target: Path) -> None:
+    """Copies the file or folder `source` to `target` byte for byte (links followed).
+
+    Raises OSError when it cannot be read or written.
+    """
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=False)
+    else:
+        shutil.copyfile(source, target)
 
 
 def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:

@@ -749,8 +749,8 @@ def test_metadata_that_is_not_json(good_file):
 
 def test_newer_format_version_is_refused(good_file):
     path, _ = good_file
-    _damage_document(path, lambda d: d.update(format_version=2))
-    _expect(path, f"{path}: format version 2 is newer than this sparq supports (1); upgrade sparq")
+    _damage_document(path, lambda d: d.update(format_version=3))
+    _expect(path, f"{path}: format version 3 is newer than this sparq supports (2); upgrade sparq")
 
 
 def test_header_claiming_huge_sizes_does_not_allocate(tmp_path):

@@ -132,5 +132,7 @@ def test_missing_unknown_and_directory(tmp_path):
     with pytest.raises(UsageError, match=r"unknown checkpoint type '\.onnx'"):
         open_checkpoint(tmp_path / "model.onnx")
     (tmp_path / "dir.pt").mkdir()
-    with pytest.raises(InputError, match=r"dir\.pt: is a directory, not a checkpoint$"):
+    with pytest.raises(
+        InputError, match=r"dir\.pt: is a directory, not a checkpoint or a model folder \(no model"
+    ):
         open_checkpoint(tmp_path / "dir.pt")

@@ -41,7 +41,7 @@ def compress_command(
         list[Path],
         typer.Argument(
             metavar="CKPT...",
-            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors).",
+            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors, or a model folder).",
             show_default=False,
         ),
     ],
@@ -57,7 +57,12 @@ def compress_command(
     ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", metavar="OUT", help="Output file (one input only)."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            help="Output file, or folder for a model folder (one input only).",
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", metavar="DIR", help="Write each output into DIR.")

@@ -26,7 +26,9 @@ def inspect_command(
     file: Annotated[
         Path,
         typer.Argument(
-            metavar="FILE", help="A checkpoint or a compressed sparq file.", show_default=False
+            metavar="FILE",
+            help="A checkpoint, a compressed sparq file, or a model folder.",
+            show_default=False,
         ),
     ],
     as_json: JsonOption = False,
@@ -73,7 +75,10 @@ def inspect_command(
 @run_command
 def decompress_command(
     file: Annotated[
-        Path, typer.Argument(metavar="FILE", help="A compressed sparq file.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A compressed sparq file or folder.", show_default=False
+        ),
     ],
     output: Annotated[
         Path,
@@ -81,7 +86,7 @@ def decompress_command(
             "--output",
             "-o",
             metavar="OUT",
-            help="Dense output: .safetensors or .pt.",
+            help="Dense output: .safetensors or .pt; a folder for a folder.",
             show_default=False,
         ),
     ],

@@ -24,9 +24,10 @@ def row_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns `(scale, zero_point)` per row of a float32 (rows, cols) tensor, as float32.
 
-    With `scale_dtype: float16` both are rounded to float16 values (the scale upwards, so every
-    value of the row stays representable). Raises TableError when a row's range overflows
-    float32, or does not fit float16 when that is asked for; `first_row` numbers rows in messages.
+    With `scale_dtype: float16` or `bfloat16` both are rounded to values of that dtype (the scale
+    upwards, so every value of the row stays representable). Raises TableError when a row's range
+    overflows float32, or does not fit the narrower scale dtype asked for; `first_row` numbers
+    rows in messages.
     """
     rows, cols = values.shape
     if cols == 0:
@@ -71,25 +72,39 @@ def qparams_from_range(
     scale = torch.where(scale > _FLOAT32_EPS, scale, torch.ones_like(scale))
     if check:
         _check_finite(scale, "value range overflows float32", first_row)
-    if settings.scale_dtype == "float16":
-        scale = _round_up_to_half(scale)
-        if check:
-            _check_finite(scale, "scale does not fit float16 (use scale_dtype: float32)", first_row)
-    zero_point = -1 * row_min / scale
-    if settings.scale_dtype == "float16":
-        zero_point = zero_point.half().float()
+    narrow = _NARROW_SCALES.get(settings.scale_dtype)
+    if narrow is not None:
+        scale = _round_up_to(scale, narrow)
         if check:
             _check_finite(
-                zero_point, "zero point does not fit float16 (use scale_dtype: float32)", first_row
+                scale,
+                f"scale does not fit {settings.scale_dtype} (use scale_dtype: float32)",
+                first_row,
+            )
+    zero_point = -1 * row_min / scale
+    if narrow is not None:
+        zero_point = zero_point.to(narrow).float()
+        if check:
+            _check_finite(
+                zero_point,
+                f"zero point does not fit {settings.scale_dtype} (use scale_dtype: float32)",
+                first_row,
             )
     return scale, zero_point
 
 
-def _round_up_to_half(scale: torch.Tensor) -> torch.Tensor:
-    half = scale.half()
-    too_small = half.float() < scale
-    half = torch.where(too_small, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
-    return half.float()
+# Scale dtypes narrower than float32: scales and zero points are rounded to their values.
+_NARROW_SCALES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Returns float32 `scale` rounded up to the nearest value of `dtype`, as float32."""
+    narrow = scale.to(dtype)
+    too_small = narrow.float() < scale
+    narrow = torch.where(
+        too_small, torch.nextafter(narrow, torch.full_like(narrow, float("inf"))), narrow
+    )
+    return narrow.float()
 
 
 def _check_finite(values: torch.Tensor, problem: str, first_row: int) -> None:

@@ -30,6 +30,7 @@ class TableStats:
     rel_error: float
     row_cosine_mean: float
     row_cosine_min: float
+    zero_rows: int = 0
 
     def to_dict(self) -> dict[str, float | int | None]:
         """Returns the statistics as strict JSON-able data: a non-finite value becomes None."""
@@ -118,6 +119,7 @@ class StatsAccumulator:
             rel_error=rel_error,
             row_cosine_mean=float(_total(cosine.double())) / rows if has_rows else 1.0,
             row_cosine_min=float(cosine.min()) if has_rows else 1.0,
+            zero_rows=int((original_norm == 0).sum()) if self.cols else rows,
         )
 
 

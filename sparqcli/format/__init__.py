@@ -11,7 +11,8 @@ needed to decode it.
 * `writer`: `write_compressed`, `save_safetensors`;
 * `reader`: validation, `read_info`, `read_table`, `load`, `load_table`, and `SparqFile`, the
   handle `sparqcli.open` returns;
-* `torch_ao`: the reference's own state dict, for the torch-ao output format.
+* `torch_ao`: the reference's own state dict, for the torch-ao output format;
+* `folder`: `SparqFolder`, the sparq shards of a compressed model folder read as one.
 
 The names below are importable from `sparqcli.format` directly (loaded on first use).
 """
@@ -41,6 +42,8 @@ _EXPORTS = {
     "load": "reader",
     "load_table": "reader",
     "torch_ao_state_dict": "torch_ao",
+    "SparqFolder": "folder",
+    "CompressedFolderInfo": "folder",
 }
 
 __all__ = sorted(_EXPORTS)

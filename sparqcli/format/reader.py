@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,6 +43,9 @@ from sparqcli.format.spec import (
 from sparqcli.format.writer import SourceInfo
 from sparqcli.settings import ORDERS, Order, Quantization, Sparsity
 
+if TYPE_CHECKING:
+    from sparqcli.format.folder import SparqFolder
+
 
 @dataclass(frozen=True)
 class TableInfo:
@@ -58,6 +61,7 @@ class TableInfo:
     kept: int
     stats: dict[str, Any] | None
     file_bytes: int
+    aliases: tuple[str, ...] = ()
 
     @property
     def tensor_keys(self) -> dict[str, str]:
@@ -66,8 +70,9 @@ class TableInfo:
         return {part: f"{self.key}.{part}" for part in parts}
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the table's metadata as a JSON-able dict, plus `file_bytes`."""
-        return {
+        """Returns the table's metadata as a JSON-able dict, plus `file_bytes` (and `aliases`
+        when it has some)."""
+        entry = {
             "shape": list(self.shape),
             "dtype": dtype_name(self.dtype),
             "bits": self.quantization.bits,
@@ -79,6 +84,9 @@ class TableInfo:
             "stats": self.stats,
             "file_bytes": self.file_bytes,
         }
+        if self.aliases:
+            entry["aliases"] = list(self.aliases)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,13 @@ class CompressedFileInfo:
     file_bytes: int = 0
 
     def dense_keys(self) -> list[str]:
-        """Returns the keys of the dense state dict the file decodes to, sorted."""
-        return sorted([*self.tables, *self.passthrough])
+        """Returns the keys of the dense state dict the file decodes to, sorted (aliases too)."""
+        return sorted([*self.tables, *self.passthrough, *self.aliases])
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Returns each alias key and the table it decodes as."""
+        return {alias: key for key, table in self.tables.items() for alias in table.aliases}
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the information as a JSON-able dict (tables and pass-through tensors)."""
@@ -238,6 +251,12 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise problem(f"stats.{name} must be a number or null, got {_show(value)}")
 
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(name, str) for name in aliases):
+        raise problem(f"aliases must be a list of keys, got {_show(aliases)}")
+    if len(set(aliases)) != len(aliases) or key in aliases:
+        raise problem(f"aliases must be distinct keys other than the table's, got {_show(aliases)}")
+
     sizes = part_sizes((rows, cols), kept, quantization.bits, mask, sparsity.block_shape)
     scale_code = BY_NAME[quantization.scale_dtype].safetensors
     expected_dtypes = {"codes": "U8", "scale": scale_code, "zero_point": scale_code, "mask": "U8"}
@@ -262,6 +281,7 @@ def _parse_table(where: str, key: str, entry: Any, stored: Mapping[str, TensorIn
         kept=kept,
         stats=stats,
         file_bytes=file_bytes(sizes, quantization.scale_dtype),
+        aliases=tuple(aliases),
     )
 
 
@@ -336,6 +356,15 @@ def _parse_info(where: str, handle: Any) -> CompressedFileInfo:
             passthrough[key] = info
         elif key not in tables[owner].tensor_keys.values():
             raise FormatError(f"{where}: table '{owner}': unexpected tensor '{key}'")
+    named: dict[str, str] = {}
+    for key, table in tables.items():
+        for alias in table.aliases:
+            other = named.get(alias) or (alias if alias in stored else None)
+            owner = reserved_owner(alias, tables)
+            if other is not None or owner is not None:
+                clash = f"table '{owner}'" if owner is not None else f"'{other}'"
+                raise FormatError(f"{where}: table '{key}': alias '{alias}' collides with {clash}")
+            named[alias] = key
     source = document.get("source")
     return CompressedFileInfo(
         path=where,
@@ -470,12 +499,26 @@ class SparqFile:
         """Returns the file's sparq metadata (format version, tables, source, extra) as data."""
         return self.info.to_dict()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Returns the dense state dict, keys sorted; a table's aliases are the same tensor
+        object as the table (decoded once), as tied weights are. Raises FormatError when the
+        file is corrupt or inconsistent."""
+        decoded: dict[str, torch.Tensor] = {}
+        state: dict[str, torch.Tensor] = {}
+        for key in self.keys():
+            target = self.info.aliases.get(key, key)
+            if target not in decoded:
+                decoded[target] = self.get_tensor(target)
+            state[key] = decoded[target]
+        return state
+
     def get_tensor(self, key: str) -> torch.Tensor:
         """Returns tensor `key` decoded to its original dtype (pass-through tensors as stored).
 
         Raises InputError when the file holds no such key (naming close keys), FormatError when
         it is corrupt or inconsistent.
         """
+        key = self.info.aliases.get(key, key)
         if key in self.info.tables:
             return self.get_table(key).decode()
         if key in self.info.passthrough:
@@ -486,9 +529,10 @@ class SparqFile:
         """Returns compressed table `key`, validated and unpacked (codes one per byte, the mask
         as a bool grid, as the engine makes them).
 
-        Raises InputError when `key` is not a compressed table of the file, FormatError when the
-        table is inconsistent or corrupt.
+        An alias gives its table. Raises InputError when `key` is not a compressed table of the
+        file, FormatError when the table is inconsistent or corrupt.
         """
+        key = self.info.aliases.get(key, key)
         if key not in self.info.tables:
             raise _unknown_key(self.path, key, self.tables())
         return _read_table(self.path, self._handle, self.info.tables[key], self.device)
@@ -500,6 +544,7 @@ class SparqFile:
         block rows that hold those rows. Raises IndexError for a range outside the tensor,
         InputError for an unknown key, FormatError for a corrupt table.
         """
+        key = self.info.aliases.get(key, key)
         if key in self.info.passthrough:
             shape = self.info.passthrough[key].shape
             _check_range(key, start, stop, shape[0] if shape else 0)
@@ -512,12 +557,17 @@ class SparqFile:
         return _read_rows(self.path, self._handle, info, start, stop).to(self.device)
 
 
-def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile:
-    """Returns the open `SparqFile` at `path` (`sparqcli.open`).
+def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile | SparqFolder:
+    """Returns the open `SparqFile` at `path` (`sparqcli.open`), or a `SparqFolder` when `path`
+    is a folder of sparq shards (what compressing a model folder writes).
 
-    Raises InputError when the file is missing or unreadable, FormatError when it is not valid
-    safetensors or its sparq metadata is inconsistent.
+    Raises InputError when the file is missing or unreadable (or the folder is not a model
+    folder), FormatError when it is not valid safetensors or its sparq metadata is inconsistent.
     """
+    if Path(path).is_dir():
+        from sparqcli.format.folder import SparqFolder
+
+        return SparqFolder(path, device)
     return SparqFile(path, device)
 
 
@@ -559,20 +609,20 @@ def read_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when `key` is not a compressed table of the file (naming close keys) or the
     file is unreadable, FormatError when the file or the table is inconsistent or corrupt.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_table(key)
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Returns the dense state dict of a sparq (or plain safetensors) file, keys sorted.
+    """Returns the dense state dict of a sparq (or plain safetensors) file, or of a folder of
+    sparq shards, keys sorted. A table's aliases are the same tensor object as the table.
 
     Tables come back with their original keys, shapes and dtypes: pruned values exactly 0.0,
     kept ones `(q - zero_point) * scale`; pass-through tensors as stored. Raises InputError when
     the file is missing or unreadable, FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
-        names = file.keys()
-        return {key: file.get_tensor(key) for key in names}
+    with open_file(path, device) as file:
+        return file.state_dict()
 
 
 def load_table(path: str | Path, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -581,5 +631,5 @@ def load_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when the file holds no such key (naming close keys) or is unreadable,
     FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_tensor(key)

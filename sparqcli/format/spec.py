@@ -14,7 +14,10 @@ from sparqcli.engine.blocks import block_grid
 if TYPE_CHECKING:
     from sparqcli.engine.table import CompressedTable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format version this sparq reads and writes."""
+ALIASES_VERSION = 2
+"""The first version whose tables may list aliases; a file without aliases is written as 1."""
 METADATA_KEY = "sparq"
 PARTS: tuple[str, ...] = ("codes", "scale", "zero_point", "mask")
 MASK_KINDS: tuple[str, ...] = ("block", "value", "none")

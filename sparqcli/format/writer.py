@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from sparqcli.engine.stats import TableStats
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import OutputError
 from sparqcli.format.packing import pack_bits, pack_codes
-from sparqcli.format.spec import FORMAT_VERSION, METADATA_KEY, key_collision, mask_kind
+from sparqcli.format.spec import ALIASES_VERSION, METADATA_KEY, key_collision, mask_kind
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,10 @@ def _write_reason(error: BaseException) -> str:
     return text.removeprefix("Error while serializing: ")
 
 
-def _table_metadata(table: CompressedTable, stats: TableStats | None) -> dict[str, Any]:
-    return {
+def _table_metadata(
+    table: CompressedTable, stats: TableStats | None, aliases: Sequence[str]
+) -> dict[str, Any]:
+    entry = {
         "shape": [table.rows, table.cols],
         "dtype": dtype_name(table.dtype),
         "bits": table.quantization.bits,
@@ -91,6 +93,9 @@ def _table_metadata(table: CompressedTable, stats: TableStats | None) -> dict[st
         "kept": int(table.codes.numel()),
         "stats": None if stats is None else stats.to_dict(),
     }
+    if aliases:
+        entry["aliases"] = list(aliases)
+    return entry
 
 
 def _table_tensors(path: str, key: str, table: CompressedTable) -> dict[str, torch.Tensor]:
@@ -129,10 +134,10 @@ def _table_tensors(path: str, key: str, table: CompressedTable) -> dict[str, tor
                 f"{path}: table '{key}': {name} must hold one value per row ({table.rows}), "
                 f"got shape {list(original.shape)}"
             )
-        if scale_dtype == torch.float16 and not torch.equal(parts[name].float(), original.float()):
+        if scale_dtype != torch.float32 and not torch.equal(parts[name].float(), original.float()):
             raise OutputError(
-                f"{path}: table '{key}': scale_dtype is float16 but its {name} values are not "
-                f"float16 values"
+                f"{path}: table '{key}': scale_dtype is {table.quantization.scale_dtype} but its "
+                f"{name} values are not {table.quantization.scale_dtype} values"
             )
     if table.keep_mask is not None:
         parts["mask"] = pack_bits(table.keep_mask)
@@ -146,26 +151,39 @@ def write_compressed(
     stats: Mapping[str, TableStats] | None = None,
     source: SourceInfo | None = None,
     extra: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
-    """Writes a sparq file (format version 1) to exactly `path`; returns None.
+    """Writes a sparq file to exactly `path`; returns None.
 
     `passthrough` tensors are stored unchanged; each table `K` becomes `K.codes`, `K.scale`,
-    `K.zero_point` and `K.mask`; `stats` (per table key), `source` and `extra` (JSON-able) go
-    into the metadata. The caller makes the write atomic. Raises OutputError when a key collides
-    with a table's reserved names (`K` and `K.*`), when `extra` is not JSON-able, when a tensor
-    cannot be stored, or when the write fails.
+    `K.zero_point` and `K.mask`; `stats` (per table key), `aliases` (per table key: the other
+    keys that decode to the same tensor), `source` and `extra` (JSON-able) go into the metadata.
+    The file is format version 1 without aliases, 2 with. The caller makes the write atomic.
+    Raises OutputError when a key collides with a table's reserved names (`K` and `K.*`) or
+    another key, when `extra` is not JSON-able, when a tensor cannot be stored, or when the
+    write fails.
     """
     where = str(path)
-    collision = key_collision(passthrough, tables)
+    aliases = {key: list(names) for key, names in (aliases or {}).items() if names}
+    alias_names = [name for names in aliases.values() for name in names]
+    for key in aliases:
+        if key not in tables:
+            raise OutputError(f"{where}: cannot write: aliases of '{key}', which is not a table")
+    seen = set(passthrough)
+    for name in alias_names:
+        if name in seen or name in tables:
+            raise OutputError(f"{where}: cannot write: alias '{name}' is also another key")
+        seen.add(name)
+    collision = key_collision([*passthrough, *alias_names], tables)
     if collision is not None:
         raise OutputError(f"{where}: cannot write: {collision}", path=where)
     stored: dict[str, torch.Tensor] = dict(passthrough)
     table_meta: dict[str, Any] = {}
     for key, table in tables.items():
         stored.update(_table_tensors(where, key, table))
-        table_meta[key] = _table_metadata(table, (stats or {}).get(key))
+        table_meta[key] = _table_metadata(table, (stats or {}).get(key), aliases.get(key, ()))
     document = {
-        "format_version": FORMAT_VERSION,
+        "format_version": ALIASES_VERSION if alias_names else 1,
         "sparq_version": sparqcli.__version__,
         "source": None
         if source is None

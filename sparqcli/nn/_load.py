@@ -61,7 +61,10 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     Every `nn.Embedding` / `nn.EmbeddingBag` (or compressed module) whose `<module>.weight` is a
     compressed table of the file is replaced by a `sparqcli.nn` module serving that table, on
     the old module's device, keeping its `padding_idx`, `mode` and `include_last_offset`. Every
-    other tensor of the file is loaded as `model.load_state_dict` would load it.
+    other tensor of the file is loaded as `model.load_state_dict` would load it. A table's
+    aliases (tied weights, format version 2) are served the same way where they name embedding
+    modules too, and are loaded decoded where they do not (an output head tied to the input
+    embedding).
 
     With `strict`, nothing is changed and UsageError is raised (naming the key) when a
     compressed table matches no embedding module or its shape differs from the module's, or
@@ -75,10 +78,24 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     modules = dict(model.named_modules())
     plan: dict[str, tuple[str, nn.Module]] = {}
     unmatched: list[str] = []
-    for key, table in sorted(info.tables.items()):
+    # A table's aliases (tied weights) are served like the table where they are embeddings too,
+    # and loaded decoded elsewhere (an output head); so is a table that is not an embedding
+    # when one of its aliases is.
+    aliases = info.aliases
+    tied = {key for key in info.tables if info.tables[key].aliases}
+    decoded: dict[str, str] = {}
+    named = [(key, key) for key in info.tables] + list(aliases.items())
+    for key, source in sorted(named):
+        table = info.tables[source]
         name = _module_name(key)
         module = modules.get(name) if name is not None else None
-        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag, _CompressedLookup)):
+        lookup = isinstance(module, (nn.Embedding, nn.EmbeddingBag, _CompressedLookup))
+        if source in tied and not (
+            lookup and (module.num_embeddings, module.embedding_dim) == table.shape
+        ):
+            decoded[key] = source
+            continue
+        if not lookup:
             if strict:
                 raise UsageError(
                     f"{where}: compressed table '{key}' matches no nn.Embedding or "
@@ -95,7 +112,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
                 )
             unmatched.append(key)
             continue
-        plan[name] = (key, module)
+        plan[name] = (source, module)
 
     replaced_prefixes = tuple(f"{name}." if name else "" for name in plan)
     expected = {
@@ -103,7 +120,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
         for key in model.state_dict()
         if not (plan and any(key.startswith(prefix) for prefix in replaced_prefixes))
     }
-    stored = set(info.passthrough)
+    stored = set(info.passthrough) | set(decoded)
     if strict:
         missing = sorted(expected - stored)
         unexpected = sorted(stored - expected)
@@ -114,7 +131,12 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             if unexpected:
                 parts.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:5]))
             raise UsageError(f"{where}: the file does not match the model: " + "; ".join(parts))
-    passthrough = _read_passthrough(where, sorted(stored & expected))
+    passthrough = _read_passthrough(where, sorted(set(info.passthrough) & expected))
+    if decoded:
+        from sparqcli.format.reader import load_table
+
+        for key in sorted(set(decoded) & expected):
+            passthrough[key] = load_table(where, decoded[key])
     current = model.state_dict()
     for key, tensor in passthrough.items():
         if tuple(current[key].shape) != tuple(tensor.shape):

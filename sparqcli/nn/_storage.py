@@ -35,7 +35,7 @@ _DTYPE_NAMES = {
     torch.float64: "float64",
 }
 _ROUND = {torch.float16: 1, torch.bfloat16: 2}
-_STORED = {"F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
+_STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 # Work on at most this many (row x bit) entries at a time in the tensor-op paths.
 _CHUNK = 1 << 22
 
@@ -186,6 +186,9 @@ def read_packed(
     tensors = _read_mapped(where, names) if memory_map else _read_copied(where, names)
     if "mask" not in tensors:
         tensors["mask"] = torch.zeros(0, dtype=torch.uint8)
+    for part in ("scale", "zero_point"):
+        if tensors[part].dtype == torch.bfloat16:  # the kernels read float32 or float16;
+            tensors[part] = tensors[part].float()  # widening bfloat16 is exact
     return layout_of(table), tensors
 
 

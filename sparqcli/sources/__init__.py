@@ -7,7 +7,13 @@ or a range of rows at a time — the one primitive the engine needs. Two kinds s
   safetensors library, rows read with positioned reads, so a table larger than memory streams;
 * `StateDictCheckpoint` (`sources/torch_file.py`): a state dict in memory, from a `.pt`/
   `.pth`/`.bin`/`.ckpt` file read by `torch.load(weights_only=True)` (a pickled whole
-  `nn.Module` only when trusted), or handed over by a Python caller.
+  `nn.Module` only when trusted), or handed over by a Python caller;
+* `ShardedCheckpoint` (`sources/folder.py`): a model folder, several file checkpoints and an
+  index; each key is read from the shard that holds it.
+
+Tensors that hold the same values (aliases, e.g. tied embeddings) are found by
+`sources/aliases.py`: storage shared in memory is known from `storage_groups()`, byte-identical
+stored tensors are hashed.
 """
 
 from __future__ import annotations
@@ -100,6 +106,11 @@ class Checkpoint(ABC):
 
         return RowReader(self, key, pin_memory=for_gpu, read_ahead=for_gpu)
 
+    def storage_groups(self) -> list[tuple[str, ...]]:
+        """Returns groups (2 or more keys, in key order) of tensors known to hold the same bytes
+        without reading them: views of one storage. None known by default."""
+        return []
+
     def rebuild(self, state: dict[str, Any]) -> Any:
         """Returns the input's object with its state dict's tensors replaced by `state`."""
         return state
@@ -112,7 +123,8 @@ class Checkpoint(ABC):
 def open_checkpoint(
     path: str | Path, *, key: str | None = None, trust_pickle: bool = False
 ) -> Checkpoint:
-    """Returns the opened checkpoint at `path` (.safetensors, .pt, .pth, .bin, .ckpt).
+    """Returns the opened checkpoint at `path` (.safetensors, .pt, .pth, .bin, .ckpt), or a model
+    folder (shards and an index, see `sources/folder.py`).
 
     `key` names the entry holding the state dict in a nested checkpoint (dotted for deeper
     nesting); without it the usual names are tried. Raises InputError for a missing, unreadable
@@ -123,7 +135,14 @@ def open_checkpoint(
     if not path.exists():
         raise InputError(f"{path}: no such file", path=path)
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a checkpoint", path=path)
+        if key is not None:
+            raise UsageError(
+                f"{path}: {{opt:key}} applies to .pt files; a model folder's shards are flat",
+                path=path,
+            )
+        from sparqcli.sources.folder import open_folder
+
+        return open_folder(path, trust_pickle=trust_pickle)
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied", path=path)
     suffix = path.suffix.lower()

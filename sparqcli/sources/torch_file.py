@@ -72,6 +72,24 @@ class StateDictCheckpoint(Checkpoint):
         """Returns tensor `key` as it is held."""
         return self._state[key]
 
+    def storage_groups(self) -> list[tuple[str, ...]]:
+        """Returns groups (2 or more keys, in key order) of tensors that are the same view of
+        one storage: same storage, offset, shape, strides and dtype (tied weights)."""
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for key, value in self._state.items():
+            if value.numel() == 0 or value.is_quantized or value.layout != torch.strided:
+                continue
+            where = (
+                value.device,
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
+            groups.setdefault(where, []).append(key)
+        return [tuple(keys) for keys in groups.values() if len(keys) > 1]
+
     def rebuild(self, state: dict[str, Any]) -> Any:
         """Returns the file's object with its state dict's tensors replaced by `state`.
 
