@@ -17,7 +17,11 @@ from sparqcli.results import CheckpointInspection
 from sparqcli.results import to_json as to_json  # the one JSON writer, for the CLI
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sparqcli.format.reader import CompressedFileInfo
+    from sparqcli.planning.measure import Option
+    from sparqcli.planning.result import PlanResult
     from sparqcli.results import CompressReport, FileReport
     from sparqcli.select import Selection
 
@@ -251,3 +255,207 @@ def selection_table(selection: Selection, source: str) -> Group:
 def _is_number(value: object) -> bool:
     """Returns True for an int or float (a file's statistic may be null: not finite)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (`sparq plan`)
+
+PLOT_SUFFIXES = (".png", ".svg")
+PLOT_INSTALL = "pip install 'sparqcli[plot]' (or: pip install matplotlib)"
+
+
+def _option_cell(option: Option | None, weighted: bool) -> str:
+    if option is None:
+        return "-"
+    error = option.weighted_error if weighted else option.rel_error
+    return f"{option.candidate.label}\n{human_bytes(option.bytes)}, {error:.4f}"
+
+
+def plan_summary(result: PlanResult, frontier_points: int = 12) -> Group:
+    """Returns what `sparq plan` prints: the tables' choices, the totals, the model's frontier."""
+    weighted = result.weighted
+    table = _new_table()
+    for name, justify in [
+        ("table", "left"),
+        ("shape", "right"),
+        ("chosen", "left"),
+        ("bytes\nbefore → after", "right"),
+        ("weighted\nerror" if weighted else "rel. L2\nerror", "right"),
+        ("next cheaper\nbytes, error", "left"),
+        ("next dearer\nbytes, error", "left"),
+    ]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in result.tables:
+        option = row.option
+        table.add_row(
+            row.key,
+            _shape(row.shape),
+            option.candidate.label + ("" if option.exact else " *"),
+            f"{human_bytes(row.bytes_before)} → {human_bytes(option.bytes)}",
+            f"{(option.weighted_error if weighted else option.rel_error):.4f}",
+            _option_cell(row.cheaper, weighted),
+            _option_cell(row.dearer, weighted),
+        )
+    goal = (
+        f"budget {result.target:g}x" if result.mode == "budget" else f"error E ≤ {result.target:g}"
+    )
+    title = f"{', '.join(str(p) for p in result.inputs)}: plan for {goal}"
+    parts: list[Any] = [_titled(title, table), Text(plan_totals(result))]
+    sampled = [f"{row.key} ({row.sampled_rows} rows)" for row in result.tables if row.sampled_rows]
+    if sampled:
+        parts.append(
+            Text(
+                "errors of the other options estimated on row samples: " + ", ".join(sampled),
+                style="dim",
+            )
+        )
+    parts.append(_frontier_table(result, frontier_points))
+    return Group(*parts)
+
+
+def plan_totals(result: PlanResult) -> str:
+    """Returns the plan's totals and how it compares with the best uniform setting, one line each."""
+    kind = "row-weighted error E" if result.weighted else "error E"
+    how = "measured on the whole tables" if result.verified else "estimated"
+    lines = [
+        f"plan: {result.bytes:,} bytes of {result.bytes_before:,} ({result.ratio:.4f}x), "
+        f"{kind} {result.error:.4f} ({how})"
+    ]
+    best = result.best_uniform
+    if best is None:
+        lines.append("no uniform setting meets the target")
+    else:
+        if result.mode == "budget":
+            gain = 1 - result.error / best.error if best.error else 0.0
+            compare = f"the plan has {gain:.1%} less error"
+        else:
+            gain = 1 - result.bytes / best.bytes if best.bytes else 0.0
+            compare = f"the plan takes {gain:.1%} fewer bytes"
+        lines.append(
+            f"best uniform setting: {best.label}: {best.bytes:,} bytes "
+            f"({best.bytes / result.bytes_before:.4f}x), {kind} {best.error:.4f}; {compare}"
+        )
+    return "\n".join(lines)
+
+
+def _frontier_table(result: PlanResult, count: int) -> Group:
+    points = result.frontier
+    if len(points) > count:
+        step = (len(points) - 1) / (count - 1)
+        points = [points[round(i * step)] for i in range(count)]
+    table = _new_table()
+    for name in ("bytes", "ratio", "error E", ""):
+        table.add_column(name, justify="right")
+    marks = [("◀ plan", result.bytes)]
+    if result.best_uniform is not None:
+        marks.append((f"◀ best uniform ({result.best_uniform.label})", result.best_uniform.bytes))
+    placed: dict[int, list[str]] = {}
+    for mark, size in marks:
+        nearest = min(range(len(points)), key=lambda i: abs(points[i].bytes - size))
+        placed.setdefault(nearest, []).append(mark)
+    for index, point in enumerate(points):
+        table.add_row(
+            f"{point.bytes:,}",
+            f"{point.bytes / result.bytes_before:.4f}x" if result.bytes_before else "-",
+            f"{point.error:.4f}",
+            ", ".join(placed.get(index, [])),
+        )
+    return _titled("the model's frontier (least error for its bytes):", table)
+
+
+def check_plot_path(path: Path) -> None:
+    """Checks that a plan plot can be written to `path`.
+
+    Raises UsageError for a suffix other than .png/.svg, or when matplotlib is not installed.
+    """
+    from sparqcli.errors import UsageError
+
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(
+            f"{{opt:plot}} {path}: must end in .png or .svg, got '{path.suffix}'",
+            path=path,
+            option="plot",
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"{{opt:plot}} needs matplotlib, which is not installed: {PLOT_INSTALL}",
+            option="plot",
+        ) from None
+
+
+def plan_plot(result: PlanResult, path: Path) -> Path:
+    """Draws the model's error-vs-bytes frontier, the uniform settings and the plan to `path`
+    (PNG or SVG, by its suffix), atomically; returns `path`.
+
+    Raises UsageError (see `check_plot_path`), OutputError when the file cannot be written.
+    """
+    check_plot_path(path)
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sparqcli.sinks import atomic_output
+
+    before = result.bytes_before or 1
+    kind = "row-weighted error E" if result.weighted else "error E (relative L2)"
+    with matplotlib.rc_context({"svg.hashsalt": "sparq", "svg.fonttype": "none"}):
+        figure = Figure(figsize=(7, 4.5), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        frontier = result.frontier
+        axes.plot(
+            [p.bytes / before for p in frontier],
+            [p.error for p in frontier],
+            "-",
+            color="tab:blue",
+            linewidth=1.5,
+            label="model frontier (per-table settings)",
+        )
+        if result.uniform:
+            axes.scatter(
+                [p.bytes / before for p in result.uniform],
+                [p.error for p in result.uniform],
+                s=12,
+                color="0.6",
+                label="uniform settings",
+                zorder=2,
+            )
+        best = result.best_uniform
+        if best is not None:
+            axes.scatter(
+                [best.bytes / before],
+                [best.error],
+                s=70,
+                facecolors="none",
+                edgecolors="black",
+                label=f"best uniform: {best.label}",
+                zorder=3,
+            )
+        axes.scatter(
+            [result.ratio],
+            [result.error],
+            marker="*",
+            s=160,
+            color="tab:red",
+            label=f"plan: {result.ratio:.3f}x, E {result.error:.3f}",
+            zorder=4,
+        )
+        if result.mode == "budget":
+            axes.axvline(result.target, color="tab:red", linestyle=":", linewidth=1)
+        else:
+            axes.axhline(result.target, color="tab:red", linestyle=":", linewidth=1)
+        axes.set_xscale("log")
+        axes.set_xlabel("compressed bytes / original bytes (tables)")
+        axes.set_ylabel(kind)
+        axes.grid(True, which="both", linewidth=0.3)
+        axes.legend(fontsize=8)
+        names = ", ".join(p.name for p in result.inputs)
+        axes.set_title(f"sparq plan: {names}", fontsize=10)
+        figure.tight_layout()
+        suffix = path.suffix.lower()[1:]
+        metadata = {"Date": None} if suffix == "svg" else {"Software": None}
+        with atomic_output(path) as temp:
+            figure.savefig(temp, format=suffix, metadata=metadata)
+    return path

@@ -167,7 +167,9 @@ def candidates(space: PlanSpace, sparsity: Sparsity, quantization: Quantization)
         }
         for axis, value in zip(AXES, combination, strict=True):
             fields[axis.section][axis.field] = value
-        candidate = Candidate(Sparsity(**fields["sparsity"]), Quantization(**fields["quantization"]))
+        candidate = Candidate(
+            Sparsity(**fields["sparsity"]), Quantization(**fields["quantization"])
+        )
         if not candidate.prunes:
             no_pruning = {**fields["sparsity"]}
             for axis in AXES:
@@ -189,7 +191,9 @@ def plan_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
     for key, items in values.items():
         axis = by_key.get(key)
         if axis is None:
-            problems.append((f"{path}.{key}", f"unknown key; expected one of {', '.join(PLAN_KEYS)}"))
+            problems.append(
+                (f"{path}.{key}", f"unknown key; expected one of {', '.join(PLAN_KEYS)}")
+            )
             continue
         if isinstance(items, tuple):
             items = list(items)
