@@ -36,7 +36,7 @@ from sparqcli.settings import Order
 RowReader = Callable[[int, int], torch.Tensor]
 Progress = Callable[[float], None]
 
-STRATA = 16
+STRATA = 32
 """Strata of a row sample (of equal importance)."""
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""

@@ -369,9 +369,9 @@ def _plan_config(base: Config, tables: list[TablePlan]) -> Config:
         rules.append(
             Rule(
                 match=exact_pattern(table.key),
-                sparsity=table.option.candidate.sparsity,
-                quantization=table.option.candidate.quantization,
-                gates=gates if has_gates else None,
+                sparsity=_as_rule_section(table.option.candidate.sparsity.to_dict()),
+                quantization=_as_rule_section(table.option.candidate.quantization.to_dict()),
+                gates=_as_rule_section(gates.to_dict()) if has_gates else None,
             )
         )
     return Config(
@@ -381,6 +381,11 @@ def _plan_config(base: Config, tables: list[TablePlan]) -> Config:
         quantization=base.quantization,
         source="<plan>",
     )
+
+
+def _as_rule_section(values: dict[str, Any]) -> dict[str, Any]:
+    """Returns a section as a rule holds it when read from YAML (block shapes as tuples)."""
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
 
 
 def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, torch.Tensor]:
