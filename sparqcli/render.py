@@ -343,24 +343,27 @@ def _frontier_table(result: PlanResult, count: int) -> Group:
     if len(points) > count:
         step = (len(points) - 1) / (count - 1)
         points = [points[round(i * step)] for i in range(count)]
+    rows = [(p.bytes, p.error, "") for p in points]
+    rows.append((result.bytes, result.error, "◀ plan"))
+    if result.best_uniform is not None:
+        best = result.best_uniform
+        rows.append((best.bytes, best.error, f"◀ best uniform setting ({best.label})"))
     table = _new_table()
     for name in ("bytes", "ratio", "error E", ""):
-        table.add_column(name, justify="right")
-    marks = [("◀ plan", result.bytes)]
-    if result.best_uniform is not None:
-        marks.append((f"◀ best uniform ({result.best_uniform.label})", result.best_uniform.bytes))
-    placed: dict[int, list[str]] = {}
-    for mark, size in marks:
-        nearest = min(range(len(points)), key=lambda i: abs(points[i].bytes - size))
-        placed.setdefault(nearest, []).append(mark)
-    for index, point in enumerate(points):
+        table.add_column(name, justify="right" if name else "left")
+    for size, error, mark in sorted(rows, key=lambda row: (row[0], row[2] == "")):
         table.add_row(
-            f"{point.bytes:,}",
-            f"{point.bytes / result.bytes_before:.4f}x" if result.bytes_before else "-",
-            f"{point.error:.4f}",
-            ", ".join(placed.get(index, [])),
+            f"{size:,}",
+            f"{size / result.bytes_before:.4f}x" if result.bytes_before else "-",
+            f"{error:.4f}",
+            mark,
+            style="bold" if mark else None,
         )
-    return _titled("the model's frontier (least error for its bytes):", table)
+    return _titled(
+        "the model's frontier (convex hull of the per-table choices), the plan and the best "
+        "uniform setting:",
+        table,
+    )
 
 
 def check_plot_path(path: Path) -> None:
