@@ -161,11 +161,15 @@ def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_pa
 # Budgets and error targets
 
 
-@pytest.mark.parametrize("sample_rows", [None, 64])
+@pytest.mark.parametrize(
+    ("sample_rows", "order"),
+    [(None, "sparsify-first"), (64, "sparsify-first"), (64, "quantize-first")],
+)
 def test_budget_is_met_exactly_and_compress_gives_the_prediction(
-    mixed: tuple[Path, Path], tmp_path: Path, sample_rows: int | None
+    mixed: tuple[Path, Path], tmp_path: Path, sample_rows: int | None, order: str
 ) -> None:
     model, base = mixed
+    base.write_text(BASE.replace("version: 1", f"version: 1\norder: {order}"))
     plan_path = tmp_path / "plan.yaml"
     result = sparqcli.plan(model, base, budget=0.12, output=plan_path, sample_rows=sample_rows)
     assert result.bytes <= 0.12 * result.bytes_before
