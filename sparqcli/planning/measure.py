@@ -18,8 +18,9 @@ does) when it is small, or on a row sample when it is large:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +42,8 @@ STRATA = 32
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""
 _CHUNK_VALUES = 1 << 20
+SMALL_TABLE_VALUES = 1 << 20
+"""Tables of at most this many values are measured on one thread (see `one_thread`)."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,16 @@ def measure_table(
     rows = shape[0]
     if sample_rows is None or 2 * sample_rows >= rows:
         options = []
-        for index, candidate in enumerate(candidates):
-            options.append(
-                measure_exact(read_rows, shape, dtype, order, candidate, weights=weights, name=name)
-            )
-            if progress is not None:
-                progress((index + 1) / len(candidates))
+        small = rows * shape[1] <= SMALL_TABLE_VALUES
+        with one_thread() if small else contextlib.nullcontext():
+            for index, candidate in enumerate(candidates):
+                options.append(
+                    measure_exact(
+                        read_rows, shape, dtype, order, candidate, weights=weights, name=name
+                    )
+                )
+                if progress is not None:
+                    progress((index + 1) / len(candidates))
         return options
     return _SampledTable(
         read_rows, shape, dtype, order, candidates, weights, sample_rows, name
@@ -180,10 +187,11 @@ class _SampledTable:
             self.samples[height] = self._draw(row_norms, height)
         self._gather()
         options = []
-        for index, candidate in enumerate(self.candidates):
-            options.append(self._measure(candidate))
-            if progress is not None:
-                progress((index + 1) / len(self.candidates))
+        with one_thread():
+            for index, candidate in enumerate(self.candidates):
+                options.append(self._measure(candidate))
+                if progress is not None:
+                    progress((index + 1) / len(self.candidates))
         return options
 
     # -- pass 1: row norms and the whole table's block scores -----------------------------------
@@ -409,6 +417,26 @@ class _Sample:
         rel = math.sqrt(num_u / self.total_u) if self.total_u > 0 else 0.0
         weighted = math.sqrt(num_w / self.total_w) if self.total_w > 0 else 0.0
         return rel, weighted, _row_cosine_min(original, decoded)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Runs the block with torch on one intra-op thread, then restores the thread count.
+
+    Samples and small tables make many short engine runs; with several threads each of their
+    many short parallel regions waits for every thread, which costs more than it gains, and far
+    more on a busy machine (measured on 2 shared cores: a plan took 10x one compression's CPU
+    time with 2 threads, 6x with one). Sets process-wide state for the block's duration.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _allocate(wanted: int, sizes: list[int]) -> list[int]:
