@@ -201,6 +201,27 @@ def test_max_error_meets_the_target_with_fewest_bytes(mixed: tuple[Path, Path]) 
     assert result.mode == "max_error"
 
 
+def test_max_error_holds_after_verifying_sampled_estimates(mixed: tuple[Path, Path]) -> None:
+    model, base = mixed
+    for target in (0.05, 0.2):
+        result = sparqcli.plan(model, base, max_error=target, sample_rows=64)
+        assert result.verified and all(t.option.exact for t in result.tables)
+        assert result.error <= target
+
+
+def test_gates_of_the_base_rules_are_respected_and_kept(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    base.write_text(BASE + "gates: {max_rel_error: 0.2, max_bytes_ratio: 0.3}\n")
+    plan_path = tmp_path / "plan.yaml"
+    result = sparqcli.plan(model, base, budget=0.2, output=plan_path)
+    assert all(t.option.rel_error <= 0.2 for t in result.tables)
+    report = sparqcli.compress(model, plan_path, output=tmp_path / "out.sparq.safetensors")
+    assert report.gates_passed
+    assert all(rule.gates.max_rel_error == 0.2 for rule in result.config.resolved_rules)
+
+
 def test_row_weights_move_bytes_to_heavily_weighted_tables(tmp_path: Path) -> None:
     state = {"a.weight": zipf_table(300, 32, seed=3), "b.weight": zipf_table(300, 32, seed=4)}
     model = tmp_path / "two.pt"

@@ -287,8 +287,8 @@ def _allocate(
                 return None
             smallest = allocator.totals(allocator.cheapest())[0]
             raise UsageError(
-                f"{{opt:budget}} {target:g} cannot be met: the smallest plan takes "
-                f"{smallest:,} bytes, {smallest / before:.4g}x of the tables' {before:,} bytes",
+                f"{{opt:budget}} {target:g} cannot be met: the smallest plan{_within(tables, allowed)} "
+                f"takes {smallest:,} bytes, {smallest / before:.4g}x of the tables' {before:,} bytes",
                 option="budget",
             )
     else:
@@ -302,11 +302,18 @@ def _allocate(
             lowest = allocator.totals(allocator.most_accurate())[1]
             best = math.sqrt(lowest / total_weight) if total_weight else 0.0
             raise UsageError(
-                f"{{opt:max_error}} {target:g} cannot be reached: the lowest error any plan "
-                f"reaches is {best:.4g} (every table at its most accurate setting)",
+                f"{{opt:max_error}} {target:g} cannot be reached: the lowest error any plan"
+                f"{_within(tables, allowed)} reaches is {best:.4g} (every table at its most "
+                "accurate setting)",
                 option="max_error",
             )
     return [allowed[t][i] for t, i in enumerate(found)]
+
+
+def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
+    """Returns ` within the gates` when the base rules' gates ruled out some options."""
+    limited = any(len(a) < len(t.options) for t, a in zip(tables, allowed, strict=True))
+    return " within the gates" if limited else ""
 
 
 def _uniform_choices(
