@@ -30,6 +30,7 @@ lint: install
 demo: install
 	$(PY) examples/make_example.py build/example.pt
 	$(VENV)/bin/sparq compress build/example.pt --config configs/default.yaml -o build/example.sparq.safetensors --force
+	$(PY) examples/serve_example.py build/example.pt build/example.sparq.safetensors
 	$(VENV)/bin/sparq plan build/example.pt --config configs/default.yaml --budget 0.1 -o build/example.plan.yaml --plot build/example.plan.svg --force
 
 bench: install
@@ -37,6 +38,7 @@ bench: install
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_cuda.py
+	$(PY) benchmarks/bench_serving.py --wait-quiet 60
 
 clean:
 	rm -rf build .pytest_cache

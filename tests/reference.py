@@ -1,4 +1,4 @@
-"""torch.ao's post_training_sparse_quantize as the test oracle (imported lazily, skips if missing)."""
+"""torch.ao's post_training_sparse_quantize as the test oracle (missing: fails in CI, skips elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-ao_quant = pytest.importorskip("torch.ao.quantization")
-data_sparsifier = pytest.importorskip("torch.ao.pruning._experimental.data_sparsifier")
-quantization_utils = pytest.importorskip(
+from tests.conftest import import_oracle
+
+ao_quant = import_oracle("torch.ao.quantization")
+data_sparsifier = import_oracle("torch.ao.pruning._experimental.data_sparsifier")
+quantization_utils = import_oracle(
     "torch.ao.pruning._experimental.data_sparsifier.quantization_utils"
 )
 

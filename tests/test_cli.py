@@ -374,3 +374,71 @@ def test_help_does_not_import_torch():
         env={**os.environ, "COLUMNS": "100"},
     )
     assert done.stdout.strip().endswith("False")
+
+
+def test_python_dash_m_is_the_same_command(checkpoint, config):
+    done = subprocess.run(
+        [sys.executable, "-m", "sparqcli", "compress", checkpoint, "--config", config, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["files"][0]["output"] == str(
+        checkpoint.with_name("model.sparq.safetensors")
+    )
+
+
+def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path, config):
+    missing = tmp_path / "nope.pt"
+    plain = subprocess.run(
+        [sys.executable, "-m", "sparqcli", "compress", missing, "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (plain.returncode, plain.stderr) == (1, f"sparq: error: {missing}: no such file\n")
+    debug = subprocess.run(
+        [sys.executable, "-m", "sparqcli", "--debug", "compress", missing, "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.rstrip().endswith(f"sparq.errors.InputError: {missing}: no such file") or (
+        debug.stderr.rstrip().endswith(f"sparqcli.errors.InputError: {missing}: no such file")
+    )
+
+
+def test_progress_bars_draw_on_a_terminal_and_vanish(checkpoint, config):
+    import pty
+
+    leader, follower = pty.openpty()
+    done = subprocess.run(
+        [sys.executable, "-m", "sparqcli", "compress", checkpoint, "--config", config],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
+    )
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert done.returncode == 0
+    text = drawn.decode(errors="replace")
+    assert "model.pt: emb.weight" in text and "100%" in text
+    assert "sparq: error" not in text
+    assert b"bits/weight over 2 table(s)" in done.stdout  # the summary: stdout, not the terminal

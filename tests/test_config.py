@@ -582,3 +582,32 @@ def _roundtrip(data: dict[str, Any]) -> Config:
 def test_roundtrip_keeps_type_rules() -> None:
     data: dict[str, Any] = {"layers": [{"type": "embedding", "gates": {"max_bytes_ratio": 0.4}}]}
     assert _roundtrip(data) == Config.from_dict(data, "c")
+
+
+# Each shipped config, run on a small checkpoint shaped like the models it is written for.
+SHIPPED_MODELS = {
+    "default.yaml": {"token_embedding.weight": (500, 32), "bags.0.weight": (300, 16)},
+    "recommender.yaml": {"sparse.bags.0.weight": (800, 16), "sparse.emb_user.weight": (600, 8)},
+    "token-embedding.yaml": {"embeddings.word_embeddings.weight": (1000, 32)},
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_runs(path: Path, tmp_path: Path) -> None:
+    import torch
+
+    import sparqcli
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        key: torch.randn(*shape, generator=generator)
+        for key, shape in SHIPPED_MODELS[path.name].items()
+    }
+    state["head.weight"] = torch.randn(4, 32, generator=generator)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(state, checkpoint)
+    report = sparqcli.compress(checkpoint, path)
+    tables = report.files[0].tables
+    assert sorted(table.key for table in tables) == sorted(SHIPPED_MODELS[path.name])
+    assert all(table.stats is not None and table.bytes_after for table in tables)
+    assert report.files[0].written == report.gates_passed

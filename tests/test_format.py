@@ -37,6 +37,7 @@ from sparqcli.format import (
     write_compressed,
 )
 from sparqcli.settings import Quantization, Sparsity
+from tests.conftest import import_oracle
 
 KEY = "emb.weight"
 
@@ -676,9 +677,9 @@ def _reference_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> nn.Module:
     """Returns a two-module model with `table` in an embedding, converted by the reference."""
-    ao_quant = pytest.importorskip("torch.ao.quantization")
-    data_sparsifier = pytest.importorskip("torch.ao.pruning._experimental.data_sparsifier")
-    utils = pytest.importorskip("torch.ao.pruning._experimental.data_sparsifier.quantization_utils")
+    ao_quant = import_oracle("torch.ao.quantization")
+    data_sparsifier = import_oracle("torch.ao.pruning._experimental.data_sparsifier")
+    utils = import_oracle("torch.ao.pruning._experimental.data_sparsifier.quantization_utils")
     model = nn.Sequential(module(*table.shape), nn.Linear(3, 2))
     with torch.no_grad():
         model[0].weight.copy_(table)

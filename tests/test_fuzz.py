@@ -35,7 +35,7 @@ import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tests.test_reliability import check_outcome, invoke, write_inputs
+from tests.conftest import check_outcome, invoke, write_inputs
 
 FUZZ_EXAMPLES = int(os.environ.get("SPARQ_FUZZ_EXAMPLES", "150"))
 _SEED = int(os.environ.get("SPARQ_FUZZ_SEED", "0"))

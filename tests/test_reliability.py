@@ -5,8 +5,8 @@ or 2 (no traceback, no hang, no memory blow-up); NaN/Inf and degenerate tables; 
 leave nothing behind; outputs are byte-reproducible (runs, folders, thread counts); compressing
 a compressed file or selecting nothing is refused.
 
-The helpers here (`invoke`, `check_outcome`, `write_inputs`, ...) are shared with
-test_fuzz.py and test_signals.py.
+The helpers shared with test_fuzz.py and test_signals.py (`invoke`, `check_outcome`,
+`write_inputs`, ...) live in conftest.py.
 """
 
 from __future__ import annotations
@@ -31,107 +31,20 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import sparqcli
-from sparqcli.cli import app
 from sparqcli.engine.pipeline import compress_table
 from sparqcli.settings import Quantization, Sparsity
-
-SPARQ = Path(sys.executable).with_name("sparq")
-runner = CliRunner()
-
-CONFIG = """\
-version: 1
-sparsity: {level: 0.5, block_shape: [1, 4]}
-quantization: {bits: 8}
-layers:
-  - match: emb
-"""
-
-
-# --- shared helpers ---------------------------------------------------------------------------
-
-
-def invoke(*args: object) -> Any:
-    """Runs the CLI in-process; exceptions that escape the error mapping land in `.exception`."""
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result: Any, codes: tuple[int, ...] = (1, 2)) -> str:
-    """Asserts a clean failure: an exit code in `codes`, one `sparq: error: ` line, no traceback."""
-    escaped = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not escaped, f"escaped the error mapping: {result.exception!r}"
-    assert result.exit_code in codes, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    stderr = result.stderr
-    assert stderr.startswith("sparq: error: ") and stderr.count("\n") == 1, repr(stderr)
-    return stderr.rstrip("\n")
-
-
-def check_outcome(result: Any, command: str, output: Path | None = None) -> None:
-    """Asserts exit 0 with a valid output, or a clean one-line failure (exit 1 or 2).
-
-    `command` is the sparq subcommand run; `output` is the file it was asked to write.
-    """
-    escaped = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not escaped, f"escaped the error mapping: {result.exception!r}"
-    assert "Traceback" not in result.output
-    if result.exit_code != 0:
-        assert_one_line_error(result)
-        if output is not None:
-            assert not output.exists(), f"{output} written by a failed run"
-            assert not list(output.parent.glob(f".{output.name}.*.tmp")), "temporary file left"
-        return
-    assert result.stderr == "", repr(result.stderr)
-    if command == "compress":
-        assert output is not None and output.exists()
-        loaded = sparqcli.load(output)
-        assert loaded, "empty output"
-        for value in loaded.values():
-            assert isinstance(value, torch.Tensor)
-    elif command == "decompress":
-        assert output is not None and output.exists()
-        with safe_open(str(output), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                handle.get_tensor(key)
-    elif command in ("inspect", "validate"):
-        assert result.stdout.strip()
-
-
-def make_state(rows: int = 64, cols: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "emb.weight": torch.randn(rows, cols, generator=generator),
-        "proj.weight": torch.randn(4, 8, generator=generator),
-        "proj.bias": torch.randn(4, generator=generator),
-        "step": torch.tensor(3),
-    }
-
-
-def write_inputs(folder: Path) -> dict[str, Path]:
-    """Writes one valid file of each kind into `folder`: config, .pt (zip and legacy),
-    .safetensors and a compressed sparq file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = make_state()
-    paths = {
-        "config": folder / "cfg.yaml",
-        "pt": folder / "model.pt",
-        "legacy": folder / "legacy.pt",
-        "safetensors": folder / "model.safetensors",
-        "sparq": folder / "model.sparq.safetensors",
-    }
-    paths["config"].write_text(CONFIG)
-    torch.save(state, paths["pt"])
-    torch.save(state, paths["legacy"], _use_new_zipfile_serialization=False)
-    save_file(state, str(paths["safetensors"]))
-    result = invoke("compress", paths["pt"], "--config", paths["config"], "-q")
-    assert result.exit_code == 0, result.output
-    return paths
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.conftest import (
+    CONFIG,
+    SPARQ,
+    assert_one_line_error,
+    check_outcome,
+    invoke,
+    make_table_state,
+    sha256,
+    write_inputs,
+)
 
 
 def run_sparq(
@@ -605,7 +518,7 @@ def test_block_shapes_larger_than_the_table_do_not_blow_up_memory(inputs, tmp_pa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
 def test_nan_and_inf_name_the_table_and_the_first_bad_row(tmp_path, bad, dtype, order):
-    state = make_state()
+    state = make_table_state()
     table = state["emb.weight"].to(dtype)
     table[37, 5] = bad
     table[50, 0] = bad
@@ -637,7 +550,7 @@ def test_nan_past_the_first_row_chunk_is_found_at_its_row(tmp_path):
 
 
 def test_nan_in_a_table_that_is_not_selected_is_carried_over(tmp_path):
-    state = make_state()
+    state = make_table_state()
     state["proj.weight"][1, 1] = float("nan")
     source = tmp_path / "model.pt"
     torch.save(state, source)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.test_reliability import CONFIG, SPARQ, invoke
+from tests.conftest import CONFIG, SPARQ, invoke
 
 OUTPUT = "out.sparq.safetensors"
 _EXPECTED_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}

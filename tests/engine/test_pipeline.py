@@ -71,6 +71,11 @@ def test_matches_torch_ao_bit_for_bit(
     assert torch.equal(
         compressed.zero_point.view(torch.int32), reference.zero_point.view(torch.int32)
     )
+    _assert_matches_up_to_ties(compressed, reference, table, order, block_shape, bits, norm)
+
+
+def _assert_matches_up_to_ties(compressed, reference, table, order, block_shape, bits, norm):
+    """Asserts sparq's keep-mask and codes equal torch.ao's, up to the blocks that tie."""
     keep = compressed.value_keep_mask()
     if order == "quantize-first" and block_shape == (1, 1):
         # A row of a dequantized table holds at most 2**bits distinct values, so single-value
@@ -120,8 +125,11 @@ def test_blocks_that_tile_the_table_match_torch_ao(order, block_shape, monkeypat
     table = torch.randn(1000, 36, generator=torch.Generator().manual_seed(sum(block_shape)))
     sparsity = Sparsity(0.7, block_shape)
     compressed, reference = _with_reference(table, order, sparsity, monkeypatch, chunk_rows=96)
-    if order == "sparsify-first" or block_shape != (1, 1):  # (1, 1) quantize-first ties
+    assert torch.equal(compressed.scale.double(), reference.scale.double())
+    if order == "sparsify-first" or block_shape != (1, 1):
         _assert_same_bits(compressed, reference)
+    else:  # quantize-first with (1, 1) blocks ties by construction
+        _assert_matches_up_to_ties(compressed, reference, table, order, block_shape, 8, "L1")
 
 
 @pytest.mark.parametrize("order", ORDERS)

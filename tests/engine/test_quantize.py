@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from sparqcli.engine.quantize import dequantize, quantize, row_qparams
 from sparqcli.errors import TableError
 from sparqcli.settings import Quantization
+from tests.conftest import import_oracle
 
-torch_ao = pytest.importorskip("torch.ao.quantization")
+torch_ao = import_oracle("torch.ao.quantization")
 
 
 @pytest.mark.parametrize(("bits", "dtype"), [(8, torch.quint8), (4, torch.quint4x2)])

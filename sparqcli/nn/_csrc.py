@@ -1,0 +1,546 @@
+"""C++ source of the fused gather-decode-reduce lookup kernel (compiled at first use by _kernel.py).
+
+The kernel reads the compressed storage exactly as the file holds it: codes bit-packed
+continuously LSB-first at any width 1..8, one scale and zero point per row (float32 or float16),
+the keep-mask bit-packed LSB-first over its grid (blocks or values), and a group index of row
+offsets (one int64 per `group` mask units). A row's first code is found from the index plus a
+popcount of the mask bits between its group's start and the row; the row is then decoded run by
+run (a run: consecutive kept columns, hence consecutive codes) and reduced into the output.
+
+Hot functions are compiled twice through GCC's `target_clones` (x86-64-v3 and the baseline), so
+the cached build is valid on any x86-64 machine and uses AVX2 where the CPU has it. Floating
+point contraction is off (`-ffp-contract=off`): a value decodes to `(float(q) - z) * s`, rounded
+exactly as the engine's `dequantize` does.
+"""
+
+from __future__ import annotations
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPARQ_CLONES
+#endif
+#define SPARQ_INLINE inline __attribute__((always_inline))
+
+namespace sparq_nn {
+
+using i64 = int64_t;
+
+// Geometry of one compressed table, as passed from Python (see _kernel.py: GEOMETRY).
+struct Table {
+  const uint8_t* codes;
+  const float* scale32;
+  const c10::Half* scale16;
+  const float* zp32;
+  const c10::Half* zp16;
+  const uint8_t* mask;
+  i64 mask_bytes;
+  const i64* base;
+  i64 rows, cols, bits, masked, bh, bw, unit_bits, wlast, group, round;
+  int group_shift;
+
+  SPARQ_INLINE i64 unit_of(i64 r) const { return bh == 1 ? r : r / bh; }
+
+  SPARQ_INLINE float scale(i64 r) const {
+    return scale32 ? scale32[r] : static_cast<float>(scale16[r]);
+  }
+  SPARQ_INLINE float zero_point(i64 r) const {
+    return zp32 ? zp32[r] : static_cast<float>(zp16[r]);
+  }
+};
+
+struct BagJob {
+  Table t;
+  const i64* idx;
+  const i64* offs;
+  i64 n_idx;
+  i64 n_offs;
+  const float* psw;
+  int64_t mode;  // 0 sum, 1 mean, 2 max
+  i64 pad;       // -1: none
+  float* out;
+};
+
+struct RowJob {
+  Table t;
+  const i64* idx;
+  float* out;
+};
+
+// The bits of `p` from bit `pos` upward (at least 57 valid bits; zeros past the end).
+SPARQ_INLINE uint64_t load_bits(const uint8_t* p, i64 nbytes, i64 pos) {
+  i64 byte = pos >> 3;
+  uint64_t w = 0;
+  if (byte + 8 <= nbytes) {
+    std::memcpy(&w, p + byte, 8);
+  } else {
+    for (i64 i = 0; i < 8 && byte + i < nbytes; ++i) w |= uint64_t(p[byte + i]) << (8 * i);
+  }
+  return w >> (pos & 7);
+}
+
+SPARQ_INLINE i64 popcount_bits(const uint8_t* p, i64 nbytes, i64 pos, i64 n) {
+  i64 total = 0;
+  while (n > 0) {
+    i64 take = n < 56 ? n : 56;
+    uint64_t w = load_bits(p, nbytes, pos) & ((uint64_t(1) << take) - 1);
+    total += __builtin_popcountll(w);
+    pos += take;
+    n -= take;
+  }
+  return total;
+}
+
+// Kept values in each row of mask unit (block row, or row for a value mask) `u`.
+SPARQ_INLINE i64 unit_kept(const Table& t, i64 u) {
+  i64 pos = u * t.unit_bits;
+  i64 kept = popcount_bits(t.mask, t.mask_bytes, pos, t.unit_bits) * t.bw;
+  if (t.wlast != t.bw && (load_bits(t.mask, t.mask_bytes, pos + t.unit_bits - 1) & 1)) {
+    kept -= t.bw - t.wlast;
+  }
+  return kept;
+}
+
+// Code number of row r's first code.
+SPARQ_INLINE i64 row_offset(const Table& t, i64 r) {
+  if (!t.masked) return r * t.cols;
+  i64 u = t.unit_of(r);
+  i64 g = u >> t.group_shift;
+  i64 u0 = g << t.group_shift;
+  i64 off = t.base[g];
+  if (u > u0) {
+    i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, (u - u0) * t.unit_bits) * t.bw;
+    if (t.wlast != t.bw) {
+      for (i64 v = u0; v < u; ++v) {
+        if (load_bits(t.mask, t.mask_bytes, v * t.unit_bits + t.unit_bits - 1) & 1) {
+          kept -= t.bw - t.wlast;
+        }
+      }
+    }
+    off += t.bh * kept;
+  }
+  if (r > u * t.bh) off += (r - u * t.bh) * unit_kept(t, u);
+  return off;
+}
+
+// Calls f(c0, n, k) for each run of kept columns [c0, c0 + n) of row r, whose codes are code
+// numbers k .. k + n - 1.
+template <class F>
+SPARQ_INLINE void for_runs(const Table& t, i64 r, i64 k, F&& f) {
+  if (!t.masked) {
+    f(i64(0), t.cols, k);
+    return;
+  }
+  i64 pos0 = t.unit_of(r) * t.unit_bits;
+  for (i64 j = 0; j < t.unit_bits; j += 56) {
+    i64 take = std::min<i64>(56, t.unit_bits - j);
+    uint64_t w = load_bits(t.mask, t.mask_bytes, pos0 + j) & ((uint64_t(1) << take) - 1);
+    while (w) {
+      int tz = __builtin_ctzll(w);
+      uint64_t rest = w >> tz;
+      int m = __builtin_ctzll(~rest);
+      i64 b0 = j + tz;
+      i64 c0 = b0 * t.bw;
+      i64 c1 = std::min<i64>((b0 + m) * t.bw, t.cols);
+      f(c0, c1 - c0, k);
+      k += c1 - c0;
+      w &= ~(((uint64_t(1) << m) - 1) << tz);
+    }
+  }
+}
+
+// Unpacks n codes of B bits from code number k into q[0, n) (one byte each).
+template <int B>
+SPARQ_INLINE void unpack_codes(const uint8_t* codes, i64 k, i64 n, uint8_t* q) {
+  constexpr unsigned M = (1u << B) - 1u;
+  if constexpr (B == 8) {
+    std::memcpy(q, codes + k, n);
+    return;
+  }
+  i64 i = 0;
+  i64 bit = k * B;
+  auto one = [&](i64 at) __attribute__((always_inline)) {
+    i64 byte = at >> 3;
+    unsigned v = codes[byte];
+    if ((at & 7) + B > 8) v |= unsigned(codes[byte + 1]) << 8;
+    return uint8_t((v >> (at & 7)) & M);
+  };
+  if constexpr (8 % B == 0) {
+    constexpr int P = 8 / B;
+    for (; i < n && (bit & 7); ++i, bit += B) q[i] = one(bit);
+    const uint8_t* p = codes + (bit >> 3);
+    i64 nb = (n - i) / P;
+    i64 b = 0;
+#if defined(__x86_64__) && defined(__SSE2__)
+    if constexpr (B == 4) {
+      const __m128i low = _mm_set1_epi8(0x0F);
+      for (; b + 8 <= nb; b += 8) {
+        __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + b));
+        __m128i lo = _mm_and_si128(x, low);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i + 2 * b), _mm_unpacklo_epi8(lo, hi));
+      }
+    }
+#endif
+    for (; b < nb; ++b) {
+      unsigned byte = p[b];
+      for (int s = 0; s < P; ++s) q[i + b * P + s] = uint8_t((byte >> (s * B)) & M);
+    }
+    i += nb * P;
+    bit += nb * 8;
+  }
+  for (; i < n; ++i, bit += B) q[i] = one(bit);
+}
+
+constexpr i64 kChunk = 256;  // codes unpacked at a time
+
+// Calls emit(i0, q, m): q[0, m) are the codes number k + i0 .. k + i0 + m - 1 (one byte each).
+template <int B, class E>
+SPARQ_INLINE void decode_codes(const uint8_t* codes, i64 k, i64 n, E&& emit) {
+  if constexpr (B == 8) {
+    emit(i64(0), codes + k, n);
+  } else {
+    uint8_t q[kChunk];
+    for (i64 i0 = 0; i0 < n; i0 += kChunk) {
+      i64 m = std::min(kChunk, n - i0);
+      unpack_codes<B>(codes, k + i0, m, q);
+      emit(i0, static_cast<const uint8_t*>(q), m);
+    }
+  }
+}
+
+SPARQ_INLINE void round_row(float* v, i64 n, i64 round) {
+  if (round == 1) {
+    for (i64 c = 0; c < n; ++c) v[c] = static_cast<float>(static_cast<c10::Half>(v[c]));
+  } else if (round == 2) {
+    for (i64 c = 0; c < n; ++c) v[c] = static_cast<float>(static_cast<c10::BFloat16>(v[c]));
+  }
+}
+
+// Row r decoded densely into dst[0, cols): pruned values 0.0, then rounded to the table's dtype.
+template <int B>
+SPARQ_INLINE void decode_dense(const Table& t, i64 r, i64 k0, float* dst) {
+  const float s = t.scale(r);
+  const float z = t.zero_point(r);
+  if (t.masked) std::fill(dst, dst + t.cols, 0.0f);
+  for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
+    decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
+      float* d = dst + c0 + i0;
+      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(q[i]) - z) * s;
+    });
+  });
+  round_row(dst, t.cols, t.round);
+}
+
+// Calls f(j, k) for each kept block column j of row r (whole blocks of 4 columns, 8-bit codes,
+// code number k of its first column): the common recommender layout, one 4-wide step each.
+template <class F>
+SPARQ_INLINE void for_blocks4(const Table& t, i64 r, i64 k, F&& f) {
+  i64 pos0 = t.unit_of(r) * t.unit_bits;
+  for (i64 j0 = 0; j0 < t.unit_bits; j0 += 56) {
+    i64 take = std::min<i64>(56, t.unit_bits - j0);
+    uint64_t w = load_bits(t.mask, t.mask_bytes, pos0 + j0) & ((uint64_t(1) << take) - 1);
+    while (w) {
+      f(j0 + __builtin_ctzll(w), k);
+      k += 4;
+      w &= w - 1;
+    }
+  }
+}
+
+// acc[c] += w * value for the kept values of row r (a float32 table: no rounding step).
+template <int B>
+SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc) {
+  const float s = t.scale(r);
+  const float z = t.zero_point(r);
+  if constexpr (B == 8) {
+    if (t.masked && t.bw == 4 && t.wlast == 4) {
+      for_blocks4(t, r, k0, [&](i64 j, i64 k) __attribute__((always_inline)) {
+        const uint8_t* q = t.codes + k;
+        float* a = acc + 4 * j;
+        a[0] += w * ((static_cast<float>(q[0]) - z) * s);
+        a[1] += w * ((static_cast<float>(q[1]) - z) * s);
+        a[2] += w * ((static_cast<float>(q[2]) - z) * s);
+        a[3] += w * ((static_cast<float>(q[3]) - z) * s);
+      });
+      return;
+    }
+  }
+  for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
+    decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
+      float* a = acc + c0 + i0;
+      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(q[i]) - z) * s);
+    });
+  });
+}
+
+SPARQ_INLINE void prefetch_row(const Table& t, i64 r) {
+  __builtin_prefetch(t.scale32 ? static_cast<const void*>(t.scale32 + r)
+                               : static_cast<const void*>(t.scale16 + r));
+  __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r)
+                            : static_cast<const void*>(t.zp16 + r));
+  if (t.masked) {
+    i64 u = t.unit_of(r);
+    __builtin_prefetch(t.base + (u >> t.group_shift));
+    __builtin_prefetch(t.mask + ((u * t.unit_bits) >> 3));
+  } else {
+    const uint8_t* p = t.codes + ((r * t.cols * t.bits) >> 3);
+    i64 n = (t.cols * t.bits + 7) >> 3;
+    for (i64 o = 0; o < n; o += 64) __builtin_prefetch(p + o);
+  }
+}
+
+constexpr i64 kAhead = 8;   // lookups between prefetching a row's index, mask and qparams ...
+constexpr i64 kRing = 16;   // ... and its codes (power of two, > kAhead)
+
+template <int B>
+SPARQ_INLINE void bag_chunk(const BagJob& job, i64 b0, i64 b1) {
+  const Table& t = job.t;
+  const i64 cols = t.cols;
+  const bool dense = job.mode == 2 || t.round != 0;
+  std::vector<float> tmp(dense ? cols : 0);
+  const i64 n_bags_total = job.n_offs;  // bag b ends at offs[b + 1] if that exists, else n_idx
+  const i64 first = job.offs[b0];
+  const i64 last = b1 < n_bags_total ? job.offs[b1] : job.n_idx;
+  // Prefetch pipeline over the flat index range of this chunk: at position i, the index data of
+  // lookup i + 2 * kAhead and the codes of lookup i + kAhead (whose offset is then cached).
+  i64 ring_row[kRing];
+  i64 ring_off[kRing];
+  for (i64 i = 0; i < kRing; ++i) ring_row[i] = -1;
+  auto stage = [&](i64 i) __attribute__((always_inline)) {
+    if (i + 2 * kAhead < last) {
+      i64 r = job.idx[i + 2 * kAhead];
+      if (r != job.pad) prefetch_row(t, r);
+    }
+    if (t.masked && i + kAhead < last) {
+      i64 r = job.idx[i + kAhead];
+      if (r != job.pad) {
+        i64 off = row_offset(t, r);
+        ring_row[(i + kAhead) & (kRing - 1)] = r;
+        ring_off[(i + kAhead) & (kRing - 1)] = off;
+        __builtin_prefetch(t.codes + ((off * t.bits) >> 3));
+        __builtin_prefetch(t.codes + ((off * t.bits) >> 3) + 64);
+      }
+    }
+  };
+  for (i64 i = first; i < std::min(first + 2 * kAhead, last); ++i) {
+    i64 r = job.idx[i];
+    if (r != job.pad) prefetch_row(t, r);
+  }
+  for (i64 b = b0; b < b1; ++b) {
+    const i64 s = job.offs[b];
+    const i64 e = b + 1 < n_bags_total ? job.offs[b + 1] : job.n_idx;
+    float* acc = job.out + b * cols;
+    i64 count = 0;
+    std::fill(acc, acc + cols, job.mode == 2 ? -std::numeric_limits<float>::infinity() : 0.0f);
+    for (i64 i = s; i < e; ++i) {
+      stage(i);
+      const i64 r = job.idx[i];
+      if (r == job.pad) continue;
+      ++count;
+      const i64 slot = i & (kRing - 1);
+      const i64 k0 = !t.masked ? r * cols : ring_row[slot] == r ? ring_off[slot] : row_offset(t, r);
+      if (job.mode == 2) {
+        decode_dense<B>(t, r, k0, tmp.data());
+        for (i64 c = 0; c < cols; ++c) acc[c] = std::max(acc[c], tmp[c]);
+      } else {
+        const float w = job.psw ? job.psw[i] : 1.0f;
+        if (dense) {
+          decode_dense<B>(t, r, k0, tmp.data());
+          for (i64 c = 0; c < cols; ++c) acc[c] += w * tmp[c];
+        } else {
+          accumulate<B>(t, r, k0, w, acc);
+        }
+      }
+    }
+    if (count == 0) {
+      std::fill(acc, acc + cols, 0.0f);
+    } else if (job.mode == 1) {
+      const float n = static_cast<float>(count);
+      for (i64 c = 0; c < cols; ++c) acc[c] /= n;
+    }
+  }
+}
+
+template <int B>
+SPARQ_INLINE void row_chunk(const RowJob& job, i64 i0, i64 i1) {
+  const Table& t = job.t;
+  for (i64 i = i0; i < i1; ++i) {
+    if (i + kAhead < i1) prefetch_row(t, job.idx[i + kAhead]);
+    const i64 r = job.idx[i];
+    decode_dense<B>(t, r, row_offset(t, r), job.out + i * t.cols);
+  }
+}
+
+}  // namespace sparq_nn
+
+#define SPARQ_DEFINE(B)                                                                         \
+  SPARQ_CLONES void sparq_bag_chunk_##B(const sparq_nn::BagJob& job, int64_t b0, int64_t b1) { \
+    sparq_nn::bag_chunk<B>(job, b0, b1);                                                        \
+  }                                                                                             \
+  SPARQ_CLONES void sparq_row_chunk_##B(const sparq_nn::RowJob& job, int64_t i0, int64_t i1) { \
+    sparq_nn::row_chunk<B>(job, i0, i1);                                                        \
+  }
+SPARQ_DEFINE(1)
+SPARQ_DEFINE(2)
+SPARQ_DEFINE(3)
+SPARQ_DEFINE(4)
+SPARQ_DEFINE(5)
+SPARQ_DEFINE(6)
+SPARQ_DEFINE(7)
+SPARQ_DEFINE(8)
+
+namespace sparq_nn {
+
+using BagFn = void (*)(const BagJob&, int64_t, int64_t);
+using RowFn = void (*)(const RowJob&, int64_t, int64_t);
+static const BagFn kBag[8] = {sparq_bag_chunk_1, sparq_bag_chunk_2, sparq_bag_chunk_3,
+                              sparq_bag_chunk_4, sparq_bag_chunk_5, sparq_bag_chunk_6,
+                              sparq_bag_chunk_7, sparq_bag_chunk_8};
+static const RowFn kRow[8] = {sparq_row_chunk_1, sparq_row_chunk_2, sparq_row_chunk_3,
+                              sparq_row_chunk_4, sparq_row_chunk_5, sparq_row_chunk_6,
+                              sparq_row_chunk_7, sparq_row_chunk_8};
+
+static const uint8_t* bytes_of(const at::Tensor& x) {
+  return x.numel() ? x.data_ptr<uint8_t>() : nullptr;
+}
+
+// geometry: rows, cols, bits, masked, bh, bw, unit_bits, wlast, group, round
+static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& zero_point, const at::Tensor& mask,
+                        const at::Tensor& base, const std::vector<int64_t>& g) {
+  TORCH_CHECK(g.size() == 10, "sparq kernel: bad geometry");
+  TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu() &&
+                  mask.device().is_cpu() && base.device().is_cpu(),
+              "sparq kernel: the table must be on the CPU");
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero_point.is_contiguous() &&
+                  mask.is_contiguous() && base.is_contiguous(),
+              "sparq kernel: storage must be contiguous");
+  Table t;
+  t.codes = bytes_of(codes);
+  const bool half = scale.scalar_type() == at::kHalf;
+  t.scale32 = half ? nullptr : scale.data_ptr<float>();
+  t.scale16 = half ? scale.data_ptr<at::Half>() : nullptr;
+  t.zp32 = half ? nullptr : zero_point.data_ptr<float>();
+  t.zp16 = half ? zero_point.data_ptr<at::Half>() : nullptr;
+  t.mask = bytes_of(mask);
+  t.mask_bytes = mask.numel();
+  t.base = base.numel() ? base.data_ptr<int64_t>() : nullptr;
+  t.rows = g[0];
+  t.cols = g[1];
+  t.bits = g[2];
+  t.masked = g[3];
+  t.bh = g[4];
+  t.bw = g[5];
+  t.unit_bits = g[6];
+  t.wlast = g[7];
+  t.group = g[8];
+  t.group_shift = 0;
+  while ((i64(1) << t.group_shift) < t.group) ++t.group_shift;
+  TORCH_CHECK((i64(1) << t.group_shift) == t.group, "sparq kernel: group must be a power of two");
+  t.round = g[9];
+  TORCH_CHECK(t.bits >= 1 && t.bits <= 8, "sparq kernel: bits must be 1..8");
+  return t;
+}
+
+static void check_indices(const int64_t* idx, int64_t n, int64_t rows) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, idx[i]);
+    hi = std::max(hi, idx[i]);
+  }
+  if (n == 0 || (lo >= 0 && hi < rows)) return;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < rows, "index ", idx[i], " at position ", i,
+                      " is out of range for a table of ", rows, " rows");
+  }
+}
+
+}  // namespace sparq_nn
+
+at::Tensor embedding_bag_forward(at::Tensor codes, at::Tensor scale, at::Tensor zero_point,
+                                 at::Tensor mask, at::Tensor base, std::vector<int64_t> geometry,
+                                 at::Tensor indices, at::Tensor offsets,
+                                 at::Tensor per_sample_weights, int64_t mode,
+                                 int64_t padding_idx, bool include_last_offset) {
+  using namespace sparq_nn;
+  Table t = make_table(codes, scale, zero_point, mask, base, geometry);
+  TORCH_CHECK(indices.device().is_cpu() && offsets.device().is_cpu() &&
+                  per_sample_weights.device().is_cpu(),
+              "sparq kernel: indices, offsets and weights must be CPU tensors");
+  at::Tensor idx = indices.to(at::kLong).contiguous();
+  at::Tensor offs = offsets.to(at::kLong).contiguous();
+  const int64_t n_idx = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* op = offs.data_ptr<int64_t>();
+  int64_t n_offs = offs.numel();
+  int64_t n_bags = include_last_offset ? std::max<int64_t>(n_offs - 1, 0) : n_offs;
+  for (int64_t b = 0; b < n_offs; ++b) {
+    TORCH_CHECK(b > 0 || op[0] == 0, "offsets[0] has to be 0, i.e., the first sequence in the "
+                "mini-batch has to start from position 0. However, got ", op[0]);
+    TORCH_CHECK(b == 0 || op[b] >= op[b - 1], "offsets must be non-decreasing, but offsets[",
+                b, "] = ", op[b], " < offsets[", b - 1, "] = ", op[b - 1]);
+    TORCH_CHECK(op[b] <= n_idx, "offsets[", b, "] = ", op[b],
+                " can not be greater than input's length ", n_idx);
+  }
+  check_indices(ip, n_idx, t.rows);
+  at::Tensor psw;
+  const float* pw = nullptr;
+  if (per_sample_weights.numel()) {
+    TORCH_CHECK(per_sample_weights.numel() == n_idx, "per_sample_weights must have one weight per index");
+    psw = per_sample_weights.to(at::kFloat).contiguous();
+    pw = psw.data_ptr<float>();
+  }
+  at::Tensor out = at::empty({n_bags, t.cols}, at::kFloat);
+  if (n_bags == 0 || t.cols == 0) return out.zero_();
+  // Bag b ends at offsets[b + 1] where that exists, else at the end of the input (with
+  // include_last_offset every bag has its end in offsets).
+  BagJob job{t, ip, op, n_idx, n_offs, pw, mode, padding_idx, out.data_ptr<float>()};
+  BagFn fn = kBag[t.bits - 1];
+  const int64_t avg = std::max<int64_t>(1, n_idx / std::max<int64_t>(1, n_bags));
+  const int64_t grain = std::max<int64_t>(1, 2048 / (avg * std::max<int64_t>(1, t.cols / 16)));
+  if (n_bags <= grain) {
+    fn(job, 0, n_bags);
+  } else {
+    at::parallel_for(0, n_bags, grain, [&](int64_t b0, int64_t b1) { fn(job, b0, b1); });
+  }
+  return out;
+}
+
+at::Tensor embedding_forward(at::Tensor codes, at::Tensor scale, at::Tensor zero_point,
+                             at::Tensor mask, at::Tensor base, std::vector<int64_t> geometry,
+                             at::Tensor indices) {
+  using namespace sparq_nn;
+  Table t = make_table(codes, scale, zero_point, mask, base, geometry);
+  TORCH_CHECK(indices.device().is_cpu(), "sparq kernel: indices must be a CPU tensor");
+  at::Tensor idx = indices.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t n = idx.numel();
+  check_indices(idx.data_ptr<int64_t>(), n, t.rows);
+  at::Tensor out = at::empty({n, t.cols}, at::kFloat);
+  if (n == 0 || t.cols == 0) return out;
+  RowJob job{t, idx.data_ptr<int64_t>(), out.data_ptr<float>()};
+  RowFn fn = kRow[t.bits - 1];
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, t.cols));
+  if (n <= grain) {
+    fn(job, 0, n);
+  } else {
+    at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) { fn(job, i0, i1); });
+  }
+  return out;
+}
+"""

@@ -1,0 +1,12 @@
+"""The one place where sparqcli.nn reaches into the file format and the engine.
+
+Everything `sparqcli.nn` needs from `sparqcli.format` and `sparqcli.engine` is imported here, so a
+reorganisation of those modules is followed by changing this file only.
+"""
+
+from __future__ import annotations
+
+from sparqcli.engine.table import CompressedTable
+from sparqcli.format import TableInfo, pack_bits, pack_codes, read_info
+
+__all__ = ["CompressedTable", "TableInfo", "pack_bits", "pack_codes", "read_info"]

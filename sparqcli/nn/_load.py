@@ -1,0 +1,137 @@
+"""`load_compressed`: put a sparq file into a model, compressed tables as compressed modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparqcli.errors import FormatError, UsageError
+from sparqcli.nn._format import read_info
+from sparqcli.nn.modules import Embedding, EmbeddingBag, _CompressedLookup
+
+
+def _module_name(key: str) -> str | None:
+    if key == "weight":
+        return ""
+    return key[: -len(".weight")] if key.endswith(".weight") else None
+
+
+def _read_passthrough(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise FormatError(f"{path}: cannot read tensors ({error})") from None
+
+
+def _replacement(
+    path: str, key: str, module: nn.Module, device: torch.device | None
+) -> _CompressedLookup:
+    if isinstance(module, (nn.EmbeddingBag, EmbeddingBag)):
+        if getattr(module, "max_norm", None) is not None:
+            raise UsageError(
+                f"{path}: table '{key}': max_norm is not supported on a compressed table"
+            )
+        return EmbeddingBag.from_file(
+            path,
+            key,
+            mode=module.mode,
+            padding_idx=module.padding_idx,
+            include_last_offset=module.include_last_offset,
+            device=device,
+        )
+    if getattr(module, "max_norm", None) is not None:
+        raise UsageError(f"{path}: table '{key}': max_norm is not supported on a compressed table")
+    return Embedding.from_file(path, key, padding_idx=module.padding_idx, device=device)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None
+
+
+def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) -> list[str]:
+    """Loads the sparq file at `path` into `model`; returns the names of the replaced modules.
+
+    Every `nn.Embedding` / `nn.EmbeddingBag` (or compressed module) whose `<module>.weight` is a
+    compressed table of the file is replaced by a `sparqcli.nn` module serving that table, on
+    the old module's device, keeping its `padding_idx`, `mode` and `include_last_offset`. Every
+    other tensor of the file is loaded as `model.load_state_dict` would load it.
+
+    With `strict`, nothing is changed and UsageError is raised (naming the key) when a
+    compressed table matches no embedding module or its shape differs from the module's, or
+    when the file and the model's other tensors do not match key for key (as
+    `load_state_dict(strict=True)`). Without it, such tables and tensors are skipped. Raises
+    InputError / FormatError when the file is unreadable or corrupt, UsageError when a tensor's
+    shape differs from the model's.
+    """
+    where = str(path)
+    info = read_info(path)
+    modules = dict(model.named_modules())
+    plan: dict[str, tuple[str, nn.Module]] = {}
+    unmatched: list[str] = []
+    for key, table in sorted(info.tables.items()):
+        name = _module_name(key)
+        module = modules.get(name) if name is not None else None
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag, _CompressedLookup)):
+            if strict:
+                raise UsageError(
+                    f"{where}: compressed table '{key}' matches no nn.Embedding or "
+                    f"nn.EmbeddingBag of the model"
+                )
+            unmatched.append(key)
+            continue
+        shape = (module.num_embeddings, module.embedding_dim)
+        if shape != table.shape:
+            if strict:
+                raise UsageError(
+                    f"{where}: compressed table '{key}' has shape {list(table.shape)}, "
+                    f"the model's module has {list(shape)}"
+                )
+            unmatched.append(key)
+            continue
+        plan[name] = (key, module)
+
+    replaced_prefixes = tuple(f"{name}." if name else "" for name in plan)
+    expected = {
+        key
+        for key in model.state_dict()
+        if not (plan and any(key.startswith(prefix) for prefix in replaced_prefixes))
+    }
+    stored = set(info.passthrough)
+    if strict:
+        missing = sorted(expected - stored)
+        unexpected = sorted(stored - expected)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append("missing " + ", ".join(f"'{k}'" for k in missing[:5]))
+            if unexpected:
+                parts.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:5]))
+            raise UsageError(f"{where}: the file does not match the model: " + "; ".join(parts))
+    passthrough = _read_passthrough(where, sorted(stored & expected))
+    current = model.state_dict()
+    for key, tensor in passthrough.items():
+        if tuple(current[key].shape) != tuple(tensor.shape):
+            raise UsageError(
+                f"{where}: tensor '{key}' has shape {list(tensor.shape)}, the model's has "
+                f"{list(current[key].shape)}"
+            )
+
+    replacements = {
+        name: _replacement(where, key, module, _device_of(module))
+        for name, (key, module) in plan.items()
+    }
+    model.load_state_dict(passthrough, strict=False)
+    for name, new in replacements.items():
+        if name == "":
+            raise UsageError(f"{where}: the model itself is an embedding; use Embedding.from_file")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return sorted(replacements)

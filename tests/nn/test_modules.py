@@ -1,0 +1,170 @@
+"""Module behaviour: storage, state dict, device moves, repr, padding, bad inputs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparqcli.errors import FormatError, InputError
+from sparqcli.format import read_info
+from sparqcli.nn import Embedding, EmbeddingBag
+from tests.nn.conftest import make_table, write_tables
+
+
+def test_holds_compressed_storage_only(tmp_path: Path) -> None:
+    table = make_table(1000, 64, level=0.8, bits=4)
+    path = write_tables(tmp_path / "t.sparq.safetensors", {"emb.weight": table})
+    module = EmbeddingBag.from_file(path, "emb.weight")
+    file_bytes = read_info(path).tables["emb.weight"].file_bytes
+    assert module.nbytes <= file_bytes + 8 * 1000
+    assert module.row_index.numel() * 8 <= 8 * 1000
+    assert all(buffer.numel() < 1000 * 64 for buffer in module.buffers())
+    assert sorted(module.state_dict()) == [
+        "_extra_state",
+        "codes",
+        "mask",
+        "scale",
+        "zero_point",
+    ]
+
+
+def test_no_mask_no_index() -> None:
+    module = Embedding.from_table(make_table(50, 8, level=0.0))
+    assert module.mask is None
+    assert module.row_index.numel() == 0
+    assert "mask" not in module.state_dict()
+
+
+def test_state_dict_round_trip(backend: str, tmp_path: Path) -> None:
+    table = make_table(200, 24, level=0.7, bits=2, scale_dtype="float16")
+    path = write_tables(tmp_path / "t.sparq.safetensors", {"emb.weight": table})
+    source = EmbeddingBag.from_file(path, "emb.weight", mode="sum")
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["scale"].dtype == torch.float16
+    target = EmbeddingBag.from_file(path, "emb.weight", mode="sum")
+    target.codes.zero_()
+    target.load_state_dict(state)
+    indices = torch.randint(0, 200, (30, 4))
+    assert torch.equal(target(indices), F.embedding_bag(indices, table.decode(), mode="sum"))
+
+
+def test_load_state_dict_rebuilds_the_index(backend: str) -> None:
+    first = make_table(64, 16, level=0.8, seed=1)
+    second = make_table(64, 16, level=0.8, seed=2)
+    module = Embedding.from_table(first)
+    other = Embedding.from_table(second)
+    if other.mask.shape != module.mask.shape or other.codes.shape != module.codes.shape:
+        pytest.skip("tables of different kept counts")
+    module.load_state_dict(other.state_dict())
+    indices = torch.arange(64)
+    assert torch.equal(module(indices), second.decode())
+
+
+def test_load_state_dict_of_another_size_fails() -> None:
+    module = Embedding.from_table(make_table(64, 16, level=0.5))
+    other = Embedding.from_table(make_table(64, 16, level=0.8))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        module.load_state_dict(other.state_dict())
+
+
+def test_to_moves_but_never_converts(backend: str) -> None:
+    table = make_table(30, 8, scale_dtype="float32")
+    module = Embedding.from_table(table)
+    module.half()
+    module.to(torch.float64)
+    assert module.scale.dtype == torch.float32
+    indices = torch.arange(30)
+    out = module(indices)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, table.decode())
+
+
+def test_repr_is_readable() -> None:
+    module = EmbeddingBag.from_table(make_table(100, 16, level=0.5, bits=4), mode="sum")
+    text = repr(module)
+    assert text.startswith("EmbeddingBag(100, 16, bits=4, block mask (1, 4), kept=50.0%")
+    assert "bytes=" in text and "mode='sum'" in text
+
+
+def test_embedding_returns_the_padding_row(backend: str) -> None:
+    table = make_table(10, 4, level=0.0)
+    module = Embedding.from_table(table, padding_idx=2)
+    assert torch.equal(module(torch.tensor([2])), table.decode()[2:3])
+    assert module.padding_idx == 2
+    assert Embedding.from_table(table, padding_idx=-1).padding_idx == 9
+
+
+def test_bag_padding_and_empty_bags(backend: str) -> None:
+    table = make_table(10, 4, level=0.0)
+    decoded = table.decode()
+    module = EmbeddingBag.from_table(table, mode="mean", padding_idx=3)
+    indices = torch.tensor([3, 3, 1, 3, 5])
+    offsets = torch.tensor([0, 2, 2, 5])
+    got = module(indices, offsets)
+    assert torch.equal(got[0], torch.zeros(4))  # only padding
+    assert torch.equal(got[1], torch.zeros(4))  # empty
+    torch.testing.assert_close(got[2], (decoded[1] + decoded[5]) / 2)
+    assert torch.equal(got[3], torch.zeros(4))  # empty last bag
+
+
+@pytest.mark.parametrize("bad", [10, -1, 1 << 40])
+def test_out_of_range_index_is_an_index_error(backend: str, bad: int) -> None:
+    table = make_table(10, 4, level=0.5)
+    indices = torch.tensor([1, bad, 2])
+    with pytest.raises(IndexError, match=f"index {bad} at position 1 is out of range"):
+        Embedding.from_table(table)(indices)
+    with pytest.raises(IndexError, match=f"index {bad}"):
+        EmbeddingBag.from_table(table)(indices, torch.tensor([0]))
+
+
+def test_bad_inputs_raise_as_torch(backend: str) -> None:
+    table = make_table(10, 4)
+    bag = EmbeddingBag.from_table(table, mode="mean")
+    with pytest.raises(ValueError, match="offsets has to be None"):
+        bag(torch.zeros(2, 2, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="offsets has to be a 1-D"):
+        bag(torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        bag(torch.zeros(2, 2, 2, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="per_sample_weights"):
+        bag(torch.zeros(2, dtype=torch.long), torch.tensor([0]), torch.ones(2))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        bag(torch.zeros(2), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match=r"offsets\[0\] has to be 0"):
+        bag(torch.zeros(2, dtype=torch.long), torch.tensor([1]))
+    with pytest.raises(ValueError, match="mode"):
+        EmbeddingBag.from_table(table, mode="median")
+    with pytest.raises(ValueError, match="padding_idx"):
+        Embedding.from_table(table, padding_idx=10)
+    summing = EmbeddingBag.from_table(table, mode="sum")
+    with pytest.raises(ValueError, match="shape of input"):
+        summing(torch.zeros(2, dtype=torch.long), torch.tensor([0]), torch.ones(3))
+
+
+def test_offsets_must_not_decrease_or_overrun() -> None:
+    table = make_table(10, 4)
+    bag = EmbeddingBag.from_table(table, mode="sum")
+    indices = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        bag(indices, torch.tensor([0, 2, 1]))
+    with pytest.raises(RuntimeError):
+        bag(indices, torch.tensor([0, 5]))
+
+
+def test_unknown_key_and_corrupt_file(tmp_path: Path) -> None:
+    path = write_tables(tmp_path / "t.sparq.safetensors", {"emb.weight": make_table()})
+    with pytest.raises(InputError, match=r"did you mean 'emb\.weight'"):
+        Embedding.from_file(path, "emb.weights")
+    with pytest.raises(InputError, match="no such file"):
+        Embedding.from_file(tmp_path / "missing.safetensors", "emb.weight")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(FormatError):
+        Embedding.from_file(broken, "emb.weight")

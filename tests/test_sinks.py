@@ -1,0 +1,62 @@
+"""Writing outputs safely: atomic renames, failures that leave nothing, output path checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sparqcli.errors import OutputError, UsageError
+from sparqcli.sinks import atomic_output, check_output_path
+
+
+def test_atomic_output_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError), atomic_output(target) as temp:
+        temp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    with atomic_output(target) as temp:
+        temp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_output_write_failure_is_an_output_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with (
+        pytest.raises(OutputError, match=r"out\.bin: cannot write: No space left on device$"),
+        atomic_output(target),
+    ):
+        raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with (
+        pytest.raises(OutputError, match=r"cannot write: folder .*missing does not exist$"),
+        atomic_output(tmp_path / "missing" / "x"),
+    ):
+        pass
+
+
+def test_output_path_checks(tmp_path):
+    source = tmp_path / "model.pt"
+    source.write_bytes(b"x")
+    with pytest.raises(
+        UsageError, match=r"model\.pt: is an input; sparq never overwrites its input$"
+    ):
+        check_output_path(source, [source], force=True)
+    existing = tmp_path / "out.safetensors"
+    existing.write_bytes(b"x")
+    with pytest.raises(
+        UsageError, match=r"out\.safetensors: already exists; pass force=True to replace it$"
+    ):
+        check_output_path(existing, [source], force=False)
+    check_output_path(existing, [source], force=True)
