@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH)"
-	$(PIP) install -q --disable-pip-version-check -e ".[test,dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[test,dev,plot]"
 	touch $(STAMP)
 
 test: install
@@ -31,6 +31,7 @@ demo: install
 	$(PY) examples/make_example.py build/example.pt
 	$(VENV)/bin/sparq compress build/example.pt --config configs/default.yaml -o build/example.sparq.safetensors --force
 	$(PY) examples/serve_example.py build/example.pt build/example.sparq.safetensors
+	$(VENV)/bin/sparq plan build/example.pt --config configs/default.yaml --budget 0.1 -o build/example.plan.yaml --plot build/example.plan.svg --force
 
 bench: install
 	$(PY) benchmarks/bench_engine.py
@@ -39,6 +40,7 @@ bench: install
 	$(PY) benchmarks/bench_cuda.py
 	$(PY) benchmarks/bench_serving.py --wait-quiet 60
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_plan.py
 
 clean:
 	rm -rf build .pytest_cache

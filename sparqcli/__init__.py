@@ -54,6 +54,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "selection": ("sparqcli.inspection", "selection"),
     "suggest_config": ("sparqcli.inspection", "suggest_config"),
     "discard_partial_outputs": ("sparqcli.sinks", "discard_partial_outputs"),
+    "plan": ("sparqcli.planning.run", "plan"),
+    "PlanResult": ("sparqcli.planning.result", "PlanResult"),
+    "PlanSpace": ("sparqcli.planning.space", "PlanSpace"),
 }
 
 __all__ = [
@@ -62,6 +65,8 @@ __all__ = [
     "CompressedTable",
     "Config",
     "Gates",
+    "PlanResult",
+    "PlanSpace",
     "Quantization",
     "Rule",
     "SparqFile",
@@ -76,6 +81,7 @@ __all__ = [
     "load",
     "load_table",
     "open",
+    "plan",
     "selection",
     "suggest_config",
 ]
@@ -88,6 +94,9 @@ if TYPE_CHECKING:
     from sparqcli.format.reader import SparqFile, load, load_table
     from sparqcli.format.reader import open_file as open
     from sparqcli.inspection import decompress, inspect, selection, suggest_config
+    from sparqcli.planning.result import PlanResult
+    from sparqcli.planning.run import plan
+    from sparqcli.planning.space import PlanSpace
     from sparqcli.results import CompressReport
     from sparqcli.settings import Gates, Quantization, Sparsity
     from sparqcli.sinks import discard_partial_outputs

@@ -26,6 +26,7 @@ import yaml
 
 from sparqcli.errors import ConfigError, InputError
 from sparqcli.overrides import apply_overrides
+from sparqcli.planning.space import PLAN_KEYS, PlanSpace, plan_problems
 from sparqcli.settings import (
     DEFAULT_MIN_TABLE_BYTES,
     FIELD_RULES,
@@ -63,6 +64,7 @@ _TOP_KEYS = (
     "exclude",
     "min_table_bytes",
     "gates",
+    "plan",
 )
 _RULE_KEYS = ("match", "type", "sparsity", "quantization", "gates")
 # A section field written one level too high (`bits: 4` beside `layers`) is suggested in place.
@@ -144,6 +146,7 @@ class Config:
     exclude: Sequence[str] = ()
     min_table_bytes: int = DEFAULT_MIN_TABLE_BYTES
     gates: Gates = field(default_factory=Gates)
+    plan: PlanSpace | None = None
     source: str = field(default="<config>", compare=False)
     resolved_rules: tuple[ResolvedRule, ...] = field(
         init=False, repr=False, compare=False, default=()
@@ -161,6 +164,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, section):
                 object.__setattr__(self, name, section(**_section_dict(value)))
+        if self.plan is not None and not isinstance(self.plan, PlanSpace):
+            object.__setattr__(self, "plan", PlanSpace.from_dict(self.plan))
         object.__setattr__(self, "resolved_rules", tuple(self._resolve()))
 
     @classmethod
@@ -211,13 +216,17 @@ class Config:
             order=data.get("order", "sparsify-first"),
             exclude=tuple(data.get("exclude") or ()),
             min_table_bytes=data.get("min_table_bytes", DEFAULT_MIN_TABLE_BYTES),
+            plan=PlanSpace.from_dict(data["plan"]) if data.get("plan") is not None else None,
             source=source,
             **{name: section(**(data.get(name) or {})) for name, section in SECTIONS.items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the config as its YAML mapping: `Config.from_dict` of it gives it back."""
-        return {
+        """Returns the config as its YAML mapping: `Config.from_dict` of it gives it back.
+
+        The `plan:` section (candidates for `sparq plan`) is there only when the config has one.
+        """
+        data = {
             "version": self.version,
             "order": self.order,
             **{name: _section_dict(getattr(self, name)) for name in ("sparsity", "quantization")},
@@ -228,6 +237,11 @@ class Config:
             "min_table_bytes": self.min_table_bytes,
             "gates": _section_dict(self.gates),
         }
+        if self.plan is not None:
+            data["plan"] = (
+                self.plan.to_dict() if isinstance(self.plan, PlanSpace) else dict(self.plan)
+            )
+        return data
 
     def to_yaml(self) -> str:
         """Returns the config as YAML text that `Config.from_yaml` reads back to an equal config."""
@@ -301,6 +315,7 @@ class _Validator:
             if problem:
                 self.add("min_table_bytes", problem)
         self.layers(raw, bases)
+        self.plan(raw.get("plan"))
         return self.problems
 
     def mapping(
@@ -389,6 +404,14 @@ class _Validator:
             self.add(path, "needs 'match' or 'type'")
         for name in SECTIONS:
             self.section(raw.get(name), name, f"{path}.{name}", bases[name])
+
+    def plan(self, value: object) -> None:
+        """Checks the `plan:` section (null: every default candidate)."""
+        if isinstance(value, PlanSpace):
+            value = value.to_dict()
+        raw = self.mapping(value, "plan", PLAN_KEYS)
+        for path, message in plan_problems(raw or {}, "plan"):
+            self.add(path, message)
 
     def patterns(self, value: object, path: str) -> None:
         """Checks a list of patterns (null: none)."""

@@ -29,7 +29,11 @@ from sparqcli.results import CheckpointInspection
 from sparqcli.results import to_json as to_json  # the one JSON writer, for the CLI
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sparqcli.format.reader import CompressedFileInfo
+    from sparqcli.planning.measure import Option
+    from sparqcli.planning.result import PlanResult
     from sparqcli.results import CompressReport, FileReport, FolderReport, SkippedTable, TableReport
     from sparqcli.select import Selection
 
@@ -684,3 +688,222 @@ def selection_table(selection: Selection, source: str) -> FitTable:
         _rows(SELECTION_COLUMNS, items),
         [legend, *_skipped_lines(selection.skipped)],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (`sparq plan`)
+
+PLOT_SUFFIXES = (".png", ".svg")
+PLOT_INSTALL = "pip install 'sparqcli[plot]' (or: pip install matplotlib)"
+
+
+def _option_cell(option: Option | None, weighted: bool) -> str:
+    if option is None:
+        return "-"
+    error = option.weighted_error if weighted else option.rel_error
+    return f"{option.candidate.label}: {human_bytes(option.bytes)}, {_sig(error)}"
+
+
+def _plan_columns(weighted: bool) -> list[Column[Any]]:
+    def error(option: Option) -> float:
+        return option.weighted_error if weighted else option.rel_error
+
+    return [
+        Column("table", lambda row: row.key, "left", shorten=True),
+        Column("shape", lambda row: _shape(row.shape)),
+        Column(
+            "chosen",
+            lambda row: row.option.candidate.label + ("" if row.option.exact else " *"),
+            "left",
+        ),
+        Column(
+            "bytes\nbefore→after",
+            lambda row: (human_bytes(row.bytes_before), human_bytes(row.option.bytes)),
+            separator="→",
+        ),
+        Column(
+            "weighted\nerror" if weighted else "rel.\nerror", lambda row: _sig(error(row.option))
+        ),
+        Column("next cheaper", lambda row: _option_cell(row.cheaper, weighted), "left", wide=True),
+        Column("next dearer", lambda row: _option_cell(row.dearer, weighted), "left", wide=True),
+    ]
+
+
+def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = False) -> Group:
+    """Returns what `sparq plan` prints: the tables' choices, the totals, the model's frontier.
+    `wide` adds each table's next cheaper and next dearer option."""
+    columns = _columns(_plan_columns(result.weighted), wide)
+    goal = (
+        f"budget {result.target:g}x" if result.mode == "budget" else f"error E ≤ {result.target:g}"
+    )
+    title = f"{', '.join(str(p) for p in result.inputs)}: plan for {goal}"
+    after: list[Any] = [[line] for line in plan_totals(result).split("\n")]
+    sampled = [f"{row.key} ({row.sampled_rows} rows)" for row in result.tables if row.sampled_rows]
+    if sampled:
+        after.append(["errors of the other options estimated on row samples", *sampled])
+    return Group(
+        FitTable(title, columns, _rows(columns, result.tables), after),
+        _frontier_table(result, frontier_points),
+    )
+
+
+def plan_totals(result: PlanResult) -> str:
+    """Returns the plan's totals and how it compares with the best uniform setting, one line each."""
+    kind = "row-weighted error E" if result.weighted else "error E"
+    how = "measured on the whole tables" if result.verified else "estimated"
+    lines = [
+        f"plan: {result.bytes:,} bytes of {result.bytes_before:,} ({result.ratio:.4f}x), "
+        f"{kind} {result.error:.4f} ({how})"
+    ]
+    best = result.best_uniform
+    if best is None:
+        lines.append("no uniform setting meets the target")
+    else:
+        if result.mode == "budget":
+            gain = 1 - result.error / best.error if best.error else 0.0
+            compare = f"the plan has {gain:.1%} less error"
+        else:
+            gain = 1 - result.bytes / best.bytes if best.bytes else 0.0
+            compare = f"the plan takes {gain:.1%} fewer bytes"
+        lines.append(
+            f"best uniform setting: {best.label}: {best.bytes:,} bytes "
+            f"({best.bytes / result.bytes_before:.4f}x), {kind} {best.error:.4f}; {compare}"
+        )
+    return "\n".join(lines)
+
+
+FRONTIER_COLUMNS: list[Column[tuple[int, float, float | None, str]]] = [
+    Column("bytes", lambda item: f"{item[0]:,}"),
+    Column("ratio", lambda item: "-" if item[2] is None else f"{item[2]:.4f}x"),
+    Column("error E", lambda item: f"{item[1]:.4f}"),
+    Column("", lambda item: item[3], "left"),
+]
+"""The columns of the model's frontier under a plan."""
+
+
+def _frontier_table(result: PlanResult, count: int) -> FitTable:
+    points = result.frontier
+    if len(points) > count:
+        step = (len(points) - 1) / (count - 1)
+        points = [points[round(i * step)] for i in range(count)]
+    marks = [(p.bytes, p.error, "") for p in points]
+    marks.append((result.bytes, result.error, "◀ plan"))
+    if result.best_uniform is not None:
+        best = result.best_uniform
+        marks.append((best.bytes, best.error, f"◀ best uniform setting ({best.label})"))
+    before = result.bytes_before
+    items = [
+        (size, error, size / before if before else None, mark)
+        for size, error, mark in sorted(marks, key=lambda row: (row[0], row[2] == ""))
+    ]
+    rows = _rows(FRONTIER_COLUMNS, items, lambda item: "bold" if item[3] else "")
+    return FitTable(
+        "the model's frontier (convex hull of the per-table choices), the plan and the best "
+        "uniform setting:",
+        FRONTIER_COLUMNS,
+        rows,
+    )
+
+
+def check_plot_path(path: Path, inputs: Sequence[Path] = (), force: bool = False) -> None:
+    """Checks that a plan plot can be written to `path` (not over `inputs`, nor over an existing
+    file unless `force`).
+
+    Raises UsageError for a suffix other than .png/.svg, an existing file, or when matplotlib
+    is not installed.
+    """
+    from pathlib import Path
+
+    from sparqcli.errors import UsageError
+    from sparqcli.sinks import check_output_path
+
+    check_output_path(path, [Path(p) for p in inputs], force)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(
+            f"{{opt:plot}} {path}: must end in .png or .svg, got '{path.suffix}'",
+            path=path,
+            option="plot",
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"{{opt:plot}} needs matplotlib, which is not installed: {PLOT_INSTALL}",
+            option="plot",
+        ) from None
+
+
+def plan_plot(result: PlanResult, path: Path) -> Path:
+    """Draws the model's error-vs-bytes frontier, the uniform settings and the plan to `path`
+    (PNG or SVG, by its suffix), atomically; returns `path`.
+
+    Raises UsageError (see `check_plot_path`), OutputError when the file cannot be written.
+    """
+    check_plot_path(path)
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sparqcli.sinks import atomic_output
+
+    before = result.bytes_before or 1
+    kind = "row-weighted error E" if result.weighted else "error E (relative L2)"
+    with matplotlib.rc_context({"svg.hashsalt": "sparq", "svg.fonttype": "none"}):
+        figure = Figure(figsize=(7, 4.5), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        frontier = result.frontier
+        axes.plot(
+            [p.bytes / before for p in frontier],
+            [p.error for p in frontier],
+            "-",
+            color="tab:blue",
+            linewidth=1.5,
+            label="model frontier (per-table settings)",
+        )
+        if result.uniform:
+            axes.scatter(
+                [p.bytes / before for p in result.uniform],
+                [p.error for p in result.uniform],
+                s=12,
+                color="0.6",
+                label="uniform settings",
+                zorder=2,
+            )
+        best = result.best_uniform
+        if best is not None:
+            axes.scatter(
+                [best.bytes / before],
+                [best.error],
+                s=70,
+                facecolors="none",
+                edgecolors="black",
+                label=f"best uniform: {best.label}",
+                zorder=3,
+            )
+        axes.scatter(
+            [result.ratio],
+            [result.error],
+            marker="*",
+            s=160,
+            color="tab:red",
+            label=f"plan: {result.ratio:.3f}x, E {result.error:.3f}",
+            zorder=4,
+        )
+        if result.mode == "budget":
+            axes.axvline(result.target, color="tab:red", linestyle=":", linewidth=1)
+        else:
+            axes.axhline(result.target, color="tab:red", linestyle=":", linewidth=1)
+        axes.set_xscale("log")
+        axes.set_xlabel("compressed bytes / original bytes (tables)")
+        axes.set_ylabel(kind)
+        axes.grid(True, which="both", linewidth=0.3)
+        axes.legend(fontsize=8)
+        names = ", ".join(p.name for p in result.inputs)
+        axes.set_title(f"sparq plan: {names}", fontsize=10)
+        figure.tight_layout()
+        suffix = path.suffix.lower()[1:]
+        metadata = {"Date": None} if suffix == "svg" else {"Software": None}
+        with atomic_output(path) as temp:
+            figure.savefig(temp, format=suffix, metadata=metadata)
+    return path

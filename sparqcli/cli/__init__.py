@@ -9,7 +9,7 @@ error; 3 a quality gate failed. torch is imported only inside commands, so `spar
 
 from __future__ import annotations
 
-from sparqcli.cli import compress, files, validate  # noqa: F401  (registers the commands)
+from sparqcli.cli import compress, files, plan, validate  # noqa: F401  (registers the commands)
 from sparqcli.cli.app import app, main
 
 __all__ = ["app", "main"]

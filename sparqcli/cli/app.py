@@ -40,6 +40,11 @@ FLAGS = {
     "order": "--order",
     "report": "--report",
     "dry_run": "--dry-run",
+    "budget": "--budget",
+    "max_error": "--max-error",
+    "row_weights": "--row-weights",
+    "plot": "--plot",
+    "sample_rows": "--sample-rows",
 }
 
 

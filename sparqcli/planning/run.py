@@ -1,0 +1,455 @@
+"""`sparqcli.plan`: read, select, measure every candidate of every table, allocate, verify."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sparqcli.config import Config, Rule
+from sparqcli.errors import InputError, UsageError
+from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, exact_pattern, model_error
+from sparqcli.planning.search import Allocator
+from sparqcli.planning.space import PlanSpace, candidates
+
+if TYPE_CHECKING:
+    import torch
+
+    from sparqcli.planning.measure import Option
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with a description (`model.pt: emb.weight`) and the fraction of that table done."""
+
+MIN_SAMPLE_ROWS = 512
+"""A sampled table's error is estimated on at least this many rows."""
+SAMPLE_PASSES = 2
+"""Above the minimum, a table's sample is sized so that all its candidates together cost about
+this many runs of the engine over the whole table."""
+_VERIFY_ROUNDS = 3
+
+
+def plan(
+    inputs: str | Path | Sequence[str | Path],
+    config: Config | str | Path,
+    *,
+    budget: float | None = None,
+    max_error: float | None = None,
+    row_weights: str | Path | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    overrides: Sequence[str] = (),
+    trust_pickle: bool = False,
+    key: str | None = None,
+    sample_rows: int | None = None,
+    verify: bool = True,
+    progress: ProgressCallback | None = None,
+) -> PlanResult:
+    """Chooses every selected table's settings for a byte budget or an error target.
+
+    `config` (a Config or a YAML path, with `overrides`) selects the tables; its `plan:` section
+    narrows the candidates. Give exactly one of `budget` (compressed bytes <= budget x the
+    tables' original bytes; least error) or `max_error` (model error E <= max_error; fewest
+    bytes). `row_weights` names a safetensors file with one non-negative weight per row of each
+    selected table (keyed by table key). Tables of more than twice `sample_rows` rows (default:
+    sized by the number of candidates, at least 512) are estimated on a row sample; with
+    `verify` the chosen settings of sampled tables are then measured on the whole table, so the
+    reported numbers are what `sparq compress` gives. With `output`, the plan's YAML is written
+    there (checked before any work; replaced only with `force`).
+    Returns the PlanResult. Raises UsageError for a missing or impossible target (naming the
+    best reachable value), ConfigError/SelectionError for a config that does not fit,
+    InputError for unreadable inputs or weights, TableError for NaN/Inf values.
+    """
+    started = time.perf_counter()
+    mode, target = _target(budget, max_error)
+    sources = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    if not sources:
+        raise UsageError("no input checkpoint given")
+    if sample_rows is not None and (isinstance(sample_rows, bool) or sample_rows < 1):
+        raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
+    if isinstance(config, (str, Path)):
+        config = Config.from_yaml(config, overrides)
+    elif not isinstance(config, Config):
+        raise UsageError(f"config: must be a Config or a YAML path, got {type(config).__name__}")
+    if output is not None:
+        from sparqcli.sinks import check_output_path
+
+        check_output_path(Path(output), sources, force)
+
+    from sparqcli.dtypes import torch_dtype
+    from sparqcli.planning.measure import measure_exact, measure_table
+    from sparqcli.select import select_tables
+    from sparqcli.sources import open_checkpoint
+
+    space = config.plan or PlanSpace({})
+    opened = []
+    seen: dict[str, Path] = {}
+    for source in sources:
+        checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
+        if checkpoint.is_sparq:
+            raise UsageError(
+                f"{source}: is already compressed by sparq; plan on the original checkpoint",
+                path=source,
+            )
+        selection = select_tables(
+            config, checkpoint.tensors, checkpoint.name, checkpoint.module_types
+        )
+        for selected in selection.tables:
+            if selected.key in seen:
+                raise UsageError(
+                    f"{source}: table '{selected.key}' is also in {seen[selected.key]}; a plan "
+                    "gives each key one setting, so plan these checkpoints one at a time",
+                    path=source,
+                )
+            seen[selected.key] = source
+        opened.append((checkpoint, selection))
+    weights = _load_weights(row_weights, [t for _, s in opened for t in s.tables])
+
+    tables: list[TablePlan] = []
+    measured: list[list[Option]] = []
+    readers: list[Any] = []
+    for checkpoint, selection in opened:
+        for selected in selection.tables:
+            rows, cols = selected.info.shape
+            rule = selected.rule
+            table_candidates = candidates(space, rule.sparsity, rule.quantization)
+            wanted = sample_rows or max(
+                MIN_SAMPLE_ROWS, math.ceil(rows * SAMPLE_PASSES / len(table_candidates))
+            )
+            row_weight = weights.get(selected.key)
+            label = f"{Path(checkpoint.name).name}: {selected.key}"
+            name = f"{checkpoint.name}: {selected.key}"
+            with checkpoint.row_reader(selected.key) as read_rows:
+                options = measure_table(
+                    read_rows,
+                    (rows, cols),
+                    torch_dtype(selected.info.dtype),
+                    config.order,
+                    table_candidates,
+                    weights=row_weight,
+                    sample_rows=wanted,
+                    name=name,
+                    progress=None if progress is None else _labelled(progress, label),
+                )
+            total_weight = float(row_weight.double().sum()) if row_weight is not None else rows
+            tables.append(
+                TablePlan(
+                    key=selected.key,
+                    source=checkpoint.name,
+                    shape=(rows, cols),
+                    dtype=selected.info.dtype,
+                    rule=rule,
+                    bytes_before=selected.info.nbytes,
+                    weight=cols * total_weight,
+                    options=options,
+                    frontier=[],
+                    chosen=0,
+                    sampled_rows=None if 2 * wanted >= rows else wanted,
+                )
+            )
+            measured.append(options)
+            readers.append((checkpoint, selected, row_weight))
+
+    allowed = [_allowed(table) for table in tables]
+    for table, indices in zip(tables, allowed, strict=True):
+        if not indices:
+            raise UsageError(_no_candidate(table))
+
+    def verify_choice(t: int, index: int) -> Option:
+        checkpoint, selected, row_weight = readers[t]
+        with checkpoint.row_reader(selected.key) as read_rows:
+            return measure_exact(
+                read_rows,
+                tables[t].shape,
+                torch_dtype(selected.info.dtype),
+                config.order,
+                tables[t].options[index].candidate,
+                weights=row_weight,
+                name=f"{checkpoint.name}: {selected.key}",
+            )
+
+    verified = False
+    choice = _allocate(tables, allowed, mode, target)
+    for _ in range(_VERIFY_ROUNDS if verify else 0):
+        changed = False
+        for t, index in enumerate(choice):
+            option = tables[t].options[index]
+            if not option.exact:
+                tables[t].options[index] = verify_choice(t, index)
+                changed = True
+        verified = True
+        if not changed:
+            break
+        allowed = [
+            _allowed(table) or indices for table, indices in zip(tables, allowed, strict=True)
+        ]
+        new_choice = _allocate(tables, allowed, mode, target, infeasible_ok=True)
+        if new_choice is None or new_choice == choice:
+            break
+        choice = new_choice
+    if verify:
+        for t, index in enumerate(choice):
+            if not tables[t].options[index].exact:
+                tables[t].options[index] = verify_choice(t, index)
+    for table, index, indices in zip(tables, choice, allowed, strict=True):
+        table.chosen = index
+        table.frontier = _frontier(table, indices)
+
+    frontier, uniform, best_uniform = _model_points(tables, allowed, mode, target)
+    result = PlanResult(
+        inputs=sources,
+        base=config,
+        mode=mode,
+        target=target,
+        tables=tables,
+        frontier=frontier,
+        uniform=uniform,
+        best_uniform=best_uniform,
+        weighted=row_weights is not None,
+        verified=verified,
+    )
+    result.config = _plan_config(config, tables)
+    result.seconds = time.perf_counter() - started
+    if output is not None:
+        result.save(output, force=force)
+    return result
+
+
+def _target(budget: float | None, max_error: float | None) -> tuple[str, float]:
+    if (budget is None) == (max_error is None):
+        raise UsageError(
+            "give one target: {opt:budget} (a bytes ratio) or {opt:max_error} (an error E)",
+            option="budget",
+        )
+    name, value = ("budget", budget) if budget is not None else ("max_error", max_error)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{{opt:{name}}}: must be a finite number, got {value!r}", option=name)
+    if value <= 0:
+        raise UsageError(f"{{opt:{name}}}: must be > 0, got {value:g}", option=name)
+    return name, float(value)
+
+
+def _labelled(progress: ProgressCallback, label: str) -> Callable[[float], None]:
+    return lambda done: progress(label, done)
+
+
+def _allowed(table: TablePlan) -> list[int]:
+    """Returns the indices of the options that pass the table's gates."""
+    gates = table.rule.gates
+    allowed = []
+    for index, option in enumerate(table.options):
+        ratio = option.bytes / table.bytes_before if table.bytes_before else None
+        if not gates.failures(option.rel_error, option.row_cosine_min, ratio):
+            allowed.append(index)
+    return allowed
+
+
+def _no_candidate(table: TablePlan) -> str:
+    best = min(table.options, key=lambda o: (o.rel_error, o.bytes))
+    gates = ", ".join(f"{k} {v:g}" for k, v in table.rule.gates.to_dict().items() if v is not None)
+    ratio = best.bytes / table.bytes_before if table.bytes_before else 0.0
+    return (
+        f"{table.source}: table '{table.key}': no candidate passes the gates of "
+        f"{table.rule.label} ({gates}); the most accurate ({best.candidate.label}) gives "
+        f"rel_error {best.rel_error:.4g}, row_cosine_min {best.row_cosine_min:.4g}, "
+        f"bytes_ratio {ratio:.4g}"
+    )
+
+
+def _points(table: TablePlan, indices: list[int]) -> list[tuple[int, float]]:
+    return [
+        (table.options[i].bytes, table.weight * table.options[i].weighted_error ** 2)
+        for i in indices
+    ]
+
+
+def _allocate(
+    tables: list[TablePlan],
+    allowed: list[list[int]],
+    mode: str,
+    target: float,
+    infeasible_ok: bool = False,
+) -> list[int] | None:
+    """Returns the chosen option index of every table. Raises UsageError when unreachable."""
+    allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
+    uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
+    total_weight = sum(t.weight for t in tables)
+    if mode == "budget":
+        before = sum(t.bytes_before for t in tables)
+        limit = math.floor(target * before)
+        fitting = [s for s in uniform if allocator.totals(s)[0] <= limit]
+        # the best uniform setting that fits starts a local search too: never worse than it
+        seeds = [min(fitting, key=lambda s: allocator.totals(s)[::-1])] if fitting else []
+        found = allocator.for_budget(limit, seeds)
+        if found is None:
+            if infeasible_ok:
+                return None
+            smallest = allocator.totals(allocator.cheapest())[0]
+            raise UsageError(
+                f"{{opt:budget}} {target:g} cannot be met: the smallest plan{_within(tables, allowed)} "
+                f"takes {smallest:,} bytes, {smallest / before:.4g}x of the tables' {before:,} bytes",
+                option="budget",
+            )
+    else:
+        max_cost = target * target * total_weight
+        fitting = [s for s in uniform if allocator.totals(s)[1] <= max_cost]
+        seeds = [min(fitting, key=lambda s: allocator.totals(s))] if fitting else []
+        found = allocator.for_cost(max_cost, seeds)
+        if found is None:
+            if infeasible_ok:
+                return None
+            lowest = allocator.totals(allocator.most_accurate())[1]
+            best = math.sqrt(lowest / total_weight) if total_weight else 0.0
+            raise UsageError(
+                f"{{opt:max_error}} {target:g} cannot be reached: the lowest error any plan"
+                f"{_within(tables, allowed)} reaches is {best:.4g} (every table at its most "
+                "accurate setting)",
+                option="max_error",
+            )
+    return [allowed[t][i] for t, i in enumerate(found)]
+
+
+def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
+    """Returns ` within the gates` when the base rules' gates ruled out some options."""
+    limited = any(len(a) < len(t.options) for t, a in zip(tables, allowed, strict=True))
+    return " within the gates" if limited else ""
+
+
+def _uniform_choices(
+    tables: list[TablePlan], allowed: list[list[int]]
+) -> list[tuple[str, list[int]]]:
+    """Returns every setting that every table has (after gates), as per-table positions in
+    `allowed`, labelled; in the first table's candidate order."""
+    positions = []
+    for table, indices in zip(tables, allowed, strict=True):
+        positions.append({table.options[i].candidate.uniform_key: p for p, i in enumerate(indices)})
+    found = []
+    first = tables[0]
+    for index in allowed[0]:
+        key = first.options[index].candidate.uniform_key
+        if all(key in by_key for by_key in positions):
+            found.append((first.options[index].candidate.label, [p[key] for p in positions]))
+    return found
+
+
+def _frontier(table: TablePlan, indices: list[int]) -> list[int]:
+    from sparqcli.planning.search import pareto
+
+    points = _points(table, indices)
+    return [indices[i] for i in pareto(points)]
+
+
+def _model_points(
+    tables: list[TablePlan], allowed: list[list[int]], mode: str, target: float
+) -> tuple[list[ModelPoint], list[ModelPoint], ModelPoint | None]:
+    """Returns the model's frontier, every uniform setting, and the best uniform one."""
+    allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
+    total_weight = sum(t.weight for t in tables) or 1.0
+    frontier = [
+        ModelPoint("frontier", step.bytes, math.sqrt(max(0.0, step.cost) / total_weight))
+        for step in allocator.path()
+    ]
+    uniform = []
+    for label, positions in _uniform_choices(tables, allowed):
+        options = [t.options[a[p]] for t, a, p in zip(tables, allowed, positions, strict=True)]
+        error = model_error(
+            [(t.weight, o.weighted_error) for t, o in zip(tables, options, strict=True)]
+        )
+        uniform.append(ModelPoint(label, sum(o.bytes for o in options), error))
+    before = sum(t.bytes_before for t in tables)
+    if mode == "budget":
+        fitting = [p for p in uniform if p.bytes <= target * before]
+        best = min(fitting, key=lambda p: (p.error, p.bytes), default=None)
+    else:
+        fitting = [p for p in uniform if p.error <= target]
+        best = min(fitting, key=lambda p: (p.bytes, p.error), default=None)
+    return frontier, uniform, best
+
+
+def _plan_config(base: Config, tables: list[TablePlan]) -> Config:
+    """Returns the plan as a config: the base's order and defaults, one rule per table."""
+    rules = []
+    for table in tables:
+        gates = table.rule.gates
+        has_gates = any(value is not None for value in gates.to_dict().values())
+        rules.append(
+            Rule(
+                match=exact_pattern(table.key),
+                sparsity=_as_rule_section(table.option.candidate.sparsity.to_dict()),
+                quantization=_as_rule_section(table.option.candidate.quantization.to_dict()),
+                gates=_as_rule_section(gates.to_dict()) if has_gates else None,
+            )
+        )
+    return Config(
+        layers=rules,
+        order=base.order,
+        sparsity=base.sparsity,
+        quantization=base.quantization,
+        source="<plan>",
+    )
+
+
+def _as_rule_section(values: dict[str, Any]) -> dict[str, Any]:
+    """Returns a section as a rule holds it when read from YAML (block shapes as tuples)."""
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
+
+
+def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, torch.Tensor]:
+    """Returns each selected table's row weights from a safetensors file (empty without one).
+
+    Raises InputError for an unreadable file and UsageError for missing, misshapen, negative or
+    non-finite weights, naming the file and the key.
+    """
+    if path is None:
+        return {}
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{{opt:row_weights}} {path}: no such file", path=path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            available = list(file.keys())
+            found = {}
+            for table in selected:
+                name = table.key if table.key in available else None
+                if name is None:
+                    module = table.key.rpartition(".")[0]
+                    name = module if module in available else None
+                if name is None:
+                    raise UsageError(
+                        f"{path}: no row weights for table '{table.key}' "
+                        f"(the file holds {', '.join(available[:5]) or 'no tensors'})",
+                        path=path,
+                    )
+                found[table.key] = (name, file.get_tensor(name))
+    except UsageError:
+        raise
+    except Exception as error:  # safetensors raises several kinds for a corrupt file
+        raise InputError(f"{path}: cannot read row weights: {error}", path=path) from None
+    weights = {}
+    for table in selected:
+        name, tensor = found[table.key]
+        rows = table.info.shape[0]
+        if tensor.dim() == 2 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]
+        if (
+            tensor.dim() != 1
+            or tensor.shape[0] != rows
+            or tensor.dtype == torch.bool
+            or tensor.is_complex()
+        ):
+            raise UsageError(
+                f"{path}: '{name}' must hold one weight per row of '{table.key}' ({rows}), "
+                f"got shape {list(tensor.shape)}",
+                path=path,
+            )
+        tensor = tensor.double()
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+            raise UsageError(f"{path}: '{name}' holds negative, NaN or Inf weights", path=path)
+        if not bool((tensor > 0).any()):
+            raise UsageError(f"{path}: '{name}': every weight is 0", path=path)
+        weights[table.key] = tensor
+    return weights

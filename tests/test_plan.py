@@ -1,0 +1,498 @@
+"""`sparq plan` / `sparqcli.plan`: exact bytes, budgets, error targets, row weights, plots."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import sparqcli
+from sparqcli.cli import app
+from sparqcli.config import Config
+from sparqcli.errors import ConfigError, UsageError
+from sparqcli.planning.measure import measure_exact, measure_table
+from sparqcli.planning.search import Allocator, lower_hull, pareto
+from sparqcli.planning.space import Candidate, PlanSpace, candidates
+from sparqcli.settings import Quantization, Sparsity
+
+runner = CliRunner()
+
+BASE = """\
+version: 1
+sparsity: {level: 0.5, block_shape: [1, 4]}
+quantization: {bits: 8}
+layers:
+  - match: "*.weight"
+exclude: ["proj.*"]
+min_table_bytes: 0                  # the test tables are small
+# 24 candidates per table (4 levels x 3 widths x 2 scale dtypes): keeps the tests fast
+plan:
+  levels: [0, 0.3, 0.6, 0.9]
+  bits: [8, 4, 2]
+  ranges: [minmax]
+  scopes: [table]
+  scale_dtypes: [float32, float16]
+"""
+
+
+def zipf_table(rows: int, cols: int, seed: int, near_zero: int = 0) -> torch.Tensor:
+    """Returns rows whose norms follow a Zipf law, `near_zero` of them scaled to ~1e-4."""
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, cols, generator=generator)
+    norms = 1.0 / torch.arange(1, rows + 1, dtype=torch.float32) ** 0.6
+    table *= norms[torch.randperm(rows, generator=generator)][:, None]
+    if near_zero:
+        table[torch.randperm(rows, generator=generator)[:near_zero]] *= 1e-4
+    return table
+
+
+def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small mixed model: a Zipf-scaled table, a heavy-tailed one, a low-rank one."""
+    generator = torch.Generator().manual_seed(seed)
+    heavy = torch.randn(300, 24, generator=generator) / (
+        torch.rand(300, 24, generator=generator) + 0.05
+    )
+    low_rank = torch.randn(240, 4, generator=generator) @ torch.randn(4, 36, generator=generator)
+    return {
+        "tok.weight": zipf_table(800, 32, seed, near_zero=40),
+        "heavy.weight": heavy,
+        "lowrank.weight": low_rank,
+        "proj.weight": torch.randn(4, 4, generator=generator),
+    }
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[Path, Path]:
+    model = tmp_path / "mixed.pt"
+    torch.save(mixed_state(), model)
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    return model, base
+
+
+def model_error(report: sparqcli.CompressReport) -> tuple[int, float]:
+    """Returns the tables' compressed bytes and E from a compress report."""
+    tables = report.files[0].tables
+    values = [math.prod(t.shape) for t in tables]
+    squared = sum(n * t.stats.rel_error**2 for n, t in zip(values, tables, strict=True))
+    return sum(t.bytes_after for t in tables), math.sqrt(squared / sum(values))
+
+
+# --------------------------------------------------------------------------------------------
+# Exact bytes, estimated errors
+
+
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+@pytest.mark.parametrize(
+    "sparsity",
+    [
+        Sparsity(level=0.3, block_shape=(2, 4)),
+        Sparsity(level=0.55, block_shape=(3, 5), norm="L2"),
+        Sparsity(level=0.8, block_shape=(1, 4), zeros_per_block=2),
+        Sparsity(level=0.9, block_shape=(4, 4)),
+    ],
+)
+def test_sampled_bytes_are_exact_with_partial_blocks_and_ties(
+    order: str, sparsity: Sparsity
+) -> None:
+    table = zipf_table(203, 30, seed=1)
+    table[10:40] = 0.0  # tied block scores
+    table[50:60, :12] = 0.25  # more ties, away from zero
+    candidate = Candidate(sparsity, Quantization(bits=4, scale_dtype="float16"))
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    exact = measure_exact(read, (203, 30), torch.float32, order, candidate)  # type: ignore[arg-type]
+    [sampled] = measure_table(
+        read,
+        (203, 30),
+        torch.float32,
+        order,  # type: ignore[arg-type]
+        [candidate],
+        sample_rows=40,
+    )
+    assert not sampled.exact and exact.exact
+    assert sampled.bytes == exact.bytes
+    assert sampled.rel_error == pytest.approx(exact.rel_error, rel=0.35)  # 40 rows only
+
+
+def test_sampled_errors_are_close_on_a_larger_table() -> None:
+    table = zipf_table(6000, 16, seed=2, near_zero=300)
+    found = [
+        Candidate(Sparsity(level=level), Quantization(bits=bits))
+        for level in (0.0, 0.5, 0.9)
+        for bits in (8, 2)
+    ]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    sampled = measure_table(
+        read, (6000, 16), torch.float32, "sparsify-first", found, sample_rows=600
+    )
+    for candidate, option in zip(found, sampled, strict=True):
+        exact = measure_exact(read, (6000, 16), torch.float32, "sparsify-first", candidate)
+        assert option.bytes == exact.bytes
+        assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
+
+
+def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = mixed
+    table = mixed_state()["heavy.weight"]
+    candidate = Candidate(Sparsity(level=0.4), Quantization(bits=4))
+    option = measure_exact(
+        lambda a, b: table[a:b], tuple(table.shape), torch.float32, "sparsify-first", candidate
+    )
+    config = Config(
+        layers=[sparqcli.Rule(match="heavy.weight")],
+        sparsity=candidate.sparsity,
+        quantization=candidate.quantization,
+    )
+    report = sparqcli.compress(model, config, output=tmp_path / "out.sparq.safetensors")
+    [stats] = report.files[0].tables
+    assert option.bytes == stats.bytes_after
+    assert option.rel_error == stats.stats.rel_error
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets and error targets
+
+
+@pytest.mark.parametrize(
+    ("sample_rows", "order"),
+    [(None, "sparsify-first"), (64, "sparsify-first"), (64, "quantize-first")],
+)
+def test_budget_is_met_exactly_and_compress_gives_the_prediction(
+    mixed: tuple[Path, Path], tmp_path: Path, sample_rows: int | None, order: str
+) -> None:
+    model, base = mixed
+    base.write_text(BASE.replace("version: 1", f"version: 1\norder: {order}"))
+    plan_path = tmp_path / "plan.yaml"
+    result = sparqcli.plan(model, base, budget=0.12, output=plan_path, sample_rows=sample_rows)
+    assert result.bytes <= 0.12 * result.bytes_before
+    assert plan_path.read_text().startswith("# sparq plan for ")
+    report = sparqcli.compress(model, plan_path, output=tmp_path / "out.sparq.safetensors")
+    size, error = model_error(report)
+    assert size == result.bytes
+    assert error == pytest.approx(result.error, rel=0.02)
+    assert [t.key for t in report.files[0].tables] == [t.key for t in result.tables]
+
+
+def test_plan_beats_every_uniform_setting_at_the_same_budget(mixed: tuple[Path, Path]) -> None:
+    model, base = mixed
+    for budget in (0.06, 0.15):
+        result = sparqcli.plan(model, base, budget=budget)
+        fitting = [p for p in result.uniform if p.bytes <= budget * result.bytes_before]
+        assert fitting, budget
+        assert all(result.error <= point.error for point in fitting)
+        assert result.best_uniform is not None
+        assert result.error < result.best_uniform.error
+
+
+def test_max_error_meets_the_target_with_fewest_bytes(mixed: tuple[Path, Path]) -> None:
+    model, base = mixed
+    result = sparqcli.plan(model, base, max_error=0.1)
+    assert result.error <= 0.1
+    meeting = [p for p in result.uniform if p.error <= 0.1]
+    assert meeting and all(result.bytes <= p.bytes for p in meeting)
+    assert result.mode == "max_error"
+
+
+def test_max_error_holds_after_verifying_sampled_estimates(mixed: tuple[Path, Path]) -> None:
+    model, base = mixed
+    for target in (0.05, 0.2):
+        result = sparqcli.plan(model, base, max_error=target, sample_rows=64)
+        assert result.verified and all(t.option.exact for t in result.tables)
+        assert result.error <= target
+
+
+def test_gates_of_the_base_rules_are_respected_and_kept(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    base.write_text(BASE + "gates: {max_rel_error: 0.2, max_bytes_ratio: 0.3}\n")
+    plan_path = tmp_path / "plan.yaml"
+    result = sparqcli.plan(model, base, budget=0.2, output=plan_path)
+    assert all(t.option.rel_error <= 0.2 for t in result.tables)
+    report = sparqcli.compress(model, plan_path, output=tmp_path / "out.sparq.safetensors")
+    assert report.gates_passed
+    assert all(rule.gates.max_rel_error == 0.2 for rule in result.config.resolved_rules)
+
+
+def test_row_weights_move_bytes_to_heavily_weighted_tables(tmp_path: Path) -> None:
+    state = {"a.weight": zipf_table(300, 32, seed=3), "b.weight": zipf_table(300, 32, seed=4)}
+    model = tmp_path / "two.pt"
+    torch.save(state, model)
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    weights = tmp_path / "weights.safetensors"
+    save_file({"a.weight": torch.full((300,), 100.0), "b.weight": torch.ones(300)}, weights)
+    plain = sparqcli.plan(model, base, budget=0.1)
+    weighted = sparqcli.plan(model, base, budget=0.1, row_weights=weights)
+    share = {t.key: t.option.bytes for t in weighted.tables}
+    assert weighted.weighted and not plain.weighted
+    assert share["a.weight"] > share["b.weight"]
+    plain_share = {t.key: t.option.bytes for t in plain.tables}
+    assert share["a.weight"] > plain_share["a.weight"]
+    assert weighted.bytes <= 0.1 * weighted.bytes_before
+
+
+def test_row_weights_problems_name_the_file_and_key(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    weights = tmp_path / "w.safetensors"
+    save_file({"tok.weight": torch.ones(800), "heavy.weight": torch.ones(300)}, weights)
+    with pytest.raises(
+        UsageError, match=r"w\.safetensors: no row weights for table 'lowrank\.weight'"
+    ):
+        sparqcli.plan(model, base, budget=0.1, row_weights=weights)
+    save_file(
+        {
+            "tok.weight": torch.ones(800),
+            "heavy.weight": -torch.ones(300),
+            "lowrank": torch.ones(240),
+        },
+        weights,
+    )
+    with pytest.raises(UsageError, match=r"'heavy\.weight' holds negative, NaN or Inf weights"):
+        sparqcli.plan(model, base, budget=0.1, row_weights=weights)
+
+
+def test_infeasible_targets_name_the_best_reachable_value(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    out = tmp_path / "plan.yaml"
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--budget", "0.001", "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    cheapest = sparqcli.plan(model, base, budget=1.0, verify=False).frontier[0]
+    before = sum(math.prod(v.shape) * 4 for k, v in mixed_state().items() if k != "proj.weight")
+    assert result.output.strip() == (
+        f"sparq: error: --budget 0.001 cannot be met: the smallest plan takes "
+        f"{cheapest.bytes:,} bytes, {cheapest.bytes / before:.4g}x of the tables' {before:,} bytes"
+    )
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--max-error", "1e-6", "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith(
+        "sparq: error: --max-error 1e-06 cannot be reached: the lowest error any plan reaches is "
+    )
+    assert result.output.strip().endswith("(every table at its most accurate setting)")
+    with pytest.raises(UsageError, match=r"^max_error 1e-06 cannot be reached"):
+        sparqcli.plan(model, base, max_error=1e-6)
+    assert not out.exists()
+    with pytest.raises(UsageError, match="give one target"):
+        sparqcli.plan(model, base, budget=0.1, max_error=0.1)
+
+
+def test_plan_section_narrows_the_candidates(mixed: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = mixed
+    base = tmp_path / "narrow.yaml"
+    narrow = (
+        "plan:\n  bits: [8]\n  levels: [0, 0.5, 0.9]\n  scale_dtypes: [float16]\n"
+        "  ranges: [minmax]\n  scopes: [table]\n"
+    )
+    base.write_text(BASE.split("plan:")[0] + narrow)
+    result = sparqcli.plan(model, base, budget=0.2)
+    for table in result.tables:
+        assert {o.candidate.quantization.bits for o in table.options} == {8}
+        assert {o.candidate.sparsity.level for o in table.options} == {0.0, 0.5, 0.9}
+        assert len(table.options) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.split("plan:")[0] + "plan:\n  bits: [9]\n  level: [0.5]\n")
+    with pytest.raises(ConfigError) as error:
+        Config.from_yaml(bad)
+    assert error.value.problems == [
+        "plan.level: unknown key; did you mean 'levels'?",
+        "plan.bits[0]: must be an integer from 1 to 8, got 9",
+    ]
+
+
+def test_default_candidates_cover_every_axis() -> None:
+    found = candidates(PlanSpace({}), Sparsity(), Quantization())
+    # every bit width x scale dtype (float32, float16) x range, and dense or one of the nine
+    # non-zero levels in either scope (a dense candidate has no scope)
+    assert len(found) == 8 * 2 * 2 * (1 + 9 * 2)
+    assert {c.quantization.bits for c in found} == set(range(1, 9))
+    assert {c.quantization.scale_dtype for c in found} == {"float32", "float16"}
+    assert {c.quantization.range for c in found} == {"minmax", "mse"}
+    assert {c.sparsity.scope for c in found} == {"table", "row"}
+    assert len({c.uniform_key for c in found}) == len(found)
+
+
+def test_plan_is_deterministic_and_yaml_round_trips(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    first = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    second = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    assert first.to_yaml() == second.to_yaml()
+    path = tmp_path / "p.yaml"
+    first.save(path)
+    assert Config.from_yaml(path) == first.config
+    with pytest.raises(UsageError, match="already exists"):
+        first.save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI and plots
+
+
+def test_cli_prints_tables_frontier_and_writes_plot(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    out, svg, png = tmp_path / "plan.yaml", tmp_path / "f.svg", tmp_path / "f.png"
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(model),
+            "-c",
+            str(base),
+            "--budget",
+            "0.1",
+            "-o",
+            str(out),
+            "--plot",
+            str(svg),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "best uniform setting" in result.output
+    assert "the model's frontier" in result.output
+    assert out.exists()
+    root = ElementTree.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(model),
+            "-c",
+            str(base),
+            "--budget",
+            "0.1",
+            "-o",
+            str(out),
+            "--force",
+            "--plot",
+            str(png),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.output)
+    assert data["bytes"] <= 0.1 * data["bytes_before"]
+    assert {"tables", "frontier", "uniform", "best_uniform", "config"} <= set(data)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_plot_without_matplotlib_says_how_to_install(
+    mixed: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, base = mixed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(model),
+            "-c",
+            str(base),
+            "--budget",
+            "0.1",
+            "-o",
+            str(tmp_path / "p.yaml"),
+            "--plot",
+            str(tmp_path / "f.png"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--plot needs matplotlib, which is not installed: pip install 'sparqcli[plot]'" in (
+        result.output
+    )
+    assert not (tmp_path / "p.yaml").exists()
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(model),
+            "-c",
+            str(base),
+            "--budget",
+            "0.1",
+            "-o",
+            str(tmp_path / "p.yaml"),
+            "--plot",
+            str(tmp_path / "f.pdf"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "must end in .png or .svg" in result.output
+
+
+def test_help_imports_neither_torch_nor_matplotlib() -> None:
+    code = (
+        "import sys, sparqcli.cli as c\n"
+        "try:\n    c.app(['plan', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("False False")
+
+
+# --------------------------------------------------------------------------------------------
+# The search on its own
+
+
+def test_pareto_and_hull() -> None:
+    points = [(10, 5.0), (12, 5.0), (20, 1.9), (15, 4.5), (30, 1.9), (25, 0.5), (25, 0.5)]
+    frontier = pareto(points)
+    assert frontier == [0, 3, 2, 5]
+    assert lower_hull(points, frontier) == [0, 2, 5]
+
+
+def test_allocator_is_never_worse_than_uniform_and_close_to_optimal() -> None:
+    rng = random.Random(0)
+    for _ in range(30):
+        tables = []
+        for _ in range(4):
+            sizes = sorted(rng.sample(range(10, 200), 6))
+            costs = sorted((rng.random() * 10 for _ in sizes), reverse=True)
+            tables.append(list(zip(sizes, costs, strict=True)))
+        allocator = Allocator(tables)
+        budget = rng.randint(sum(t[0][0] for t in tables), sum(t[-1][0] for t in tables))
+        uniform = [(i,) * 4 for i in range(6) if allocator.totals((i,) * 4)[0] <= budget]
+        choice = allocator.for_budget(budget, seeds=uniform)
+        assert choice is not None
+        size, cost = allocator.totals(choice)
+        assert size <= budget
+        best = min(
+            (
+                allocator.totals(c)[1]
+                for c in itertools.product(range(6), repeat=4)
+                if allocator.totals(c)[0] <= budget
+            ),
+        )
+        assert cost <= best * 1.05 + 1e-9
+        assert all(cost <= allocator.totals(u)[1] for u in uniform)
