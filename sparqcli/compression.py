@@ -101,7 +101,7 @@ def compress(
                     f"{source}: is already compressed by sparq; compress the original checkpoint",
                     path=source,
                 )
-            file = _plan(checkpoint, config, output_format, target, source.stat().st_size)
+            file = _plan(checkpoint, config, output_format, target, input_size(source))
             report.files.append(file)
             if dry_run:
                 continue
@@ -249,6 +249,13 @@ def check_device(device: str) -> None:
                 "{opt:device=cuda}: no CUDA device is available "
                 f"(this torch {torch.__version__} was built {build} CUDA)"
             )
+
+
+def input_size(source: Path) -> int:
+    """Returns the bytes of an input: a file's size, or the sum over a folder's files."""
+    if source.is_dir():
+        return sum(entry.stat().st_size for entry in source.iterdir() if entry.is_file())
+    return source.stat().st_size
 
 
 def peak_memory_bytes() -> int:

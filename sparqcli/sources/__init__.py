@@ -5,6 +5,8 @@ or a range of rows at a time — the one primitive the engine needs. Two kinds s
 
 * `SafetensorsCheckpoint` (`sources/safetensors_file.py`): the header validated by the
   safetensors library, rows read with positioned reads, so a table larger than memory streams;
+* `DcpCheckpoint` (`sources/dcp.py`): a `torch.distributed.checkpoint` folder, its `.metadata`
+  unpickled with an allowlist, rows assembled from the chunks of its `.distcp` files;
 * `StateDictCheckpoint` (`sources/torch_file.py`): a state dict in memory, from a `.pt`/
   `.pth`/`.bin`/`.ckpt` file read by `torch.load(weights_only=True)` (a pickled whole
   `nn.Module` only when trusted), or handed over by a Python caller.
@@ -123,6 +125,16 @@ def open_checkpoint(
     if not path.exists():
         raise InputError(f"{path}: no such file", path=path)
     if path.is_dir():
+        from sparqcli.sources.dcp import DcpCheckpoint, is_dcp_folder
+
+        if is_dcp_folder(path):
+            if key is not None:
+                raise UsageError(
+                    f"{path}: {{opt:key}} applies to .pt files; a DCP folder is flat", path=path
+                )
+            checkpoint = DcpCheckpoint.open(path, trust_pickle)
+            check_keys(checkpoint)
+            return checkpoint
         raise InputError(f"{path}: is a directory, not a checkpoint", path=path)
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied", path=path)
