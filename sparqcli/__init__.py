@@ -38,6 +38,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Gates": ("sparqcli.settings", "Gates"),
     "compress": ("sparqcli.compression", "compress"),
     "compress_state_dict": ("sparqcli.compression", "compress_state_dict"),
+    "compress_distributed": ("sparqcli.distributed.runner", "compress_distributed"),
+    "world_size": ("sparqcli.distributed", "world_size"),
     "CompressedStateDict": ("sparqcli.compression", "CompressedStateDict"),
     "CompressReport": ("sparqcli.results", "CompressReport"),
     "open": ("sparqcli.format.reader", "open_file"),
@@ -63,6 +65,7 @@ __all__ = [
     "Sparsity",
     "__version__",
     "compress",
+    "compress_distributed",
     "compress_state_dict",
     "decompress",
     "discard_partial_outputs",
@@ -71,11 +74,14 @@ __all__ = [
     "load_table",
     "open",
     "selection",
+    "world_size",
 ]
 
 if TYPE_CHECKING:
     from sparqcli.compression import CompressedStateDict, compress, compress_state_dict
     from sparqcli.config import Config, Rule
+    from sparqcli.distributed import world_size
+    from sparqcli.distributed.runner import compress_distributed
     from sparqcli.engine.table import CompressedTable
     from sparqcli.format.reader import SparqFile, load, load_table
     from sparqcli.format.reader import open_file as open

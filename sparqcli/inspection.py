@@ -26,9 +26,15 @@ def inspect(
     UnsafeInputError, UsageError) and FormatError for a corrupt sparq file.
     """
     from sparqcli.format.reader import read_info
+    from sparqcli.format.sharded import is_sharded_output
     from sparqcli.sources import open_checkpoint
 
     path = Path(path)
+    if is_sharded_output(path):
+        from sparqcli.format.sharded import ShardedSparqFile
+
+        with ShardedSparqFile(path) as folder:
+            return folder.info
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     if checkpoint.is_sparq:
         return read_info(path)
@@ -53,7 +59,9 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     if dst.suffix.lower() not in DENSE_SUFFIXES:
         raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)
     check_output_path(dst, [src], force)
-    if not open_checkpoint(src).is_sparq:
+    from sparqcli.format.sharded import is_sharded_output
+
+    if not is_sharded_output(src) and not open_checkpoint(src).is_sparq:
         raise UsageError(
             f"{src}: not a sparq-compressed file (no sparq metadata); nothing to decompress",
             path=src,

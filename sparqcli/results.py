@@ -130,6 +130,10 @@ class CompressReport:
     device: str
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    rank: int = 0
+    """The rank that made this report in a distributed run (0 otherwise)."""
+    ranks: list[dict[str, Any]] | None = None
+    """A distributed run's per-rank figures: seconds, bytes read, bytes exchanged, its file."""
 
     @property
     def gate_failures(self) -> list[str]:
@@ -174,6 +178,7 @@ class CompressReport:
             "seconds": round(self.seconds, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
             "gates_passed": self.gates_passed,
+            **({"ranks": self.ranks} if self.ranks is not None else {}),
         }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,8 +112,48 @@ def _finish(temp: Path, path: Path) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+@contextlib.contextmanager
+def partial_folder(path: Path) -> Iterator[Path]:
+    """Registers the temporary folder `path` (already made) while the block runs, so that
+    `discard_partial_outputs` removes it; on any failure it is removed before the error leaves."""
+    _PARTIAL.add(path)
+    try:
+        yield path
+    except BaseException:
+        _remove_quietly(path)
+        raise
+    finally:
+        _PARTIAL.discard(path)
+
+
+def replace_folder(temp: Path, path: Path) -> None:
+    """Renames the complete folder `temp` to `path`, replacing an existing folder `path`.
+
+    A folder cannot be swapped atomically: the old one is first renamed aside, then removed
+    once the new one is in place. Raises OutputError when a rename fails.
+    """
+    old = None
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+        os.replace(temp, path)
+    except OSError as error:
+        if old is not None and not path.exists() and (old / "previous").exists():
+            os.replace(old / "previous", path)
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    finally:
+        if old is not None:
+            _remove_quietly(old)
 
 
 def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:

@@ -510,11 +510,16 @@ class SparqFile:
 
 
 def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile:
-    """Returns the open `SparqFile` at `path` (`sparqcli.open`).
+    """Returns the open `SparqFile` at `path` (`sparqcli.open`); a folder of sparq shards with
+    an index gives a `ShardedSparqFile`, which reads the same way.
 
     Raises InputError when the file is missing or unreadable, FormatError when it is not valid
     safetensors or its sparq metadata is inconsistent.
     """
+    from sparqcli.format.sharded import ShardedSparqFile, is_sharded_output
+
+    if is_sharded_output(path):
+        return ShardedSparqFile(path, device)  # type: ignore[return-value]
     return SparqFile(path, device)
 
 
@@ -556,7 +561,7 @@ def read_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when `key` is not a compressed table of the file (naming close keys) or the
     file is unreadable, FormatError when the file or the table is inconsistent or corrupt.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_table(key)
 
 
@@ -567,7 +572,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torc
     kept ones `(q - zero_point) * scale`; pass-through tensors as stored. Raises InputError when
     the file is missing or unreadable, FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         names = file.keys()
         return {key: file.get_tensor(key) for key in names}
 
@@ -578,5 +583,5 @@ def load_table(path: str | Path, key: str, device: torch.device | str = "cpu") -
     Raises InputError when the file holds no such key (naming close keys) or is unreadable,
     FormatError when it is corrupt or inconsistent.
     """
-    with SparqFile(path, device) as file:
+    with open_file(path, device) as file:
         return file.get_tensor(key)
