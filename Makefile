@@ -36,6 +36,7 @@ bench: install
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_cuda.py
+	$(PY) benchmarks/bench_distributed.py
 
 clean:
 	rm -rf build .pytest_cache

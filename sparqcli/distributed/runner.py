@@ -65,13 +65,17 @@ def compress_distributed(
     `GroupLostError` when a rank died or the timeout expired.
     """
     started = time.perf_counter()
+    own_group = group is None
     if group is None:
         group = ProcessGroup.from_environment(timeout_s)
     run = _Run(group, Path(source), Path(output), started)
     try:
-        return run.go(
+        report = run.go(
             config, overrides, order, force, trust_pickle, key, report_path, device, progress
         )
+        if own_group:
+            group.close()  # every rank is past its last collective
+        return report
     except (RankFailedError, GroupLostError):
         run.discard()
         raise
@@ -123,7 +127,7 @@ class _Run:
         from sparqcli.engine.options import EngineOptions
         from sparqcli.format.sharded import INDEX_NAME, shard_name
         from sparqcli.format.writer import SourceInfo, write_compressed
-        from sparqcli.sinks import atomic_output, check_output_path, check_report_path
+        from sparqcli.sinks import atomic_output, check_report_path
         from sparqcli.sources import open_checkpoint
 
         group, source, output = self.group, self.source, self.output
@@ -132,7 +136,7 @@ class _Run:
         check_device(device)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        check_output_path(output, [source], force)
+        _check_output_folder(output, source, force)
         if not output.parent.is_dir():
             raise OutputError(f"{output}: cannot write: folder {output.parent} does not exist")
         if report_path is not None:
@@ -290,6 +294,17 @@ class _Run:
         }
         keep = has_rows or (rows == 0 and group.rank == 0)
         return (result if keep else None), stats, info
+
+
+def _check_output_folder(output: Path, source: Path, force: bool) -> None:
+    """Raises UsageError when the output folder is the input, or exists (without `force`) or is
+    a file."""
+    if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
+        raise UsageError(f"{output}: is the input; sparq never overwrites its input", path=output)
+    if output.exists() and not force:
+        raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: is a file; the output of a distributed run is a folder")
 
 
 def _share_out(checkpoint: Any, keys: list[str], world: int) -> list[list[str]]:
