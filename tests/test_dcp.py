@@ -62,6 +62,9 @@ def test_any_row_range_is_assembled_from_the_chunks(tmp_path, full, layout, file
 def test_non_tensor_entries_are_kept_as_extra(tmp_path, full):
     folder = save_dcp(tmp_path / "ckpt", {**full, "step": 12, "names": ["a", "b"]})
     assert open_checkpoint(folder).extra == {"step": 12, "names": ["a", "b"]}
+    trusted = open_checkpoint(folder, trust_pickle=True)  # DCP's own classes, not stand-ins
+    assert trusted.tensors == open_checkpoint(folder).tensors
+    assert torch.equal(trusted.tensor("emb.weight"), full["emb.weight"])
 
 
 def _compressed(path: Path, config: Path, out: Path) -> dict[str, torch.Tensor]:

@@ -58,14 +58,52 @@ def is_dcp_folder(path: Path) -> bool:
     return path.is_dir() and (path / METADATA_FILE).is_file()
 
 
+class _Record:
+    """Stands in for a DCP metadata class: keeps the state the pickle gives it as attributes.
+
+    The DCP classes are plain data; standing in for them means nothing of torch.distributed is
+    imported or run while reading a file (and importing torch.distributed.checkpoint costs ~1 s).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class _TensorProperties(_Record):
+    """TensorProperties pickles its fields as a tuple: dtype, layout, requires_grad, ..."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and state:
+            self.dtype = state[0]
+        else:
+            super().__setstate__(state)
+
+
+_STAND_INS: dict[str, type] = {
+    name: type(name, (_TensorProperties if name == "TensorProperties" else _Record,), {})
+    for name in (*_METADATA_CLASSES, "_StorageInfo")
+}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata: its own classes, torch.Size, dtypes, layouts, paths; nothing else."""
+    """Unpickles DCP metadata: its own classes (as stand-ins), torch.Size, dtypes, layouts,
+    paths; nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module == _METADATA_MODULE and name in _METADATA_CLASSES) or (
+            module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"
+        ):
+            return _STAND_INS[name]
         allowed = (
-            (module == _METADATA_MODULE and name in _METADATA_CLASSES)
-            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch" and name == "Size")
+            (module == "torch" and name == "Size")
             or (module == "torch.serialization" and name == "_get_layout")
             or (module == "collections" and name == "OrderedDict")
             or (module.split(".")[0] == "pathlib" and name in _PATH_CLASSES)
