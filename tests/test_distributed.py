@@ -164,6 +164,8 @@ def test_n_ranks_equal_one_process_bit_for_bit(inputs, tmp_path, ranks):
         order = Path(job["config"]).stem
         single = tmp_path / f"single-{kind}-{order}.sparq.safetensors"
         sparqcli.compress(inputs[kind], inputs[order], output=single)
+        if job is jobs[0]:
+            single_first = single
         _assert_same(Path(job["output"]), sparqcli.load(single))
         files = sorted(path.name for path in Path(job["output"]).iterdir())
         assert files == [
@@ -182,6 +184,36 @@ def test_n_ranks_equal_one_process_bit_for_bit(inputs, tmp_path, ranks):
             for name in ("scale_min", "scale_median", "scale_max", "kept", "row_cosine_min"):
                 assert got[key]["stats"][name] == table["stats"][name], (key, name)
             assert got[key]["stats"]["rel_error"] == pytest.approx(table["stats"]["rel_error"])
+    _check_reading(Path(jobs[0]["output"]), single_first, tmp_path)
+
+
+def _check_reading(folder: Path, single: Path, tmp: Path) -> None:
+    """The folder reads like the one-process file: rows across shards, tables, decompress;
+    and a tampered index is refused."""
+    from sparqcli.errors import FormatError
+
+    with sparqcli.open(folder) as sharded, sparqcli.open(single) as whole:
+        assert sharded.keys() == whole.keys()
+        for key in whole.tables():
+            rows = whole.info.tables[key].shape[0]
+            for start, stop in ((0, rows), (1, rows - 1), (rows // 2 - 3, rows // 2 + 4)):
+                assert torch.equal(
+                    sharded.get_rows(key, start, stop), whole.get_rows(key, start, stop)
+                )
+            assert torch.equal(sharded.get_table(key).decode(), whole.get_table(key).decode())
+        assert torch.equal(
+            sharded.get_rows("proj.weight", 1, 3), whole.get_rows("proj.weight", 1, 3)
+        )
+    dense = tmp / "dense.safetensors"
+    sparqcli.decompress(folder, dense)
+    assert sparqcli.load(dense).keys() == sparqcli.load(single).keys()
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    shards = document["metadata"]["sparq"]["tables"]["emb.weight"]["row_shards"]
+    shards[1]["rows"][0] += 3  # a gap
+    index.write_text(json.dumps(document))
+    with pytest.raises(FormatError, match="row shards do not cover its rows"):
+        sparqcli.load(folder)
 
 
 def test_torchrun_runs_the_cli(inputs, tmp_path):
