@@ -122,13 +122,11 @@ def _remove_quietly(path: Path) -> None:
 @contextlib.contextmanager
 def partial_folder(path: Path) -> Iterator[Path]:
     """Registers the temporary folder `path` (already made) while the block runs, so that
-    `discard_partial_outputs` removes it; on any failure it is removed before the error leaves."""
+    `discard_partial_outputs` (a signal handler) removes it. Removing it on other failures is the
+    caller's business (a distributed run removes it once every rank has stopped writing)."""
     _PARTIAL.add(path)
     try:
         yield path
-    except BaseException:
-        _remove_quietly(path)
-        raise
     finally:
         _PARTIAL.discard(path)
 

@@ -83,6 +83,8 @@ def compress_distributed(
         told = error if isinstance(error, SparqError) else SparqError(_internal(error))
         try:
             group.check(told)  # every other rank raises this error at its next collective
+        except (RankFailedError, GroupLostError):
+            pass  # another rank failed too, or the others are gone: this rank's error stands
         finally:
             run.discard()
         raise
@@ -102,6 +104,8 @@ class _Run:
         self.started = started
         self.temp: Path | None = None
         self.bytes_read = 0
+        self.infos: dict[str, dict[str, Any]] = {}
+        self.passthrough_keys: list[str] = []
 
     def discard(self) -> None:
         """Removes the temporary folder (every rank is past its writes by now)."""
@@ -122,16 +126,13 @@ class _Run:
         device: str,
         progress: ProgressCallback | None,
     ) -> CompressReport:
-        from sparqcli.compression import _config, _json_extras, _plan, check_device, input_size
+        from sparqcli.compression import _config, _plan, check_device, input_size
         from sparqcli.digest import BackgroundSha256
-        from sparqcli.engine.options import EngineOptions
-        from sparqcli.format.sharded import INDEX_NAME, shard_name
-        from sparqcli.format.writer import SourceInfo, write_compressed
-        from sparqcli.sinks import atomic_output, check_report_path
+        from sparqcli.sinks import check_report_path, partial_folder
         from sparqcli.sources import open_checkpoint
 
         group, source, output = self.group, self.source, self.output
-        rank, world = group.rank, group.world_size
+        rank = group.rank
         config = _config(config, overrides, order)
         check_device(device)
         if device == "cuda":
@@ -160,32 +161,79 @@ class _Run:
                 os.umask(umask)
                 os.chmod(self.temp, 0o777 & ~umask)  # mkdtemp's 0o700 is for secrets
             self.temp = Path(group.broadcast_text(temp_name))
-            options = EngineOptions.from_environment()
-            parts, stats, infos = {}, {}, {}
-            for table in file.tables:
-                result, table_stats, info = self._table(
-                    checkpoint, table, device, progress, options
+            with partial_folder(self.temp):  # a signal handler removes it
+                name, extra, sha256 = self._write_shard(
+                    checkpoint, file, group, digests, progress, device
                 )
-                infos[table.key] = info
-                if result is not None:
-                    parts[table.key] = result.to("cpu")
-                    stats[table.key] = table_stats
-            mine = _share_out(checkpoint, [t for t in checkpoint.tensors if t not in infos], world)
-            passthrough = {}
-            for name in mine[rank]:
-                passthrough[name] = checkpoint.tensor(name)
-                self.bytes_read += checkpoint.tensors[name].nbytes
-            sha256 = digests.result(source) if digests is not None else ""
-            sha256 = group.broadcast_text(sha256)
-            extra, file.dropped = _json_extras(checkpoint)
-            name = shard_name(rank, world)
-            with atomic_output(self.temp / name) as temp:
-                write_compressed(
-                    temp, passthrough, parts, stats, SourceInfo(source.name, sha256), extra
+                if digests is not None:
+                    digests.cancel()
+                return self._finish(
+                    checkpoint, file, config, name, extra, sha256, report_path, device
                 )
         finally:
             if digests is not None:
                 digests.cancel()
+
+    def _write_shard(
+        self,
+        checkpoint: Any,
+        file: Any,
+        group: ProcessGroup,
+        digests: Any,
+        progress: ProgressCallback | None,
+        device: str,
+    ) -> tuple[str, dict[str, Any], str]:
+        """Compresses this rank's rows of every table and writes its shard; returns the shard's
+        name, the JSON extras and the input's sha256."""
+        from sparqcli.compression import _json_extras
+        from sparqcli.engine.options import EngineOptions
+        from sparqcli.format.sharded import shard_name
+        from sparqcli.format.writer import SourceInfo, write_compressed
+        from sparqcli.sinks import atomic_output
+
+        source, rank, world = self.source, group.rank, group.world_size
+        options = EngineOptions.from_environment()
+        parts, stats, infos = {}, {}, {}
+        for table in file.tables:
+            result, table_stats, info = self._table(checkpoint, table, device, progress, options)
+            infos[table.key] = info
+            if result is not None:
+                parts[table.key] = result.to("cpu")
+                stats[table.key] = table_stats
+        mine = _share_out(checkpoint, [t for t in checkpoint.tensors if t not in infos], world)
+        self.infos, self.passthrough_keys = infos, mine[rank]
+        passthrough = {}
+        for name in mine[rank]:
+            passthrough[name] = checkpoint.tensor(name)
+            self.bytes_read += checkpoint.tensors[name].nbytes
+        sha256 = digests.result(source) if digests is not None else ""
+        sha256 = group.broadcast_text(sha256)
+        extra, file.dropped = _json_extras(checkpoint)
+        name = shard_name(rank, world)
+        with atomic_output(self.temp / name) as temp:
+            write_compressed(
+                temp, passthrough, parts, stats, SourceInfo(source.name, sha256), extra
+            )
+        return name, extra, sha256
+
+    def _finish(
+        self,
+        checkpoint: Any,
+        file: Any,
+        config: Config,
+        name: str,
+        extra: dict[str, Any],
+        sha256: str,
+        report_path: str | Path | None,
+        device: str,
+    ) -> CompressReport:
+        """Exchanges every rank's figures, builds the report; rank 0 writes the index and
+        renames the folder into place."""
+        from sparqcli.format.sharded import INDEX_NAME
+        from sparqcli.sinks import atomic_output
+
+        group, output = self.group, self.output
+        rank, world = group.rank, group.world_size
         shard_bytes = (self.temp / name).stat().st_size
         mine_info = {
             "rank": rank,
@@ -195,8 +243,8 @@ class _Run:
             "collectives": group.collectives,
             "file": name,
             "file_bytes": shard_bytes,
-            "passthrough": mine[rank],
-            "tables": infos,
+            "passthrough": self.passthrough_keys,
+            "tables": self.infos,
         }
         everyone = group.exchange_json(mine_info)
         report = CompressReport(config, [file], False, device)
