@@ -40,7 +40,7 @@ def compress_command(
         list[Path],
         typer.Argument(
             metavar="CKPT...",
-            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors).",
+            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors, DCP folders).",
             show_default=False,
         ),
     ],
