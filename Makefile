@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/bench_serving.py --wait-quiet 60
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_plan.py
+	$(PY) benchmarks/bench_distributed.py
 
 clean:
 	rm -rf build .pytest_cache

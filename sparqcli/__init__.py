@@ -41,6 +41,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Gates": ("sparqcli.settings", "Gates"),
     "compress": ("sparqcli.compression", "compress"),
     "compress_state_dict": ("sparqcli.compression", "compress_state_dict"),
+    "compress_distributed": ("sparqcli.distributed.runner", "compress_distributed"),
+    "world_size": ("sparqcli.distributed", "world_size"),
     "CompressedStateDict": ("sparqcli.compression", "CompressedStateDict"),
     "CompressReport": ("sparqcli.results", "CompressReport"),
     "open": ("sparqcli.format.reader", "open_file"),
@@ -74,6 +76,7 @@ __all__ = [
     "Sparsity",
     "__version__",
     "compress",
+    "compress_distributed",
     "compress_state_dict",
     "decompress",
     "discard_partial_outputs",
@@ -84,11 +87,14 @@ __all__ = [
     "plan",
     "selection",
     "suggest_config",
+    "world_size",
 ]
 
 if TYPE_CHECKING:
     from sparqcli.compression import CompressedStateDict, compress, compress_state_dict
     from sparqcli.config import Config, Rule
+    from sparqcli.distributed import world_size
+    from sparqcli.distributed.runner import compress_distributed
     from sparqcli.engine.table import CompressedTable
     from sparqcli.format.folder import SparqFolder
     from sparqcli.format.reader import SparqFile, load, load_table

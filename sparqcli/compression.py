@@ -81,7 +81,7 @@ def compress(
     )
     # The sparq format records each input's sha256: hashed from here on, beside torch's import
     # and the engine, instead of after them. (A folder hashes its shards itself.)
-    files = [source for source in sources if not source.is_dir()]
+    files = [source for source in sources if not is_model_folder(source)]
     digests = BackgroundSha256(files) if output_format == "sparq" and not dry_run else None
     try:
         from sparqcli.engine.options import EngineOptions
@@ -91,7 +91,7 @@ def compress(
         options = options or EngineOptions.from_environment()
         check_settings(config, output_format, device)  # beside the hashing started above
         for source, target in zip(sources, targets, strict=True):
-            if source.is_dir():
+            if is_model_folder(source):
                 check_output_folder(target, sources, force)
             else:
                 check_output_path(target, sources, force)
@@ -99,7 +99,7 @@ def compress(
             check_report_path(Path(report_path), force)
         report = CompressReport(config, [], dry_run, device)
         for source, target in zip(sources, targets, strict=True):
-            if source.is_dir():
+            if is_model_folder(source):
                 if key is not None:
                     raise UsageError(
                         f"{source}: {{opt:key}} applies to .pt files; a model folder's shards "
@@ -125,7 +125,7 @@ def compress(
                     f"{source}: is already compressed by sparq; compress the original checkpoint",
                     path=source,
                 )
-            file = _plan(checkpoint, config, output_format, target, source.stat().st_size)
+            file = _plan(checkpoint, config, output_format, target, input_size(source))
             from sparqcli.folder_compression import tied_head_notes
 
             # A model file inside its Hugging Face folder: config.json may say the head is tied.
@@ -301,7 +301,7 @@ def plan_outputs(
     suffix = _SUFFIX[output_format]
     outputs = []
     for source in inputs:
-        if source.is_dir():
+        if is_model_folder(source):
             from sparqcli.folder_compression import FOLDER_SUFFIX
 
             # A model folder gives a folder `<name>-sparq` (`.` is named by its real name).
@@ -309,7 +309,8 @@ def plan_outputs(
             parent = out_dir if out_dir is not None else folder.parent
             outputs.append(parent / (folder.name + FOLDER_SUFFIX))
         else:
-            stem = source.name.removesuffix(source.suffix)
+            name = source.resolve().name if source.name in ("", ".", "..") else source.name
+            stem = name if source.is_dir() else name.removesuffix(source.suffix)
             outputs.append((out_dir if out_dir is not None else source.parent) / (stem + suffix))
     seen: dict[Path, Path] = {}
     for source, target in zip(inputs, outputs, strict=True):
@@ -357,6 +358,21 @@ def check_settings(config: Config, output_format: str, device: str) -> None:
             problem = torch_ao_problem(f"{path}.quantization.bits", rule.quantization.bits)
             if problem is not None:
                 raise UsageError(problem)
+
+
+def is_model_folder(source: Path) -> bool:
+    """Returns True for a folder compressed into a folder (a Hugging Face model folder); a DCP
+    checkpoint folder is one checkpoint, compressed into one file."""
+    from sparqcli.sources import is_dcp_folder
+
+    return source.is_dir() and not is_dcp_folder(source)
+
+
+def input_size(source: Path) -> int:
+    """Returns the bytes of an input: a file's size, or the sum over a folder's files."""
+    if source.is_dir():
+        return sum(entry.stat().st_size for entry in source.iterdir() if entry.is_file())
+    return source.stat().st_size
 
 
 def peak_memory_bytes() -> int:

@@ -17,11 +17,14 @@ _BLOCK_BYTES = 1 << 22
 
 
 def sha256_file(path: str | Path, cancelled: threading.Event | None = None) -> str:
-    """Returns the hex sha256 of the file at `path`.
+    """Returns the hex sha256 of the file at `path` (of a DCP folder: of its `.metadata`).
 
     Raises InputError when it is unreadable, or when `cancelled` is set before the end.
     """
     digest = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        path = path / ".metadata"  # a DCP folder is named by its metadata (a unique save id)
     try:
         with open(path, "rb") as file:
             for block in iter(lambda: file.read(_BLOCK_BYTES), b""):

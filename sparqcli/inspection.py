@@ -32,9 +32,15 @@ def inspect(
     """
     from sparqcli.candidates import find_candidates
     from sparqcli.format.reader import read_info
+    from sparqcli.format.sharded import is_sharded_output
     from sparqcli.sources import open_checkpoint
 
     path = Path(path)
+    if is_sharded_output(path):
+        from sparqcli.format.sharded import ShardedSparqFile
+
+        with ShardedSparqFile(path) as folder:
+            return folder.info
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     if checkpoint.is_sparq and path.is_dir():
         from sparqcli.format.folder import SparqFolder
@@ -54,8 +60,9 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     """Decodes the sparq file `src` and writes the dense state dict to `dst`, atomically.
 
     `dst` ending in `.safetensors` is written with safetensors, `.pt`/`.pth`/`.bin` with
-    torch.save; original keys, shapes and dtypes. A folder of sparq shards `src` is written to
-    the folder `dst` in the same layout (see `decompress_folder`). Raises UsageError for another
+    torch.save; original keys, shapes and dtypes. A folder of sparq shards made from a model
+    folder is written to the folder `dst` in the same layout (see `decompress_folder`); the
+    row-sharded folder of a distributed run to one dense file. Raises UsageError for another
     suffix, an existing `dst` without `force`, or a `src` that is not a sparq file;
     InputError/FormatError for an unreadable or corrupt `src`; OutputError when `dst` cannot be
     written.
@@ -65,8 +72,10 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     from sparqcli.sinks import atomic_output, check_output_path, write_torch
     from sparqcli.sources import open_checkpoint
 
+    from sparqcli.format.sharded import is_sharded_output
+
     src, dst = Path(src), Path(dst)
-    if src.is_dir():
+    if src.is_dir() and not is_sharded_output(src):
         if dst.suffix.lower() in DENSE_SUFFIXES:
             raise UsageError(
                 f"{dst}: a folder decompresses to a folder; name a folder, not a file", path=dst
@@ -75,7 +84,7 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     if dst.suffix.lower() not in DENSE_SUFFIXES:
         raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)
     check_output_path(dst, [src], force)
-    if not open_checkpoint(src).is_sparq:
+    if not is_sharded_output(src) and not open_checkpoint(src).is_sparq:
         raise UsageError(
             f"{src}: not a sparq-compressed file (no sparq metadata); nothing to decompress",
             path=src,

@@ -221,6 +221,10 @@ class CompressReport:
     peak_memory_bytes: int = 0
     folders: list[FolderReport] = field(default_factory=list)
     """The model folders among the inputs; their shards are in `files` too."""
+    rank: int = 0
+    """The rank that made this report in a distributed run (0 otherwise)."""
+    ranks: list[dict[str, Any]] | None = None
+    """A distributed run's per-rank figures: seconds, bytes read, bytes exchanged, its file."""
 
     @property
     def gate_failures(self) -> list[str]:
@@ -266,6 +270,7 @@ class CompressReport:
             "seconds": round(self.seconds, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
             "gates_passed": self.gates_passed,
+            **({"ranks": self.ranks} if self.ranks is not None else {}),
         }
 
 

@@ -241,6 +241,41 @@ def copy_side_file(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+@contextlib.contextmanager
+def partial_folder(path: Path) -> Iterator[Path]:
+    """Registers the temporary folder `path` (already made) while the block runs, so that
+    `discard_partial_outputs` (a signal handler) removes it. Removing it on other failures is the
+    caller's business (a distributed run removes it once every rank has stopped writing)."""
+    _PARTIAL.add(path)
+    try:
+        yield path
+    finally:
+        _PARTIAL.discard(path)
+
+
+def replace_folder(temp: Path, path: Path) -> None:
+    """Renames the complete folder `temp` to `path`, replacing an existing folder `path`.
+
+    A folder cannot be swapped atomically: the old one is first renamed aside, then removed
+    once the new one is in place. Raises OutputError when a rename fails.
+    """
+    old = None
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+        os.replace(temp, path)
+    except OSError as error:
+        if old is not None and not path.exists() and (old / "previous").exists():
+            os.replace(old / "previous", path)
+        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
+    finally:
+        if old is not None:
+            _remove_quietly(old)
+
+
 def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:
     """Writes `obj` with torch.save to `path` atomically. Raises OutputError on failure."""
     with atomic_output(path) as temp:

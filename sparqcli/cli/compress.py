@@ -41,7 +41,8 @@ def compress_command(
         list[Path],
         typer.Argument(
             metavar="CKPT...",
-            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors, or a model folder).",
+            help="Checkpoints to compress (.pt, .pth, .bin, .safetensors, a model folder or a "
+            "DCP folder).",
             show_default=False,
         ),
     ],
@@ -106,6 +107,27 @@ def compress_command(
     from sparqcli import render
 
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
+    if sparqcli.world_size() > 1:  # started by torchrun: one run over every rank
+        _check_distributed(checkpoints, output, out_dir, output_format, dry_run)
+        result = sparqcli.compress_distributed(
+            checkpoints[0],
+            config,
+            output=output,  # type: ignore[arg-type]
+            overrides=overrides or (),
+            order=order.value if order else None,
+            force=force,
+            trust_pickle=trust_pickle,
+            key=key,
+            report_path=report,
+            device=device.value,
+        )
+        if result.rank == 0:  # one summary, from rank 0
+            if as_json:
+                typer.echo(render.to_json(result.to_dict()))
+            elif not quiet:
+                render.print_report(stdout_console(), render.compress_summary(result))
+        result.raise_for_gates()
+        return
     with _progress_bars() if show_progress else _no_progress() as progress:
         result = sparqcli.compress(
             checkpoints,
@@ -128,6 +150,26 @@ def compress_command(
     elif not quiet:
         render.print_report(stdout_console(), render.compress_summary(result, wide=wide))
     result.raise_for_gates()
+
+
+def _check_distributed(
+    checkpoints: list[Path],
+    output: Path | None,
+    out_dir: Path | None,
+    output_format: FormatChoice,
+    dry_run: bool,
+) -> None:
+    """Raises UsageError for options a torchrun run does not take."""
+    from sparqcli.errors import UsageError
+
+    if len(checkpoints) != 1:
+        raise UsageError(f"under torchrun, compress takes one input, got {len(checkpoints)}")
+    if output is None or out_dir is not None:
+        raise UsageError("under torchrun, name the output folder with {opt:output}")
+    if output_format is not FormatChoice.sparq:
+        raise UsageError("under torchrun, the output format is sparq (a folder of shards)")
+    if dry_run:
+        raise UsageError("{opt:dry_run} runs in one process; leave out torchrun")
 
 
 class _no_progress:

@@ -29,6 +29,7 @@ from sparqcli.engine.quantize import (
     quantize_levels,
     row_qparams,
 )
+from sparqcli.engine.reduce import TablePart
 from sparqcli.engine.sparsify import (
     BlockPruner,
     ChunkKeep,
@@ -110,6 +111,7 @@ def compress_rows(
     name: str = "table",
     progress: Callable[[float], None] | None = None,
     options: EngineOptions = DEFAULT_OPTIONS,
+    part: TablePart | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
@@ -117,6 +119,11 @@ def compress_rows(
     when the block scores exceed `score_budget_bytes`, by default 512 MiB on CPU and 2 GiB on
     CUDA). Results live on `device`. `progress`, when given, is called with the fraction of
     the work done after each chunk. `options` choose how it computes, not what.
+    With `part`, only rows `part.start:part.stop` of the table of `shape` are read and
+    compressed (the result has those rows; `read_rows` takes table row indexes) as one part of
+    the table: the pruning threshold and ties are the whole table's, combined through
+    `part.reducer`, so the parts of a table equal, row for row, the table compressed whole.
+    Every part must make the same calls in the same order (the reducer's are collective).
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -131,7 +138,7 @@ def compress_rows(
     if problems:
         raise SettingError(f"{name}: {problems[0]}")
     job = _TableJob(
-        read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, options
+        read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, options, part
     )
     job.progress = progress
     if score_budget_bytes is None:
@@ -203,6 +210,7 @@ class _TableJob:
         chunk_rows: int | None,
         name: str,
         options: EngineOptions,
+        part: TablePart | None = None,
     ) -> None:
         self.read_rows = read_rows
         self.rows, self.cols = shape
@@ -221,8 +229,22 @@ class _TableJob:
                 chunk_values = CUDA_FUSED_CHUNK_VALUES if fused else CUDA_CHUNK_VALUES
             chunk_rows = max(1, chunk_values // max(1, self.cols))
         chunk_rows = max(block_height, chunk_rows // block_height * block_height)
+        self.part = part
+        self.first, self.last = (part.start, part.stop) if part is not None else (0, self.rows)
+        bh = fit_blocks(shape, sparsity.block_shape)[0]
+        if not (
+            0 <= self.first <= self.last <= self.rows
+            and (self.first % bh == 0 or self.first == self.rows)
+            and (self.last % bh == 0 or self.last == self.rows)
+        ):
+            raise ValueError(
+                f"a part must be whole block rows of the table: rows {self.first}:{self.last} "
+                f"of {self.rows}, block height {bh}"
+            )
+        self.local_rows = self.last - self.first
         self.ranges = [
-            (start, min(start + chunk_rows, self.rows)) for start in range(0, self.rows, chunk_rows)
+            (start, min(start + chunk_rows, self.last))
+            for start in range(self.first, self.last, chunk_rows)
         ]
         self.chunk_values = (
             max((stop - start for start, stop in self.ranges), default=0) * self.cols
@@ -244,7 +266,10 @@ class _TableJob:
         if self.sparsity.scope == "row":
             # Each block row is ranked on its own: no global threshold, no held scores.
             row_pruner = RowBlockPruner.for_level(self.sparsity.level, n_block_cols)
-            self.pruned_blocks = row_pruner.per_row * n_block_rows if n_block_cols else 0
+            local_block_rows = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)[
+                0
+            ]
+            self.pruned_blocks = row_pruner.per_row * local_block_rows if n_block_cols else 0
             prunes = self.sparsity.effective_zeros_per_block > 0 and self.pruned_blocks > 0
             if self.order == "quantize-first":
                 self.passes = 2
@@ -255,10 +280,12 @@ class _TableJob:
         all_scores = None
         if self.order == "quantize-first" or prunes:
             self.passes = 2
-            hold_scores = prunes and n_blocks * 4 <= score_budget_bytes
+            local_grid = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)
+            hold_scores = prunes and local_grid[0] * local_grid[1] * 4 <= score_budget_bytes
             all_scores = self._first_pass(hold_scores)
         pruner = None
         held = None
+        reducer = self.part.reducer if self.part is not None else None
         if prunes:
             if all_scores is not None:
                 held = [all_scores[self._block_rows(start, stop)] for start, stop in self.ranges]
@@ -268,9 +295,12 @@ class _TableJob:
                     self.sparsity.level,
                     all_scores,
                     self.options.cuda_selection,
+                    reducer,
                 )
             else:
-                pruner = BlockPruner.for_scores(self._score_chunks, n_blocks, self.sparsity.level)
+                pruner = BlockPruner.for_scores(
+                    self._score_chunks, n_blocks, self.sparsity.level, reducer=reducer
+                )
         return self._second_pass(pruner, held, dtype)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
@@ -308,8 +338,8 @@ class _TableJob:
 
     def _seen(self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Returns rows start:stop as the quantize-first sparsifier sees them: dequantized codes."""
-        scale = self.saved_scale[start:stop]
-        zero_point = self.saved_zero_point[start:stop]
+        scale = self.saved_scale[self._local(start, stop)]
+        zero_point = self.saved_zero_point[self._local(start, stop)]
         levels = quantize_levels(values, scale, zero_point, self.quantization.bits, out=out)
         return dequantize(levels, scale, zero_point, out=levels)
 
@@ -322,7 +352,8 @@ class _TableJob:
             qparams = None
             if self.order == "quantize-first":
                 qparams = self._fused_qparams(
-                    self.saved_scale[start:stop], self.saved_zero_point[start:stop]
+                    self.saved_scale[self._local(start, stop)],
+                    self.saved_zero_point[self._local(start, stop)],
                 )
             return self.fused.block_scores(values, block_shape, self.sparsity.norm, out, qparams)
         work = self._buffer(0, values)
@@ -338,17 +369,17 @@ class _TableJob:
         """
         quantize_first = self.order == "quantize-first"
         if quantize_first:
-            self.saved_scale = self._empty(self.rows)
-            self.saved_zero_point = self._empty(self.rows)
-        grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
+            self.saved_scale = self._empty(self.local_rows)
+            self.saved_zero_point = self._empty(self.local_rows)
+        grid = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)
         all_scores = self._empty(grid) if hold_scores else None
         for start, stop in self.ranges:
             values = self._read(start, stop)
             self._check_finite(values, start)
             if quantize_first:
                 scale, zero_point = self._qparams(values, None, start)
-                self.saved_scale[start:stop] = scale
-                self.saved_zero_point[start:stop] = zero_point
+                self.saved_scale[self._local(start, stop)] = scale
+                self.saved_zero_point[self._local(start, stop)] = zero_point
             if all_scores is not None:
                 self._scores(values, start, stop, out=all_scores[self._block_rows(start, stop)])
             self._report(0, stop)
@@ -363,25 +394,34 @@ class _TableJob:
     def _max_kept(self, pruner: BlockPruner | RowBlockPruner | None) -> int:
         """Returns an upper bound of the values kept: exact when every block is whole.
 
-        The pruner prunes exactly `self.pruned_blocks` blocks, each losing at least
+        The pruner prunes exactly `self.pruned_blocks` blocks of the table (row scope: of this
+        part's block rows), each losing at least
         min(zeros_per_block, the smallest (corner) block's size) values.
         """
-        values = self.rows * self.cols
+        values = self.local_rows * self.cols
         if pruner is None or self.pruned_blocks == 0 or values == 0:
             return values
         bh, bw = self.sparsity.block_shape
         n_block_rows, n_block_cols = block_grid((self.rows, self.cols), self.sparsity.block_shape)
         smallest = (self.rows - (n_block_rows - 1) * bh) * (self.cols - (n_block_cols - 1) * bw)
         lost = min(self.sparsity.effective_zeros_per_block, smallest)
-        return values - self.pruned_blocks * lost
+        pruned_here = self.pruned_blocks
+        if self.sparsity.scope == "table":
+            # A part prunes at least what the other parts' blocks cannot hold.
+            local_block_rows = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)[
+                0
+            ]
+            pruned_here -= (n_block_rows - local_block_rows) * n_block_cols
+        return values - max(0, pruned_here) * lost
 
     def _score_chunks(self) -> Iterator[torch.Tensor]:
         for start, stop in self.ranges:
             yield self._scores(self._read(start, stop), start, stop)
 
     def _report(self, finished_passes: int, rows_done: int) -> None:
-        if self.progress is not None and self.rows:
-            self.progress((finished_passes + rows_done / self.rows) / self.passes)
+        if self.progress is not None and self.local_rows:
+            done = (rows_done - self.first) / self.local_rows
+            self.progress((finished_passes + done) / self.passes)
 
     def _check_finite(self, values: torch.Tensor, start: int) -> None:
         # A row sum is finite whenever every value is (bar overflow), and costs one fused read;
@@ -405,17 +445,20 @@ class _TableJob:
         # cannot give back: peak RSS on an 8M x 128 table varied from 2.1 to 4.1 GiB that way.
         out = _Outputs(
             codes=self._empty(self._max_kept(pruner), torch.uint8),
-            scale=self.saved_scale if self.saved_scale is not None else self._empty(self.rows),
+            scale=(
+                self.saved_scale if self.saved_scale is not None else self._empty(self.local_rows)
+            ),
             zero_point=(
                 self.saved_zero_point
                 if self.saved_zero_point is not None
-                else self._empty(self.rows)
+                else self._empty(self.local_rows)
             ),
-            stats=StatsAccumulator(self.rows, self.cols, self.device),
+            stats=StatsAccumulator(self.local_rows, self.cols, self.device),
         )
         if pruner is not None:
-            grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
-            out.mask = self._empty(grid if per_block else (self.rows, self.cols), torch.bool)
+            grid = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)
+            shape = grid if per_block else (self.local_rows, self.cols)
+            out.mask = self._empty(shape, torch.bool)
         fused = self.fused if pruner is None or per_block else None
         if self.quantization.range != "minmax":  # the MSE search runs on tensor ops
             fused = None
@@ -435,7 +478,7 @@ class _TableJob:
         n_codes = int(out.n_codes)
         codes = out.codes if n_codes == out.codes.numel() else out.codes[:n_codes].clone()
         table = CompressedTable(
-            shape=(self.rows, self.cols),
+            shape=(self.local_rows, self.cols),
             dtype=dtype,
             order=self.order,
             sparsity=self.sparsity,
@@ -446,6 +489,8 @@ class _TableJob:
             keep_mask=out.mask,
             mask_per_block=per_block,
         )
+        if self.part is not None:
+            self.part.sums = out.stats.part_sums()
         return table, out.stats.finish(out.scale, out.zero_point, n_codes)
 
     def _chunk(
@@ -470,13 +515,16 @@ class _TableJob:
             )
             self._store_mask(out, start, stop, pruned_blocks, keep)
         if quantize_first:
-            scale, zero_point = out.scale[start:stop], out.zero_point[start:stop]
+            scale, zero_point = (
+                out.scale[self._local(start, stop)],
+                out.zero_point[self._local(start, stop)],
+            )
         else:
             if keep is not None:
                 seen = keep.multiply(seen, out=values)
             scale, zero_point = self._qparams(seen, keep, start)
-            out.scale[start:stop] = scale
-            out.zero_point[start:stop] = zero_point
+            out.scale[self._local(start, stop)] = scale
+            out.zero_point[self._local(start, stop)] = zero_point
         levels = quantize_levels(seen, scale, zero_point, bits, out=values)
         if keep is None:
             kept = levels.reshape(-1)
@@ -493,7 +541,7 @@ class _TableJob:
         zeros = None
         if not bool(may_decode_to_zero(zero_point).any()):
             zeros = decoded.numel() - kept.numel()
-        out.stats.add(start, original, decoded, work=spare, zeros=zeros)
+        out.stats.add(start - self.first, original, decoded, work=spare, zeros=zeros)
 
     def _fused_chunk(
         self,
@@ -520,8 +568,8 @@ class _TableJob:
 
                 row_min = exact_zero_minimums(row_min, pruned_rows)
                 scale, zero_point = qparams_from_range(row_min, row_max, self.quantization, start)
-            out.scale[start:stop] = scale
-            out.zero_point[start:stop] = zero_point
+            out.scale[self._local(start, stop)] = scale
+            out.zero_point[self._local(start, stop)] = zero_point
         if keep_blocks is None:
             kept_per_row = torch.full((stop - start,), self.cols, device=self.device)
         else:
@@ -531,13 +579,15 @@ class _TableJob:
             original,
             keep_blocks,
             block_shape,
-            self._fused_qparams(out.scale[start:stop], out.zero_point[start:stop]),
+            self._fused_qparams(
+                out.scale[self._local(start, stop)], out.zero_point[self._local(start, stop)]
+            ),
             offsets,
             out.codes,
             seen=self.order == "quantize-first",
         )
         out.n_codes = out.n_codes + kept_per_row.sum()
-        out.stats.add_row_sums(start, sums)
+        out.stats.add_row_sums(start - self.first, sums)
 
     def _fused_qparams(
         self, scale: torch.Tensor, zero_point: torch.Tensor
@@ -557,13 +607,18 @@ class _TableJob:
         if self.sparsity.prunes_whole_blocks:
             rows = out.mask[self._block_rows(start, stop)]
             return torch.logical_not(pruned_blocks, out=rows)
-        out.mask[start:stop] = keep.dense()
-        return out.mask[start:stop]
+        out.mask[self._local(start, stop)] = keep.dense()
+        return out.mask[self._local(start, stop)]
 
     def _block_rows(self, start: int, stop: int) -> slice:
-        """Returns the block rows that hold table rows start:stop (start a block-height multiple)."""
+        """Returns the part's block rows that hold table rows start:stop (start a block-height
+        multiple)."""
         bh = self.sparsity.block_shape[0]
-        return slice(start // bh, -(-stop // bh))
+        return slice((start - self.first) // bh, -(-(stop - self.first) // bh))
+
+    def _local(self, start: int, stop: int) -> slice:
+        """Returns the part's per-row entries of table rows start:stop."""
+        return slice(start - self.first, stop - self.first)
 
 
 @dataclass

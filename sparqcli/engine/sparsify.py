@@ -14,12 +14,16 @@ breaks ties with an unstable sort; on untied data both agree exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
 from sparqcli.settings import Norm, Sparsity
+
+if TYPE_CHECKING:
+    from sparqcli.engine.reduce import Reducer
 
 # Non-negative float32 values order like their int32 bit patterns; the k-th smallest score is
 # found with two 16-bit histogram passes (radix select) instead of a sort: linear time, and the
@@ -160,15 +164,23 @@ class BlockPruner:
         level: float,
         all_scores: torch.Tensor | None = None,
         cuda_selection: str = "topk",
+        reducer: Reducer | None = None,
     ) -> BlockPruner:
         """Returns the pruner for `level` over the scores that `chunks()` yields (in block order).
 
         `all_scores`, when the caller holds every score in one tensor, lets a CUDA device select
-        by `cuda_selection` (`topk`, `sort`; `radix` selects as on CPU).
+        by `cuda_selection` (`topk`, `sort`; `radix` selects as on CPU). With a `reducer`, the
+        scores are one part of a table of `n_blocks` blocks (see `engine/reduce.py`): the
+        threshold and the ties pruned are those of the whole table.
         """
         k = blocks_to_prune(level, n_blocks)
         if k == 0:
             return cls(None, 0)
+        if reducer is not None:
+            from sparqcli.engine.reduce import shared_kth_smallest, ties_for_part
+
+            value, below, equal_here = shared_kth_smallest(chunks, k, reducer)
+            return cls(value, ties_for_part(k - below, equal_here, reducer))
         if all_scores is not None and all_scores.is_cuda and cuda_selection == "sort":
             value, below = kth_smallest_sorted(all_scores, k)
         elif all_scores is not None and all_scores.is_cuda and cuda_selection == "topk":

@@ -40,6 +40,18 @@ class TableStats:
         }
 
 
+@dataclass(frozen=True)
+class PartSums:
+    """The additive figures of a part of a table's rows (see `engine/reduce.py`)."""
+
+    rows: int
+    error_sq: float
+    original_sq: float
+    cosine_sum: float
+    cosine_min: float
+    zeros: int
+
+
 class StatsAccumulator:
     """Gathers each row's error and cosine figures chunk by chunk; `finish` sums them.
 
@@ -88,17 +100,34 @@ class StatsAccumulator:
         figures[3] = sums[:, 3]
         self.zeros += sums[:, 4].to(torch.int64).sum()
 
+    def part_sums(self) -> PartSums:
+        """Returns this part's sums, from which `combine_parts` builds a whole table's figures."""
+        original_norm, _, error_norm, _ = self.per_row
+        cosine = self._cosines()
+        return PartSums(
+            rows=int(self.per_row.shape[1]),
+            error_sq=float(_total(error_norm.double().square())),
+            original_sq=float(_total(original_norm.double().square())),
+            cosine_sum=float(_total(cosine.double())),
+            cosine_min=float(cosine.min()) if cosine.numel() else 1.0,
+            zeros=int(self.zeros),
+        )
+
+    def _cosines(self) -> torch.Tensor:
+        original_norm, decoded_norm, _, dot = self.per_row
+        denominator = original_norm * decoded_norm
+        cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
+        both_zero = (original_norm == 0) & (decoded_norm == 0)
+        return torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
+
     def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
         """Returns the statistics of the whole table, given its qparams and kept-value count."""
-        original_norm, decoded_norm, error_norm, dot = self.per_row
+        original_norm, _, error_norm, _ = self.per_row
         rows = self.per_row.shape[1]
         n_values = rows * self.cols
         error_sq = float(_total(error_norm.double().square()))
         original_sq = float(_total(original_norm.double().square()))
-        denominator = original_norm * decoded_norm
-        cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
-        both_zero = (original_norm == 0) & (decoded_norm == 0)
-        cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
+        cosine = self._cosines()
         if original_sq > 0:
             rel_error = math.sqrt(error_sq / original_sq)
         else:

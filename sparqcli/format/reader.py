@@ -558,12 +558,17 @@ class SparqFile:
 
 
 def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile | SparqFolder:
-    """Returns the open `SparqFile` at `path` (`sparqcli.open`), or a `SparqFolder` when `path`
-    is a folder of sparq shards (what compressing a model folder writes).
+    """Returns the open `SparqFile` at `path` (`sparqcli.open`); a folder of sparq shards gives a
+    `SparqFolder` (what compressing a model folder writes) or a `ShardedSparqFile` (what a
+    distributed run writes: tables split by rows across shards), which read the same way.
 
     Raises InputError when the file is missing or unreadable (or the folder is not a model
     folder), FormatError when it is not valid safetensors or its sparq metadata is inconsistent.
     """
+    from sparqcli.format.sharded import ShardedSparqFile, is_sharded_output
+
+    if is_sharded_output(path):
+        return ShardedSparqFile(path, device)  # type: ignore[return-value]
     if Path(path).is_dir():
         from sparqcli.format.folder import SparqFolder
 

@@ -5,6 +5,8 @@ or a range of rows at a time — the one primitive the engine needs. Two kinds s
 
 * `SafetensorsCheckpoint` (`sources/safetensors_file.py`): the header validated by the
   safetensors library, rows read with positioned reads, so a table larger than memory streams;
+* `DcpCheckpoint` (`sources/dcp.py`): a `torch.distributed.checkpoint` folder, its `.metadata`
+  unpickled with an allowlist, rows assembled from the chunks of its `.distcp` files;
 * `StateDictCheckpoint` (`sources/torch_file.py`): a state dict in memory, from a `.pt`/
   `.pth`/`.bin`/`.ckpt` file read by `torch.load(weights_only=True)` (a pickled whole
   `nn.Module` only when trusted), or handed over by a Python caller;
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+DCP_METADATA_FILE = ".metadata"
+"""The file that makes a folder a torch.distributed.checkpoint (DCP) checkpoint."""
 # Module paths are a few dozen characters. Longer keys are refused: rules are regular
 # expressions, and a crafted megabyte-long key could keep one busy for hours.
 MAX_KEY_CHARS = 1024
@@ -135,6 +139,16 @@ def open_checkpoint(
     if not path.exists():
         raise InputError(f"{path}: no such file", path=path)
     if path.is_dir():
+        if is_dcp_folder(path):
+            from sparqcli.sources.dcp import DcpCheckpoint
+
+            if key is not None:
+                raise UsageError(
+                    f"{path}: {{opt:key}} applies to .pt files; a DCP folder is flat", path=path
+                )
+            checkpoint = DcpCheckpoint.open(path, trust_pickle)
+            check_keys(checkpoint)
+            return checkpoint
         if key is not None:
             raise UsageError(
                 f"{path}: {{opt:key}} applies to .pt files; a model folder's shards are flat",
@@ -167,6 +181,11 @@ def open_checkpoint(
         )
     check_keys(checkpoint)
     return checkpoint
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """Returns True when `path` is a folder holding a DCP `.metadata` file."""
+    return path.is_dir() and (path / DCP_METADATA_FILE).is_file()
 
 
 def check_keys(checkpoint: Checkpoint) -> None:
