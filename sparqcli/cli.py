@@ -202,6 +202,17 @@ def compress_command(
     ] = DeviceChoice.cpu,
     trust_pickle: TrustPickleOption = False,
     key: KeyOption = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            metavar="N",
+            min=1,
+            help="Threads to compress with [default: $SPARQ_NUM_THREADS, else $OMP_NUM_THREADS, "
+            "else the CPUs this process may use (affinity, cgroup quota)].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Compress the embedding tables of checkpoints.
 
@@ -220,6 +231,7 @@ def compress_command(
         device=device.value,
         trust_pickle=trust_pickle,
         key=key,
+        threads=threads,
     )
     if report is not None:
         _check_report_path(report, force)

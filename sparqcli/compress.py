@@ -27,6 +27,7 @@ from sparqcli.config import (
 )
 from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import GateError, TableError, UsageError
+from sparqcli.parallel import resolve_threads
 from sparqcli.threads import import_torch
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ class CompressReport:
     device: str
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    threads: int | None = None
 
     @property
     def gate_failures(self) -> list[str]:
@@ -148,6 +150,7 @@ class CompressReport:
             "sparq_version": __version__,
             "dry_run": self.dry_run,
             "device": self.device,
+            "threads": self.threads,
             "config": config_to_dict(self.config),
             "files": [file.to_dict() for file in self.files],
             "seconds": round(self.seconds, 3),
@@ -211,12 +214,15 @@ def compress(
     trust_pickle: bool = False,
     key: str | None = None,
     progress: ProgressCallback | None = None,
+    threads: int | None = None,
 ) -> CompressReport:
     """Compresses the selected tables of each input checkpoint and returns the report.
 
     `config` is a loaded Config or a YAML path (then `overrides` (`key.path=value`) and `order`
     apply). Each input is written to `output`, into `out_dir`, or beside itself. A dry run
-    resolves and checks everything and writes nothing.
+    resolves and checks everything and writes nothing. `threads` is how many threads compress
+    on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may
+    use (see sparqcli.parallel).
     Raises ConfigError/UsageError/SelectionError/UnsafeInputError (exit 2) for bad usage,
     InputError/TableError/OutputError (exit 1) for bad data or failed I/O, and GateError
     (exit 3, carrying the report) when a quality gate fails; a file that fails a gate is not
@@ -233,6 +239,7 @@ def compress(
     elif overrides or order:
         raise UsageError("overrides and order apply to a config path, not a loaded Config")
     check_device(device)
+    thread_count, _ = resolve_threads(threads)
     # The sparq format records each input's sha256: hashed from here on, beside torch's import
     # and the engine, instead of after them.
     digests = BackgroundSha256(sources) if output_format == "sparq" and not dry_run else None
@@ -250,7 +257,7 @@ def compress(
             raise UsageError(f"--out-dir {out_dir}: no such folder")
         for target in targets:
             check_output_path(target, sources, force)
-        report = CompressReport(config, [], dry_run, device)
+        report = CompressReport(config, [], dry_run, device, threads=thread_count)
         for source, target in zip(sources, targets, strict=True):
             report.files.append(
                 _compress_file(
@@ -264,6 +271,7 @@ def compress(
                     key,
                     progress,
                     digests,
+                    thread_count,
                 )
             )
     finally:
@@ -297,6 +305,7 @@ def _compress_file(
     key: str | None,
     progress: ProgressCallback | None,
     digests: BackgroundSha256 | None,
+    threads: int,
 ) -> FileReport:
     from sparqcli.checkpoint import open_checkpoint
     from sparqcli.select import select_tables
@@ -326,7 +335,7 @@ def _compress_file(
     stats: dict[str, TableStats] = {}
     for table in tables:
         compressed[table.key], stats[table.key] = _compress_one(
-            checkpoint, table, config, device, progress
+            checkpoint, table, config, device, progress, threads
         )
         table.stats = stats[table.key]
         table.bytes_after = _table_bytes_after(compressed[table.key], output_format)
@@ -345,6 +354,7 @@ def _compress_one(
     config: Config,
     device: str,
     progress: ProgressCallback | None,
+    threads: int,
 ) -> tuple[CompressedTable, TableStats]:
     from sparqcli.engine.pipeline import compress_rows
 
@@ -363,6 +373,7 @@ def _compress_one(
                 device=device,
                 name=name,
                 progress=(lambda done: progress(label, done)) if progress is not None else None,
+                threads=threads,
             )
     except TableError as error:
         # Some engine errors name only the row (`row 3: value range overflows float32`).

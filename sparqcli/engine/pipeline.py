@@ -14,6 +14,7 @@ few row chunks plus the (compressed) result.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,6 +42,7 @@ from sparqcli.engine.sparsify import (
 )
 from sparqcli.engine.stats import StatsAccumulator, TableStats
 from sparqcli.engine.table import CompressedTable
+from sparqcli.engine.workers import ChunkWorkers, Sequencer
 from sparqcli.errors import SettingError, TableError
 
 # Fused kernels (engine/fused.py) run on CUDA where Triton is installed; False forces tensor ops.
@@ -73,11 +75,13 @@ def compress_table(
     device: torch.device | str | None = None,
     chunk_rows: int | None = None,
     name: str = "table",
+    threads: int | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of an in-memory 2-D float table and its statistics.
 
-    Computes on `device` (default: the table's own). Raises TableError for a table that is not
-    2-D floating or holds NaN/Inf, SettingError for an unknown order.
+    Computes on `device` (default: the table's own), with `threads` as in `compress_rows`.
+    Raises TableError for a table that is not 2-D floating or holds NaN/Inf, SettingError for
+    an unknown order.
     """
     if table.dim() != 2:
         raise TableError(f"{name}: must be a 2-D table, got shape {list(table.shape)}")
@@ -92,6 +96,7 @@ def compress_table(
         device=table.device if device is None else device,
         chunk_rows=chunk_rows,
         name=name,
+        threads=threads,
     )
 
 
@@ -108,6 +113,7 @@ def compress_rows(
     score_budget_bytes: int | None = None,
     name: str = "table",
     progress: Callable[[float], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
@@ -115,6 +121,11 @@ def compress_rows(
     when the block scores exceed `score_budget_bytes`, by default 512 MiB on CPU and 2 GiB on
     CUDA). Results live on `device`. `progress`, when given, is called with the fraction of
     the work done after each chunk.
+    `threads` (CPU only): that many worker threads compress whole row chunks, each with one
+    torch thread (see engine/workers.py); the results are the same bytes for any count.
+    None leaves torch's own threads to parallelize each operation, as before.
+    With `threads` above 1, `read_rows` is called from several threads at once, and the rows
+    it returns must stay valid until the same thread calls it again.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -130,7 +141,10 @@ def compress_rows(
     if score_budget_bytes is None:
         cuda = device.type == "cuda"
         score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
-    return job.run(dtype, score_budget_bytes)
+    # Worker threads only where the chunks are computed by the CPU with tensor ops.
+    on_cpu = device.type == "cpu" and job.fused is None
+    with ChunkWorkers(threads if on_cpu else None) as job.workers:
+        return job.run(dtype, score_budget_bytes)
 
 
 def _fused_kernels(device: torch.device) -> ModuleType | None:
@@ -152,8 +166,10 @@ def _fused_kernels(device: torch.device) -> ModuleType | None:
 class _TableJob:
     """The state of one table's compression: row ranges, per-row qparams, pass 1 and pass 2.
 
-    Every chunk is computed in two float32 work buffers allocated once per table (and the read
-    chunk itself), so the passes do not allocate chunk-sized temporaries.
+    Every chunk is computed in two float32 work buffers allocated once per table and thread
+    (and the read chunk itself), so the passes do not allocate chunk-sized temporaries. Chunks
+    are computed by `workers`, results written into disjoint rows; what depends on the order
+    of the chunks runs in a Sequencer's turns.
     """
 
     def __init__(
@@ -189,8 +205,8 @@ class _TableJob:
         self.chunk_values = (
             max((stop - start for start, stop in self.ranges), default=0) * self.cols
         )
-        self.work: list[torch.Tensor] = []
-        self.read_buffer: torch.Tensor | None = None
+        self.scratch = threading.local()  # per thread: .work (two buffers), .read_buffer
+        self.workers = ChunkWorkers(None)
         self.checked_finite = False
         self.progress: Callable[[float], None] | None = None
         self.passes = 1
@@ -228,16 +244,18 @@ class _TableJob:
         chunk = self.read_rows(start, stop)
         if chunk.dtype == torch.float32 and chunk.device == self.device and chunk.is_contiguous():
             return chunk
-        if self.read_buffer is None:
-            self.read_buffer = self._empty(self.chunk_values)
-        converted = self.read_buffer[: chunk.numel()].view(chunk.shape)
+        read_buffer = getattr(self.scratch, "read_buffer", None)
+        if read_buffer is None:
+            read_buffer = self.scratch.read_buffer = self._empty(self.chunk_values)
+        converted = read_buffer[: chunk.numel()].view(chunk.shape)
         return converted.copy_(chunk, non_blocking=True)
 
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
         """Returns work buffer `index` (0 or 1) as a float32 tensor of `like`'s shape."""
-        if not self.work:
-            self.work = [self._empty(self.chunk_values), self._empty(self.chunk_values)]
-        return self.work[index][: like.numel()].view(like.shape)
+        work = getattr(self.scratch, "work", None)
+        if work is None:
+            work = self.scratch.work = [self._empty(self.chunk_values) for _ in range(2)]
+        return work[index][: like.numel()].view(like.shape)
 
     def _seen(self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Returns rows start:stop as the quantize-first sparsifier sees them: dequantized codes."""
@@ -275,7 +293,9 @@ class _TableJob:
             self.saved_zero_point = self._empty(self.rows)
         grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
         all_scores = self._empty(grid) if hold_scores else None
-        for start, stop in self.ranges:
+
+        def first_pass_chunk(index: int) -> None:
+            start, stop = self.ranges[index]
             values = self._read(start, stop)
             self._check_finite(values, start)
             if quantize_first:
@@ -284,7 +304,9 @@ class _TableJob:
                 self.saved_zero_point[start:stop] = zero_point
             if all_scores is not None:
                 self._scores(values, start, stop, out=all_scores[self._block_rows(start, stop)])
-            self._report(0, stop)
+
+        for index, _ in enumerate(self.workers.map(first_pass_chunk, len(self.ranges))):
+            self._report(0, self.ranges[index][1])
         self.checked_finite = True
         return all_scores
 
@@ -309,8 +331,11 @@ class _TableJob:
         return values - blocks_to_prune(self.sparsity.level, n_block_rows * n_block_cols) * lost
 
     def _score_chunks(self) -> Iterator[torch.Tensor]:
-        for start, stop in self.ranges:
-            yield self._scores(self._read(start, stop), start, stop)
+        def scores(index: int) -> torch.Tensor:
+            start, stop = self.ranges[index]
+            return self._scores(self._read(start, stop), start, stop)
+
+        return self.workers.map(scores, len(self.ranges))
 
     def _report(self, finished_passes: int, rows_done: int) -> None:
         if self.progress is not None and self.rows:
@@ -347,19 +372,27 @@ class _TableJob:
             grid = block_grid((self.rows, self.cols), self.sparsity.block_shape)
             out.mask = self._empty(grid if per_block else (self.rows, self.cols), torch.bool)
         fused = self.fused if pruner is None or per_block else None
-        for index, (start, stop) in enumerate(self.ranges):
+        # In chunk order: which tied blocks are pruned (the pruner counts them), where the codes go.
+        prune_order, codes_order = Sequencer(), Sequencer()
+
+        def second_pass_chunk(index: int) -> None:
+            start, stop = self.ranges[index]
             original = self._read(start, stop)
             if not self.checked_finite:
                 self._check_finite(original, start)
             pruned_blocks = None
             if pruner is not None:
                 scores = held[index] if held is not None else self._scores(original, start, stop)
-                pruned_blocks = pruner.prune(scores)
+                with prune_order.turn(index):
+                    pruned_blocks = pruner.prune(scores)
             if fused is not None:
                 self._fused_chunk(original, start, stop, pruned_blocks, out)
             else:
-                self._chunk(original, start, stop, pruned_blocks, out)
-            self._report(self.passes - 1, stop)
+                self._chunk(original, start, stop, pruned_blocks, out, codes_order, index)
+
+        chunks = self.workers.map(second_pass_chunk, len(self.ranges), (prune_order, codes_order))
+        for index, _ in enumerate(chunks):
+            self._report(self.passes - 1, self.ranges[index][1])
         n_codes = int(out.n_codes)
         codes = out.codes if n_codes == out.codes.numel() else out.codes[:n_codes].clone()
         table = CompressedTable(
@@ -383,8 +416,13 @@ class _TableJob:
         stop: int,
         pruned_blocks: torch.Tensor | None,
         out: _Outputs,
+        codes_order: Sequencer,
+        index: int,
     ) -> None:
-        """Compresses rows start:stop with tensor ops, writing into `out`."""
+        """Compresses rows start:stop (chunk `index`) with tensor ops, writing into `out`.
+
+        The chunk's codes are appended in its turn of `codes_order`.
+        """
         bits = self.quantization.bits
         values, spare = self._buffer(0, original), self._buffer(1, original)
         # `seen` is the chunk as the sparsifier sees it; `values` ends up holding the chunk's
@@ -412,7 +450,8 @@ class _TableJob:
             kept = keep.select(levels.to(torch.uint8))
         else:  # float-to-uint8 is slow on CPU: only the kept values are converted
             kept = keep.select(levels)
-        out.append_codes(kept)
+        with codes_order.turn(index):
+            out.append_codes(kept)
         decoded = dequantize(levels, scale, zero_point, out=values)
         if keep is not None:
             keep.multiply(decoded, out=decoded)
