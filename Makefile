@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_concurrency.py
 	$(PY) benchmarks/bench_cuda.py
 
 clean:

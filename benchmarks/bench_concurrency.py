@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import (
@@ -226,7 +225,9 @@ def _print_table(
     cpus: int,
 ) -> None:
     """Prints the medians per tree and group, then the ratios with their targets."""
-    header = f"{'tree':<9} {'run':<12} {'wall s':>7} {'slowest s':>9} {'CPU s':>7}  (median of rounds)"
+    header = (
+        f"{'tree':<9} {'run':<12} {'wall s':>7} {'slowest s':>9} {'CPU s':>7}  (median of rounds)"
+    )
     print(header)
     print("-" * len(header))
     for tree in trees:
