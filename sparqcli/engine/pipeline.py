@@ -233,10 +233,19 @@ class _TableJob:
             if all_scores is not None:
                 held = [all_scores[self._block_rows(start, stop)] for start, stop in self.ranges]
                 pruner = BlockPruner.for_scores(
-                    lambda: iter(held), n_blocks, self.sparsity.level, all_scores
+                    lambda: iter(held),
+                    n_blocks,
+                    self.sparsity.level,
+                    all_scores,
+                    lambda fn: self.workers.map(lambda index: fn(held[index]), len(held)),
                 )
             else:
-                pruner = BlockPruner.for_scores(self._score_chunks, n_blocks, self.sparsity.level)
+                pruner = BlockPruner.for_scores(
+                    self._score_chunks,
+                    n_blocks,
+                    self.sparsity.level,
+                    map_chunks=self._map_score_chunks,
+                )
         return self._second_pass(pruner, held, dtype)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
@@ -331,9 +340,16 @@ class _TableJob:
         return values - blocks_to_prune(self.sparsity.level, n_block_rows * n_block_cols) * lost
 
     def _score_chunks(self) -> Iterator[torch.Tensor]:
+        return self._map_score_chunks(lambda scores: scores)
+
+    def _map_score_chunks(
+        self, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        """Yields `fn(scores)` for each chunk's block scores, read and computed by the workers."""
+
         def scores(index: int) -> torch.Tensor:
             start, stop = self.ranges[index]
-            return self._scores(self._read(start, stop), start, stop)
+            return fn(self._scores(self._read(start, stop), start, stop))
 
         return self.workers.map(scores, len(self.ranges))
 
