@@ -208,8 +208,8 @@ def compress_command(
             "--threads",
             metavar="N",
             min=1,
-            help="Threads to compress with [default: $SPARQ_NUM_THREADS, else $OMP_NUM_THREADS, "
-            "else the CPUs this process may use (affinity, cgroup quota)].",
+            help="Threads to compress with. Default: $SPARQ_NUM_THREADS, else $OMP_NUM_THREADS, "
+            "else the CPUs this process may use (CPU affinity, cgroup CPU quota).",
             show_default=False,
         ),
     ] = None,

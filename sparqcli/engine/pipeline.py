@@ -59,6 +59,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are amortized;
 # the fused kernels need no chunk-sized work buffers, so their chunks are larger still.
 CPU_CHUNK_VALUES = 1 << 19
+# With chunk workers (engine/workers.py), each worker's chunk is larger: every torch call hands
+# the GIL over between the workers, and fewer, longer calls amortize that (measured on 1M x 128
+# with 2 workers: see benchmarks/README.md, "Sharing the machine").
+CPU_WORKER_CHUNK_VALUES = 1 << 20
 CUDA_CHUNK_VALUES = 1 << 26
 CUDA_FUSED_CHUNK_VALUES = 1 << 28
 # Block scores are held between the passes when they fit this budget (else recomputed).
@@ -136,14 +140,14 @@ def compress_rows(
             f"{name}: must be a floating table, got dtype {str(dtype).replace('torch.', '')}"
         )
     device = torch.device(device)
-    job = _TableJob(read_rows, shape, order, sparsity, quantization, device, chunk_rows, name)
+    job = _TableJob(
+        read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, threads
+    )
     job.progress = progress
     if score_budget_bytes is None:
         cuda = device.type == "cuda"
         score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
-    # Worker threads only where the chunks are computed by the CPU with tensor ops.
-    on_cpu = device.type == "cpu" and job.fused is None
-    with ChunkWorkers(threads if on_cpu else None) as job.workers:
+    with ChunkWorkers(job.worker_threads) as job.workers:
         return job.run(dtype, score_budget_bytes)
 
 
@@ -182,6 +186,7 @@ class _TableJob:
         device: torch.device,
         chunk_rows: int | None,
         name: str,
+        threads: int | None = None,
     ) -> None:
         self.read_rows = read_rows
         self.rows, self.cols = shape
@@ -192,8 +197,12 @@ class _TableJob:
         self.name = name
         block_height = sparsity.block_shape[0]
         self.fused = _fused_kernels(device) if self.cols and USE_FUSED_KERNELS else None
+        # Worker threads only where the chunks are computed by the CPU with tensor ops.
+        on_cpu = device.type == "cpu" and self.fused is None
+        self.worker_threads = threads if on_cpu else None
         if chunk_rows is None:
-            chunk_values = CPU_CHUNK_VALUES
+            several = self.worker_threads is not None and self.worker_threads > 1
+            chunk_values = CPU_WORKER_CHUNK_VALUES if several else CPU_CHUNK_VALUES
             if device.type == "cuda":
                 fused = self.fused is not None and sparsity.prunes_whole_blocks
                 chunk_values = CUDA_FUSED_CHUNK_VALUES if fused else CUDA_CHUNK_VALUES
