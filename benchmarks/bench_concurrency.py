@@ -209,6 +209,12 @@ def main() -> None:
                         result = runner(argvs, tree.env)
                         digests[tree.name].update(sha256(outputs[j]) for j in range(int(k)))
                     results.setdefault((tree.name, group), []).append(result)
+                    shown = "?" if pressure is None else f"{pressure:.0f}%"
+                    print(
+                        f"  {tree.name:<9} {group:<12} {result['total']:7.2f} s "
+                        f"(CPU pressure before: {shown})",
+                        flush=True,
+                    )
             print(f"round {round_number + 1}/{args.repeat}: after, {load()}", flush=True)
         groups_run = args.repeat * len(trees) * len(groups)
         print()
