@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_concurrency.py
 	$(PY) benchmarks/bench_cuda.py
 	$(PY) benchmarks/bench_serving.py --wait-quiet 60
 	$(PY) benchmarks/bench_quality.py

@@ -10,12 +10,14 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli.config import Config
 from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import OutputError, SettingError, TableError, UsageError
+from sparqcli.parallel import resolve_threads
 from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ def compress(
     report_path: str | Path | None = None,
     progress: ProgressCallback | None = None,
     options: EngineOptions | None = None,
+    threads: int | None = None,
 ) -> CompressReport:
     """Compresses the selected tables of each input checkpoint and returns the report.
 
@@ -58,7 +61,9 @@ def compress(
     resolves and checks everything that could fail later and writes nothing. A file whose
     tables fail a quality gate is not written: the report says so (`report.gate_failures`,
     `report.raise_for_gates()`). With `report_path`, the report is also written there as JSON
-    (checked before any work; replaced only with `force`).
+    (checked before any work; replaced only with `force`). `threads` is how many threads compress
+    on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may
+    use (CPU affinity and cgroup quota; see sparqcli.parallel).
     Raises ConfigError/UsageError/SelectionError/UnsafeInputError (exit 2) for bad usage,
     InputError/TableError/OutputError (exit 1) for bad data or failed I/O.
     """
@@ -73,6 +78,7 @@ def compress(
         )
     config = _config(config, overrides, order)
     check_device(device)
+    thread_count, _ = resolve_threads(threads)
     targets = plan_outputs(
         sources,
         Path(output) if output is not None else None,
@@ -88,7 +94,7 @@ def compress(
         from sparqcli.sinks import check_output_folder, check_output_path, check_report_path
         from sparqcli.sources import open_checkpoint
 
-        options = options or EngineOptions.from_environment()
+        options = replace(options or EngineOptions.from_environment(), threads=thread_count)
         check_settings(config, output_format, device)  # beside the hashing started above
         for source, target in zip(sources, targets, strict=True):
             if is_model_folder(source):
@@ -97,7 +103,7 @@ def compress(
                 check_output_path(target, sources, force)
         if report_path is not None:
             check_report_path(Path(report_path), force)
-        report = CompressReport(config, [], dry_run, device)
+        report = CompressReport(config, [], dry_run, device, threads=thread_count)
         for source, target in zip(sources, targets, strict=True):
             if is_model_folder(source):
                 if key is not None:
@@ -200,11 +206,13 @@ def compress_state_dict(
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     options: EngineOptions | None = None,
+    threads: int | None = None,
 ) -> CompressedStateDict:
     """Returns the tables of `state_dict` that `config` selects, compressed, with the rest.
 
     Decoding the result gives exactly what `compress` writes for the same tensors and config.
     Tables that fail a gate are still returned; their failures are in `result.report`.
+    `threads` as for `compress`.
     Raises SelectionError/UsageError (exit 2) for a config that does not fit the state dict,
     TableError (exit 1) for a table that cannot be compressed (NaN/Inf).
     """
@@ -223,9 +231,9 @@ def compress_state_dict(
     checkpoint = StateDictCheckpoint(None, "state_dict", state_dict)
     input_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
     file = _plan(checkpoint, config, "sparq", None, input_bytes)
-    tables = _compress_tables(
-        checkpoint, file, device, progress, options or EngineOptions.from_environment()
-    )
+    options = options or EngineOptions.from_environment()
+    options = replace(options, threads=resolve_threads(threads)[0])
+    tables = _compress_tables(checkpoint, file, device, progress, options)
     tied = {alias for table in file.tables for alias in table.aliases}
     passthrough = {
         key: value for key, value in state_dict.items() if key not in tables and key not in tied

@@ -68,11 +68,10 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     written.
     """
     from sparqcli.format.reader import load
+    from sparqcli.format.sharded import is_sharded_output
     from sparqcli.format.writer import save_safetensors
     from sparqcli.sinks import atomic_output, check_output_path, write_torch
     from sparqcli.sources import open_checkpoint
-
-    from sparqcli.format.sharded import is_sharded_output
 
     src, dst = Path(src), Path(dst)
     if src.is_dir() and not is_sharded_output(src):

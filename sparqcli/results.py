@@ -219,6 +219,8 @@ class CompressReport:
     device: str
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    threads: int | None = None
+    """The CPU threads the engine computed with."""
     folders: list[FolderReport] = field(default_factory=list)
     """The model folders among the inputs; their shards are in `files` too."""
     rank: int = 0
@@ -264,6 +266,7 @@ class CompressReport:
             "sparq_version": __version__,
             "dry_run": self.dry_run,
             "device": self.device,
+            "threads": self.threads,
             "config": self.config.to_dict(),
             "files": [file.to_dict() for file in self.files],
             "folders": [folder.to_dict() for folder in self.folders],

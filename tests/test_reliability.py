@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 import sparqcli
 from sparqcli.engine.pipeline import compress_table
+from sparqcli.errors import TableError, UsageError
 from sparqcli.settings import Quantization, Sparsity
 from tests.conftest import (
     CONFIG,
@@ -936,6 +937,151 @@ def test_installed_sparq_gives_the_same_bytes_with_one_and_two_threads(tmp_path)
         assert done.returncode == 0, done.stderr
         digests.append(sha256(out))
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+@pytest.mark.parametrize(
+    "sparsity",
+    [
+        Sparsity(0.6, (1, 4)),
+        Sparsity(0.5, (2, 3), zeros_per_block=4),
+        Sparsity(0.7, (1, 1), norm="L2"),
+        Sparsity(0.0, (1, 4)),
+    ],
+    ids=["1x4", "2x3-partial", "1x1-L2", "no-pruning"],
+)
+@pytest.mark.parametrize("held", [True, False], ids=["scores-held", "scores-recomputed"])
+def test_engine_results_do_not_depend_on_the_chunk_workers(order, sparsity, held):
+    """Many chunks, many tied scores (values on a 1/4 grid), a zero row; 1, 2, 3 and 5 chunk
+    workers and torch's own threads all give the same codes, qparams, mask and statistics."""
+    from sparqcli.engine.pipeline import compress_rows
+
+    table = (torch.randn(3001, 37, generator=torch.Generator().manual_seed(5)) * 4).round() / 4
+    table[5] = 0.0
+    results = []
+    for threads in (None, 1, 2, 3, 5):
+        compressed, stats = compress_rows(
+            lambda start, stop: table[start:stop],
+            (3001, 37),
+            torch.float32,
+            order,
+            sparsity,
+            Quantization(4),
+            chunk_rows=64,
+            score_budget_bytes=None if held else 0,
+            threads=threads,
+        )
+        results.append((compressed, stats.to_dict()))
+    (first, first_stats), *others = results
+    for compressed, stats in others:
+        assert stats == first_stats
+        for part in ("codes", "scale", "zero_point", "keep_mask"):
+            a, b = getattr(first, part), getattr(compressed, part)
+            assert (a is None and b is None) or torch.equal(a, b), part
+
+
+def test_chunk_workers_raise_the_first_bad_row_in_table_order():
+    from sparqcli.engine.pipeline import compress_rows
+
+    table = torch.randn(5000, 8, generator=torch.Generator().manual_seed(6))
+    table[4321, 1] = float("inf")
+    table[1234, 7] = float("nan")  # the first in row order, in a later task than some others
+    for order in ("sparsify-first", "quantize-first"):
+        for level in (0.0, 0.5):
+            with pytest.raises(TableError, match=r"^t: row 1234 holds NaN or Inf values$"):
+                compress_rows(
+                    lambda start, stop: table[start:stop],
+                    (5000, 8),
+                    torch.float32,
+                    order,
+                    Sparsity(level, (1, 4)),
+                    Quantization(8),
+                    chunk_rows=16,
+                    threads=4,
+                    name="t",
+                )
+
+
+def _concurrency_input(tmp_path: Path) -> tuple[Path, Path]:
+    source = tmp_path / "many-chunks.safetensors"
+    table = torch.randn(70_000, 16, generator=torch.Generator().manual_seed(7))
+    table[100:200] = table[100:200].round()  # tied block scores
+    save_file({"emb.weight": table}, str(source))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(CONFIG)
+    return source, config
+
+
+def test_installed_sparq_gives_the_same_bytes_with_any_thread_count(tmp_path):
+    source, config = _concurrency_input(tmp_path)
+    runs = {
+        "--threads 1": (["--threads", "1"], {}),
+        "--threads 2": (["--threads", "2"], {}),
+        "--threads 5": (["--threads", "5"], {}),
+        "SPARQ_NUM_THREADS=3": ([], {"SPARQ_NUM_THREADS": "3"}),
+        "OMP_NUM_THREADS=1": ([], {"OMP_NUM_THREADS": "1"}),
+        "taskset -c 0": ([], {}),
+    }
+    digests = {}
+    for index, (name, (options, env)) in enumerate(runs.items()):
+        out = tmp_path / f"run{index}.sparq.safetensors"
+        report = tmp_path / f"run{index}.json"
+        args = ["compress", source, "--config", config, "-o", out, "-q", "--report", report]
+        if name.startswith("taskset"):
+            if shutil.which("taskset") is None:
+                continue
+            done = subprocess.run(
+                ["taskset", "-c", "0", str(SPARQ), *map(str, args)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        else:
+            done = run_sparq(*args, *options, env=env)
+        assert done.returncode == 0, (name, done.stderr)
+        digests[name] = sha256(out)
+        threads = json.loads(report.read_text())["threads"]
+        expected = {"--threads 5": 5, "SPARQ_NUM_THREADS=3": 3, "taskset -c 0": 1}
+        assert threads == expected.get(name, threads), name
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_concurrent_runs_give_the_same_bytes(tmp_path):
+    """Four jobs at once on this machine's CPUs (each with its default thread count)."""
+    source, config = _concurrency_input(tmp_path)
+    outputs = [tmp_path / f"job{index}.sparq.safetensors" for index in range(4)]
+    jobs = [
+        subprocess.Popen(
+            [str(SPARQ), "compress", str(source), "--config", str(config), "-o", str(out), "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outputs
+    ]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr
+    serial = tmp_path / "serial.sparq.safetensors"
+    done = run_sparq("compress", source, "--config", config, "-o", serial, "-q", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert {sha256(out) for out in outputs} == {sha256(serial)}
+
+
+def test_bad_thread_counts_are_one_line_usage_errors(inputs, tmp_path):
+    args = ["compress", inputs["safetensors"], "--config", inputs["config"], "-o", tmp_path / "o"]
+    result = invoke(*args, "--threads", "0")
+    assert result.exit_code == 2
+    assert "--threads" in result.output
+    done = run_sparq(*args, env={"SPARQ_NUM_THREADS": "lots"})
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "sparq: error: SPARQ_NUM_THREADS: must be a positive integer, got 'lots'"
+    )
+    from sparqcli.compression import compress
+
+    with pytest.raises(UsageError, match=r"^threads: must be a positive integer, got 0$"):
+        compress(inputs["safetensors"], inputs["config"], threads=0, dry_run=True)
 
 
 # --- no silent drift --------------------------------------------------------------------------

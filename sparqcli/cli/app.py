@@ -40,6 +40,7 @@ FLAGS = {
     "order": "--order",
     "report": "--report",
     "dry_run": "--dry-run",
+    "threads": "--threads",
     "budget": "--budget",
     "max_error": "--max-error",
     "row_weights": "--row-weights",

@@ -96,6 +96,17 @@ def compress_command(
     device: Annotated[
         DeviceChoice, typer.Option("--device", help="Where the engine runs.")
     ] = DeviceChoice.cpu,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            metavar="N",
+            min=1,
+            help="Threads to compress with. Default: $SPARQ_NUM_THREADS, else $OMP_NUM_THREADS, "
+            "else the CPUs this process may use (CPU affinity, cgroup CPU quota).",
+            show_default=False,
+        ),
+    ] = None,
     trust_pickle: TrustPickleOption = False,
     key: KeyOption = None,
 ) -> None:
@@ -144,6 +155,7 @@ def compress_command(
             key=key,
             report_path=report,
             progress=progress,
+            threads=threads,
         )
     if as_json:
         typer.echo(render.to_json(result.to_dict()))

@@ -22,12 +22,15 @@ class EngineOptions:
     CPU tensors too, through Triton's interpreter (slow; how they are checked without a GPU —
     Triton itself needs `TRITON_INTERPRET=1` in the environment). `cuda_selection`: how a CUDA
     device selects the pruning threshold among scores it holds: `topk`, `sort` or the `radix`
-    histogram passes used on CPU (all give the same value).
+    histogram passes used on CPU (all give the same value). `threads` (CPU): that many chunk
+    workers, each with one torch thread (`engine/workers.py`); None leaves torch's own threads
+    to parallelize each operation. Results are the same bytes for any count.
     """
 
     fused_kernels: bool = True
     interpret_kernels: bool = False
     cuda_selection: CudaSelection = "topk"
+    threads: int | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> EngineOptions:

@@ -13,6 +13,7 @@ few row chunks plus the (compressed) result.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,6 +44,7 @@ from sparqcli.engine.sparsify import (
 )
 from sparqcli.engine.stats import StatsAccumulator, TableStats
 from sparqcli.engine.table import CompressedTable
+from sparqcli.engine.workers import ChunkWorkers, Sequencer
 from sparqcli.errors import SettingError, TableError
 from sparqcli.settings import Order, Quantization, Sparsity
 
@@ -57,6 +59,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # On CUDA a chunk is large so that kernel launches and the few host syncs per chunk are amortized;
 # the fused kernels need no chunk-sized work buffers, so their chunks are larger still.
 CPU_CHUNK_VALUES = 1 << 19
+# With chunk workers (engine/workers.py), each worker's chunk is larger: every torch call hands
+# the GIL over between the workers, and fewer, longer calls amortize that (measured on 1M x 128
+# with 2 workers: see benchmarks/README.md, "Sharing the machine").
+CPU_WORKER_CHUNK_VALUES = 1 << 20
 CUDA_CHUNK_VALUES = 1 << 26
 CUDA_FUSED_CHUNK_VALUES = 1 << 28
 # Block scores are held between the passes when they fit this budget (else recomputed).
@@ -74,11 +80,13 @@ def compress_table(
     chunk_rows: int | None = None,
     name: str = "table",
     options: EngineOptions = DEFAULT_OPTIONS,
+    threads: int | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of an in-memory 2-D float table and its statistics.
 
-    Computes on `device` (default: the table's own). Raises TableError for a table that is not
-    2-D floating or holds NaN/Inf, SettingError for an unknown order.
+    Computes on `device` (default: the table's own), with `threads` as in `compress_rows`.
+    Raises TableError for a table that is not 2-D floating or holds NaN/Inf, SettingError for
+    an unknown order.
     """
     if table.dim() != 2:
         raise TableError(f"{name}: must be a 2-D table, got shape {list(table.shape)}")
@@ -94,6 +102,7 @@ def compress_table(
         chunk_rows=chunk_rows,
         name=name,
         options=options,
+        threads=threads,
     )
 
 
@@ -112,6 +121,7 @@ def compress_rows(
     progress: Callable[[float], None] | None = None,
     options: EngineOptions = DEFAULT_OPTIONS,
     part: TablePart | None = None,
+    threads: int | None = None,
 ) -> tuple[CompressedTable, TableStats]:
     """Returns the compressed form of a table read in row chunks, and its statistics.
 
@@ -124,6 +134,11 @@ def compress_rows(
     the table: the pruning threshold and ties are the whole table's, combined through
     `part.reducer`, so the parts of a table equal, row for row, the table compressed whole.
     Every part must make the same calls in the same order (the reducer's are collective).
+    `threads` (CPU only): that many worker threads compress whole row chunks, each with one
+    torch thread (see engine/workers.py); the results are the same bytes for any count.
+    None leaves torch's own threads to parallelize each operation.
+    With `threads` above 1, `read_rows` is called from several threads at once, and the rows
+    it returns must stay valid until the same thread calls it again.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
     SettingError for an unknown order.
     """
@@ -138,13 +153,24 @@ def compress_rows(
     if problems:
         raise SettingError(f"{name}: {problems[0]}")
     job = _TableJob(
-        read_rows, shape, order, sparsity, quantization, device, chunk_rows, name, options, part
+        read_rows,
+        shape,
+        order,
+        sparsity,
+        quantization,
+        device,
+        chunk_rows,
+        name,
+        options,
+        part,
+        threads,
     )
     job.progress = progress
     if score_budget_bytes is None:
         cuda = device.type == "cuda"
         score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
-    return job.run(dtype, score_budget_bytes)
+    with ChunkWorkers(job.worker_threads) as job.workers:
+        return job.run(dtype, score_budget_bytes)
 
 
 def device_problems(
@@ -195,8 +221,10 @@ def _fused_kernels(device: torch.device, options: EngineOptions) -> ModuleType |
 class _TableJob:
     """The state of one table's compression: row ranges, per-row qparams, pass 1 and pass 2.
 
-    Every chunk is computed in two float32 work buffers allocated once per table (and the read
-    chunk itself), so the passes do not allocate chunk-sized temporaries.
+    Every chunk is computed in two float32 work buffers allocated once per table and thread
+    (and the read chunk itself), so the passes do not allocate chunk-sized temporaries. Chunks
+    are computed by `workers`, results written into disjoint rows; what depends on the order
+    of the chunks runs in a Sequencer's turns.
     """
 
     def __init__(
@@ -211,6 +239,7 @@ class _TableJob:
         name: str,
         options: EngineOptions,
         part: TablePart | None = None,
+        threads: int | None = None,
     ) -> None:
         self.read_rows = read_rows
         self.rows, self.cols = shape
@@ -222,8 +251,13 @@ class _TableJob:
         block_height = sparsity.block_shape[0]
         self.options = options
         self.fused = _fused_kernels(device, options) if self.cols else None
+        # Worker threads only where the chunks are computed by the CPU with tensor ops.
+        on_cpu = device.type == "cpu" and self.fused is None
+        threads = threads if threads is not None else options.threads
+        self.worker_threads = threads if on_cpu else None
         if chunk_rows is None:
-            chunk_values = CPU_CHUNK_VALUES
+            several = self.worker_threads is not None and self.worker_threads > 1
+            chunk_values = CPU_WORKER_CHUNK_VALUES if several else CPU_CHUNK_VALUES
             if device.type == "cuda":
                 fused = self.fused is not None and sparsity.prunes_whole_blocks
                 chunk_values = CUDA_FUSED_CHUNK_VALUES if fused else CUDA_CHUNK_VALUES
@@ -249,8 +283,8 @@ class _TableJob:
         self.chunk_values = (
             max((stop - start for start, stop in self.ranges), default=0) * self.cols
         )
-        self.work: list[torch.Tensor] = []
-        self.read_buffer: torch.Tensor | None = None
+        self.scratch = threading.local()  # per thread: .work (2 to 4 buffers), .read_buffer
+        self.workers = ChunkWorkers(None)
         self.checked_finite = False
         self.progress: Callable[[float], None] | None = None
         self.passes = 1
@@ -296,10 +330,15 @@ class _TableJob:
                     all_scores,
                     self.options.cuda_selection,
                     reducer,
+                    lambda fn: self.workers.map(lambda index: fn(held[index]), len(held)),
                 )
             else:
                 pruner = BlockPruner.for_scores(
-                    self._score_chunks, n_blocks, self.sparsity.level, reducer=reducer
+                    self._score_chunks,
+                    n_blocks,
+                    self.sparsity.level,
+                    reducer=reducer,
+                    map_chunks=self._map_score_chunks,
                 )
         return self._second_pass(pruner, held, dtype)
 
@@ -308,19 +347,23 @@ class _TableJob:
         chunk = self.read_rows(start, stop)
         if chunk.dtype == torch.float32 and chunk.device == self.device and chunk.is_contiguous():
             return chunk
-        if self.read_buffer is None:
-            self.read_buffer = self._empty(self.chunk_values)
-        converted = self.read_buffer[: chunk.numel()].view(chunk.shape)
+        read_buffer = getattr(self.scratch, "read_buffer", None)
+        if read_buffer is None:
+            read_buffer = self.scratch.read_buffer = self._empty(self.chunk_values)
+        converted = read_buffer[: chunk.numel()].view(chunk.shape)
         return converted.copy_(chunk, non_blocking=True)
 
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """Returns work buffer `index` (0 to 3) as a float32 tensor of `like`'s shape.
+        """Returns this thread's work buffer `index` (0 to 3) as a float32 tensor of `like`'s shape.
 
         Buffers 0 and 1 serve every chunk; 2 and 3 only the MSE range search.
         """
-        while len(self.work) <= index:
-            self.work.append(self._empty(self.chunk_values))
-        return self.work[index][: like.numel()].view(like.shape)
+        work = getattr(self.scratch, "work", None)
+        if work is None:
+            work = self.scratch.work = []
+        while len(work) <= index:
+            work.append(self._empty(self.chunk_values))
+        return work[index][: like.numel()].view(like.shape)
 
     def _qparams(
         self, values: torch.Tensor, keep: ChunkKeep | None, start: int
@@ -373,7 +416,9 @@ class _TableJob:
             self.saved_zero_point = self._empty(self.local_rows)
         grid = block_grid((self.local_rows, self.cols), self.sparsity.block_shape)
         all_scores = self._empty(grid) if hold_scores else None
-        for start, stop in self.ranges:
+
+        def first_pass_chunk(index: int) -> None:
+            start, stop = self.ranges[index]
             values = self._read(start, stop)
             self._check_finite(values, start)
             if quantize_first:
@@ -382,7 +427,9 @@ class _TableJob:
                 self.saved_zero_point[self._local(start, stop)] = zero_point
             if all_scores is not None:
                 self._scores(values, start, stop, out=all_scores[self._block_rows(start, stop)])
-            self._report(0, stop)
+
+        for index, _ in enumerate(self.workers.map(first_pass_chunk, len(self.ranges))):
+            self._report(0, self.ranges[index][1])
         self.checked_finite = True
         return all_scores
 
@@ -415,8 +462,18 @@ class _TableJob:
         return values - max(0, pruned_here) * lost
 
     def _score_chunks(self) -> Iterator[torch.Tensor]:
-        for start, stop in self.ranges:
-            yield self._scores(self._read(start, stop), start, stop)
+        return self._map_score_chunks(lambda scores: scores)
+
+    def _map_score_chunks(
+        self, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        """Yields `fn(scores)` for each chunk's block scores, read and computed by the workers."""
+
+        def scores(index: int) -> torch.Tensor:
+            start, stop = self.ranges[index]
+            return fn(self._scores(self._read(start, stop), start, stop))
+
+        return self.workers.map(scores, len(self.ranges))
 
     def _report(self, finished_passes: int, rows_done: int) -> None:
         if self.progress is not None and self.local_rows:
@@ -462,19 +519,27 @@ class _TableJob:
         fused = self.fused if pruner is None or per_block else None
         if self.quantization.range != "minmax":  # the MSE search runs on tensor ops
             fused = None
-        for index, (start, stop) in enumerate(self.ranges):
+        # In chunk order: which tied blocks are pruned (the pruner counts them), where the codes go.
+        prune_order, codes_order = Sequencer(), Sequencer()
+
+        def second_pass_chunk(index: int) -> None:
+            start, stop = self.ranges[index]
             original = self._read(start, stop)
             if not self.checked_finite:
                 self._check_finite(original, start)
             pruned_blocks = None
             if pruner is not None:
                 scores = held[index] if held is not None else self._scores(original, start, stop)
-                pruned_blocks = pruner.prune(scores)
+                with prune_order.turn(index):
+                    pruned_blocks = pruner.prune(scores)
             if fused is not None:
                 self._fused_chunk(original, start, stop, pruned_blocks, out)
             else:
-                self._chunk(original, start, stop, pruned_blocks, out)
-            self._report(self.passes - 1, stop)
+                self._chunk(original, start, stop, pruned_blocks, out, codes_order, index)
+
+        chunks = self.workers.map(second_pass_chunk, len(self.ranges), (prune_order, codes_order))
+        for index, _ in enumerate(chunks):
+            self._report(self.passes - 1, self.ranges[index][1])
         n_codes = int(out.n_codes)
         codes = out.codes if n_codes == out.codes.numel() else out.codes[:n_codes].clone()
         table = CompressedTable(
@@ -500,8 +565,13 @@ class _TableJob:
         stop: int,
         pruned_blocks: torch.Tensor | None,
         out: _Outputs,
+        codes_order: Sequencer,
+        index: int,
     ) -> None:
-        """Compresses rows start:stop with tensor ops, writing into `out`."""
+        """Compresses rows start:stop (chunk `index`) with tensor ops, writing into `out`.
+
+        The chunk's codes are appended in its turn of `codes_order`.
+        """
         bits = self.quantization.bits
         values, spare = self._buffer(0, original), self._buffer(1, original)
         # `seen` is the chunk as the sparsifier sees it; `values` ends up holding the chunk's
@@ -532,7 +602,8 @@ class _TableJob:
             kept = keep.select(levels.to(torch.uint8))
         else:  # float-to-uint8 is slow on CPU: only the kept values are converted
             kept = keep.select(levels)
-        out.append_codes(kept)
+        with codes_order.turn(index):
+            out.append_codes(kept)
         decoded = dequantize(levels, scale, zero_point, out=values)
         if keep is not None:
             keep.multiply(decoded, out=decoded)

@@ -86,24 +86,42 @@ def blocks_to_prune(level: float, n_blocks: int) -> int:
     return round(level * n_blocks)
 
 
-def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple[float, int]:
+ChunkMap = Callable[[Callable[[torch.Tensor], torch.Tensor]], Iterable[torch.Tensor]]
+"""`map_chunks(fn)` yields `fn(chunk)` for every chunk of values (computed in any thread)."""
+
+
+def kth_smallest(
+    chunks: Callable[[], Iterable[torch.Tensor]], k: int, map_chunks: ChunkMap | None = None
+) -> tuple[float, int]:
     """Returns `(value, n_below)` for the k-th smallest (1-based) of non-negative float32 values.
 
-    `chunks()` yields the values in pieces and is called twice. `n_below` counts values strictly
-    smaller than the returned one. Requires 1 <= k <= the number of values.
+    `chunks()` yields the values in pieces and is called twice; or, when given, `map_chunks`
+    is called twice instead (the histograms are integer counts: any order sums the same).
+    `n_below` counts values strictly smaller than the returned one. Requires 1 <= k <= the
+    number of values.
     """
+    if map_chunks is None:
+
+        def map_chunks(fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterable[torch.Tensor]:
+            return (fn(chunk) for chunk in chunks())
+
+    def high_counts(chunk: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(_bits(chunk) >> _RADIX_BITS, minlength=1 << (31 - _RADIX_BITS))
+
     high = None
-    for chunk in chunks():
-        counts = torch.bincount(_bits(chunk) >> _RADIX_BITS, minlength=1 << (31 - _RADIX_BITS))
+    for counts in map_chunks(high_counts):
         high = counts if high is None else high + counts
     if high is None:
         raise ValueError("kth_smallest needs at least one value")
     high_bin, below = _bin_holding(high, k)
-    low = None
-    for chunk in chunks():
+
+    def low_counts(chunk: torch.Tensor) -> torch.Tensor:
         bits = _bits(chunk)
         in_bin = bits[(bits >> _RADIX_BITS) == high_bin] & ((1 << _RADIX_BITS) - 1)
-        counts = torch.bincount(in_bin, minlength=1 << _RADIX_BITS)
+        return torch.bincount(in_bin, minlength=1 << _RADIX_BITS)
+
+    low = None
+    for counts in map_chunks(low_counts):
         low = counts if low is None else low + counts
     low_bin, below_in_bin = _bin_holding(low, k - below)
     value_bits = torch.tensor([(high_bin << _RADIX_BITS) | low_bin], dtype=torch.int32)
@@ -165,13 +183,15 @@ class BlockPruner:
         all_scores: torch.Tensor | None = None,
         cuda_selection: str = "topk",
         reducer: Reducer | None = None,
+        map_chunks: ChunkMap | None = None,
     ) -> BlockPruner:
         """Returns the pruner for `level` over the scores that `chunks()` yields (in block order).
 
         `all_scores`, when the caller holds every score in one tensor, lets a CUDA device select
         by `cuda_selection` (`topk`, `sort`; `radix` selects as on CPU). With a `reducer`, the
         scores are one part of a table of `n_blocks` blocks (see `engine/reduce.py`): the
-        threshold and the ties pruned are those of the whole table.
+        threshold and the ties pruned are those of the whole table. `map_chunks` (the chunk
+        workers) is passed on to `kth_smallest`.
         """
         k = blocks_to_prune(level, n_blocks)
         if k == 0:
@@ -186,7 +206,7 @@ class BlockPruner:
         elif all_scores is not None and all_scores.is_cuda and cuda_selection == "topk":
             value, below = kth_smallest_topk(all_scores, k)
         else:
-            value, below = kth_smallest(chunks, k)
+            value, below = kth_smallest(chunks, k, map_chunks)
         return cls(value, k - below)
 
     def prune(self, scores: torch.Tensor) -> torch.Tensor:

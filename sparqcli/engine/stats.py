@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,7 +59,8 @@ class StatsAccumulator:
     A row's norms and dot product are reduced in float32 (one row at a time) and kept per row
     (four floats per row); `finish` sums them over the table in float64, in a fixed order. So
     the statistics (stored in the file) depend neither on torch's thread count nor on how the
-    table was cut into chunks, and a CUDA run never waits for a chunk's statistics.
+    table was cut into chunks, and a CUDA run never waits for a chunk's statistics. Chunks of
+    distinct rows may be added from several threads at once.
     """
 
     def __init__(self, rows: int, cols: int, device: torch.device) -> None:
@@ -66,6 +68,7 @@ class StatsAccumulator:
         # original norm, decoded norm, error norm, dot product
         self.per_row = torch.zeros((4, rows), dtype=torch.float32, device=device)
         self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self._zeros_lock = threading.Lock()
 
     def add(
         self,
@@ -87,7 +90,9 @@ class StatsAccumulator:
         row_norms(decoded, out=decoded_norm)
         row_sums(torch.mul(original, decoded, out=work), out=dot)
         row_norms(torch.sub(decoded, original, out=work), out=error_norm)
-        self.zeros += zeros if zeros is not None else decoded.numel() - torch.count_nonzero(decoded)
+        count = zeros if zeros is not None else decoded.numel() - torch.count_nonzero(decoded)
+        with self._zeros_lock:  # an integer count: the same whatever order the chunks come in
+            self.zeros += count
 
     def addrow_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import threading
 
 import torch
 
@@ -17,7 +18,9 @@ class RowReader:
     """Reads row ranges of one tensor of a checkpoint into reused host buffers.
 
     The rows a call returns stay valid until the next call: a caller must be done with a chunk
-    before it asks for the next (the engine is). With `read_ahead`, while the caller works on one
+    before it asks for the next (the engine is). Without `read_ahead` each thread reads into its
+    own buffer, so several threads may read at once (the engine's chunk workers do); the rows
+    stay valid until the same thread's next call. With `read_ahead`, while the caller works on one
     range, a background thread reads the next range of the same size into a second buffer
     (positioned reads release the GIL), so a sequential pass seldom waits for the disk or the
     page cache. That pays when the CPU is otherwise idle, as it is while a GPU computes; beside
@@ -42,11 +45,17 @@ class RowReader:
         self._current = 0  # the buffer holding the rows last returned
         self._ahead: tuple[int, int, concurrent.futures.Future[torch.Tensor]] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._own = threading.local()  # without read-ahead: .buffer, one per thread
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Returns rows `start:stop`. Raises InputError when they cannot be read."""
         if self._checkpoint.in_memory:
             return self._checkpoint.read_rows(self._key, start, stop)
+        if not (self._read_ahead or self._pin_memory):
+            buffer = getattr(self._own, "buffer", None)
+            if buffer is None or buffer.numel() < (stop - start) * self._row_values:
+                buffer = self._own.buffer = self._new_buffer(start, stop)
+            return self._checkpoint.read_rows(self._key, start, stop, out=buffer)
         if self._pin_memory:
             torch.cuda.current_stream().synchronize()
         ahead, self._ahead = self._ahead, None
@@ -73,11 +82,13 @@ class RowReader:
     def _read(self, start: int, stop: int, index: int) -> torch.Tensor:
         buffer = self._buffers[index]
         if buffer is None or buffer.numel() < (stop - start) * self._row_values:
-            buffer = torch.empty(
-                (stop - start) * self._row_values, dtype=self._dtype, pin_memory=self._pin_memory
-            )
-            self._buffers[index] = buffer
+            buffer = self._buffers[index] = self._new_buffer(start, stop)
         return self._checkpoint.read_rows(self._key, start, stop, out=buffer)
+
+    def _new_buffer(self, start: int, stop: int) -> torch.Tensor:
+        return torch.empty(
+            (stop - start) * self._row_values, dtype=self._dtype, pin_memory=self._pin_memory
+        )
 
     def close(self) -> None:
         """Waits for a pending read-ahead and stops the background thread."""
