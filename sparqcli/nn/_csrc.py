@@ -40,6 +40,9 @@ SOURCE = r"""
 namespace sparq_nn {
 
 using i64 = int64_t;
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint8_t v4u8 __attribute__((vector_size(4)));
 
 // Geometry of one compressed table, as passed from Python (see _kernel.py: GEOMETRY).
 struct Table {
@@ -53,8 +56,11 @@ struct Table {
   const i64* base;
   i64 rows, cols, bits, masked, bh, bw, unit_bits, wlast, group, round;
   int group_shift;
+  int bh_shift;  // log2(bh) when bh is a power of two, else -1
 
-  SPARQ_INLINE i64 unit_of(i64 r) const { return bh == 1 ? r : r / bh; }
+  // The mask unit of row r; a shift for power-of-two block heights (a 64-bit division costs
+  // more than the rest of the offset arithmetic).
+  SPARQ_INLINE i64 unit_of(i64 r) const { return bh_shift >= 0 ? r >> bh_shift : r / bh; }
 
   SPARQ_INLINE float scale(i64 r) const {
     return scale32 ? scale32[r] : static_cast<float>(scale16[r]);
@@ -123,8 +129,24 @@ SPARQ_INLINE i64 row_offset(const Table& t, i64 r) {
   i64 g = u >> t.group_shift;
   i64 u0 = g << t.group_shift;
   i64 off = t.base[g];
-  if (u > u0) {
-    i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, (u - u0) * t.unit_bits) * t.bw;
+  const i64 before = (u - u0) * t.unit_bits;
+  if (t.group * t.unit_bits <= 128 && t.unit_bits >= 16) {
+    // At most 112 bits between the group's start and the unit: two masked words, no branches.
+    const i64 pos = u0 * t.unit_bits;
+    const i64 n1 = std::min<i64>(before, 56);
+    const uint64_t w0 = load_bits(t.mask, t.mask_bytes, pos) & ((uint64_t(1) << n1) - 1);
+    const uint64_t w1 = load_bits(t.mask, t.mask_bytes, pos + 56) & ((uint64_t(1) << (before - n1)) - 1);
+    i64 kept = (__builtin_popcountll(w0) + __builtin_popcountll(w1)) * t.bw;
+    if (t.wlast != t.bw) {
+      for (i64 v = u0; v < u; ++v) {
+        if (load_bits(t.mask, t.mask_bytes, v * t.unit_bits + t.unit_bits - 1) & 1) {
+          kept -= t.bw - t.wlast;
+        }
+      }
+    }
+    off += t.bh * kept;
+  } else if (u > u0) {
+    i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, before) * t.bw;
     if (t.wlast != t.bw) {
       for (i64 v = u0; v < u; ++v) {
         if (load_bits(t.mask, t.mask_bytes, v * t.unit_bits + t.unit_bits - 1) & 1) {
@@ -240,8 +262,9 @@ SPARQ_INLINE void decode_dense(const Table& t, i64 r, i64 k0, float* dst) {
   if (t.masked) std::fill(dst, dst + t.cols, 0.0f);
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
     decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
-      float* d = dst + c0 + i0;
-      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(q[i]) - z) * s;
+      float* __restrict__ d = dst + c0 + i0;
+      const uint8_t* __restrict__ qq = q;
+      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(qq[i]) - z) * s;
     });
   });
   round_row(dst, t.cols, t.round);
@@ -270,21 +293,29 @@ SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc)
   const float z = t.zero_point(r);
   if constexpr (B == 8) {
     if (t.masked && t.bw == 4 && t.wlast == 4) {
+      // All four codes are read before the accumulator is written (uint8_t may alias float),
+      // then one 4-wide vector step: the same float operations, element by element.
+      const v4f zv = {z, z, z, z};
+      const v4f sv = {s, s, s, s};
+      const v4f wv = {w, w, w, w};
       for_blocks4(t, r, k0, [&](i64 j, i64 k) __attribute__((always_inline)) {
-        const uint8_t* q = t.codes + k;
+        v4u8 q8;
+        std::memcpy(&q8, t.codes + k, sizeof(q8));
+        const v4f qv = __builtin_convertvector(__builtin_convertvector(q8, v4i), v4f);
         float* a = acc + 4 * j;
-        a[0] += w * ((static_cast<float>(q[0]) - z) * s);
-        a[1] += w * ((static_cast<float>(q[1]) - z) * s);
-        a[2] += w * ((static_cast<float>(q[2]) - z) * s);
-        a[3] += w * ((static_cast<float>(q[3]) - z) * s);
+        v4f av;
+        std::memcpy(&av, a, sizeof(av));
+        av += wv * ((qv - zv) * sv);
+        std::memcpy(a, &av, sizeof(av));
       });
       return;
     }
   }
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
     decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
-      float* a = acc + c0 + i0;
-      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(q[i]) - z) * s);
+      float* __restrict__ a = acc + c0 + i0;
+      const uint8_t* __restrict__ qq = q;
+      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(qq[i]) - z) * s);
     });
   });
 }
@@ -450,6 +481,10 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   t.unit_bits = g[6];
   t.wlast = g[7];
   t.group = g[8];
+  t.bh_shift = -1;
+  for (int b = 0; b < 62; ++b) {
+    if ((i64(1) << b) == t.bh) t.bh_shift = b;
+  }
   t.group_shift = 0;
   while ((i64(1) << t.group_shift) < t.group) ++t.group_shift;
   TORCH_CHECK((i64(1) << t.group_shift) == t.group, "sparq kernel: group must be a power of two");

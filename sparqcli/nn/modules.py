@@ -24,6 +24,7 @@ from sparqcli.nn._storage import (
     build_index,
     check_packed,
     gather_rows,
+    in_huge_pages,
     pack_table,
     read_packed,
 )
@@ -48,9 +49,13 @@ class _CompressedLookup(nn.Module):
         padding_idx: int | None,
         device: torch.device | str | None,
         source: str,
+        huge_pages: bool = True,
     ) -> None:
         super().__init__()
         check_packed(source, layout, tensors)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if huge_pages and on_cpu:
+            tensors = {part: in_huge_pages(tensor) for part, tensor in tensors.items()}
         self.layout = layout
         self.padding_idx = _padding(padding_idx, layout.rows)
         self.register_buffer("codes", tensors["codes"].reshape(-1))
@@ -299,7 +304,12 @@ class Embedding(_CompressedLookup):
         """
         layout, tensors = read_packed(path, key, memory_map=memory_map)
         return cls(
-            layout, tensors, padding_idx=padding_idx, device=device, source=f"{path}: table '{key}'"
+            layout,
+            tensors,
+            padding_idx=padding_idx,
+            device=device,
+            source=f"{path}: table '{key}'",
+            huge_pages=not memory_map,
         )
 
     @classmethod
@@ -360,10 +370,18 @@ class EmbeddingBag(_CompressedLookup):
         include_last_offset: bool = False,
         device: torch.device | str | None = None,
         source: str = "table",
+        huge_pages: bool = True,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
-        super().__init__(layout, tensors, padding_idx=padding_idx, device=device, source=source)
+        super().__init__(
+            layout,
+            tensors,
+            padding_idx=padding_idx,
+            device=device,
+            source=source,
+            huge_pages=huge_pages,
+        )
         self.mode = mode
         self.include_last_offset = bool(include_last_offset)
 
@@ -394,6 +412,7 @@ class EmbeddingBag(_CompressedLookup):
             include_last_offset=include_last_offset,
             device=device,
             source=f"{path}: table '{key}'",
+            huge_pages=not memory_map,
         )
 
     @classmethod
