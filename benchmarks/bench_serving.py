@@ -58,6 +58,7 @@ def main() -> None:
     from sparqcli.engine.pipeline import compress_table
     from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
     from sparqcli.nn import EmbeddingBag, kernel_available
+    from sparqcli.nn._storage import in_huge_pages
 
     print(machine())
     print(
@@ -73,6 +74,11 @@ def main() -> None:
 
     int8 = torch.ops.quantized.embedding_bag_byte_prepack(table)
     int4 = torch.ops.quantized.embedding_bag_4bit_prepack(table)
+    # sparq keeps its large buffers in transparent huge pages; the same for the baselines, so
+    # that the comparison is not one of page sizes (printed as separate rows).
+    table_thp = in_huge_pages(table).view(table.shape)
+    int8_thp = in_huge_pages(int8).view(int8.shape)
+    int4_thp = in_huge_pages(int4).view(int4.shape)
     sparq = {}
     for name, level, bits in (("sparq 0.8 (1,4) 8-bit", 0.8, 8), ("sparq 0.0 4-bit", 0.0, 4)):
         compressed, _ = compress_table(
@@ -96,12 +102,22 @@ def main() -> None:
         "FBGEMM int4 (4bit rowwise)": fbgemm(
             torch.ops.quantized.embedding_bag_4bit_rowwise_offsets, int4
         ),
+        "torch fp32, huge pages": lambda i, o: F.embedding_bag(i, table_thp, o, mode="sum"),
+        "FBGEMM int8, huge pages": fbgemm(
+            torch.ops.quantized.embedding_bag_byte_rowwise_offsets, int8_thp
+        ),
+        "FBGEMM int4, huge pages": fbgemm(
+            torch.ops.quantized.embedding_bag_4bit_rowwise_offsets, int4_thp
+        ),
         **{name: module for name, module in sparq.items()},
     }
     held = {
         "torch fp32 F.embedding_bag": table.numel() * 4,
         "FBGEMM int8 (byte rowwise)": int8.numel(),
         "FBGEMM int4 (4bit rowwise)": int4.numel(),
+        "torch fp32, huge pages": table.numel() * 4,
+        "FBGEMM int8, huge pages": int8.numel(),
+        "FBGEMM int4, huge pages": int4.numel(),
         **{name: module.nbytes for name, module in sparq.items()},
     }
     for call in methods.values():  # warm up (and build the kernel)
@@ -138,9 +154,15 @@ def main() -> None:
             f"{versus:>9} {delay[name] * 1e6:>8.1f} {delay[name] / delay[fp32]:>7.2f}x "
             f"{size(held[name]):>10} {bytes_versus:>9}"
         )
-    spread = {
-        name: (min(values) / 1e6, max(values) / 1e6) for name, values in throughput.items()
-    }
+    for name, (base, quantized) in {
+        "sparq 0.8 (1,4) 8-bit": ("torch fp32, huge pages", "FBGEMM int8, huge pages"),
+        "sparq 0.0 4-bit": ("torch fp32, huge pages", "FBGEMM int4, huge pages"),
+    }.items():
+        print(
+            f"{name} against huge-page baselines: {rate[name] / rate[base]:.2f}x fp32, "
+            f"{rate[name] / rate[quantized]:.2f}x {quantized.split(',')[0]}"
+        )
+    spread = {name: (min(values) / 1e6, max(values) / 1e6) for name, values in throughput.items()}
     print(
         "throughput range over rounds (M/s): "
         + "; ".join(f"{name}: {lo:.0f}-{hi:.0f}" for name, (lo, hi) in spread.items())

@@ -62,11 +62,13 @@ struct Table {
   // more than the rest of the offset arithmetic).
   SPARQ_INLINE i64 unit_of(i64 r) const { return bh_shift >= 0 ? r >> bh_shift : r / bh; }
 
+  i64 qstride;  // elements between two rows' scales (2: scales and zero points interleaved)
+
   SPARQ_INLINE float scale(i64 r) const {
-    return scale32 ? scale32[r] : static_cast<float>(scale16[r]);
+    return scale32 ? scale32[r * qstride] : static_cast<float>(scale16[r * qstride]);
   }
   SPARQ_INLINE float zero_point(i64 r) const {
-    return zp32 ? zp32[r] : static_cast<float>(zp16[r]);
+    return zp32 ? zp32[r * qstride] : static_cast<float>(zp16[r * qstride]);
   }
 };
 
@@ -321,10 +323,10 @@ SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc)
 }
 
 SPARQ_INLINE void prefetch_row(const Table& t, i64 r) {
-  __builtin_prefetch(t.scale32 ? static_cast<const void*>(t.scale32 + r)
-                               : static_cast<const void*>(t.scale16 + r));
-  __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r)
-                            : static_cast<const void*>(t.zp16 + r));
+  __builtin_prefetch(t.scale32 ? static_cast<const void*>(t.scale32 + r * t.qstride)
+                               : static_cast<const void*>(t.scale16 + r * t.qstride));
+  __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r * t.qstride)
+                            : static_cast<const void*>(t.zp16 + r * t.qstride));
   if (t.masked) {
     i64 u = t.unit_of(r);
     __builtin_prefetch(t.base + (u >> t.group_shift));
@@ -459,9 +461,12 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu() &&
                   mask.device().is_cpu() && base.device().is_cpu(),
               "sparq kernel: the table must be on the CPU");
-  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero_point.is_contiguous() &&
-                  mask.is_contiguous() && base.is_contiguous(),
+  TORCH_CHECK(codes.is_contiguous() && mask.is_contiguous() && base.is_contiguous(),
               "sparq kernel: storage must be contiguous");
+  TORCH_CHECK(scale.dim() == 1 && zero_point.dim() == 1 && scale.stride(0) == zero_point.stride(0) &&
+                  scale.scalar_type() == zero_point.scalar_type() &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
+              "sparq kernel: scale and zero point must be float32 or float16 vectors of one stride");
   Table t;
   t.codes = bytes_of(codes);
   const bool half = scale.scalar_type() == at::kHalf;
@@ -469,6 +474,7 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   t.scale16 = half ? scale.data_ptr<at::Half>() : nullptr;
   t.zp32 = half ? nullptr : zero_point.data_ptr<float>();
   t.zp16 = half ? zero_point.data_ptr<at::Half>() : nullptr;
+  t.qstride = scale.stride(0);
   t.mask = bytes_of(mask);
   t.mask_bytes = mask.numel();
   t.base = base.numel() ? base.data_ptr<int64_t>() : nullptr;
