@@ -289,7 +289,8 @@ SPARQ_INLINE void for_blocks4(const Table& t, i64 r, i64 k, F&& f) {
 }
 
 // acc[c] += w * value for the kept values of row r (a float32 table: no rounding step).
-template <int B>
+// (W false: no per-sample weights; the multiplication by 1.0 is skipped, which is exact.)
+template <int B, bool W>
 SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc) {
   const float s = t.scale(r);
   const float z = t.zero_point(r);
@@ -307,7 +308,11 @@ SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc)
         float* a = acc + 4 * j;
         v4f av;
         std::memcpy(&av, a, sizeof(av));
-        av += wv * ((qv - zv) * sv);
+        if constexpr (W) {
+          av += wv * ((qv - zv) * sv);
+        } else {
+          av += (qv - zv) * sv;
+        }
         std::memcpy(a, &av, sizeof(av));
       });
       return;
@@ -317,7 +322,11 @@ SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc)
     decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
       float* __restrict__ a = acc + c0 + i0;
       const uint8_t* __restrict__ qq = q;
-      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(qq[i]) - z) * s);
+      if constexpr (W) {
+        for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(qq[i]) - z) * s);
+      } else {
+        for (i64 i = 0; i < m; ++i) a[i] += (static_cast<float>(qq[i]) - z) * s;
+      }
     });
   });
 }
@@ -397,7 +406,11 @@ SPARQ_INLINE void bag_chunk(const BagJob& job, i64 b0, i64 b1) {
           decode_dense<B>(t, r, k0, tmp.data());
           for (i64 c = 0; c < cols; ++c) acc[c] += w * tmp[c];
         } else {
-          accumulate<B>(t, r, k0, w, acc);
+          if (job.psw) {
+            accumulate<B, true>(t, r, k0, w, acc);
+          } else {
+            accumulate<B, false>(t, r, k0, w, acc);
+          }
         }
       }
     }
