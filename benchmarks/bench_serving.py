@@ -9,13 +9,13 @@ mode sum, on the CPU. Compared, all in this process on the same indices:
 * FBGEMM int4: `embedding_bag_4bit_rowwise_offsets` on `embedding_bag_4bit_prepack`;
 * sparq, level 0.8, block (1, 4), 8 bits and level 0, 4 bits: `sparqcli.nn.EmbeddingBag`.
 
-Rounds of all methods are interleaved (each round times every method once, in turn) so that other
-load on the machine hits them alike; with --wait-quiet each round first waits for a quiet CPU.
+Rounds of all methods are interleaved (each round times every method in turn, --calls batches
+each) so that other load on the machine hits them alike; with --wait-quiet each round first waits for a quiet CPU.
 Prints the median lookups/s, the ratio to fp32 and to FBGEMM at the same width, the median
 latency of one bag of LENGTH lookups, and the bytes each holds.
 
     python benchmarks/bench_serving.py [--rows 1000000] [--cols 128] [--bags 4096] [--length 32]
-                                       [--rounds 15] [--wait-quiet 60]
+                                       [--rounds 11] [--calls 5] [--wait-quiet 60]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=128)
     parser.add_argument("--bags", type=int, default=4096)
     parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--calls", type=int, default=5, help="batches timed per method and round")
     parser.add_argument("--latency-calls", type=int, default=300)
     parser.add_argument(
         "--wait-quiet", type=float, default=0.0, help="seconds to wait for a quiet CPU per round"
@@ -130,7 +131,7 @@ def main() -> None:
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
         for name, call in methods.items():
-            throughput[name].append(n / _time(lambda call=call: call(indices, offsets)))
+            throughput[name].append(n / _time(lambda call=call: call(indices, offsets), args.calls))
             latency[name].append(
                 _time(lambda call=call: call(one_bag, one_offset), args.latency_calls)
             )
