@@ -23,10 +23,10 @@ import statistics
 import time
 
 import torch
-from sparqcli.engine.settings import QuantizationSettings, SparsitySettings
 
 from sparqcli.engine.pipeline import compress_table
 from sparqcli.format import table_file_bytes
+from sparqcli.settings import Quantization, Sparsity
 
 KINDS = ("gaussian", "heavy-tailed", "zipf-norms")
 
@@ -50,8 +50,8 @@ def quality(table: torch.Tensor, bits: int, value_range: str) -> tuple[float, fl
     compressed, stats = compress_table(
         table,
         "sparsify-first",
-        SparsitySettings(level=0.0),
-        QuantizationSettings(bits, range=value_range),
+        Sparsity(level=0.0),
+        Quantization(bits, range=value_range),
     )
     return 8 * table_file_bytes(compressed) / table.numel(), stats.rel_error, stats.row_cosine_mean
 
@@ -87,13 +87,13 @@ def print_time(rows: int, repeat: int) -> None:
         f"{'minmax cpu s':>12} {'mse cpu s':>9} {'cpu ratio':>9}"
     )
     for level in (0.0, 0.5):
-        sparsity = SparsitySettings(level, (1, 4))
+        sparsity = Sparsity(level, (1, 4))
         runs: dict[str, list[tuple[float, float]]] = {"minmax": [], "mse": []}
         for _ in range(repeat):
             for value_range in runs:
                 wall, cpu = time.perf_counter(), time.process_time()
                 compress_table(
-                    table, "sparsify-first", sparsity, QuantizationSettings(4, range=value_range)
+                    table, "sparsify-first", sparsity, Quantization(4, range=value_range)
                 )
                 runs[value_range].append((time.perf_counter() - wall, time.process_time() - cpu))
         wall = {key: statistics.median(run[0] for run in value) for key, value in runs.items()}

@@ -40,6 +40,9 @@ SOURCE = r"""
 namespace sparq_nn {
 
 using i64 = int64_t;
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint8_t v4u8 __attribute__((vector_size(4)));
 
 // Geometry of one compressed table, as passed from Python (see _kernel.py: GEOMETRY).
 struct Table {
@@ -53,14 +56,19 @@ struct Table {
   const i64* base;
   i64 rows, cols, bits, masked, bh, bw, unit_bits, wlast, group, round;
   int group_shift;
+  int bh_shift;  // log2(bh) when bh is a power of two, else -1
 
-  SPARQ_INLINE i64 unit_of(i64 r) const { return bh == 1 ? r : r / bh; }
+  // The mask unit of row r; a shift for power-of-two block heights (a 64-bit division costs
+  // more than the rest of the offset arithmetic).
+  SPARQ_INLINE i64 unit_of(i64 r) const { return bh_shift >= 0 ? r >> bh_shift : r / bh; }
+
+  i64 qstride;  // elements between two rows' scales (2: scales and zero points interleaved)
 
   SPARQ_INLINE float scale(i64 r) const {
-    return scale32 ? scale32[r] : static_cast<float>(scale16[r]);
+    return scale32 ? scale32[r * qstride] : static_cast<float>(scale16[r * qstride]);
   }
   SPARQ_INLINE float zero_point(i64 r) const {
-    return zp32 ? zp32[r] : static_cast<float>(zp16[r]);
+    return zp32 ? zp32[r * qstride] : static_cast<float>(zp16[r * qstride]);
   }
 };
 
@@ -123,8 +131,24 @@ SPARQ_INLINE i64 row_offset(const Table& t, i64 r) {
   i64 g = u >> t.group_shift;
   i64 u0 = g << t.group_shift;
   i64 off = t.base[g];
-  if (u > u0) {
-    i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, (u - u0) * t.unit_bits) * t.bw;
+  const i64 before = (u - u0) * t.unit_bits;
+  if (t.group * t.unit_bits <= 128 && t.unit_bits >= 16) {
+    // At most 112 bits between the group's start and the unit: two masked words, no branches.
+    const i64 pos = u0 * t.unit_bits;
+    const i64 n1 = std::min<i64>(before, 56);
+    const uint64_t w0 = load_bits(t.mask, t.mask_bytes, pos) & ((uint64_t(1) << n1) - 1);
+    const uint64_t w1 = load_bits(t.mask, t.mask_bytes, pos + 56) & ((uint64_t(1) << (before - n1)) - 1);
+    i64 kept = (__builtin_popcountll(w0) + __builtin_popcountll(w1)) * t.bw;
+    if (t.wlast != t.bw) {
+      for (i64 v = u0; v < u; ++v) {
+        if (load_bits(t.mask, t.mask_bytes, v * t.unit_bits + t.unit_bits - 1) & 1) {
+          kept -= t.bw - t.wlast;
+        }
+      }
+    }
+    off += t.bh * kept;
+  } else if (u > u0) {
+    i64 kept = popcount_bits(t.mask, t.mask_bytes, u0 * t.unit_bits, before) * t.bw;
     if (t.wlast != t.bw) {
       for (i64 v = u0; v < u; ++v) {
         if (load_bits(t.mask, t.mask_bytes, v * t.unit_bits + t.unit_bits - 1) & 1) {
@@ -240,8 +264,9 @@ SPARQ_INLINE void decode_dense(const Table& t, i64 r, i64 k0, float* dst) {
   if (t.masked) std::fill(dst, dst + t.cols, 0.0f);
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
     decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
-      float* d = dst + c0 + i0;
-      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(q[i]) - z) * s;
+      float* __restrict__ d = dst + c0 + i0;
+      const uint8_t* __restrict__ qq = q;
+      for (i64 i = 0; i < m; ++i) d[i] = (static_cast<float>(qq[i]) - z) * s;
     });
   });
   round_row(dst, t.cols, t.round);
@@ -264,36 +289,53 @@ SPARQ_INLINE void for_blocks4(const Table& t, i64 r, i64 k, F&& f) {
 }
 
 // acc[c] += w * value for the kept values of row r (a float32 table: no rounding step).
-template <int B>
+// (W false: no per-sample weights; the multiplication by 1.0 is skipped, which is exact.)
+template <int B, bool W>
 SPARQ_INLINE void accumulate(const Table& t, i64 r, i64 k0, float w, float* acc) {
   const float s = t.scale(r);
   const float z = t.zero_point(r);
   if constexpr (B == 8) {
     if (t.masked && t.bw == 4 && t.wlast == 4) {
+      // All four codes are read before the accumulator is written (uint8_t may alias float),
+      // then one 4-wide vector step: the same float operations, element by element.
+      const v4f zv = {z, z, z, z};
+      const v4f sv = {s, s, s, s};
+      const v4f wv = {w, w, w, w};
       for_blocks4(t, r, k0, [&](i64 j, i64 k) __attribute__((always_inline)) {
-        const uint8_t* q = t.codes + k;
+        v4u8 q8;
+        std::memcpy(&q8, t.codes + k, sizeof(q8));
+        const v4f qv = __builtin_convertvector(__builtin_convertvector(q8, v4i), v4f);
         float* a = acc + 4 * j;
-        a[0] += w * ((static_cast<float>(q[0]) - z) * s);
-        a[1] += w * ((static_cast<float>(q[1]) - z) * s);
-        a[2] += w * ((static_cast<float>(q[2]) - z) * s);
-        a[3] += w * ((static_cast<float>(q[3]) - z) * s);
+        v4f av;
+        std::memcpy(&av, a, sizeof(av));
+        if constexpr (W) {
+          av += wv * ((qv - zv) * sv);
+        } else {
+          av += (qv - zv) * sv;
+        }
+        std::memcpy(a, &av, sizeof(av));
       });
       return;
     }
   }
   for_runs(t, r, k0, [&](i64 c0, i64 n, i64 k) __attribute__((always_inline)) {
     decode_codes<B>(t.codes, k, n, [&](i64 i0, const uint8_t* q, i64 m) __attribute__((always_inline)) {
-      float* a = acc + c0 + i0;
-      for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(q[i]) - z) * s);
+      float* __restrict__ a = acc + c0 + i0;
+      const uint8_t* __restrict__ qq = q;
+      if constexpr (W) {
+        for (i64 i = 0; i < m; ++i) a[i] += w * ((static_cast<float>(qq[i]) - z) * s);
+      } else {
+        for (i64 i = 0; i < m; ++i) a[i] += (static_cast<float>(qq[i]) - z) * s;
+      }
     });
   });
 }
 
 SPARQ_INLINE void prefetch_row(const Table& t, i64 r) {
-  __builtin_prefetch(t.scale32 ? static_cast<const void*>(t.scale32 + r)
-                               : static_cast<const void*>(t.scale16 + r));
-  __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r)
-                            : static_cast<const void*>(t.zp16 + r));
+  __builtin_prefetch(t.scale32 ? static_cast<const void*>(t.scale32 + r * t.qstride)
+                               : static_cast<const void*>(t.scale16 + r * t.qstride));
+  __builtin_prefetch(t.zp32 ? static_cast<const void*>(t.zp32 + r * t.qstride)
+                            : static_cast<const void*>(t.zp16 + r * t.qstride));
   if (t.masked) {
     i64 u = t.unit_of(r);
     __builtin_prefetch(t.base + (u >> t.group_shift));
@@ -364,7 +406,11 @@ SPARQ_INLINE void bag_chunk(const BagJob& job, i64 b0, i64 b1) {
           decode_dense<B>(t, r, k0, tmp.data());
           for (i64 c = 0; c < cols; ++c) acc[c] += w * tmp[c];
         } else {
-          accumulate<B>(t, r, k0, w, acc);
+          if (job.psw) {
+            accumulate<B, true>(t, r, k0, w, acc);
+          } else {
+            accumulate<B, false>(t, r, k0, w, acc);
+          }
         }
       }
     }
@@ -428,9 +474,12 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu() &&
                   mask.device().is_cpu() && base.device().is_cpu(),
               "sparq kernel: the table must be on the CPU");
-  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero_point.is_contiguous() &&
-                  mask.is_contiguous() && base.is_contiguous(),
+  TORCH_CHECK(codes.is_contiguous() && mask.is_contiguous() && base.is_contiguous(),
               "sparq kernel: storage must be contiguous");
+  TORCH_CHECK(scale.dim() == 1 && zero_point.dim() == 1 && scale.stride(0) == zero_point.stride(0) &&
+                  scale.scalar_type() == zero_point.scalar_type() &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
+              "sparq kernel: scale and zero point must be float32 or float16 vectors of one stride");
   Table t;
   t.codes = bytes_of(codes);
   const bool half = scale.scalar_type() == at::kHalf;
@@ -438,6 +487,7 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   t.scale16 = half ? scale.data_ptr<at::Half>() : nullptr;
   t.zp32 = half ? nullptr : zero_point.data_ptr<float>();
   t.zp16 = half ? zero_point.data_ptr<at::Half>() : nullptr;
+  t.qstride = scale.stride(0);
   t.mask = bytes_of(mask);
   t.mask_bytes = mask.numel();
   t.base = base.numel() ? base.data_ptr<int64_t>() : nullptr;
@@ -450,6 +500,10 @@ static Table make_table(const at::Tensor& codes, const at::Tensor& scale,
   t.unit_bits = g[6];
   t.wlast = g[7];
   t.group = g[8];
+  t.bh_shift = -1;
+  for (int b = 0; b < 62; ++b) {
+    if ((i64(1) << b) == t.bh) t.bh_shift = b;
+  }
   t.group_shift = 0;
   while ((i64(1) << t.group_shift) < t.group) ++t.group_shift;
   TORCH_CHECK((i64(1) << t.group_shift) == t.group, "sparq kernel: group must be a power of two");

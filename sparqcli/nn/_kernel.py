@@ -29,6 +29,10 @@ ENV_SWITCH = "SPARQ_NN_KERNEL"
 ENV_CACHE = "SPARQ_KERNEL_CACHE"
 _OFF_VALUES = ("0", "off", "false", "no", "torch")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# at::parallel_for is an OpenMP pragma inside torch's headers: without -fopenmp the extension
+# runs it on one thread. The extension then links libgomp.so.1, the soname torch already loaded,
+# so both share torch's OpenMP runtime and thread count.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 _state: dict[str, ModuleType | None] = {}
 
@@ -50,7 +54,8 @@ def cache_dir() -> Path:
 def build_name() -> str:
     """Returns the extension's name: a hash of everything its binary depends on."""
     digest = hashlib.sha256()
-    for part in (SOURCE, " ".join(_FLAGS), torch.__version__, sys.version, platform.machine()):
+    flags = " ".join(_FLAGS + _OPENMP)
+    for part in (SOURCE, flags, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
         digest.update(b"\0")
     return f"sparq_nn_{digest.hexdigest()[:16]}"
@@ -99,7 +104,8 @@ def _build() -> ModuleType:
         name=name,
         cpp_sources=[SOURCE],
         functions=["embedding_bag_forward", "embedding_forward"],
-        extra_cflags=_FLAGS,
+        extra_cflags=_FLAGS + _OPENMP,
+        extra_ldflags=_OPENMP,
         build_directory=str(folder),
         verbose=False,
     )

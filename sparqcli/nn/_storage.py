@@ -233,6 +233,31 @@ def _read_mapped(where: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+HUGE_PAGE_MIN_BYTES = 2 << 20
+
+
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """Returns a copy of a large contiguous CPU tensor in memory advised for transparent huge
+    pages (Linux, `madvise` mode), else `tensor` itself.
+
+    A lookup touches a random row of each of several arrays; with 4 KiB pages every one of them
+    is a TLB miss. Anonymous memory with MADV_HUGEPAGE is backed by 2 MiB pages where the kernel
+    allows it (falls back to normal pages otherwise); the copy behaves like any tensor.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < HUGE_PAGE_MIN_BYTES or advice is None or tensor.device.type != "cpu":
+        return tensor
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(advice)
+    except (OSError, ValueError, AttributeError):
+        return tensor
+    copy = torch.frombuffer(region, dtype=torch.uint8, count=nbytes).view(tensor.dtype)
+    copy.copy_(tensor.reshape(-1))
+    return copy
+
+
 def check_packed(where: str, layout: Layout, tensors: dict[str, torch.Tensor]) -> None:
     """Checks the data of packed tensors: padding bits zero, scales finite and positive, zero
     points finite; returns None. Raises FormatError naming `where` otherwise."""

@@ -24,6 +24,7 @@ from sparqcli.nn._storage import (
     build_index,
     check_packed,
     gather_rows,
+    in_huge_pages,
     pack_table,
     read_packed,
 )
@@ -36,8 +37,7 @@ class _CompressedLookup(nn.Module):
     """Shared storage, state dict, device moves and repr of the two modules."""
 
     codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
+    qparams: torch.Tensor
     row_index: torch.Tensor
 
     def __init__(
@@ -48,14 +48,23 @@ class _CompressedLookup(nn.Module):
         padding_idx: int | None,
         device: torch.device | str | None,
         source: str,
+        huge_pages: bool = True,
     ) -> None:
         super().__init__()
         check_packed(source, layout, tensors)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if huge_pages and on_cpu:
+            tensors = {**tensors, "codes": in_huge_pages(tensors["codes"])}
+            tensors["mask"] = in_huge_pages(tensors["mask"])
         self.layout = layout
         self.padding_idx = _padding(padding_idx, layout.rows)
         self.register_buffer("codes", tensors["codes"].reshape(-1))
-        self.register_buffer("scale", tensors["scale"].reshape(-1))
-        self.register_buffer("zero_point", tensors["zero_point"].reshape(-1))
+        # Scales and zero points interleaved, (rows, 2): one cache line per looked-up row instead
+        # of two. state_dict() still holds them as the file's `scale` and `zero_point`.
+        qparams = torch.stack([tensors["scale"].reshape(-1), tensors["zero_point"].reshape(-1)], 1)
+        if huge_pages and on_cpu:
+            qparams = in_huge_pages(qparams).view(qparams.shape)
+        self.register_buffer("qparams", qparams, persistent=False)
         mask = tensors["mask"].reshape(-1)
         self.register_buffer("mask", mask if layout.mask != "none" else None)
         self.register_buffer("row_index", build_index(source, layout, mask), persistent=False)
@@ -63,6 +72,16 @@ class _CompressedLookup(nn.Module):
             self.to(device)
 
     # --- shape, like torch's modules -----------------------------------------------------
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Returns the per-row scales as stored (float32 or float16; a view, rows long)."""
+        return self.qparams[:, 0]
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        """Returns the per-row zero points as stored (a view, rows long)."""
+        return self.qparams[:, 1]
 
     @property
     def num_embeddings(self) -> int:
@@ -138,6 +157,13 @@ class _CompressedLookup(nn.Module):
             raise ValueError(f"layout with mask '{layout.mask}' does not fit this module's storage")
         self.layout = layout
 
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = self.scale.detach().clone()
+        destination[prefix + "zero_point"] = self.zero_point.detach().clone()
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -148,10 +174,35 @@ class _CompressedLookup(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        errors_before = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not error_msgs:
+        for column, name in enumerate(("scale", "zero_point")):
+            key = prefix + name
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (self.layout.rows,):
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {shape}, the shape in "
+                    f"current model is {[self.layout.rows]}."
+                )
+                continue
+            if value.dtype != self.qparams.dtype:
+                error_msgs.append(
+                    f"dtype mismatch for {key}: {value.dtype}, the stored scales are "
+                    f"{self.qparams.dtype}"
+                )
+                continue
+            with torch.no_grad():
+                self.qparams[:, column].copy_(value)
+        if len(error_msgs) == errors_before:
             mask = self.mask if self.mask is not None else torch.zeros(0, dtype=torch.uint8)
             where = prefix.rstrip(".") or "state dict"
             check_packed(where, self.layout, self._tensors())
@@ -299,7 +350,12 @@ class Embedding(_CompressedLookup):
         """
         layout, tensors = read_packed(path, key, memory_map=memory_map)
         return cls(
-            layout, tensors, padding_idx=padding_idx, device=device, source=f"{path}: table '{key}'"
+            layout,
+            tensors,
+            padding_idx=padding_idx,
+            device=device,
+            source=f"{path}: table '{key}'",
+            huge_pages=not memory_map,
         )
 
     @classmethod
@@ -360,10 +416,18 @@ class EmbeddingBag(_CompressedLookup):
         include_last_offset: bool = False,
         device: torch.device | str | None = None,
         source: str = "table",
+        huge_pages: bool = True,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
-        super().__init__(layout, tensors, padding_idx=padding_idx, device=device, source=source)
+        super().__init__(
+            layout,
+            tensors,
+            padding_idx=padding_idx,
+            device=device,
+            source=source,
+            huge_pages=huge_pages,
+        )
         self.mode = mode
         self.include_last_offset = bool(include_last_offset)
 
@@ -394,6 +458,7 @@ class EmbeddingBag(_CompressedLookup):
             include_last_offset=include_last_offset,
             device=device,
             source=f"{path}: table '{key}'",
+            huge_pages=not memory_map,
         )
 
     @classmethod

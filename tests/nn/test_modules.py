@@ -168,3 +168,15 @@ def test_unknown_key_and_corrupt_file(tmp_path: Path) -> None:
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(FormatError):
         Embedding.from_file(broken, "emb.weight")
+
+
+def test_state_dict_scales_are_checked() -> None:
+    module = Embedding.from_table(make_table(64, 16, level=0.5))
+    state = module.state_dict()
+    assert state["scale"].is_contiguous() and state["scale"].shape == (64,)
+    with pytest.raises(RuntimeError, match="size mismatch for scale"):
+        module.load_state_dict({**state, "scale": state["scale"][:10]})
+    with pytest.raises(RuntimeError, match="dtype mismatch for zero_point"):
+        module.load_state_dict({**state, "zero_point": state["zero_point"].half()})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict({k: v for k, v in state.items() if k != "scale"})
