@@ -222,7 +222,8 @@ def compress(
     apply). Each input is written to `output`, into `out_dir`, or beside itself. A dry run
     resolves and checks everything and writes nothing. `threads` is how many threads compress
     on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may
-    use (see sparqcli.parallel).
+    use (see sparqcli.parallel); while a table is compressed on the CPU, torch's process-wide
+    thread count is 1 (each of those threads runs torch single-threaded; restored after).
     Raises ConfigError/UsageError/SelectionError/UnsafeInputError (exit 2) for bad usage,
     InputError/TableError/OutputError (exit 1) for bad data or failed I/O, and GateError
     (exit 3, carrying the report) when a quality gate fails; a file that fails a gate is not
