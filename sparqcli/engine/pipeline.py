@@ -136,7 +136,8 @@ def compress_rows(
     Every part must make the same calls in the same order (the reducer's are collective).
     `threads` (CPU only): that many worker threads compress whole row chunks, each with one
     torch thread (see engine/workers.py); the results are the same bytes for any count.
-    None leaves torch's own threads to parallelize each operation.
+    None leaves torch's own threads to parallelize each operation. With a count,
+    torch's process-wide thread count is 1 while the table is compressed (restored after).
     With `threads` above 1, `read_rows` is called from several threads at once, and the rows
     it returns must stay valid until the same thread calls it again.
     Raises TableError for a non-floating dtype or NaN/Inf values (naming the first bad row),
