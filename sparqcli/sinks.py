@@ -86,17 +86,35 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     folder = path.parent
     if not folder.is_dir():
         raise OutputError(f"{path}: cannot write: folder {folder} does not exist")
+
+    def make() -> Path:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        return Path(name)
+
+    with _temporary(path, make, lambda temp: _finish(temp, path)) as temp:
+        yield temp
+
+
+@contextlib.contextmanager
+def _temporary(
+    path: Path, make: Callable[[], Path], finish: Callable[[Path], None]
+) -> Iterator[Path]:
+    """Yields the temporary file or folder `make()` creates beside `path`, registered for
+    `discard_partial_outputs` before a signal can arrive; `finish(temp)` puts it in place.
+
+    On any failure, or an interrupt, the temporary is removed. Raises OutputError naming `path`
+    (not the temporary) when it cannot be made or a write fails.
+    """
     try:
-        with _signals_held():  # a temporary file exists only once it is registered
-            handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-            temp = Path(temp_name)
+        with _signals_held():  # a temporary exists only once it is registered
+            temp = make()
             _PARTIAL.add(temp)
     except OSError as error:
         raise OutputError(f"{path}: cannot write: {error.strerror}") from None
     try:
-        os.close(handle)
         yield temp
-        _finish(temp, path)
+        finish(temp)
     except OSError as error:
         _remove_quietly(temp)
         raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
@@ -175,25 +193,12 @@ def atomic_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot write: folder {parent} does not exist")
-    try:
-        temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as error:
-        raise OutputError(f"{path}: cannot write: {error.strerror}") from None
-    _PARTIAL.add(temp)
-    try:
+
+    def make() -> Path:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+
+    with _temporary(path, make, lambda temp: _finish_folder(temp, path, replace)) as temp:
         yield temp
-        _finish_folder(temp, path, replace)
-    except OSError as error:
-        _remove_quietly(temp)
-        raise OutputError(f"{path}: cannot write: {error.strerror or error}") from None
-    except OutputError as error:
-        _remove_quietly(temp)
-        raise OutputError(str(error).replace(str(temp), str(path))) from None
-    except BaseException:
-        _remove_quietly(temp)
-        raise
-    finally:
-        _PARTIAL.discard(temp)
 
 
 def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
