@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import torch
 
     from sparqcli.engine.options import EngineOptions
+    from sparqcli.engine.reduce import TablePart
+    from sparqcli.engine.stats import TableStats
     from sparqcli.engine.table import CompressedTable
     from sparqcli.sources import Checkpoint
 
@@ -474,35 +476,12 @@ def _compress_tables(
     options: EngineOptions,
 ) -> dict[str, CompressedTable]:
     """Compresses every table `file` plans; fills in its statistics, bytes and gate results."""
-    from sparqcli.dtypes import torch_dtype
-    from sparqcli.engine.pipeline import compress_rows
     from sparqcli.format.spec import table_file_bytes
 
     compressed: dict[str, CompressedTable] = {}
     for table in file.tables:
         rows, cols = table.shape
-        label = f"{Path(checkpoint.name).name}: {table.key}"
-        name = f"{checkpoint.name}: {table.key}"
-        try:
-            with checkpoint.row_reader(table.key, for_gpu=device == "cuda") as read_rows:
-                result, stats = compress_rows(
-                    read_rows,
-                    (rows, cols),
-                    torch_dtype(table.dtype),
-                    table.order,  # type: ignore[arg-type]
-                    table.rule.sparsity,
-                    table.rule.quantization,
-                    device=device,
-                    name=name,
-                    progress=_table_progress(progress, label),
-                    options=options,
-                )
-        except TableError as error:
-            # Some engine errors name only the row (`row 3: value range overflows float32`).
-            message = str(error)
-            if not message.startswith(name):
-                message = f"{name}: {message}"
-            raise TableError(message, path=checkpoint.path, table=table.key) from None
+        result, stats = compress_planned_table(checkpoint, table, device, progress, options)
         compressed[table.key] = result.to("cpu")
         table.stats = stats
         table.bytes_after = (
@@ -514,6 +493,61 @@ def _compress_tables(
             stats.rel_error, stats.row_cosine_min, table.bytes_ratio
         )
     return compressed
+
+
+def compress_planned_table(
+    checkpoint: Checkpoint,
+    table: TableReport,
+    device: str,
+    progress: ProgressCallback | None,
+    options: EngineOptions,
+    *,
+    part: TablePart | None = None,
+    count_read: Callable[[int], None] | None = None,
+) -> tuple[CompressedTable, TableStats]:
+    """Returns planned `table` of `checkpoint` compressed by the engine, and its statistics.
+
+    With `part`, only that part's rows (see `engine.compress_rows`); `count_read` is told the
+    bytes of every row range read. Raises TableError naming the input and the table.
+    """
+    from sparqcli.dtypes import torch_dtype
+    from sparqcli.engine.pipeline import compress_rows
+
+    label = f"{Path(checkpoint.name).name}: {table.key}"
+    name = f"{checkpoint.name}: {table.key}"
+    try:
+        with checkpoint.row_reader(table.key, for_gpu=device.startswith("cuda")) as reader:
+            read_rows = reader if count_read is None else _counted(reader, count_read)
+            return compress_rows(
+                read_rows,
+                (table.shape[0], table.shape[1]),
+                torch_dtype(table.dtype),
+                table.order,  # type: ignore[arg-type]
+                table.rule.sparsity,
+                table.rule.quantization,
+                device=device,
+                name=name,
+                progress=_table_progress(progress, label),
+                options=options,
+                part=part,
+            )
+    except TableError as error:
+        # Some engine errors name only the row (`row 3: value range overflows float32`).
+        message = str(error)
+        if not message.startswith(name):
+            message = f"{name}: {message}"
+        raise TableError(message, path=checkpoint.path, table=table.key) from None
+
+
+def _counted(
+    read_rows: Callable[[int, int], torch.Tensor], count: Callable[[int], None]
+) -> Callable[[int, int], torch.Tensor]:
+    def read(start: int, stop: int) -> torch.Tensor:
+        rows = read_rows(start, stop)
+        count(rows.numel() * rows.element_size())
+        return rows
+
+    return read
 
 
 def _table_progress(

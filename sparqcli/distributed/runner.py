@@ -22,8 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sparqcli.config import Config
 from sparqcli.distributed.group import (
     DEFAULT_TIMEOUT_S,
@@ -31,7 +29,7 @@ from sparqcli.distributed.group import (
     ProcessGroup,
     RankFailedError,
 )
-from sparqcli.errors import OutputError, SparqError, TableError, UsageError, first_line
+from sparqcli.errors import OutputError, SparqError, UsageError, first_line
 from sparqcli.results import CompressReport, TableReport
 
 ProgressCallback = Callable[[str, float], None]
@@ -277,6 +275,9 @@ class _Run:
             report.save_json(report_path, force=True)
         return report
 
+    def _count_read(self, count: int) -> None:
+        self.bytes_read += count
+
     def _table(
         self,
         checkpoint: Any,
@@ -286,8 +287,7 @@ class _Run:
         options: Any,
     ) -> tuple[Any, Any, dict[str, Any]]:
         """Compresses this rank's rows of one table; returns them, their stats and figures."""
-        from sparqcli.dtypes import torch_dtype
-        from sparqcli.engine.pipeline import compress_rows
+        from sparqcli.compression import compress_planned_table
         from sparqcli.engine.reduce import TablePart, part_ranges, shared_kth_smallest
         from sparqcli.format.spec import table_file_bytes
 
@@ -297,34 +297,9 @@ class _Run:
             group.rank
         ]
         part = TablePart(start, stop, group)
-        name = f"{checkpoint.name}: {table.key}"
-        label = f"{Path(checkpoint.name).name}: {table.key}"
-        try:
-            with checkpoint.row_reader(table.key, for_gpu=device.startswith("cuda")) as reader:
-
-                def read(first: int, last: int) -> torch.Tensor:
-                    rows_read = reader(first, last)
-                    self.bytes_read += rows_read.numel() * rows_read.element_size()
-                    return rows_read
-
-                result, stats = compress_rows(
-                    read,
-                    (rows, cols),
-                    torch_dtype(table.dtype),
-                    table.order,  # type: ignore[arg-type]
-                    table.rule.sparsity,
-                    table.rule.quantization,
-                    device=device,
-                    name=name,
-                    progress=None if progress is None else (lambda done: progress(label, done)),
-                    options=options,
-                    part=part,
-                )
-        except TableError as error:
-            message = str(error)
-            if not message.startswith(name):
-                message = f"{name}: {message}"
-            raise TableError(message, path=checkpoint.path, table=table.key) from None
+        result, stats = compress_planned_table(
+            checkpoint, table, device, progress, options, part=part, count_read=self._count_read
+        )
         median = 0.0
         if rows:
             # The table's scale median, exactly: the radix select over every rank's scales.
