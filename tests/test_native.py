@@ -1,0 +1,41 @@
+"""Compiled kernels: the build, its cache name, the switch and the one warning on failure."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from sparqcli.native import Kernel, KernelWarning, cache_dir
+
+
+def test_a_kernel_that_cannot_build_warns_once_and_returns_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARQ_KERNEL_CACHE", str(tmp_path))
+    broken = Kernel("sparq_broken", "#error this source does not compile\n", "tests", "SPARQ_X")
+    with pytest.warns(KernelWarning, match=r"^sparq: the compiled sparq_broken kernel is not av"):
+        assert broken.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert broken.load() is None  # no second build, no second warning
+
+
+def test_the_switch_turns_a_kernel_off_silently(monkeypatch):
+    monkeypatch.setenv("SPARQ_X", "off")
+    kernel = Kernel("sparq_never", "int main() {}\n", "tests", "SPARQ_X")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel.load() is None
+    assert not kernel.enabled()
+
+
+def test_build_names_follow_the_source_and_the_cache_follows_the_environment(monkeypatch):
+    first = Kernel("sparq_a", "int f() { return 1; }\n", "tests", "SPARQ_X")
+    second = Kernel("sparq_a", "int f() { return 2; }\n", "tests", "SPARQ_X")
+    assert first.build_name() != second.build_name()
+    assert first.build_name() == Kernel("sparq_a", first.source, "x", "Y").build_name()
+    assert first.build_name().startswith("sparq_a_")
+    monkeypatch.setenv("SPARQ_KERNEL_CACHE", "/some/where")
+    assert str(cache_dir()) == "/some/where"
+    monkeypatch.delenv("SPARQ_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert str(cache_dir()) == "/xdg/sparq/kernels"
