@@ -357,7 +357,7 @@ class _TableJob:
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
         """Returns this thread's work buffer `index` (0 to 3) as a float32 tensor of `like`'s shape.
 
-        Buffers 0 and 1 serve every chunk; 2 and 3 only the MSE range search.
+        Buffers 0 and 1 serve every chunk.
         """
         work = getattr(self.scratch, "work", None)
         if work is None:
@@ -376,9 +376,8 @@ class _TableJob:
         """
         if self.quantization.range == "minmax":
             return row_qparams(values, self.quantization, start)
-        work = (self._buffer(2, values), self._buffer(3, values))
         dense = None if keep is None else keep.dense()
-        return mse_qparams(values, self.quantization, dense, start, work=work)
+        return mse_qparams(values, self.quantization, dense, start)
 
     def _seen(self, values: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Returns rows start:stop as the quantize-first sparsifier sees them: dequantized codes."""

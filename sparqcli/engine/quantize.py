@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+from sparqcli.engine._mse_csrc import SOURCE as MSE_SOURCE
 from sparqcli.engine.stats import row_norms, row_sums
 from sparqcli.errors import TableError
+from sparqcli.native import Kernel
 from sparqcli.settings import Quantization
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -168,7 +170,7 @@ def dequantize(
 
 # Half-width, in standard deviations, of the uniform quantizer with 2**bits levels that
 # minimises the squared error of a Gaussian: (2**bits - 1) / 2 times its optimal step (Max 1960;
-# Hui and Neuhoff 2001). `mse_qparams` starts its search around it.
+# Hui and Neuhoff 2001). One of the starting ranges of `mse_qparams`.
 _GAUSSIAN_HALF_WIDTH = {
     1: 0.798,
     2: 1.494,
@@ -179,16 +181,21 @@ _GAUSSIAN_HALF_WIDTH = {
     7: 3.613,
     8: 3.927,
 }
-# The search of `mse_qparams` (its breadth, so its cost). Starting ranges: mean -+ factor *
-# the Gaussian half-width; for rows with a lone outlier, [min, mean of the others] and [mean of
-# the others, max] (the outlier gets a level of its own). Then Lloyd steps from min/max and from
-# the best so far; pattern moves of either end of the best range by these fractions of its
-# step; a last Lloyd step. Measured trade-offs: docs/DECISIONS.md.
-MSE_START_FACTORS: tuple[float, ...] = (1.0,)
-MSE_MINMAX_LLOYD_STEPS = 1
-MSE_LLOYD_STEPS = 2
-MSE_PATTERN_STEPS: tuple[float, ...] = (0.5,)
-MSE_FINAL_LLOYD_STEPS = 1
+# The pattern moves that end `mse_qparams`' search: each end of the best range so far moved out
+# and in by these fractions of its step, largest first. Measured trade-offs: docs/DECISIONS.md.
+MSE_PATTERN_STEPS: tuple[float, ...] = (2.0, 1.0, 0.5, 0.25)
+# torch.choose_qparams_optimized's arguments as FBGEMM's row-wise prepack calls it.
+GREEDY_BINS = 200
+GREEDY_RATIO = 0.16
+
+_NARROW_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+MSE_KERNEL = Kernel(
+    prefix="sparq_mse",
+    source=MSE_SOURCE,
+    what="range: mse searches",
+    switch="SPARQ_MSE_KERNEL",
+)
 
 
 def mse_qparams(
@@ -196,143 +203,185 @@ def mse_qparams(
     settings: Quantization,
     keep: torch.Tensor | None = None,
     first_row: int = 0,
-    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns per-row `(scale, zero_point)` minimising the squared error of the kept values.
 
     `values` is a float32 (rows, cols) tensor as `row_qparams` sees it: pruned positions already
     hold zeros. `keep` (bool, that shape; None: every value) marks the values whose error
-    counts: pruned values decode to 0.0 whatever the qparams. `work`, when given, is two float32
-    tensors with at least as many elements as `values`, used for temporaries.
+    counts: pruned values decode to 0.0 whatever the qparams.
 
     The qparams follow the format's rule from a range [lo, hi] (`qparams_from_range`: scale
     (hi - lo) / (2**bits - 1), zero point -lo / scale, both rounded as `scale_dtype` says), so
-    only the range differs from min/max. Batched over rows, the candidates are: the min/max
-    qparams (exactly `row_qparams`'); the kept values' min and max; ranges from the row's mean,
-    standard deviation and the Gaussian-optimal half-width (`MSE_START_FACTORS`); the min or
-    the max with the mean of the other values; `MSE_MINMAX_LLOYD_STEPS` Lloyd steps from
-    min/max and `MSE_LLOYD_STEPS` from the best so far (codes fixed, scale and offset
-    refitted by least squares, codes recomputed); pattern moves of either end of the best range
-    by `MSE_PATTERN_STEPS` of its step; `MSE_FINAL_LLOYD_STEPS` more Lloyd steps. A range may
-    reach past the values' min or max. Every candidate is evaluated with its stored (rounded)
-    qparams by `row_errors` (qparams that overflow float16 count as infinitely bad); each row keeps its smallest error, the earliest candidate on ties,
-    so no row is worse than with min/max and equal rows keep min/max's qparams. Deterministic,
-    the same for any thread count. Raises TableError where `row_qparams` does.
+    only the range differs from min/max. Per row, the candidates are, in this order: the
+    min/max qparams (exactly `row_qparams`'); the kept values' min and max; the row's mean -+
+    the Gaussian-optimal half-width; the min or the max with the mean of the other values; the
+    range `torch.choose_qparams_optimized` picks for the kept values (replayed exactly); then
+    pattern moves of either end of the best range so far by `MSE_PATTERN_STEPS` of its step.
+    Each is scored by `sequential_errors` with its stored (rounded) qparams; a row keeps its
+    smallest error, the earliest candidate on ties. So no row is worse than with min/max or with
+    torch's greedy search. Deterministic, and the same with the compiled kernel (`MSE_KERNEL`)
+    as with its tensor-op fallback, on any device and thread count. Raises TableError where
+    `row_qparams` does.
     """
     rows, cols = values.shape
     if rows == 0 or cols == 0:
         return row_qparams(values, settings, first_row)
+    device = values.device
+    values = values.detach().float().cpu().contiguous()
+    keep = None if keep is None else keep.cpu().contiguous()
     all_low, all_high = values.amin(dim=1), values.amax(dim=1)
     # Exactly row_qparams (amin, amax, the observer's zero), from the reductions computed here.
     row_min = exact_zero_minimums(all_low.clone(), lambda chosen: values[chosen])
     scale, zero_point = qparams_from_range(row_min, all_high, settings, first_row)
-    if work is None:
-        work = (torch.empty_like(values), torch.empty_like(values))
-    levels, spare = (buffer.reshape(-1)[: values.numel()].view(values.shape) for buffer in work)
-    bits, quant_max = settings.bits, float(settings.quant_max)
-    weights = None if keep is None else keep.to(values.dtype)
+    starts = _start_ranges(values, keep, settings.bits, all_low, all_high)
+    module = MSE_KERNEL.load()
+    if module is not None:
+        empty = torch.empty(0, dtype=torch.bool)
+        scale, zero_point, _, _ = module.mse_search(
+            values,
+            empty if keep is None else keep,
+            starts,
+            scale,
+            zero_point,
+            settings.bits,
+            _NARROW_CODES[settings.scale_dtype],
+            list(MSE_PATTERN_STEPS),
+        )
+    else:
+        scale, zero_point = _search(values, keep, starts, scale, zero_point, settings)
+    return scale.to(device), zero_point.to(device)
+
+
+def _start_ranges(
+    values: torch.Tensor,
+    keep: torch.Tensor | None,
+    bits: int,
+    all_low: torch.Tensor,
+    all_high: torch.Tensor,
+) -> torch.Tensor:
+    """Returns the starting ranges of `mse_qparams` as (rows, 2 * K) float32: low, high, ...
+
+    The first is min/max (its qparams are evaluated as `row_qparams` makes them).
+    """
+    rows, cols = values.shape
+    ranges = [all_low, all_high]
     if keep is None:
-        count = torch.full((rows,), float(cols), dtype=torch.float64, device=values.device)
+        count = torch.full((rows,), float(cols), dtype=torch.float64)
         low, high = all_low, all_high
     else:
-        count = row_sums(weights).double()
+        count = row_sums(keep.to(values.dtype)).double()
         empty = count == 0
         low = values.masked_fill(~keep, float("inf")).amin(dim=1).masked_fill_(empty, 0.0)
         high = values.masked_fill(~keep, float("-inf")).amax(dim=1).masked_fill_(empty, 0.0)
+        ranges += [low, high]
     count = count.clamp(min=1.0)
     total = row_sums(values).double()
     mean = total / count
     # sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (nothing worse).
     variance = row_norms(values).double().square() / count - mean.square()
     half_width = _GAUSSIAN_HALF_WIDTH[bits] * variance.clamp(min=0.0).sqrt()
-    search = _Search(values, weights, settings, levels)
-    search.add(all_low, all_high, scale, zero_point)
-    if keep is not None:
-        search.consider(low, high)
-    for factor in MSE_START_FACTORS:
-        search.consider(mean - factor * half_width, mean + factor * half_width)
     others = (count - 1).clamp(min=1.0)
-    search.consider(low, (total - low.double()) / others)
-    search.consider((total - high.double()) / others, high)
+    ranges += [
+        mean - half_width,
+        mean + half_width,
+        low,
+        (total - low.double()) / others,
+        (total - high.double()) / others,
+        high,
+    ]
+    return torch.stack([part.float() for part in ranges], dim=1)
 
-    def lloyd(steps: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        for _ in range(steps):
-            quantize_levels(values, scale, zero_point, bits, out=levels)
-            weighted = levels if weights is None else torch.mul(levels, weights, out=spare)
-            sum_q = row_sums(weighted).double()
-            sum_qq = row_norms(weighted).double().square()
-            sum_qx = row_sums(torch.mul(levels, values, out=spare)).double()
-            var_q = sum_qq - sum_q * sum_q / count
-            step = (sum_qx - sum_q * total / count) / var_q
-            offset = (total - step * sum_q) / count
-            fitted = (var_q > 0) & (step > 0) & torch.isfinite(step) & torch.isfinite(offset)
-            old_low = -zero_point.double() * scale.double()
-            scale, zero_point = search.consider(
-                torch.where(fitted, offset, old_low),
-                torch.where(fitted, offset + quant_max * step, old_low + quant_max * scale),
-            )
 
-    # From min/max too: rows whose best range keeps outliers at both ends lie near it.
-    lloyd(MSE_MINMAX_LLOYD_STEPS, scale, zero_point)
-    lloyd(MSE_LLOYD_STEPS, *search.best()[2:])
+def _search(
+    values: torch.Tensor,
+    keep: torch.Tensor | None,
+    starts: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    settings: Quantization,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search of `mse_qparams` on tensor ops: the compiled kernel's numbers, bit for bit."""
+    bits, quant_max = settings.bits, float(settings.quant_max)
+    best_low, best_high = starts[:, 0].clone(), starts[:, 1].clone()
+    best_scale, best_zero_point = scale.clone(), zero_point.clone()
+    best_error = sequential_errors(values, keep, scale, zero_point, bits)
+
+    def consider(low: torch.Tensor, high: torch.Tensor) -> None:
+        high = torch.maximum(high, low)
+        scale, zero_point = qparams_from_range(low, high, settings, check=False)
+        error = sequential_errors(values, keep, scale, zero_point, bits)
+        better = error < best_error
+        for best, new in (
+            (best_error, error),
+            (best_scale, scale),
+            (best_zero_point, zero_point),
+            (best_low, low),
+            (best_high, high),
+        ):
+            best.copy_(torch.where(better, new, best))
+
+    for index in range(1, starts.shape[1] // 2):
+        consider(starts[:, 2 * index], starts[:, 2 * index + 1])
+    consider(*greedy_ranges(values, keep, bits))
     for fraction in MSE_PATTERN_STEPS:
-        lo, hi = search.best()[:2]
-        move = (hi - lo) * (fraction / quant_max)
-        for new_lo, new_hi in ((lo - move, hi), (lo + move, hi), (lo, hi - move), (lo, hi + move)):
-            search.consider(new_lo, new_hi)
-    lloyd(MSE_FINAL_LLOYD_STEPS, *search.best()[2:])
-    return search.best()[2:]
+        low, high = best_low.clone(), best_high.clone()
+        move = (high - low) * (fraction / quant_max)
+        for new_low, new_high in (
+            (low - move, high),
+            (low + move, high),
+            (low, high - move),
+            (low, high + move),
+        ):
+            consider(new_low, new_high)
+    return best_scale, best_zero_point
 
 
-class _Search:
-    """The candidate ranges of `mse_qparams`: each one's range, stored qparams and row errors."""
+def sequential_errors(
+    values: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Returns each row's squared error over its kept values, summed in column order (float32).
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        weights: torch.Tensor | None,
-        settings: Quantization,
-        work: torch.Tensor,
-    ) -> None:
-        self.values, self.weights, self.settings, self.work = values, weights, settings, work
-        self.candidates: list[tuple[torch.Tensor, ...]] = []
-        self._best: tuple[torch.Tensor, ...] | None = None
+    The codes and decoded values are the pipeline's own (`quantize_levels`, `dequantize`); the
+    sum runs column by column, as the compiled kernel's does, so both give the same numbers.
+    Rows whose qparams are not finite, or whose error is NaN, get +inf.
+    """
+    levels = quantize_levels(values, scale, zero_point, bits)
+    error = dequantize(levels, scale, zero_point, out=levels).sub_(values)
+    error = error * error
+    if keep is not None:
+        error = torch.where(keep, error, torch.zeros((), dtype=error.dtype))
+    total = torch.zeros(values.shape[0], dtype=torch.float32)
+    for column in error.t():
+        total = total + column
+    fits = torch.isfinite(scale) & torch.isfinite(zero_point) & ~torch.isnan(total)
+    return torch.where(fits, total, torch.full_like(total, float("inf")))
 
-    def add(
-        self, low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
-    ) -> None:
-        """Evaluates the qparams `scale`, `zero_point` (made from [low, high]) and keeps them."""
-        error = row_errors(
-            self.values, self.weights, scale, zero_point, self.settings.bits, self.work
-        )
-        # qparams that do not fit (non-finite, NaN errors) are never chosen
-        error = error.nan_to_num_(nan=float("inf"))
-        self.candidates.append((low, high, scale, zero_point, error))
-        self._best = None
 
-    def consider(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adds the range [low, high] (high raised to low if below); returns its qparams.
-
-        A range may reach past the values' min or max: that can align a level with the bulk
-        of a row whose ends are outliers.
-        """
-        low = low.float()
-        high = torch.maximum(high.float(), low)
-        scale, zero_point = qparams_from_range(low, high, self.settings, check=False)
-        self.add(low, high, scale, zero_point)
-        return scale, zero_point
-
-    def best(self) -> tuple[torch.Tensor, ...]:
-        """Returns each row's best `(low, high, scale, zero_point)` so far (earliest on ties)."""
-        if self._best is None:
-            # (rows, candidates): argmin along contiguous rows is ~30x faster than along dim 0
-            stacked = [torch.stack(part, dim=1) for part in zip(*self.candidates, strict=True)]
-            chosen = stacked[-1].argmin(dim=1, keepdim=True)  # the first of equal minimums
-            best = tuple(part.gather(1, chosen)[:, 0] for part in stacked)
-            self._best = best[:4]
-            # Only the best survives: later checkpoints choose among it and newer candidates.
-            self.candidates = [best]
-        return self._best
+def greedy_ranges(
+    values: torch.Tensor, keep: torch.Tensor | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns per row the range `(low, high)` `torch.choose_qparams_optimized` picks for its
+    kept values (200 bins, ratio 0.16: FBGEMM's row-wise prepack), and (0, 0) where nothing is
+    kept. Uses the compiled kernel's exact replay where it is available.
+    """
+    module = MSE_KERNEL.load()
+    if module is not None:
+        empty = torch.empty(0, dtype=torch.bool)
+        low, high = module.greedy_ranges(values, empty if keep is None else keep, bits)
+        return low, high
+    low, high = torch.zeros(values.shape[0]), torch.zeros(values.shape[0])
+    for row in range(values.shape[0]):
+        kept = values[row] if keep is None else values[row][keep[row]]
+        if kept.numel():
+            high_, low_ = torch.choose_qparams_optimized(
+                kept.contiguous(), kept.numel(), GREEDY_BINS, GREEDY_RATIO, bits
+            )
+            low[row], high[row] = low_[0], high_[0]
+    return low, high
 
 
 def row_errors(

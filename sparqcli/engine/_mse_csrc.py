@@ -1,0 +1,461 @@
+"""C++ source of the MSE range search (`engine/quantize.py: mse_qparams`), compiled at first use.
+
+Eight rows at a time, one per vector lane, so every row's sums run in its own column order: the
+kernel's numbers are those of the tensor-op fallback in `quantize.py`, bit for bit, and torch's
+`choose_qparams_optimized` is replayed exactly (its loss is a sequential float32 sum). Floating
+point contraction is off (`-ffp-contract=off`): every product and sum is rounded as written.
+"""
+
+from __future__ import annotations
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/Half.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPARQ_CLONES
+#endif
+
+namespace sparq_mse {
+
+constexpr int kLanes = 8;
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// Round half to even (the default rounding mode) for |t| < 2^22; beyond, a number at least as
+// far out on the same side (or NaN for NaN), which the clamps that follow map to the same end
+// level as the exact rounding: the levels stop at 255.
+static inline v8f round_even(v8f t) {
+  const v8f magic = v8f{} + 12582912.0f;  // 1.5 * 2^23
+  return (t + magic) - magic;
+}
+
+static inline v8f splat(float x) { return v8f{} + x; }
+
+static inline v8i splat_int(int32_t x) { return v8i{} + x; }
+
+// float(c10::Half(x)) per lane: rounded to the nearest float16 value, ties to even; beyond
+// float16's range infinite; NaN stays NaN.
+static inline v8f round_to_float16(v8f x) {
+  const v8i bits = (v8i)x;
+  const v8i sign = bits & splat_int(INT32_MIN);
+  const v8i magnitude = bits & splat_int(INT32_MAX);
+  // normal float16 range: round the 23-bit mantissa to 10 bits (the carry may reach the exponent)
+  v8i normal = (magnitude + splat_int(0xfff) + ((magnitude >> 13) & splat_int(1))) & splat_int(~0x1fff);
+  normal = normal >= splat_int(0x47800000) ? splat_int(0x7f800000) : normal;  // >= 65520
+  // below 2^-14: multiples of 2^-24, rounded by a float addition
+  const v8f tiny = ((v8f)magnitude + splat(0.5f)) - splat(0.5f);
+  v8i rounded = magnitude < splat_int(0x38800000) ? (v8i)tiny : normal;
+  rounded = magnitude > splat_int(0x7f800000) ? magnitude : rounded;  // NaN
+  return (v8f)(rounded | sign);
+}
+
+// Narrow scale dtypes: 0 float32, 1 float16, 2 bfloat16.
+static inline float to_narrow(float x, int narrow) {
+  if (narrow == 1) return static_cast<float>(static_cast<c10::Half>(x));
+  if (narrow == 2) return static_cast<float>(static_cast<c10::BFloat16>(x));
+  return x;
+}
+
+// The next value of the narrow dtype above `x` (a value of that dtype), as float32.
+static inline float next_up(float x, int narrow) {
+  if (narrow == 1) {
+    c10::Half h = static_cast<c10::Half>(x);
+    return static_cast<float>(std::nextafter(h, c10::Half(std::numeric_limits<float>::infinity())));
+  }
+  c10::BFloat16 b = static_cast<c10::BFloat16>(x);
+  return static_cast<float>(
+      std::nextafter(b, c10::BFloat16(std::numeric_limits<float>::infinity())));
+}
+
+// qparams_from_range(low, high, check=False) of quantize.py, for one row.
+static inline void qparams(float low, float high, float quant_max, int narrow, float& scale,
+                           float& zero_point) {
+  float s = (high - low) / quant_max;
+  s = s > std::numeric_limits<float>::epsilon() ? s : 1.0f;
+  if (narrow) {
+    float n = to_narrow(s, narrow);
+    s = n < s ? next_up(n, narrow) : n;
+  }
+  float z = (-1.0f * low) / s;
+  if (narrow) z = to_narrow(z, narrow);
+  scale = s;
+  zero_point = z;
+}
+
+struct Group {
+  const float* xt;    // (cols, 8): each lane's kept values in column order, then zeros
+  const int32_t* kt;  // (cols, 8): -1 where xt holds a kept value, else 0
+  int64_t cols;       // the most kept values of a lane
+  bool masked;        // whether some lane has fewer than `cols` kept values
+};
+
+// acc + term where the lane keeps the value (adding +0.0 elsewhere: the same float sum).
+template <bool Masked>
+static inline v8f add_kept(v8f acc, v8f term, const int32_t* keep) {
+  if constexpr (Masked) {
+    v8i k;
+    std::memcpy(&k, keep, sizeof(k));
+    return acc + (v8f)((v8i)term & k);
+  } else {
+    return acc + term;
+  }
+}
+
+// Each lane's sequential float32 sum over its kept values of the squared error of the decode
+// (quantize_levels, dequantize, minus the value); +inf where the qparams are not finite.
+template <bool Masked>
+static inline v8f error_sums(const Group& g, v8f s, v8f z, v8f inv, float quant_max) {
+  const v8f top = splat(quant_max);
+  const v8f zero = splat(0.0f);
+  v8f acc = zero;
+  for (int64_t c = 0; c < g.cols; ++c) {
+    v8f x;
+    std::memcpy(&x, g.xt + c * kLanes, sizeof(x));
+    v8f q = round_even(x * inv + z);
+    q = q < zero ? zero : q;
+    q = q > top ? top : q;
+    const v8f d = (q - z) * s - x;
+    acc = add_kept<Masked>(acc, d * d, g.kt + c * kLanes);
+  }
+  return acc;
+}
+
+SPARQ_CLONES
+static void errors(const Group& g, const float* scale, const float* zero_point, float quant_max,
+                   float* out) {
+  v8f s, z, inv;
+  for (int l = 0; l < kLanes; ++l) {
+    s[l] = scale[l];
+    z[l] = zero_point[l];
+    inv[l] = 1.0f / scale[l];
+  }
+  const v8f acc = g.masked ? error_sums<true>(g, s, z, inv, quant_max)
+                           : error_sums<false>(g, s, z, inv, quant_max);
+  for (int l = 0; l < kLanes; ++l) {
+    const bool finite = std::isfinite(scale[l]) && std::isfinite(zero_point[l]);
+    const float e = acc[l];
+    out[l] = finite && !std::isnan(e) ? e : std::numeric_limits<float>::infinity();
+  }
+}
+
+// The sums of torch's loss for two (xmin, scale, 1 / scale) per lane.
+template <bool Masked>
+static inline void torch_sums(const Group& g, float qmax, v8f mina, v8f sa, v8f inva, v8f minb,
+                              v8f sb, v8f invb, v8f& acca, v8f& accb) {
+  const v8f top = splat(qmax);
+  const v8f zero = splat(0.0f);
+  acca = zero, accb = zero;
+  for (int64_t col = 0; col < g.cols; ++col) {
+    v8f x;
+    std::memcpy(&x, g.xt + col * kLanes, sizeof(x));
+    v8f qa = round_even((x - mina) * inva);
+    v8f qb = round_even((x - minb) * invb);
+    qa = top < qa ? top : qa;  // std::min<float>(q, qmax)
+    qb = top < qb ? top : qb;
+    qa = qa > zero ? qa : zero;  // std::max(0.0f, q)
+    qb = qb > zero ? qb : zero;
+    const v8f da = x - (qa * sa + mina);
+    const v8f db = x - (qb * sb + minb);
+    acca = add_kept<Masked>(acca, da * da, g.kt + col * kLanes);
+    accb = add_kept<Masked>(accb, db * db, g.kt + col * kLanes);
+  }
+}
+
+// torch's loss (calculate_quant_loss) of the ranges [a_l, b_l] and [c_l, d_l] of every lane,
+// in one pass over the columns.
+SPARQ_CLONES
+static void torch_losses(const Group& g, float qmax, const float* a, const float* b,
+                         const float* c, const float* d, float* la, float* lb) {
+  v8f lows_a, highs_a, lows_b, highs_b;
+  std::memcpy(&lows_a, a, sizeof(v8f));
+  std::memcpy(&highs_a, b, sizeof(v8f));
+  std::memcpy(&lows_b, c, sizeof(v8f));
+  std::memcpy(&highs_b, d, sizeof(v8f));
+  const v8f one = splat(1.0f);
+  const v8f zero = splat(0.0f);
+  const v8f top = splat(qmax);
+  // xmin = Half(xmin); scale = range == 0 ? 1 : Half(range / qmax); inverse = 1 / scale or 1
+  const v8f mina = round_to_float16(lows_a);
+  const v8f minb = round_to_float16(lows_b);
+  const v8f range_a = highs_a - mina;
+  const v8f range_b = highs_b - minb;
+  const v8f sa = range_a == zero ? one : round_to_float16(range_a / top);
+  const v8f sb = range_b == zero ? one : round_to_float16(range_b / top);
+  const v8f inva = sa == zero ? one : one / sa;
+  const v8f invb = sb == zero ? one : one / sb;
+  v8f acca, accb;
+  if (g.masked) {
+    torch_sums<true>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
+  } else {
+    torch_sums<false>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    la[l] = std::sqrt(acca[l]);
+    lb[l] = std::sqrt(accb[l]);
+  }
+}
+
+// torch.choose_qparams_optimized(kept values, n, 200, 0.16, bits) for every lane, replayed with
+// its own float32 operations: the loss (xmin rounded to float16, the scale through float16, a
+// sequential sum, its square root) and the greedy walk. Lanes without kept values are skipped.
+static void greedy(const Group& g, const float* row_min, const float* row_max, const bool* any,
+                   int bits, float* out_low, float* out_high) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const int64_t n_bins = 200;
+  const int min_bins = static_cast<int>(n_bins * (1.0 - static_cast<float>(0.16)));
+  float cur_min[kLanes], cur_max[kLanes], step[kLanes], thr[kLanes], cur_loss[kLanes],
+      best_loss[kLanes];
+  bool active[kLanes];
+
+  for (int l = 0; l < kLanes; ++l) {
+    cur_min[l] = row_min[l];
+    cur_max[l] = row_max[l];
+    step[l] = (row_max[l] - row_min[l]) / static_cast<float>(n_bins);
+    thr[l] = static_cast<float>(min_bins) * step[l];
+    out_low[l] = row_min[l];
+    out_high[l] = row_max[l];
+  }
+  float unused[kLanes];
+  torch_losses(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
+  for (int l = 0; l < kLanes; ++l) best_loss[l] = cur_loss[l];
+  float left_min[kLanes], right_max[kLanes], loss1[kLanes], loss2[kLanes];
+  for (;;) {
+    bool any_active = false;
+    for (int l = 0; l < kLanes; ++l) {
+      active[l] = any[l] && cur_min[l] + thr[l] < cur_max[l];
+      any_active = any_active || active[l];
+      left_min[l] = cur_min[l] + step[l];
+      right_max[l] = cur_max[l] - step[l];
+    }
+    if (!any_active) break;
+    torch_losses(g, qmax, left_min, cur_max, cur_min, right_max, loss1, loss2);
+    for (int l = 0; l < kLanes; ++l) {
+      if (!active[l]) continue;
+      if (cur_loss[l] < loss1[l] && cur_loss[l] < loss2[l] && cur_loss[l] < best_loss[l]) {
+        best_loss[l] = cur_loss[l];
+        out_low[l] = cur_min[l];
+        out_high[l] = cur_max[l];
+      }
+      if (loss1[l] < loss2[l]) {
+        cur_min[l] = left_min[l];
+        cur_loss[l] = loss1[l];
+      } else {
+        cur_max[l] = right_max[l];
+        cur_loss[l] = loss2[l];
+      }
+    }
+  }
+}
+
+// Rows r0 .. r0 + lanes - 1 of values (and keep) into g: each lane's kept values in column
+// order, then zeros (missing lanes: nothing kept); each lane's kept min and max, the first of
+// equal ones in column order as std::min_element and std::max_element pick them; any: whether
+// the lane keeps a value.
+static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, int64_t cols,
+                      Group& g, float* xt, int32_t* kt, float* row_min, float* row_max,
+                      bool* any) {
+  int64_t most = 0;
+  int64_t count[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    row_min[l] = 0.0f, row_max[l] = 0.0f, any[l] = false;
+    int64_t n = 0;
+    if (l < lanes) {
+      const float* x = xv + (r0 + l) * cols;
+      const bool* k = kv ? kv + (r0 + l) * cols : nullptr;
+      for (int64_t c = 0; c < cols; ++c) {
+        if (k && !k[c]) continue;
+        const float v = x[c];
+        if (n == 0 || v < row_min[l]) row_min[l] = v;
+        if (n == 0 || row_max[l] < v) row_max[l] = v;
+        xt[n * kLanes + l] = v;
+        ++n;
+      }
+    }
+    any[l] = n > 0;
+    count[l] = n;
+    most = std::max(most, n);
+  }
+  bool masked = false;
+  for (int l = 0; l < kLanes; ++l) {
+    for (int64_t j = 0; j < most; ++j) {
+      const bool kept = j < count[l];
+      if (!kept) xt[j * kLanes + l] = 0.0f;
+      kt[j * kLanes + l] = kept ? -1 : 0;
+    }
+    masked = masked || (l < lanes && count[l] < most);
+  }
+  g.cols = most;
+  g.masked = masked;
+}
+
+}  // namespace sparq_mse
+
+// See quantize.py: mse_qparams. values (rows, cols) float32; keep (rows, cols) bool or empty;
+// starts (rows, 2 * K) float32: K candidate ranges [low, high] per row, in order; minmax_scale
+// and minmax_zero_point (rows,): the first candidate, as qparams; bits; narrow (0 float32, 1
+// float16, 2 bfloat16); steps: the pattern fractions. Returns (scale, zero_point, low, high).
+std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tensor starts,
+                                   at::Tensor minmax_scale, at::Tensor minmax_zero_point,
+                                   int64_t bits, int64_t narrow, std::vector<double> steps) {
+  using namespace sparq_mse;
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "mse_search: values must be a contiguous float32 matrix");
+  const int64_t rows = values.size(0), cols = values.size(1);
+  const bool masked = keep.numel() > 0;
+  TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.is_contiguous() &&
+                          keep.size(0) == rows && keep.size(1) == cols),
+              "mse_search: keep must be a contiguous bool matrix like values");
+  TORCH_CHECK(starts.scalar_type() == at::kFloat && starts.is_contiguous() && starts.dim() == 2 &&
+                  starts.size(0) == rows && starts.size(1) % 2 == 0,
+              "mse_search: starts must be (rows, 2 * K) float32");
+  TORCH_CHECK(bits >= 1 && bits <= 8 && narrow >= 0 && narrow <= 2, "mse_search: bad settings");
+  at::Tensor scale = minmax_scale.to(at::kFloat).contiguous().clone();
+  at::Tensor zero_point = minmax_zero_point.to(at::kFloat).contiguous().clone();
+  at::Tensor low = at::empty({rows}, at::kFloat);
+  at::Tensor high = at::empty({rows}, at::kFloat);
+  const int64_t k_starts = starts.size(1) / 2;
+  const float* xv = values.data_ptr<float>();
+  const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
+  const float* sv = starts.data_ptr<float>();
+  float* out_s = scale.data_ptr<float>();
+  float* out_z = zero_point.data_ptr<float>();
+  float* out_lo = low.data_ptr<float>();
+  float* out_hi = high.data_ptr<float>();
+  const float quant_max = static_cast<float>((1 << bits) - 1);
+  {
+    pybind11::gil_scoped_release release;
+    std::vector<float> xt(cols * kLanes);
+    std::vector<int32_t> kt(cols * kLanes);
+    Group g{xt.data(), kt.data(), cols, false};
+    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
+      float row_min[kLanes], row_max[kLanes];
+      bool any[kLanes];
+      transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+      float best_s[kLanes], best_z[kLanes], best_lo[kLanes], best_hi[kLanes], best_e[kLanes];
+      float cand_s[kLanes], cand_z[kLanes], cand_lo[kLanes], cand_hi[kLanes], e[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t r = l < lanes ? r0 + l : r0;
+        best_s[l] = out_s[r], best_z[l] = out_z[r];
+        best_lo[l] = sv[r * 2 * k_starts], best_hi[l] = sv[r * 2 * k_starts + 1];
+      }
+      errors(g, best_s, best_z, quant_max, best_e);
+      auto consider = [&]() {
+        for (int l = 0; l < kLanes; ++l) {
+          cand_hi[l] = cand_hi[l] < cand_lo[l] ? cand_lo[l] : cand_hi[l];  // torch.maximum
+          if (std::isnan(cand_lo[l])) cand_hi[l] = cand_lo[l];
+          qparams(cand_lo[l], cand_hi[l], quant_max, static_cast<int>(narrow), cand_s[l],
+                  cand_z[l]);
+        }
+        errors(g, cand_s, cand_z, quant_max, e);
+        for (int l = 0; l < kLanes; ++l) {
+          if (e[l] < best_e[l]) {
+            best_e[l] = e[l], best_s[l] = cand_s[l], best_z[l] = cand_z[l];
+            best_lo[l] = cand_lo[l], best_hi[l] = cand_hi[l];
+          }
+        }
+      };
+      // The other start ranges (the first is min/max, evaluated from its exact qparams).
+      for (int64_t j = 1; j < k_starts; ++j) {
+        for (int l = 0; l < kLanes; ++l) {
+          const int64_t r = l < lanes ? r0 + l : r0;
+          cand_lo[l] = sv[r * 2 * k_starts + 2 * j];
+          cand_hi[l] = sv[r * 2 * k_starts + 2 * j + 1];
+        }
+        consider();
+      }
+      greedy(g, row_min, row_max, any, static_cast<int>(bits), cand_lo, cand_hi);
+      consider();
+      for (double fraction : steps) {
+        const float f = static_cast<float>(fraction / quant_max);
+        float lo[kLanes], hi[kLanes], move[kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          lo[l] = best_lo[l], hi[l] = best_hi[l], move[l] = (hi[l] - lo[l]) * f;
+        }
+        for (int m = 0; m < 4; ++m) {
+          for (int l = 0; l < kLanes; ++l) {
+            cand_lo[l] = m == 0 ? lo[l] - move[l] : m == 1 ? lo[l] + move[l] : lo[l];
+            cand_hi[l] = m == 2 ? hi[l] - move[l] : m == 3 ? hi[l] + move[l] : hi[l];
+          }
+          consider();
+        }
+      }
+      for (int l = 0; l < lanes; ++l) {
+        out_s[r0 + l] = best_s[l], out_z[r0 + l] = best_z[l];
+        out_lo[r0 + l] = best_lo[l], out_hi[r0 + l] = best_hi[l];
+      }
+    }
+  }
+  return {scale, zero_point, low, high};
+}
+
+// torch.choose_qparams_optimized on each row's kept values, replayed: (low, high) per row, and
+// (0, 0) for rows without kept values. For tests of the replay.
+std::vector<at::Tensor> greedy_ranges(at::Tensor values, at::Tensor keep, int64_t bits) {
+  using namespace sparq_mse;
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "greedy_ranges: values must be a contiguous float32 matrix");
+  const int64_t rows = values.size(0), cols = values.size(1);
+  const bool masked = keep.numel() > 0;
+  TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.is_contiguous() &&
+                          keep.size(0) == rows && keep.size(1) == cols),
+              "greedy_ranges: keep must be a contiguous bool matrix like values");
+  at::Tensor low = at::zeros({rows}, at::kFloat);
+  at::Tensor high = at::zeros({rows}, at::kFloat);
+  float* out_lo = low.data_ptr<float>();
+  float* out_hi = high.data_ptr<float>();
+  const float* xv = values.data_ptr<float>();
+  const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
+  pybind11::gil_scoped_release release;
+  std::vector<float> xt(cols * kLanes);
+  std::vector<int32_t> kt(cols * kLanes);
+  Group g{xt.data(), kt.data(), cols, false};
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
+    float row_min[kLanes], row_max[kLanes], lo[kLanes], hi[kLanes];
+    bool any[kLanes];
+    transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+    greedy(g, row_min, row_max, any, static_cast<int>(bits), lo, hi);
+    for (int l = 0; l < lanes; ++l) {
+      out_lo[r0 + l] = any[l] ? lo[l] : 0.0f;
+      out_hi[r0 + l] = any[l] ? hi[l] : 0.0f;
+    }
+  }
+  return {low, high};
+}
+
+// float(c10::Half(x)) for every value of a float32 tensor, through round_to_float16 (for tests).
+at::Tensor round_to_float16_values(at::Tensor values) {
+  using namespace sparq_mse;
+  at::Tensor x = values.to(at::kFloat).contiguous().reshape({-1});
+  const int64_t n = x.numel();
+  at::Tensor padded = at::zeros({(n + kLanes - 1) / kLanes * kLanes}, at::kFloat);
+  padded.narrow(0, 0, n).copy_(x);
+  float* p = padded.data_ptr<float>();
+  for (int64_t i = 0; i < padded.numel(); i += kLanes) {
+    v8f v;
+    std::memcpy(&v, p + i, sizeof(v));
+    v = round_to_float16(v);
+    std::memcpy(p + i, &v, sizeof(v));
+  }
+  return padded.narrow(0, 0, n).reshape(values.sizes());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("round_to_float16", &round_to_float16_values);
+  m.def("mse_search", &mse_search);
+  m.def("greedy_ranges", &greedy_ranges);
+}
+"""
