@@ -300,6 +300,32 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
   g.masked = masked;
 }
 
+// Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0.
+template <class F>
+static void for_groups(const float* xv, const bool* kv, int64_t rows, int64_t cols, F&& f) {
+  std::vector<float> xt(cols * kLanes);
+  std::vector<int32_t> kt(cols * kLanes);
+  Group g{xt.data(), kt.data(), cols, false};
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
+    float row_min[kLanes], row_max[kLanes];
+    bool any[kLanes];
+    transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+    f(r0, lanes, g, row_min, row_max, any);
+  }
+}
+
+// Checks the (values, keep) arguments of the functions below; returns whether keep is given.
+static bool check_rows(const at::Tensor& values, const at::Tensor& keep) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "sparq mse kernel: values must be a contiguous float32 matrix");
+  const bool masked = keep.numel() > 0;
+  TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.is_contiguous() &&
+                          keep.sizes() == values.sizes()),
+              "sparq mse kernel: keep must be a contiguous bool matrix like values");
+  return masked;
+}
+
 }  // namespace sparq_mse
 
 // See quantize.py: mse_qparams. values (rows, cols) float32; keep (rows, cols) bool or empty;
@@ -310,13 +336,8 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
                                    at::Tensor minmax_scale, at::Tensor minmax_zero_point,
                                    int64_t bits, int64_t narrow, std::vector<double> steps) {
   using namespace sparq_mse;
-  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "mse_search: values must be a contiguous float32 matrix");
+  const bool masked = check_rows(values, keep);
   const int64_t rows = values.size(0), cols = values.size(1);
-  const bool masked = keep.numel() > 0;
-  TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.is_contiguous() &&
-                          keep.size(0) == rows && keep.size(1) == cols),
-              "mse_search: keep must be a contiguous bool matrix like values");
   TORCH_CHECK(starts.scalar_type() == at::kFloat && starts.is_contiguous() && starts.dim() == 2 &&
                   starts.size(0) == rows && starts.size(1) % 2 == 0,
               "mse_search: starts must be (rows, 2 * K) float32");
@@ -336,14 +357,9 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
   const float quant_max = static_cast<float>((1 << bits) - 1);
   {
     pybind11::gil_scoped_release release;
-    std::vector<float> xt(cols * kLanes);
-    std::vector<int32_t> kt(cols * kLanes);
-    Group g{xt.data(), kt.data(), cols, false};
-    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
-      float row_min[kLanes], row_max[kLanes];
-      bool any[kLanes];
-      transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+    for_groups(xv, kv, rows, cols, [&](int64_t r0, int lanes, const Group& g,
+                                       const float* row_min, const float* row_max,
+                                       const bool* any) {
       float best_s[kLanes], best_z[kLanes], best_lo[kLanes], best_hi[kLanes], best_e[kLanes];
       float cand_s[kLanes], cand_z[kLanes], cand_lo[kLanes], cand_hi[kLanes], e[kLanes];
       for (int l = 0; l < kLanes; ++l) {
@@ -396,7 +412,7 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
         out_s[r0 + l] = best_s[l], out_z[r0 + l] = best_z[l];
         out_lo[r0 + l] = best_lo[l], out_hi[r0 + l] = best_hi[l];
       }
-    }
+    });
   }
   return {scale, zero_point, low, high};
 }
@@ -405,13 +421,8 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
 // (0, 0) for rows without kept values. For tests of the replay.
 std::vector<at::Tensor> greedy_ranges(at::Tensor values, at::Tensor keep, int64_t bits) {
   using namespace sparq_mse;
-  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "greedy_ranges: values must be a contiguous float32 matrix");
+  const bool masked = check_rows(values, keep);
   const int64_t rows = values.size(0), cols = values.size(1);
-  const bool masked = keep.numel() > 0;
-  TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.is_contiguous() &&
-                          keep.size(0) == rows && keep.size(1) == cols),
-              "greedy_ranges: keep must be a contiguous bool matrix like values");
   at::Tensor low = at::zeros({rows}, at::kFloat);
   at::Tensor high = at::zeros({rows}, at::kFloat);
   float* out_lo = low.data_ptr<float>();
@@ -419,20 +430,16 @@ std::vector<at::Tensor> greedy_ranges(at::Tensor values, at::Tensor keep, int64_
   const float* xv = values.data_ptr<float>();
   const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
   pybind11::gil_scoped_release release;
-  std::vector<float> xt(cols * kLanes);
-  std::vector<int32_t> kt(cols * kLanes);
-  Group g{xt.data(), kt.data(), cols, false};
-  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
-    float row_min[kLanes], row_max[kLanes], lo[kLanes], hi[kLanes];
-    bool any[kLanes];
-    transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+  for_groups(xv, kv, rows, cols, [&](int64_t r0, int lanes, const Group& g,
+                                     const float* row_min, const float* row_max,
+                                     const bool* any) {
+    float lo[kLanes], hi[kLanes];
     greedy(g, row_min, row_max, any, static_cast<int>(bits), lo, hi);
     for (int l = 0; l < lanes; ++l) {
       out_lo[r0 + l] = any[l] ? lo[l] : 0.0f;
       out_hi[r0 + l] = any[l] ? hi[l] : 0.0f;
     }
-  }
+  });
   return {low, high};
 }
 
