@@ -146,6 +146,44 @@ def test_sampled_errors_are_close_on_a_larger_table() -> None:
         assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
 
 
+@pytest.mark.parametrize(
+    ("block_shape", "zeros_per_block", "norm"),
+    [((1, 4), None, "L1"), ((2, 4), None, "L2"), ((1, 4), 2, "L1")],
+)
+def test_batched_sample_is_the_engine_on_every_axis(
+    block_shape: tuple[int, int], zeros_per_block: int | None, norm: str
+) -> None:
+    # The sampled path on a "sample" of every row: its estimates must equal what the engine
+    # (compress_rows) measures, for every axis (scopes, ranges, widths, scale dtypes), partial
+    # edge blocks (203 x 30), zeros_per_block, tied scores and row weights.
+    from sparqcli.planning.measure import _SampledTable
+
+    table = zipf_table(203, 30, seed=3, near_zero=20)
+    table[10:14] = 0.0
+    table[60:64, :8] = 0.5
+    weights = torch.rand(203, generator=torch.Generator().manual_seed(1)) * 3
+    space = PlanSpace({"bits": [1, 3, 8], "levels": [0, 0.3, 0.7], "ranges": ["minmax", "mse"]})
+    base = Sparsity(block_shape=block_shape, zeros_per_block=zeros_per_block, norm=norm)
+    found = candidates(space, base, Quantization())
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    sampled = _SampledTable(
+        read, (203, 30), torch.float32, "sparsify-first", found, weights, 203, "t"
+    ).run(None)
+    assert len(sampled) == len(found) == 3 * 2 * 2 * (1 + 2 * 2)
+    for candidate, option in zip(found, sampled, strict=True):
+        exact = measure_exact(
+            read, (203, 30), torch.float32, "sparsify-first", candidate, weights=weights
+        )
+        assert option.candidate == candidate
+        assert option.bytes == exact.bytes, candidate.label
+        assert option.rel_error == pytest.approx(exact.rel_error, rel=1e-6), candidate.label
+        assert option.weighted_error == pytest.approx(exact.weighted_error, rel=1e-6)
+        assert option.row_cosine_min == pytest.approx(exact.row_cosine_min, abs=1e-5)
+
+
 def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = mixed
     table = mixed_state()["heavy.weight"]

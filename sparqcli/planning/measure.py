@@ -28,11 +28,18 @@ import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
 from sparqcli.engine.pipeline import compress_rows, compress_table
-from sparqcli.engine.quantize import dequantize, quantize_levels, row_qparams
-from sparqcli.engine.sparsify import block_scores, blocks_to_prune, kth_smallest, value_norms
+from sparqcli.engine.quantize import dequantize, mse_qparams, quantize_levels, row_qparams
+from sparqcli.engine.sparsify import (
+    ChunkKeep,
+    block_scores,
+    blocks_to_prune,
+    kth_smallest,
+    value_norms,
+)
+from sparqcli.errors import TableError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
-from sparqcli.settings import Order
+from sparqcli.settings import Order, Quantization, Sparsity
 
 RowReader = Callable[[int, int], torch.Tensor]
 Progress = Callable[[float], None]
@@ -173,12 +180,12 @@ class _SampledTable:
         self.chunk_rows = max(step, _CHUNK_VALUES // max(1, self.cols) // step * step)
         self.scores: dict[tuple[Any, ...], torch.Tensor] = {}
         self.pruned: dict[tuple[Any, ...], torch.Tensor] = {}
-        self.lost: dict[tuple[Any, ...], int] = {}
-        self.kept_by_engine: dict[tuple[Any, ...], tuple[int, bool]] = {}
+        self.lost: dict[tuple[Any, ...], tuple[int, bool]] = {}
+        self.row_ranks: dict[tuple[Any, ...], torch.Tensor] = {}
         self.samples: dict[int, _Sample] = {}
 
     def run(self, progress: Progress | None) -> list[Option]:
-        score_keys = {self._score_key(c): c for c in self.candidates if self._ranked_over_table(c)}
+        score_keys = {self._score_key(c): c for c in self.candidates if c.prunes}
         row_norms = self._first_pass(score_keys)
         heights = sorted(
             {fit_blocks(self.shape, c.sparsity.block_shape)[0] for c in self.candidates}
@@ -186,13 +193,15 @@ class _SampledTable:
         for height in heights:
             self.samples[height] = self._draw(row_norms, height)
         self._gather()
-        options = []
         with one_thread():
+            if self.order == "sparsify-first":
+                return self._measure_batched(progress)
+            options = []
             for index, candidate in enumerate(self.candidates):
                 options.append(self._measure(candidate))
                 if progress is not None:
                     progress((index + 1) / len(self.candidates))
-        return options
+            return options
 
     # -- pass 1: row norms and the whole table's block scores -----------------------------------
 
@@ -218,7 +227,7 @@ class _SampledTable:
             for key, candidate in score_keys.items():
                 seen = values
                 if self.order == "quantize-first":
-                    scale, zero_point = row_qparams(values, candidate.quantization, start)
+                    scale, zero_point = _engine_qparams(values, candidate.quantization, start)
                     levels = quantize_levels(values, scale, zero_point, candidate.quantization.bits)
                     seen = dequantize(levels, scale, zero_point)
                 norms = value_norms(seen, candidate.sparsity.norm)
@@ -289,42 +298,137 @@ class _SampledTable:
 
     # -- one candidate -------------------------------------------------------------------------
 
+    def _measure_batched(self, progress: Progress | None) -> list[Option]:
+        """Returns every candidate measured on its sample (sparsify-first), computed in batches.
+
+        Per sample, each distinct sparsity gives the sample's keep-mask (the whole table's
+        pruned blocks on the sampled block rows) and its pruned values; then each distinct
+        quantization quantizes the pruned values of every sparsity at once, rows stacked (the
+        qparams, codes and decoded values of a row depend on that row only). Every step is the
+        engine's own function, as `compress_rows` calls it, so each sampled row decodes exactly
+        as in the real run.
+        """
+        options: list[Option | None] = [None] * len(self.candidates)
+        quantizations = list(dict.fromkeys(c.quantization for c in self.candidates))
+        steps = len(quantizations) * len(self.samples)
+        done = 0
+        for height, sample in self.samples.items():
+            mine = [
+                index
+                for index, candidate in enumerate(self.candidates)
+                if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
+            ]
+            groups = _SparsityGroups(sample)
+            group_of: dict[int, int] = {}
+            for index in mine:
+                candidate = self.candidates[index]
+                kept, prunes = self._kept(candidate)
+                if prunes:
+                    pruned = self._pruned_blocks(candidate, sample.units)
+                    group_of[index] = groups.add(candidate.sparsity, pruned)
+                else:
+                    group_of[index] = groups.add(None, None)
+            for quantization in quantizations:
+                wanted = [i for i in mine if self.candidates[i].quantization == quantization]
+                if wanted:
+                    needed = sorted({group_of[i] for i in wanted})
+                    try:
+                        figures = groups.errors(needed, quantization)
+                    except TableError as error:
+                        raise TableError(f"{self.name}: {error}") from None
+                    for index in wanted:
+                        candidate = self.candidates[index]
+                        rel, weighted, cosine = figures[group_of[index]]
+                        kept, prunes = self._kept(candidate)
+                        size = self._bytes(candidate, kept, prunes)
+                        options[index] = Option(candidate, size, rel, weighted, cosine, False)
+                done += 1
+                if progress is not None:
+                    progress(done / steps)
+        return [option for option in options if option is not None]
+
     def _measure(self, candidate: Candidate) -> Option:
+        """Returns `candidate` measured by one engine run on its sample (quantize-first)."""
         height = fit_blocks(self.shape, candidate.sparsity.block_shape)[0]
         sample = self.samples[height]
         sparsity = candidate.sparsity
+        kept, prunes = self._kept(candidate)
         if self._ranked_over_table(candidate):
             pruned = self._pruned_blocks(candidate)
-            lost_key = (*self._score_key(candidate), candidate.sparsity.level, "lost")
-            if lost_key not in self.lost:
-                self.lost[lost_key] = self._lost_values(candidate, pruned)
-            kept = self.values - self.lost[lost_key]
             in_sample = int(pruned[sample.units].sum())
             n_sample_blocks = sample.units.numel() * pruned.shape[1]
             sparsity = replace(sparsity, level=in_sample / n_sample_blocks)
-            prunes = blocks_to_prune(candidate.sparsity.level, pruned.numel()) > 0
-        elif candidate.prunes:
-            kept, prunes = self._kept_from_engine(candidate)
-        else:
-            kept, prunes = self.values, False
         table, _ = compress_table(
             sample.values, self.order, sparsity, candidate.quantization, name=self.name
         )
         rel, weighted, cosine = sample.errors(table.decode())
+        return Option(candidate, self._bytes(candidate, kept, prunes), rel, weighted, cosine, False)
+
+    def _bytes(self, candidate: Candidate, kept: int, prunes: bool) -> int:
+        """Returns the table's exact stored bytes under `candidate`, given its kept count."""
         mask = "none"
         if prunes and candidate.sparsity.effective_zeros_per_block > 0:
             mask = "block" if candidate.sparsity.prunes_whole_blocks else "value"
         sizes = part_sizes(
             self.shape, kept, candidate.quantization.bits, mask, candidate.sparsity.block_shape
         )
-        size = file_bytes(sizes, candidate.quantization.scale_dtype)
-        return Option(candidate, size, rel, weighted, cosine, exact=False)
+        return file_bytes(sizes, candidate.quantization.scale_dtype)
 
-    def _pruned_blocks(self, candidate: Candidate) -> torch.Tensor:
-        """Returns the whole table's pruned blocks (bool, the block grid) under `candidate`."""
-        key = (*self._score_key(candidate), candidate.sparsity.level)
+    def _kept(self, candidate: Candidate) -> tuple[int, bool]:
+        """Returns the whole table's kept count under `candidate` and whether anything is pruned
+        (as the engine decides it: no block to prune means no mask).
+
+        Each pruned block loses `min(zeros_per_block, its size)` values. Where every block is
+        whole, that is the number of pruned blocks (`round(level * n_blocks)`, or per block row
+        `round(level * n_block_cols)`) times one block's loss; with partial edge blocks, the
+        whole table's pruned blocks say which blocks lose fewer.
+        """
+        if not candidate.prunes:
+            return self.values, False
+        sparsity = candidate.sparsity
+        key = (*self._score_key(candidate), sparsity.level, sparsity.scope, "kept")
+        if key not in self.lost:
+            zeros = sparsity.effective_zeros_per_block
+            bh, bw = fit_blocks(self.shape, sparsity.block_shape)
+            n_block_rows, n_block_cols = block_grid(self.shape, sparsity.block_shape)
+            if sparsity.scope == "row":
+                per_row = min(blocks_to_prune(sparsity.level, n_block_cols), n_block_cols)
+                n_pruned = per_row * n_block_rows if n_block_cols else 0
+            else:
+                n_pruned = blocks_to_prune(sparsity.level, n_block_rows * n_block_cols)
+            if self.rows % bh == 0 and self.cols % bw == 0:
+                lost = n_pruned * min(zeros, bh * bw)
+            else:
+                lost = self._lost_values(candidate, self._pruned_blocks(candidate))
+            self.lost[key] = (lost, n_pruned > 0)
+        lost, prunes = self.lost[key]
+        return self.values - lost, prunes
+
+    def _pruned_blocks(
+        self, candidate: Candidate, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns the pruned blocks (bool) of block rows `units` (None: the whole block grid)
+        under `candidate`, as the engine prunes the whole table.
+
+        `scope: table`: the `round(level * n_blocks)` lowest scores of the whole table, ties by
+        position (the engine's radix select); `scope: row`: in each block row, the
+        `round(level * n_block_cols)` first blocks of its stable ascending sort, as
+        `RowBlockPruner` prunes (a block row's own scores decide: only `units` are ranked).
+        """
+        score_key = self._score_key(candidate)
+        scores = self.scores[score_key]
+        if candidate.sparsity.scope == "row":
+            rank_key = (*score_key, None if units is None else id(units))
+            if rank_key not in self.row_ranks:
+                chosen = scores if units is None else scores[units]
+                order = torch.sort(chosen, dim=1, stable=True).indices
+                ranks = torch.empty_like(order)
+                ranks.scatter_(1, order, torch.arange(chosen.shape[1]).expand_as(order))
+                self.row_ranks[rank_key] = ranks
+            per_row = blocks_to_prune(candidate.sparsity.level, scores.shape[1])
+            return self.row_ranks[rank_key] < per_row
+        key = (*score_key, candidate.sparsity.level)
         if key not in self.pruned:
-            scores = self.scores[self._score_key(candidate)]
             flat = scores.reshape(-1)
             k = blocks_to_prune(candidate.sparsity.level, flat.numel())
             pruned = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -336,7 +440,8 @@ class _SampledTable:
                 ties = torch.nonzero(flat == value).flatten()[: k - below]
                 pruned[ties] = True
             self.pruned[key] = pruned.view(scores.shape)
-        return self.pruned[key]
+        pruned = self.pruned[key]
+        return pruned if units is None else pruned[units]
 
     def _lost_values(self, candidate: Candidate, pruned: torch.Tensor) -> int:
         """Returns how many values the pruned blocks lose (edge blocks hold fewer)."""
@@ -347,29 +452,8 @@ class _SampledTable:
         widths = torch.full((n_cols,), bw, dtype=torch.int64)
         heights[-1] = self.rows - (n_rows - 1) * bh
         widths[-1] = self.cols - (n_cols - 1) * bw
-        if bool((heights == bh).all()) and bool((widths == bw).all()):
-            return int(pruned.sum()) * min(zeros, bh * bw)
         sizes = (heights[:, None] * widths[None, :]).clamp_(max=zeros)
         return int((sizes * pruned).sum())
-
-    def _kept_from_engine(self, candidate: Candidate) -> tuple[int, bool]:
-        """Returns the kept count and whether anything is pruned, from a whole-table run."""
-        key = (
-            candidate.sparsity,
-            candidate.quantization if self.order == "quantize-first" else None,
-        )
-        if key not in self.kept_by_engine:
-            table, _ = compress_rows(
-                self.read_rows,
-                self.shape,
-                self.dtype,
-                self.order,
-                candidate.sparsity,
-                candidate.quantization,
-                name=self.name,
-            )
-            self.kept_by_engine[key] = (int(table.codes.numel()), table.keep_mask is not None)
-        return self.kept_by_engine[key]
 
 
 @dataclass
@@ -385,38 +469,187 @@ class _Sample:
     values: torch.Tensor | None = None
 
     def finish(self, weights: torch.Tensor | None) -> None:
-        """Precomputes, per stratum, the positions of its rows in the sample and their masses."""
+        """Precomputes each sampled row's factor in the ratio estimators of its stratum.
+
+        A stratum's error sum is estimated as its exact ||W||^2 mass times the sampled rows'
+        error sum over their ||W||^2 sum: each row's error counts `mass / sampled` times (0 for
+        rows in no stratum: the low-norm rows, drawn only for the row-cosine gate).
+        """
         position = {int(unit): index for index, unit in enumerate(self.units.tolist())}
         unit_of_row = torch.div(self.rows, self.height, rounding_mode="floor")
         row_index = torch.tensor([position[int(u)] for u in unit_of_row.tolist()], dtype=torch.long)
-        self.row_unit = row_index
         norms = self.values.double().square().sum(dim=1)
-        self.row_weights = weights.double()[self.rows] if weights is not None else None
-        self.row_norms = norms
-        self.members = []
+        row_weights = weights.double()[self.rows] if weights is not None else None
+        self.factor_u = torch.zeros_like(norms)
+        self.factor_w = torch.zeros_like(norms)
         for units, mass_w, mass_u in self.strata:
             slots = torch.tensor([position[int(u)] for u in units.tolist()], dtype=torch.long)
             in_stratum = torch.isin(row_index, slots)
-            w = self.row_weights[in_stratum] if self.row_weights is not None else None
             sampled_u = float(norms[in_stratum].sum())
-            sampled_w = float((norms[in_stratum] * w).sum()) if w is not None else sampled_u
-            self.members.append((in_stratum, mass_w, mass_u, sampled_w, sampled_u))
+            if row_weights is None:
+                sampled_w, w = sampled_u, 1.0
+            else:
+                w = row_weights[in_stratum]
+                sampled_w = float((norms[in_stratum] * w).sum())
+            if sampled_u > 0:
+                self.factor_u[in_stratum] = mass_u / sampled_u
+            if sampled_w > 0:
+                self.factor_w[in_stratum] = w * (mass_w / sampled_w)
+
+    def estimate(self, squared: torch.Tensor) -> list[tuple[float, float]]:
+        """Returns the estimated (rel_error, weighted_error) of each row of `squared`: float64
+        (options, sampled rows), each sampled row's squared error under one option."""
+        num_u = (squared @ self.factor_u).tolist()
+        num_w = (squared @ self.factor_w).tolist()
+        return [
+            (
+                math.sqrt(max(0.0, u) / self.total_u) if self.total_u > 0 else 0.0,
+                math.sqrt(max(0.0, w) / self.total_w) if self.total_w > 0 else 0.0,
+            )
+            for u, w in zip(num_u, num_w, strict=True)
+        ]
 
     def errors(self, decoded: torch.Tensor) -> tuple[float, float, float]:
         """Returns the estimated (rel_error, weighted_error) and the sample's smallest row cosine."""
         original = self.values
-        diff = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
-        num_u = num_w = 0.0
-        for in_stratum, mass_w, mass_u, sampled_w, sampled_u in self.members:
-            err = diff[in_stratum]
-            if sampled_u > 0:
-                num_u += mass_u * float(err.sum()) / sampled_u
-            if sampled_w > 0:
-                w = self.row_weights[in_stratum] if self.row_weights is not None else None
-                num_w += mass_w * float((err * w).sum() if w is not None else err.sum()) / sampled_w
-        rel = math.sqrt(num_u / self.total_u) if self.total_u > 0 else 0.0
-        weighted = math.sqrt(num_w / self.total_w) if self.total_w > 0 else 0.0
+        squared = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
+        [(rel, weighted)] = self.estimate(squared[None])
         return rel, weighted, _row_cosine_min(original, decoded)
+
+
+class _SparsityGroups:
+    """A sample's distinct sparsities (None: no pruning), each one's keep-mask and pruned
+    values, and the errors of all of them under a quantization, computed at once.
+
+    A sampled row's qparams, codes and decoded values depend on that row's values and keep-mask
+    only, so each distinct (row, keep-mask) is quantized once: a row that several levels or
+    scopes prune alike (rows no level touches, levels that prune as many blocks per block row)
+    costs one row. Rows without pruning (no mask at all) are a batch of their own where the
+    MSE search sees the mask (`keep` None), as in the engine.
+    """
+
+    def __init__(self, sample: _Sample) -> None:
+        self.sample = sample
+        self.keys: dict[Any, int] = {}
+        self.seen: list[torch.Tensor] = []
+        self.keep: list[torch.Tensor | None] = []
+        self.original64 = sample.values.double()
+        self.original_norm = self.original64.norm(dim=1)
+        self._distinct: tuple[torch.Tensor, ...] | None = None
+
+    def add(self, sparsity: Sparsity | None, pruned_blocks: torch.Tensor | None) -> int:
+        """Returns the group of `sparsity` pruning `pruned_blocks` (the sample's block grid),
+        made on first use as the pipeline's second pass makes a chunk's keep-mask.
+        Every group is added before the first `errors`."""
+        if sparsity in self.keys:
+            return self.keys[sparsity]
+        values = self.sample.values
+        if sparsity is None:
+            seen, keep = values, None
+        else:
+            chunk_keep = ChunkKeep(value_norms(values, sparsity.norm), pruned_blocks, sparsity)
+            seen = chunk_keep.multiply(values, out=torch.empty_like(values))
+            keep = chunk_keep.dense()
+        self.keys[sparsity] = len(self.seen)
+        self.seen.append(seen)
+        self.keep.append(keep)
+        return self.keys[sparsity]
+
+    def errors(
+        self, groups: list[int], quantization: Quantization
+    ) -> dict[int, tuple[float, float, float]]:
+        """Returns (rel_error, weighted_error, row_cosine_min) of each group under
+        `quantization`, estimated on the sample. Raises TableError where the engine would."""
+        rows, cols = self.sample.values.shape
+        seen, keep, row_of, index = self.distinct()
+        dense = any(self.keep[g] is None for g in groups)
+        dense_rows = rows if dense else 0
+        if dense and quantization.range == "minmax":  # min/max's qparams ignore the mask
+            full = torch.ones((rows, cols), dtype=torch.bool)
+            every = torch.cat([torch.arange(rows), row_of])
+            batches = [(torch.cat([self.sample.values, seen]), torch.cat([full, keep]), every)]
+        else:
+            batches = [(self.sample.values, None, None)] if dense else []
+            batches.append((seen, keep, row_of))
+        found = [self._decode(*batch, quantization) for batch in batches if batch[0].shape[0]]
+        squared = torch.cat([f[0] for f in found]) if found else torch.empty(0)
+        cosine = torch.cat([f[1] for f in found]) if found else torch.empty(0)
+        # (groups, rows): where each group's sampled rows are in the results
+        positions = torch.stack(
+            [torch.arange(rows) if self.keep[g] is None else index[g] + dense_rows for g in groups]
+        )
+        estimates = self.sample.estimate(squared[positions])
+        lowest = cosine[positions].amin(dim=1).tolist() if rows else [1.0] * len(groups)
+        return {
+            group: (rel, weighted, low)
+            for group, (rel, weighted), low in zip(groups, estimates, lowest, strict=True)
+        }
+
+    def distinct(self) -> tuple[torch.Tensor, ...]:
+        """Returns the distinct pruned rows: their values as the quantizer sees them (pruned
+        values zeroed), their keep-masks, their rows in the sample, and for each group and
+        sampled row the index of its distinct row (-1 for groups without pruning)."""
+        if self._distinct is None:
+            rows, cols = self.sample.values.shape
+            pruned = [g for g in range(len(self.seen)) if self.keep[g] is not None]
+            index = torch.full((len(self.seen), rows), -1, dtype=torch.long)
+            if not pruned or rows == 0:
+                none = torch.empty((0, cols))
+                self._distinct = (none, none.bool(), torch.empty(0, dtype=torch.long), index)
+                return self._distinct
+            keep = torch.stack([self.keep[g] for g in pruned]).view(-1, cols)
+            row_ids = torch.arange(rows).repeat(len(pruned))
+            keys = torch.cat([row_ids[:, None], keep.long()], dim=1)
+            _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
+            first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
+            seen = torch.stack([self.seen[g] for g in pruned]).view(-1, cols)
+            index[pruned] = inverse.view(len(pruned), rows)
+            self._distinct = (seen[first], keep[first], row_ids[first], index)
+        return self._distinct
+
+    def _decode(
+        self,
+        seen: torch.Tensor,
+        keep: torch.Tensor | None,
+        row_of: torch.Tensor | None,
+        quantization: Quantization,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns each row's squared error (float64) and row cosine: rows `seen` (pruned values
+        zeroed, kept ones marked by `keep`; None: no mask) quantized as the pipeline does,
+        against the sampled rows `row_of` (None: the sample, in order)."""
+        scale, zero_point = _engine_qparams(seen, quantization, 0, keep)
+        levels = quantize_levels(seen, scale, zero_point, quantization.bits)
+        decoded = dequantize(levels, scale, zero_point, out=levels)
+        if keep is not None:
+            decoded *= keep
+        original = self.sample.values
+        original64, original_norm = self.original64, self.original_norm
+        if row_of is not None:
+            original, original64 = original[row_of], original64[row_of]
+            original_norm = original_norm[row_of]
+        squared = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
+        decoded64 = decoded.double()
+        dot = (decoded64 * original64).sum(dim=1)
+        decoded_norm = decoded64.norm(dim=1)
+        cosine = dot / (original_norm * decoded_norm)
+        original_zero, decoded_zero = original_norm == 0, decoded_norm == 0
+        cosine = torch.where(original_zero & decoded_zero, torch.ones_like(cosine), cosine)
+        cosine = torch.where(original_zero ^ decoded_zero, torch.zeros_like(cosine), cosine)
+        return squared, cosine
+
+
+def _engine_qparams(
+    values: torch.Tensor,
+    quantization: Quantization,
+    first_row: int,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the qparams the pipeline gives rows `values` (pruned values zeroed, kept ones
+    marked by `keep`; None: all kept): min/max or the MSE range search."""
+    if quantization.range == "minmax":
+        return row_qparams(values, quantization, first_row)
+    return mse_qparams(values, quantization, keep, first_row)
 
 
 @contextlib.contextmanager
