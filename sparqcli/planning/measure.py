@@ -28,14 +28,21 @@ import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
 from sparqcli.engine.pipeline import compress_rows, compress_table
-from sparqcli.engine.quantize import dequantize, mse_qparams, quantize_levels, row_qparams
+from sparqcli.engine.quantize import (
+    dequantize,
+    mse_qparams,
+    qparams_from_range,
+    quantize_levels,
+    row_errors,
+    row_qparams,
+)
 from sparqcli.engine.sparsify import (
     ChunkKeep,
     block_scores,
     blocks_to_prune,
-    kth_smallest,
     value_norms,
 )
+from sparqcli.engine.stats import row_norms, row_sums
 from sparqcli.errors import TableError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
@@ -49,6 +56,9 @@ STRATA = 32
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""
 _CHUNK_VALUES = 1 << 20
+DERIVE_NARROW_MSE = True
+"""Sampled tables: a float16/bfloat16 MSE candidate's range is the float32 search's (see
+`_SparsityGroups._qparams`)."""
 SMALL_TABLE_VALUES = 1 << 20
 """Tables of at most this many values are measured on one thread (see `one_thread`)."""
 
@@ -93,13 +103,22 @@ def measure_exact(
     *,
     weights: torch.Tensor | None = None,
     name: str = "table",
+    threads: int | None = None,
 ) -> Option:
     """Returns `candidate` measured on the whole table, with the engine as `sparq compress` runs it.
 
-    Raises TableError for NaN/Inf values.
+    `threads` as for `compress_rows` (`sparq compress` passes its thread count). Raises
+    TableError for NaN/Inf values.
     """
     table, stats = compress_rows(
-        read_rows, shape, dtype, order, candidate.sparsity, candidate.quantization, name=name
+        read_rows,
+        shape,
+        dtype,
+        order,
+        candidate.sparsity,
+        candidate.quantization,
+        name=name,
+        threads=threads,
     )
     weighted = stats.rel_error
     if weights is not None:
@@ -182,18 +201,19 @@ class _SampledTable:
         self.pruned: dict[tuple[Any, ...], torch.Tensor] = {}
         self.lost: dict[tuple[Any, ...], tuple[int, bool]] = {}
         self.row_ranks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.kth: dict[tuple[Any, ...], tuple[float, int, int]] = {}
         self.samples: dict[int, _Sample] = {}
 
     def run(self, progress: Progress | None) -> list[Option]:
-        score_keys = {self._score_key(c): c for c in self.candidates if c.prunes}
-        row_norms = self._first_pass(score_keys)
-        heights = sorted(
-            {fit_blocks(self.shape, c.sparsity.block_shape)[0] for c in self.candidates}
-        )
-        for height in heights:
-            self.samples[height] = self._draw(row_norms, height)
-        self._gather()
         with one_thread():
+            score_keys = {self._score_key(c): c for c in self.candidates if c.prunes}
+            row_norms = self._first_pass(score_keys)
+            heights = sorted(
+                {fit_blocks(self.shape, c.sparsity.block_shape)[0] for c in self.candidates}
+            )
+            for height in heights:
+                self.samples[height] = self._draw(row_norms, height)
+            self._gather()
             if self.order == "sparsify-first":
                 return self._measure_batched(progress)
             options = []
@@ -319,6 +339,7 @@ class _SampledTable:
                 if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
             ]
             groups = _SparsityGroups(sample)
+            groups.derive_narrow = DERIVE_NARROW_MSE
             group_of: dict[int, int] = {}
             for index in mine:
                 candidate = self.candidates[index]
@@ -328,8 +349,11 @@ class _SampledTable:
                     group_of[index] = groups.add(candidate.sparsity, pruned)
                 else:
                     group_of[index] = groups.add(None, None)
+            by_quantization: dict[Quantization, list[int]] = {q: [] for q in quantizations}
+            for index in mine:
+                by_quantization[self.candidates[index].quantization].append(index)
             for quantization in quantizations:
-                wanted = [i for i in mine if self.candidates[i].quantization == quantization]
+                wanted = by_quantization[quantization]
                 if wanted:
                     needed = sorted({group_of[i] for i in wanted})
                     try:
@@ -427,21 +451,40 @@ class _SampledTable:
                 self.row_ranks[rank_key] = ranks
             per_row = blocks_to_prune(candidate.sparsity.level, scores.shape[1])
             return self.row_ranks[rank_key] < per_row
-        key = (*score_key, candidate.sparsity.level)
-        if key not in self.pruned:
-            flat = scores.reshape(-1)
-            k = blocks_to_prune(candidate.sparsity.level, flat.numel())
-            pruned = torch.zeros(flat.numel(), dtype=torch.bool)
-            if k >= flat.numel():
-                pruned[:] = True
-            elif k > 0:
-                value, below = kth_smallest(lambda: [flat], k)
-                pruned = flat < value
-                ties = torch.nonzero(flat == value).flatten()[: k - below]
-                pruned[ties] = True
+        flat = scores.reshape(-1)
+        k = blocks_to_prune(candidate.sparsity.level, flat.numel())
+        chosen = scores if units is None else scores[units]
+        if k <= 0:
+            return torch.zeros_like(chosen, dtype=torch.bool)
+        if k >= flat.numel():
+            return torch.ones_like(chosen, dtype=torch.bool)
+        value, below, equal = self._kth_score(candidate, k)
+        if below + equal == k:  # every block scoring the threshold is pruned
+            return chosen <= value
+        key = (*score_key, k)
+        if key not in self.pruned:  # some ties are kept: the first ones by position are pruned
+            pruned = flat < value
+            pruned[torch.nonzero(flat == value).flatten()[: k - below]] = True
             self.pruned[key] = pruned.view(scores.shape)
         pruned = self.pruned[key]
         return pruned if units is None else pruned[units]
+
+    def _kth_score(self, candidate: Candidate, k: int) -> tuple[float, int, int]:
+        """Returns the k-th smallest block score of the whole table (`scope: table`), how many
+        score less, and how many score the same; found for every level of the candidates at
+        once (`_kth_values`)."""
+        score_key = self._score_key(candidate)
+        if (*score_key, k) not in self.kth:
+            flat = self.scores[score_key].reshape(-1)
+            ks = {
+                blocks_to_prune(c.sparsity.level, flat.numel())
+                for c in self.candidates
+                if self._ranked_over_table(c) and self._score_key(c) == score_key
+            }
+            ks = sorted(j for j in ks | {k} if 0 < j < flat.numel())
+            for j, found in zip(ks, _kth_values(flat, ks), strict=True):
+                self.kth[(*score_key, j)] = found
+        return self.kth[(*score_key, k)]
 
     def _lost_values(self, candidate: Candidate, pruned: torch.Tensor) -> int:
         """Returns how many values the pruned blocks lose (edge blocks hold fewer)."""
@@ -533,9 +576,10 @@ class _SparsityGroups:
         self.keys: dict[Any, int] = {}
         self.seen: list[torch.Tensor] = []
         self.keep: list[torch.Tensor | None] = []
-        self.original64 = sample.values.double()
-        self.original_norm = self.original64.norm(dim=1)
+        self.original_norm = row_norms(sample.values)
         self._distinct: tuple[torch.Tensor, ...] | None = None
+        self.derive_narrow = False
+        self._wide_mse: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, sparsity: Sparsity | None, pruned_blocks: torch.Tensor | None) -> int:
         """Returns the group of `sparsity` pruning `pruned_blocks` (the sample's block grid),
@@ -571,7 +615,11 @@ class _SparsityGroups:
         else:
             batches = [(self.sample.values, None, None)] if dense else []
             batches.append((seen, keep, row_of))
-        found = [self._decode(*batch, quantization) for batch in batches if batch[0].shape[0]]
+        found = [
+            self._decode(*batch, quantization, name)
+            for name, batch in zip(("first", "second"), batches, strict=False)
+            if batch[0].shape[0]
+        ]
         squared = torch.cat([f[0] for f in found]) if found else torch.empty(0)
         cosine = torch.cat([f[1] for f in found]) if found else torch.empty(0)
         # (groups, rows): where each group's sampled rows are in the results
@@ -614,29 +662,90 @@ class _SparsityGroups:
         keep: torch.Tensor | None,
         row_of: torch.Tensor | None,
         quantization: Quantization,
+        batch: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns each row's squared error (float64) and row cosine: rows `seen` (pruned values
         zeroed, kept ones marked by `keep`; None: no mask) quantized as the pipeline does,
-        against the sampled rows `row_of` (None: the sample, in order)."""
-        scale, zero_point = _engine_qparams(seen, quantization, 0, keep)
+        against the sampled rows `row_of` (None: the sample, in order). `batch` names the rows
+        (the same rows under the same name each time)."""
+        scale, zero_point = self._qparams(seen, keep, quantization, batch)
         levels = quantize_levels(seen, scale, zero_point, quantization.bits)
         decoded = dequantize(levels, scale, zero_point, out=levels)
         if keep is not None:
             decoded *= keep
-        original = self.sample.values
-        original64, original_norm = self.original64, self.original_norm
+        # Per row as the engine's statistics reduce them (engine/stats.py): float32 norms of
+        # the original, the decoded values and the error, and their dot product.
+        original, original_norm = self.sample.values, self.original_norm
         if row_of is not None:
-            original, original64 = original[row_of], original64[row_of]
-            original_norm = original_norm[row_of]
-        squared = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
-        decoded64 = decoded.double()
-        dot = (decoded64 * original64).sum(dim=1)
-        decoded_norm = decoded64.norm(dim=1)
-        cosine = dot / (original_norm * decoded_norm)
-        original_zero, decoded_zero = original_norm == 0, decoded_norm == 0
-        cosine = torch.where(original_zero & decoded_zero, torch.ones_like(cosine), cosine)
-        cosine = torch.where(original_zero ^ decoded_zero, torch.zeros_like(cosine), cosine)
+            original, original_norm = original[row_of], original_norm[row_of]
+        decoded_norm = row_norms(decoded)
+        dot = row_sums(original * decoded)
+        squared = row_norms(decoded.sub_(original)).double().square_()
+        denominator = original_norm * decoded_norm
+        cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
+        both_zero = (original_norm == 0) & (decoded_norm == 0)
+        cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
         return squared, cosine
+
+    def _qparams(
+        self, seen: torch.Tensor, keep: torch.Tensor | None, quantization: Quantization, batch: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the rows' qparams: the engine's, except that with `derive_narrow`, a float16
+        or bfloat16 MSE range is the float32 search's range, rounded as that dtype stores it
+        (the search itself is run once per width, for float32)."""
+        if quantization.range == "minmax":
+            return row_qparams(seen, quantization)
+        wide = replace(quantization, scale_dtype="float32")
+        derive = self.derive_narrow and quantization.scale_dtype != "float32"
+        if quantization.scale_dtype != "float32" and not derive:
+            return mse_qparams(seen, quantization, keep)
+        key = (batch, quantization.bits)
+        if key not in self._wide_mse:
+            self._wide_mse[key] = mse_qparams(seen, wide, keep)
+        scale, zero_point = self._wide_mse[key]
+        if not derive:
+            return scale, zero_point
+        low = -1 * zero_point * scale
+        high = low + scale * float(quantization.quant_max)
+        scale, zero_point = qparams_from_range(low, high, quantization, check=False)
+        # As in the search, a row keeps min/max's qparams where they do better (rows whose
+        # float16 rounding dominates: near-zero rows); min/max's raise where the engine would.
+        minmax_scale, minmax_zero_point = row_qparams(seen, quantization)
+        weights = None if keep is None else keep.float()
+        derived = row_errors(seen, weights, scale, zero_point, quantization.bits)
+        minmax = row_errors(seen, weights, minmax_scale, minmax_zero_point, quantization.bits)
+        better = derived.nan_to_num_(nan=float("inf")) < minmax
+        return (
+            torch.where(better, scale, minmax_scale),
+            torch.where(better, zero_point, minmax_zero_point),
+        )
+
+
+def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:
+    """Returns, for each k (1-based, ascending), the k-th smallest of non-negative float32
+    values, how many values are smaller and how many equal it.
+
+    The value `engine.sparsify.kth_smallest` selects, for several k in one pass: non-negative
+    floats order like their int32 bits, so one histogram of the high 16 bits gives each k's bin,
+    and the values of those few bins are sorted.
+    """
+    bits = flat.view(torch.int32)
+    high = bits >> 16
+    counts = torch.bincount(high, minlength=1 << 15)
+    cumulative = torch.cumsum(counts, 0)
+    bins = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype)).tolist()
+    in_bin: dict[int, torch.Tensor] = {}
+    found = []
+    for k, bin_index in zip(ks, bins, strict=True):
+        if bin_index not in in_bin:
+            in_bin[bin_index] = torch.sort(flat[high == bin_index]).values
+        ordered = in_bin[bin_index]
+        before = int(cumulative[bin_index - 1]) if bin_index > 0 else 0
+        value = ordered[k - before - 1]
+        below = before + int(torch.searchsorted(ordered, value, right=False))
+        equal = int(torch.searchsorted(ordered, value, right=True)) - (below - before)
+        found.append((float(value), below, equal))
+    return found
 
 
 def _engine_qparams(

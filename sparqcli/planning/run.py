@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparqcli.config import Config, Rule
 from sparqcli.errors import InputError, UsageError
+from sparqcli.parallel import resolve_threads
 from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, exact_pattern, model_error
 from sparqcli.planning.search import Allocator
 from sparqcli.planning.space import PlanSpace, candidates
@@ -156,6 +157,9 @@ def plan(
         if not indices:
             raise UsageError(_no_candidate(table))
 
+    # Verification runs are compressions: with the thread count `sparq compress` takes.
+    threads, _ = resolve_threads()
+
     def verify_choice(t: int, index: int) -> Option:
         checkpoint, selected, row_weight = readers[t]
         with checkpoint.row_reader(selected.key) as read_rows:
@@ -167,6 +171,7 @@ def plan(
                 tables[t].options[index].candidate,
                 weights=row_weight,
                 name=f"{checkpoint.name}: {selected.key}",
+                threads=threads,
             )
 
     verified = False
