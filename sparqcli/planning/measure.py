@@ -344,11 +344,11 @@ class _SampledTable:
             for index in mine:
                 candidate = self.candidates[index]
                 kept, prunes = self._kept(candidate)
-                if prunes:
-                    pruned = self._pruned_blocks(candidate, sample.units)
-                    group_of[index] = groups.add(candidate.sparsity, pruned)
-                else:
-                    group_of[index] = groups.add(None, None)
+                key = candidate.sparsity if prunes else None
+                if key not in groups.keys:
+                    pruned = self._pruned_blocks(candidate, sample.units) if prunes else None
+                    groups.add(key, pruned)
+                group_of[index] = groups.keys[key]
             by_quantization: dict[Quantization, list[int]] = {q: [] for q in quantizations}
             for index in mine:
                 by_quantization[self.candidates[index].quantization].append(index)
@@ -647,7 +647,11 @@ class _SparsityGroups:
                 return self._distinct
             keep = torch.stack([self.keep[g] for g in pruned]).view(-1, cols)
             row_ids = torch.arange(rows).repeat(len(pruned))
-            keys = torch.cat([row_ids[:, None], keep.long()], dim=1)
+            # a key per (row, keep-mask): the row, then the mask's bits packed 62 to an int64
+            pad = -cols % 62
+            bits = torch.nn.functional.pad(keep, (0, pad)).view(keep.shape[0], -1, 62).long()
+            packed = (bits << torch.arange(62)).sum(dim=2)
+            keys = torch.cat([row_ids[:, None], packed], dim=1)
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)
             first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
             first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
