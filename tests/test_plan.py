@@ -156,17 +156,13 @@ def test_batched_sample_is_the_engine_on_every_axis(
     zeros_per_block: int | None,
     norm: str,
     derive_narrow: bool,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The sampled path on a "sample" of every row: its estimates must equal what the engine
     # (compress_rows) measures, for every axis (scopes, ranges, widths, scale dtypes), partial
     # edge blocks (203 x 30), zeros_per_block, tied scores and row weights. With float16 MSE
     # ranges derived from the float32 search, those candidates are within 5 % of the engine (its
     # float16 search takes its own path: measured up to 3.6 % either way on this table).
-    from sparqcli.planning import measure
     from sparqcli.planning.measure import _SampledTable
-
-    monkeypatch.setattr(measure, "DERIVE_NARROW_MSE", derive_narrow)
 
     table = zipf_table(203, 30, seed=3, near_zero=20)
     table[10:14] = 0.0
@@ -180,7 +176,7 @@ def test_batched_sample_is_the_engine_on_every_axis(
         return table[start:stop]
 
     sampled = _SampledTable(
-        read, (203, 30), torch.float32, "sparsify-first", found, weights, 203, "t"
+        read, (203, 30), torch.float32, "sparsify-first", found, weights, 406, "t", derive_narrow
     ).run(None)
     assert len(sampled) == len(found) == 3 * 2 * 2 * (1 + 2 * 2)
     for candidate, option in zip(found, sampled, strict=True):

@@ -148,11 +148,29 @@ def measure_table(
     """Returns every candidate measured on one table, in the order given.
 
     With `sample_rows` below half the table's rows, errors are estimated on about that many
-    rows (bytes stay exact); otherwise every candidate runs on the whole table.
+    rows (bytes stay exact); otherwise every row is measured: sparsify-first by the batched
+    evaluation over all rows (options not marked exact: the engine's figures up to float
+    rounding), quantize-first by one engine run per candidate (exact).
     `weights` holds one non-negative float per row. Raises TableError for NaN/Inf values.
     """
     rows = shape[0]
-    if sample_rows is None or 2 * sample_rows >= rows:
+    whole = sample_rows is None or 2 * sample_rows >= rows
+    if order == "sparsify-first":
+        # A whole table is measured as a sample of every row (the estimators are then the
+        # errors themselves), with no float16 range derived: every option is the engine's,
+        # up to the order of float sums (marked not exact: a chosen one is verified).
+        return _SampledTable(
+            read_rows,
+            shape,
+            dtype,
+            order,
+            candidates,
+            weights,
+            2 * rows if whole else sample_rows,
+            name,
+            derive_narrow=DERIVE_NARROW_MSE and not whole,
+        ).run(progress)
+    if whole:
         options = []
         small = rows * shape[1] <= SMALL_TABLE_VALUES
         with one_thread() if small else contextlib.nullcontext():
@@ -183,8 +201,10 @@ class _SampledTable:
         weights: torch.Tensor | None,
         sample_rows: int,
         name: str,
+        derive_narrow: bool = False,
     ) -> None:
         self.read_rows = read_rows
+        self.derive_narrow = derive_narrow
         self.shape = shape
         self.dtype = dtype
         self.order = order
@@ -339,7 +359,7 @@ class _SampledTable:
                 if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
             ]
             groups = _SparsityGroups(sample)
-            groups.derive_narrow = DERIVE_NARROW_MSE
+            groups.derive_narrow = self.derive_narrow
             group_of: dict[int, int] = {}
             for index in mine:
                 candidate = self.candidates[index]
@@ -561,42 +581,37 @@ class _Sample:
 
 
 class _SparsityGroups:
-    """A sample's distinct sparsities (None: no pruning), each one's keep-mask and pruned
-    values, and the errors of all of them under a quantization, computed at once.
+    """A sample's distinct sparsities (None: no pruning), each one's keep-mask, and the errors
+    of all of them under a quantization, computed at once.
 
     A sampled row's qparams, codes and decoded values depend on that row's values and keep-mask
     only, so each distinct (row, keep-mask) is quantized once: a row that several levels or
     scopes prune alike (rows no level touches, levels that prune as many blocks per block row)
-    costs one row. Rows without pruning (no mask at all) are a batch of their own where the
-    MSE search sees the mask (`keep` None), as in the engine.
+    costs one row. Rows without pruning (no mask at all) are a batch of their own, where the
+    MSE search sees no mask (`keep` None), as in the engine. Only the masks are held (a byte
+    per sampled value and sparsity); rows are quantized in chunks of `_CHUNK_VALUES` values.
     """
 
     def __init__(self, sample: _Sample) -> None:
         self.sample = sample
         self.keys: dict[Any, int] = {}
-        self.seen: list[torch.Tensor] = []
         self.keep: list[torch.Tensor | None] = []
         self.original_norm = row_norms(sample.values)
         self._distinct: tuple[torch.Tensor, ...] | None = None
         self.derive_narrow = False
-        self._wide_mse: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._wide_mse: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, sparsity: Sparsity | None, pruned_blocks: torch.Tensor | None) -> int:
         """Returns the group of `sparsity` pruning `pruned_blocks` (the sample's block grid),
-        made on first use as the pipeline's second pass makes a chunk's keep-mask.
+        its keep-mask made as the pipeline's second pass makes a chunk's.
         Every group is added before the first `errors`."""
-        if sparsity in self.keys:
-            return self.keys[sparsity]
-        values = self.sample.values
-        if sparsity is None:
-            seen, keep = values, None
-        else:
-            chunk_keep = ChunkKeep(value_norms(values, sparsity.norm), pruned_blocks, sparsity)
-            seen = chunk_keep.multiply(values, out=torch.empty_like(values))
-            keep = chunk_keep.dense()
-        self.keys[sparsity] = len(self.seen)
-        self.seen.append(seen)
-        self.keep.append(keep)
+        if sparsity not in self.keys:
+            keep = None
+            if sparsity is not None:
+                norms = value_norms(self.sample.values, sparsity.norm)
+                keep = ChunkKeep(norms, pruned_blocks, sparsity).dense().contiguous()
+            self.keys[sparsity] = len(self.keep)
+            self.keep.append(keep)
         return self.keys[sparsity]
 
     def errors(
@@ -605,45 +620,49 @@ class _SparsityGroups:
         """Returns (rel_error, weighted_error, row_cosine_min) of each group under
         `quantization`, estimated on the sample. Raises TableError where the engine would."""
         rows, cols = self.sample.values.shape
-        seen, keep, row_of, index = self.distinct()
+        keep, row_of, index = self.distinct()
         dense = any(self.keep[g] is None for g in groups)
         dense_rows = rows if dense else 0
-        if dense and quantization.range == "minmax":  # min/max's qparams ignore the mask
-            full = torch.ones((rows, cols), dtype=torch.bool)
-            every = torch.cat([torch.arange(rows), row_of])
-            batches = [(torch.cat([self.sample.values, seen]), torch.cat([full, keep]), every)]
-        else:
-            batches = [(self.sample.values, None, None)] if dense else []
-            batches.append((seen, keep, row_of))
-        found = [
-            self._decode(*batch, quantization, name)
-            for name, batch in zip(("first", "second"), batches, strict=False)
-            if batch[0].shape[0]
-        ]
-        squared = torch.cat([f[0] for f in found]) if found else torch.empty(0)
-        cosine = torch.cat([f[1] for f in found]) if found else torch.empty(0)
+        batches = [("dense", None, torch.arange(rows))] if dense else []
+        batches.append(("pruned", keep, row_of))
+        step = max(1, _CHUNK_VALUES // max(1, cols))
+        squared, cosine = [], []
+        for name, batch_keep, batch_rows in batches:
+            for start in range(0, batch_rows.numel(), step):
+                stop = min(start + step, batch_rows.numel())
+                chunk_keep = None if batch_keep is None else batch_keep[start:stop]
+                found = self._decode(
+                    chunk_keep, batch_rows[start:stop], quantization, (name, start)
+                )
+                squared.append(found[0])
+                cosine.append(found[1])
+        all_squared = torch.cat(squared) if squared else torch.empty(0, dtype=torch.float64)
+        all_cosine = torch.cat(cosine) if cosine else torch.empty(0)
         # (groups, rows): where each group's sampled rows are in the results
         positions = torch.stack(
             [torch.arange(rows) if self.keep[g] is None else index[g] + dense_rows for g in groups]
         )
-        estimates = self.sample.estimate(squared[positions])
-        lowest = cosine[positions].amin(dim=1).tolist() if rows else [1.0] * len(groups)
+        estimates = self.sample.estimate(all_squared[positions])
+        lowest = all_cosine[positions].amin(dim=1).tolist() if rows else [1.0] * len(groups)
         return {
             group: (rel, weighted, low)
             for group, (rel, weighted), low in zip(groups, estimates, lowest, strict=True)
         }
 
     def distinct(self) -> tuple[torch.Tensor, ...]:
-        """Returns the distinct pruned rows: their values as the quantizer sees them (pruned
-        values zeroed), their keep-masks, their rows in the sample, and for each group and
-        sampled row the index of its distinct row (-1 for groups without pruning)."""
+        """Returns the distinct pruned rows: their keep-masks, their rows in the sample, and for
+        each group and sampled row the index of its distinct row (-1 for groups without
+        pruning)."""
         if self._distinct is None:
             rows, cols = self.sample.values.shape
-            pruned = [g for g in range(len(self.seen)) if self.keep[g] is not None]
-            index = torch.full((len(self.seen), rows), -1, dtype=torch.long)
+            pruned = [g for g in range(len(self.keep)) if self.keep[g] is not None]
+            index = torch.full((len(self.keep), rows), -1, dtype=torch.long)
             if not pruned or rows == 0:
-                none = torch.empty((0, cols))
-                self._distinct = (none, none.bool(), torch.empty(0, dtype=torch.long), index)
+                self._distinct = (
+                    torch.empty((0, cols), dtype=torch.bool),
+                    torch.empty(0, dtype=torch.long),
+                    index,
+                )
                 return self._distinct
             keep = torch.stack([self.keep[g] for g in pruned]).view(-1, cols)
             row_ids = torch.arange(rows).repeat(len(pruned))
@@ -655,23 +674,23 @@ class _SparsityGroups:
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)
             first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
             first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
-            seen = torch.stack([self.seen[g] for g in pruned]).view(-1, cols)
             index[pruned] = inverse.view(len(pruned), rows)
-            self._distinct = (seen[first], keep[first], row_ids[first], index)
+            self._distinct = (keep[first], row_ids[first], index)
         return self._distinct
 
     def _decode(
         self,
-        seen: torch.Tensor,
         keep: torch.Tensor | None,
-        row_of: torch.Tensor | None,
+        row_of: torch.Tensor,
         quantization: Quantization,
-        batch: str,
+        batch: tuple[str, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns each row's squared error (float64) and row cosine: rows `seen` (pruned values
-        zeroed, kept ones marked by `keep`; None: no mask) quantized as the pipeline does,
-        against the sampled rows `row_of` (None: the sample, in order). `batch` names the rows
-        (the same rows under the same name each time)."""
+        """Returns each row's squared error (float64) and row cosine: the sampled rows `row_of`
+        with the keep-masks `keep` (None: no mask), pruned values zeroed (as `ChunkKeep.multiply`
+        zeroes them) and quantized as the pipeline does. `batch` names the rows (the same rows
+        under the same name each time)."""
+        original = self.sample.values[row_of]
+        seen = original if keep is None else original * keep
         scale, zero_point = self._qparams(seen, keep, quantization, batch)
         levels = quantize_levels(seen, scale, zero_point, quantization.bits)
         decoded = dequantize(levels, scale, zero_point, out=levels)
@@ -679,9 +698,7 @@ class _SparsityGroups:
             decoded *= keep
         # Per row as the engine's statistics reduce them (engine/stats.py): float32 norms of
         # the original, the decoded values and the error, and their dot product.
-        original, original_norm = self.sample.values, self.original_norm
-        if row_of is not None:
-            original, original_norm = original[row_of], original_norm[row_of]
+        original_norm = self.original_norm[row_of]
         decoded_norm = row_norms(decoded)
         dot = row_sums(original * decoded)
         squared = row_norms(decoded.sub_(original)).double().square_()
@@ -692,7 +709,11 @@ class _SparsityGroups:
         return squared, cosine
 
     def _qparams(
-        self, seen: torch.Tensor, keep: torch.Tensor | None, quantization: Quantization, batch: str
+        self,
+        seen: torch.Tensor,
+        keep: torch.Tensor | None,
+        quantization: Quantization,
+        batch: tuple[str, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the rows' qparams: the engine's, except that with `derive_narrow`, a float16
         or bfloat16 MSE range is the float32 search's range, rounded as that dtype stores it
@@ -703,7 +724,7 @@ class _SparsityGroups:
         derive = self.derive_narrow and quantization.scale_dtype != "float32"
         if quantization.scale_dtype != "float32" and not derive:
             return mse_qparams(seen, quantization, keep)
-        key = (batch, quantization.bits)
+        key = (*batch, quantization.bits)
         if key not in self._wide_mse:
             self._wide_mse[key] = mse_qparams(seen, wide, keep)
         scale, zero_point = self._wide_mse[key]
