@@ -59,6 +59,9 @@ _CHUNK_VALUES = 1 << 20
 DERIVE_NARROW_MSE = True
 """Sampled tables: a float16/bfloat16 MSE candidate's range is the float32 search's (see
 `_SparsityGroups._qparams`)."""
+_HELD_VALUES = 1 << 22
+"""A sample's rows as each sparsity leaves them are kept between quantizations up to this many
+values (twice 16 MiB); past it they are made again for each quantization."""
 SMALL_TABLE_VALUES = 1 << 20
 """Tables of at most this many values are measured on one thread (see `one_thread`)."""
 
@@ -598,8 +601,11 @@ class _SparsityGroups:
         self.keep: list[torch.Tensor | None] = []
         self.original_norm = row_norms(sample.values)
         self._distinct: tuple[torch.Tensor, ...] | None = None
+        self._quantized_rows = 0
         self.derive_narrow = False
         self._wide_mse: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held_values = 0
 
     def add(self, sparsity: Sparsity | None, pruned_blocks: torch.Tensor | None) -> int:
         """Returns the group of `sparsity` pruning `pruned_blocks` (the sample's block grid),
@@ -623,8 +629,11 @@ class _SparsityGroups:
         keep, row_of, index = self.distinct()
         dense = any(self.keep[g] is None for g in groups)
         dense_rows = rows if dense else 0
+        # Rows that keep nothing decode to zeros whatever their qparams (distinct() puts them
+        # last): their squared error is their own, their cosine 0 (1 for a zero row).
+        quantized = self._quantized_rows
         batches = [("dense", None, torch.arange(rows))] if dense else []
-        batches.append(("pruned", keep, row_of))
+        batches.append(("pruned", keep[:quantized], row_of[:quantized]))
         step = max(1, _CHUNK_VALUES // max(1, cols))
         squared, cosine = [], []
         for name, batch_keep, batch_rows in batches:
@@ -636,6 +645,9 @@ class _SparsityGroups:
                 )
                 squared.append(found[0])
                 cosine.append(found[1])
+        emptied = self.original_norm[row_of[quantized:]]
+        squared.append(emptied.double().square())
+        cosine.append((emptied == 0).float())
         all_squared = torch.cat(squared) if squared else torch.empty(0, dtype=torch.float64)
         all_cosine = torch.cat(cosine) if cosine else torch.empty(0)
         # (groups, rows): where each group's sampled rows are in the results
@@ -674,7 +686,13 @@ class _SparsityGroups:
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)
             first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
             first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
-            index[pruned] = inverse.view(len(pruned), rows)
+            # the rows that keep something first, then those that keep nothing
+            order = torch.sort(~keep[first].any(dim=1), stable=True).indices
+            self._quantized_rows = int(keep[first].any(dim=1).sum())
+            place = torch.empty_like(order)
+            place[order] = torch.arange(order.numel())
+            index[pruned] = place[inverse].view(len(pruned), rows)
+            first = first[order]
             self._distinct = (keep[first], row_ids[first], index)
         return self._distinct
 
@@ -689,8 +707,7 @@ class _SparsityGroups:
         with the keep-masks `keep` (None: no mask), pruned values zeroed (as `ChunkKeep.multiply`
         zeroes them) and quantized as the pipeline does. `batch` names the rows (the same rows
         under the same name each time)."""
-        original = self.sample.values[row_of]
-        seen = original if keep is None else original * keep
+        original, seen = self._rows(keep, row_of, batch)
         scale, zero_point = self._qparams(seen, keep, quantization, batch)
         levels = quantize_levels(seen, scale, zero_point, quantization.bits)
         decoded = dequantize(levels, scale, zero_point, out=levels)
@@ -707,6 +724,21 @@ class _SparsityGroups:
         both_zero = (original_norm == 0) & (decoded_norm == 0)
         cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
         return squared, cosine
+
+    def _rows(
+        self, keep: torch.Tensor | None, row_of: torch.Tensor, batch: tuple[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the sampled rows `row_of` and the same rows with pruned values zeroed (as
+        `ChunkKeep.multiply` zeroes them), kept for the next quantization while they fit
+        `_HELD_VALUES`."""
+        if batch in self._held:
+            return self._held[batch]
+        original = self.sample.values[row_of]
+        found = (original, original if keep is None else original * keep)
+        if self._held_values + original.numel() <= _HELD_VALUES:
+            self._held[batch] = found
+            self._held_values += original.numel()
+        return found
 
     def _qparams(
         self,
