@@ -1,19 +1,22 @@
 """Measuring candidates with the engine itself: each one's exact bytes and its error.
 
-A table is measured whole (every candidate compressed by `compress_rows`, as `sparq compress`
-does) when it is small, or on a row sample when it is large:
+Every number comes from the engine's own functions, called as `compress_rows` calls them
+(docs/PLAN.md, "Measuring"):
 
 * Bytes are always exact. They follow from the format's formula (`format.spec.part_sizes`) and
-  the kept count; where pruning runs over the whole table the kept count is found from the whole
-  table's block scores (computed by the engine's own functions): the `round(level * n_blocks)`
-  lowest blocks, ties by position, each losing `min(zeros_per_block, its size)` values (edge
-  blocks are partial). Other settings (e.g. per-row scopes) get their kept count from one engine
-  run over the whole table.
-* Errors are estimated on a stratified sample of block rows: strata of equal importance (the
-  row's share of the error denominators), the same number of block rows drawn from each (seeded,
-  so plans are deterministic), and a ratio estimator per stratum. The sample is compressed by
-  `compress_table` at the level that prunes, on those rows, exactly the blocks that the whole
-  table's ranking prunes there, so every sampled row is compressed exactly as in the real run.
+  the kept count: pruned blocks times what one block loses where every block is whole; with
+  partial edge blocks, from the whole table's pruned blocks (the `round(level * n_blocks)`
+  lowest scores, ties by position, or per block row its stable sort's first blocks).
+* Errors of a large table are estimated on a stratified sample of block rows: strata of equal
+  importance (the row's share of the error denominators), the same number of block rows drawn
+  from each (seeded, so plans are deterministic), and a ratio estimator per stratum. Each
+  sampled row is pruned as the whole table's ranking prunes it, so it decodes as in the real
+  run. sparsify-first, the candidates are computed in batches (`_SparsityGroups`): a keep-mask
+  per sparsity, each distinct (row, keep-mask) quantized once per quantization, rows stacked;
+  float16 MSE ranges derived from the float32 search (`DERIVE_NARROW_MSE`). quantize-first,
+  each candidate is one `compress_table` run on the sample.
+* A small table is measured on every row the same way (sparsify-first), or by one
+  `compress_rows` run per candidate (quantize-first).
 """
 
 from __future__ import annotations

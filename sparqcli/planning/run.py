@@ -26,8 +26,9 @@ ProgressCallback = Callable[[str, float], None]
 MIN_SAMPLE_ROWS = 512
 """A sampled table's error is estimated on at least this many rows."""
 SAMPLE_PASSES = 2
-"""Above the minimum, a table's sample is sized so that all its candidates together cost about
-this many runs of the engine over the whole table."""
+"""Above the minimum, a table's sample is `rows * SAMPLE_PASSES / candidates` rows: sized when
+each candidate was one engine run on the sample, so that all of them cost about this many runs
+over the table; computed in batches they cost far less (docs/PLAN.md, "Cost")."""
 _VERIFY_ROUNDS = 3
 
 
