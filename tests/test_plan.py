@@ -207,6 +207,24 @@ def test_kth_values_select_what_the_engine_selects() -> None:
         assert equal == int((flat == value).sum())
 
 
+@pytest.mark.parametrize("sample_rows", [None, 40])
+def test_nan_values_are_refused_naming_the_row(sample_rows: int | None) -> None:
+    from sparqcli.errors import TableError
+
+    table = zipf_table(300, 16, seed=5)
+    table[123, 7] = float("nan")
+    found = candidates(PlanSpace({"bits": [4], "levels": [0, 0.5]}), Sparsity(), Quantization())
+    with pytest.raises(TableError, match="row 123 holds NaN or Inf"):
+        measure_table(
+            lambda a, b: table[a:b],
+            (300, 16),
+            torch.float32,
+            "sparsify-first",
+            found,
+            sample_rows=sample_rows,
+        )
+
+
 def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = mixed
     table = mixed_state()["heavy.weight"]

@@ -195,7 +195,8 @@ def measure_table(
 
 
 class _SampledTable:
-    """A large table: one pass for row norms and block scores, a sample, every candidate on it."""
+    """A table measured on a row sample (or, sparsify-first, on all its rows): one pass for row
+    norms and block scores, the sample, every candidate on it."""
 
     def __init__(
         self,
@@ -269,7 +270,13 @@ class _SampledTable:
         for start in range(0, self.rows, self.chunk_rows):
             stop = min(start + self.chunk_rows, self.rows)
             values = self.read_rows(start, stop).to(torch.float32)
-            row_norms[start:stop] = values.double().square().sum(dim=1)
+            norms = values.double().square().sum(dim=1)
+            if not bool(torch.isfinite(norms).all()):  # as the engine's first pass refuses them
+                bad = ~torch.isfinite(values).all(dim=1)
+                if bool(bad.any()):
+                    row = start + int(bad.nonzero()[0, 0])
+                    raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
+            row_norms[start:stop] = norms
             for key, candidate in score_keys.items():
                 seen = values
                 if self.order == "quantize-first":
