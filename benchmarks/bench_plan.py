@@ -2,11 +2,11 @@
 
 A seeded mixed model: a ROWS x 64 token-like table (Zipf row norms, 5 % near-zero rows), a
 ROWS/10 x 30 heavy-tailed table (partial 1x4 edge blocks) and a ROWS/10 x 48 low-rank table;
-base config: every `*.weight`, default candidates (60 per table). Both run in this process
+base config: every `*.weight`, default candidates (608 per table). Both run in this process
 (torch imported once), each `--repeat` times; the best CPU time (user + system, all threads) of
 each is kept, as it is less disturbed by other load on a shared machine than wall time. Prints
-the ratio plan / compress (the target is <= 10), the plan's bytes and E, and the best uniform
-setting's.
+the ratio plan / compress (the target is <= 10), the plan's bytes and E, the best uniform
+setting's, and the machine's load (load average, `/proc/pressure/cpu`) before and after.
 
     python benchmarks/bench_plan.py [--rows 200000] [--budget 0.1] [--repeat 2]
 """
@@ -14,6 +14,7 @@ setting's.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,16 @@ def build(path: Path, rows: int) -> None:
     torch.save({"tok.weight": token, "heavy.weight": heavy, "lowrank.weight": low_rank}, path)
 
 
+def machine_load() -> str:
+    """Returns the load average and, where Linux has it, the CPU pressure (avg10 of `some`)."""
+    load = f"load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "load ?"
+    try:
+        pressure = Path("/proc/pressure/cpu").read_text().split()[1].split("=")[1]
+        return f"{load}, cpu pressure {pressure} %"
+    except (OSError, IndexError):
+        return load
+
+
 def cpu_seconds(run: object) -> float:
     """Returns the CPU time `run()` takes."""
     started = time.process_time()
@@ -61,6 +72,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    load_before = machine_load()
     with tempfile.TemporaryDirectory() as folder:
         model, base = Path(folder) / "model.pt", Path(folder) / "base.yaml"
         build(model, args.rows)
@@ -81,6 +93,7 @@ def main() -> None:
         plan_times = [cpu_seconds(plan) for _ in range(args.repeat)]
     ratio = min(plan_times) / min(compress_times)
     print(f"model: {args.rows} x 64 + 2 x {max(1, args.rows // 10)} rows, budget {args.budget}")
+    print(f"machine: {load_before} before, {machine_load()} after")
     print(f"compress CPU s: {', '.join(f'{t:.2f}' for t in compress_times)}")
     print(f"plan CPU s:     {', '.join(f'{t:.2f}' for t in plan_times)}")
     print(f"plan / compress: {ratio:.1f}x (target <= {TARGET:g}x)")

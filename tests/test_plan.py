@@ -146,6 +146,85 @@ def test_sampled_errors_are_close_on_a_larger_table() -> None:
         assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
 
 
+@pytest.mark.parametrize(
+    ("block_shape", "zeros_per_block", "norm"),
+    [((1, 4), None, "L1"), ((2, 4), None, "L2"), ((1, 4), 2, "L1")],
+)
+@pytest.mark.parametrize("derive_narrow", [False, True])
+def test_batched_sample_is_the_engine_on_every_axis(
+    block_shape: tuple[int, int],
+    zeros_per_block: int | None,
+    norm: str,
+    derive_narrow: bool,
+) -> None:
+    # The sampled path on a "sample" of every row: its estimates must equal what the engine
+    # (compress_rows) measures, for every axis (scopes, ranges, widths, scale dtypes), partial
+    # edge blocks (203 x 30), zeros_per_block, tied scores and row weights. With float16 MSE
+    # ranges derived from the float32 search, those candidates are within 5 % of the engine (its
+    # float16 search takes its own path: measured up to 3.6 % either way on this table).
+    from sparqcli.planning.measure import _SampledTable
+
+    table = zipf_table(203, 30, seed=3, near_zero=20)
+    table[10:14] = 0.0
+    table[60:64, :8] = 0.5
+    weights = torch.rand(203, generator=torch.Generator().manual_seed(1)) * 3
+    space = PlanSpace({"bits": [1, 3, 8], "levels": [0, 0.3, 0.7], "ranges": ["minmax", "mse"]})
+    base = Sparsity(block_shape=block_shape, zeros_per_block=zeros_per_block, norm=norm)
+    found = candidates(space, base, Quantization())
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    sampled = _SampledTable(
+        read, (203, 30), torch.float32, "sparsify-first", found, weights, 406, "t", derive_narrow
+    ).run(None)
+    assert len(sampled) == len(found) == 3 * 2 * 2 * (1 + 2 * 2)
+    for candidate, option in zip(found, sampled, strict=True):
+        exact = measure_exact(
+            read, (203, 30), torch.float32, "sparsify-first", candidate, weights=weights
+        )
+        assert option.candidate == candidate
+        assert option.bytes == exact.bytes, candidate.label
+        derived = derive_narrow and candidate.label.endswith("mse f16")
+        rel, cosine = (5e-2, 2e-2) if derived else (1e-6, 1e-5)
+        assert option.rel_error == pytest.approx(exact.rel_error, rel=rel), candidate.label
+        assert option.weighted_error == pytest.approx(exact.weighted_error, rel=rel)
+        assert option.row_cosine_min == pytest.approx(exact.row_cosine_min, abs=cosine)
+
+
+def test_kth_values_select_what_the_engine_selects() -> None:
+    from sparqcli.engine.sparsify import kth_smallest
+    from sparqcli.planning.measure import _kth_values
+
+    generator = torch.Generator().manual_seed(4)
+    flat = torch.rand(5000, generator=generator) ** 4
+    flat[:700] = 0.0  # ties at zero
+    flat[1000:1300] = 0.25  # ties inside a bin
+    flat = flat[torch.randperm(5000, generator=generator)]
+    ks = [1, 300, 700, 701, 2500, 2600, 4999, 5000]
+    for k, (value, below, equal) in zip(ks, _kth_values(flat, ks), strict=True):
+        assert (value, below) == kth_smallest(lambda: [flat], k), k
+        assert equal == int((flat == value).sum())
+
+
+@pytest.mark.parametrize("sample_rows", [None, 40])
+def test_nan_values_are_refused_naming_the_row(sample_rows: int | None) -> None:
+    from sparqcli.errors import TableError
+
+    table = zipf_table(300, 16, seed=5)
+    table[123, 7] = float("nan")
+    found = candidates(PlanSpace({"bits": [4], "levels": [0, 0.5]}), Sparsity(), Quantization())
+    with pytest.raises(TableError, match="row 123 holds NaN or Inf"):
+        measure_table(
+            lambda a, b: table[a:b],
+            (300, 16),
+            torch.float32,
+            "sparsify-first",
+            found,
+            sample_rows=sample_rows,
+        )
+
+
 def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = mixed
     table = mixed_state()["heavy.weight"]

@@ -1,19 +1,22 @@
 """Measuring candidates with the engine itself: each one's exact bytes and its error.
 
-A table is measured whole (every candidate compressed by `compress_rows`, as `sparq compress`
-does) when it is small, or on a row sample when it is large:
+Every number comes from the engine's own functions, called as `compress_rows` calls them
+(docs/PLAN.md, "Measuring"):
 
 * Bytes are always exact. They follow from the format's formula (`format.spec.part_sizes`) and
-  the kept count; where pruning runs over the whole table the kept count is found from the whole
-  table's block scores (computed by the engine's own functions): the `round(level * n_blocks)`
-  lowest blocks, ties by position, each losing `min(zeros_per_block, its size)` values (edge
-  blocks are partial). Other settings (e.g. per-row scopes) get their kept count from one engine
-  run over the whole table.
-* Errors are estimated on a stratified sample of block rows: strata of equal importance (the
-  row's share of the error denominators), the same number of block rows drawn from each (seeded,
-  so plans are deterministic), and a ratio estimator per stratum. The sample is compressed by
-  `compress_table` at the level that prunes, on those rows, exactly the blocks that the whole
-  table's ranking prunes there, so every sampled row is compressed exactly as in the real run.
+  the kept count: pruned blocks times what one block loses where every block is whole; with
+  partial edge blocks, from the whole table's pruned blocks (the `round(level * n_blocks)`
+  lowest scores, ties by position, or per block row its stable sort's first blocks).
+* Errors of a large table are estimated on a stratified sample of block rows: strata of equal
+  importance (the row's share of the error denominators), the same number of block rows drawn
+  from each (seeded, so plans are deterministic), and a ratio estimator per stratum. Each
+  sampled row is pruned as the whole table's ranking prunes it, so it decodes as in the real
+  run. sparsify-first, the candidates are computed in batches (`_SparsityGroups`): a keep-mask
+  per sparsity, each distinct (row, keep-mask) quantized once per quantization, rows stacked;
+  float16 MSE ranges derived from the float32 search (`DERIVE_NARROW_MSE`). quantize-first,
+  each candidate is one `compress_table` run on the sample.
+* A small table is measured on every row the same way (sparsify-first), or by one
+  `compress_rows` run per candidate (quantize-first).
 """
 
 from __future__ import annotations
@@ -28,11 +31,25 @@ import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
 from sparqcli.engine.pipeline import compress_rows, compress_table
-from sparqcli.engine.quantize import dequantize, quantize_levels, row_qparams
-from sparqcli.engine.sparsify import block_scores, blocks_to_prune, kth_smallest, value_norms
+from sparqcli.engine.quantize import (
+    dequantize,
+    mse_qparams,
+    qparams_from_range,
+    quantize_levels,
+    row_errors,
+    row_qparams,
+)
+from sparqcli.engine.sparsify import (
+    ChunkKeep,
+    block_scores,
+    blocks_to_prune,
+    value_norms,
+)
+from sparqcli.engine.stats import row_norms, row_sums
+from sparqcli.errors import TableError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
-from sparqcli.settings import Order
+from sparqcli.settings import Order, Quantization, Sparsity
 
 RowReader = Callable[[int, int], torch.Tensor]
 Progress = Callable[[float], None]
@@ -42,6 +59,12 @@ STRATA = 32
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""
 _CHUNK_VALUES = 1 << 20
+DERIVE_NARROW_MSE = True
+"""Sampled tables: a float16/bfloat16 MSE candidate's range is the float32 search's (see
+`_SparsityGroups._qparams`)."""
+_HELD_VALUES = 1 << 22
+"""A sample's rows as each sparsity leaves them are kept between quantizations up to this many
+values (twice 16 MiB); past it they are made again for each quantization."""
 SMALL_TABLE_VALUES = 1 << 20
 """Tables of at most this many values are measured on one thread (see `one_thread`)."""
 
@@ -86,13 +109,22 @@ def measure_exact(
     *,
     weights: torch.Tensor | None = None,
     name: str = "table",
+    threads: int | None = None,
 ) -> Option:
     """Returns `candidate` measured on the whole table, with the engine as `sparq compress` runs it.
 
-    Raises TableError for NaN/Inf values.
+    `threads` as for `compress_rows` (`sparq compress` passes its thread count). Raises
+    TableError for NaN/Inf values.
     """
     table, stats = compress_rows(
-        read_rows, shape, dtype, order, candidate.sparsity, candidate.quantization, name=name
+        read_rows,
+        shape,
+        dtype,
+        order,
+        candidate.sparsity,
+        candidate.quantization,
+        name=name,
+        threads=threads,
     )
     weighted = stats.rel_error
     if weights is not None:
@@ -122,11 +154,29 @@ def measure_table(
     """Returns every candidate measured on one table, in the order given.
 
     With `sample_rows` below half the table's rows, errors are estimated on about that many
-    rows (bytes stay exact); otherwise every candidate runs on the whole table.
+    rows (bytes stay exact); otherwise every row is measured: sparsify-first by the batched
+    evaluation over all rows (options not marked exact: the engine's figures up to float
+    rounding), quantize-first by one engine run per candidate (exact).
     `weights` holds one non-negative float per row. Raises TableError for NaN/Inf values.
     """
     rows = shape[0]
-    if sample_rows is None or 2 * sample_rows >= rows:
+    whole = sample_rows is None or 2 * sample_rows >= rows
+    if order == "sparsify-first":
+        # A whole table is measured as a sample of every row (the estimators are then the
+        # errors themselves), with no float16 range derived: every option is the engine's,
+        # up to the order of float sums (marked not exact: a chosen one is verified).
+        return _SampledTable(
+            read_rows,
+            shape,
+            dtype,
+            order,
+            candidates,
+            weights,
+            2 * rows if whole else sample_rows,
+            name,
+            derive_narrow=DERIVE_NARROW_MSE and not whole,
+        ).run(progress)
+    if whole:
         options = []
         small = rows * shape[1] <= SMALL_TABLE_VALUES
         with one_thread() if small else contextlib.nullcontext():
@@ -145,7 +195,8 @@ def measure_table(
 
 
 class _SampledTable:
-    """A large table: one pass for row norms and block scores, a sample, every candidate on it."""
+    """A table measured on a row sample (or, sparsify-first, on all its rows): one pass for row
+    norms and block scores, the sample, every candidate on it."""
 
     def __init__(
         self,
@@ -157,8 +208,10 @@ class _SampledTable:
         weights: torch.Tensor | None,
         sample_rows: int,
         name: str,
+        derive_narrow: bool = False,
     ) -> None:
         self.read_rows = read_rows
+        self.derive_narrow = derive_narrow
         self.shape = shape
         self.dtype = dtype
         self.order = order
@@ -173,26 +226,29 @@ class _SampledTable:
         self.chunk_rows = max(step, _CHUNK_VALUES // max(1, self.cols) // step * step)
         self.scores: dict[tuple[Any, ...], torch.Tensor] = {}
         self.pruned: dict[tuple[Any, ...], torch.Tensor] = {}
-        self.lost: dict[tuple[Any, ...], int] = {}
-        self.kept_by_engine: dict[tuple[Any, ...], tuple[int, bool]] = {}
+        self.lost: dict[tuple[Any, ...], tuple[int, bool]] = {}
+        self.row_ranks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.kth: dict[tuple[Any, ...], tuple[float, int, int]] = {}
         self.samples: dict[int, _Sample] = {}
 
     def run(self, progress: Progress | None) -> list[Option]:
-        score_keys = {self._score_key(c): c for c in self.candidates if self._ranked_over_table(c)}
-        row_norms = self._first_pass(score_keys)
-        heights = sorted(
-            {fit_blocks(self.shape, c.sparsity.block_shape)[0] for c in self.candidates}
-        )
-        for height in heights:
-            self.samples[height] = self._draw(row_norms, height)
-        self._gather()
-        options = []
         with one_thread():
+            score_keys = {self._score_key(c): c for c in self.candidates if c.prunes}
+            row_norms = self._first_pass(score_keys)
+            heights = sorted(
+                {fit_blocks(self.shape, c.sparsity.block_shape)[0] for c in self.candidates}
+            )
+            for height in heights:
+                self.samples[height] = self._draw(row_norms, height)
+            self._gather()
+            if self.order == "sparsify-first":
+                return self._measure_batched(progress)
+            options = []
             for index, candidate in enumerate(self.candidates):
                 options.append(self._measure(candidate))
                 if progress is not None:
                     progress((index + 1) / len(self.candidates))
-        return options
+            return options
 
     # -- pass 1: row norms and the whole table's block scores -----------------------------------
 
@@ -214,11 +270,17 @@ class _SampledTable:
         for start in range(0, self.rows, self.chunk_rows):
             stop = min(start + self.chunk_rows, self.rows)
             values = self.read_rows(start, stop).to(torch.float32)
-            row_norms[start:stop] = values.double().square().sum(dim=1)
+            norms = values.double().square().sum(dim=1)
+            if not bool(torch.isfinite(norms).all()):  # as the engine's first pass refuses them
+                bad = ~torch.isfinite(values).all(dim=1)
+                if bool(bad.any()):
+                    row = start + int(bad.nonzero()[0, 0])
+                    raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
+            row_norms[start:stop] = norms
             for key, candidate in score_keys.items():
                 seen = values
                 if self.order == "quantize-first":
-                    scale, zero_point = row_qparams(values, candidate.quantization, start)
+                    scale, zero_point = _engine_qparams(values, candidate.quantization, start)
                     levels = quantize_levels(values, scale, zero_point, candidate.quantization.bits)
                     seen = dequantize(levels, scale, zero_point)
                 norms = value_norms(seen, candidate.sparsity.norm)
@@ -289,54 +351,173 @@ class _SampledTable:
 
     # -- one candidate -------------------------------------------------------------------------
 
+    def _measure_batched(self, progress: Progress | None) -> list[Option]:
+        """Returns every candidate measured on its sample (sparsify-first), computed in batches.
+
+        Per sample, each distinct sparsity gives the sample's keep-mask (the whole table's
+        pruned blocks on the sampled block rows) and its pruned values; then each distinct
+        quantization quantizes the pruned values of every sparsity at once, rows stacked (the
+        qparams, codes and decoded values of a row depend on that row only). Every step is the
+        engine's own function, as `compress_rows` calls it, so each sampled row decodes exactly
+        as in the real run.
+        """
+        options: list[Option | None] = [None] * len(self.candidates)
+        quantizations = list(dict.fromkeys(c.quantization for c in self.candidates))
+        steps = len(quantizations) * len(self.samples)
+        done = 0
+        for height, sample in self.samples.items():
+            mine = [
+                index
+                for index, candidate in enumerate(self.candidates)
+                if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
+            ]
+            groups = _SparsityGroups(sample)
+            groups.derive_narrow = self.derive_narrow
+            group_of: dict[int, int] = {}
+            for index in mine:
+                candidate = self.candidates[index]
+                kept, prunes = self._kept(candidate)
+                key = candidate.sparsity if prunes else None
+                if key not in groups.keys:
+                    pruned = self._pruned_blocks(candidate, sample.units) if prunes else None
+                    groups.add(key, pruned)
+                group_of[index] = groups.keys[key]
+            by_quantization: dict[Quantization, list[int]] = {q: [] for q in quantizations}
+            for index in mine:
+                by_quantization[self.candidates[index].quantization].append(index)
+            for quantization in quantizations:
+                wanted = by_quantization[quantization]
+                if wanted:
+                    needed = sorted({group_of[i] for i in wanted})
+                    try:
+                        figures = groups.errors(needed, quantization)
+                    except TableError as error:
+                        raise TableError(f"{self.name}: {error}") from None
+                    for index in wanted:
+                        candidate = self.candidates[index]
+                        rel, weighted, cosine = figures[group_of[index]]
+                        kept, prunes = self._kept(candidate)
+                        size = self._bytes(candidate, kept, prunes)
+                        options[index] = Option(candidate, size, rel, weighted, cosine, False)
+                done += 1
+                if progress is not None:
+                    progress(done / steps)
+        return [option for option in options if option is not None]
+
     def _measure(self, candidate: Candidate) -> Option:
+        """Returns `candidate` measured by one engine run on its sample (quantize-first)."""
         height = fit_blocks(self.shape, candidate.sparsity.block_shape)[0]
         sample = self.samples[height]
         sparsity = candidate.sparsity
+        kept, prunes = self._kept(candidate)
         if self._ranked_over_table(candidate):
             pruned = self._pruned_blocks(candidate)
-            lost_key = (*self._score_key(candidate), candidate.sparsity.level, "lost")
-            if lost_key not in self.lost:
-                self.lost[lost_key] = self._lost_values(candidate, pruned)
-            kept = self.values - self.lost[lost_key]
             in_sample = int(pruned[sample.units].sum())
             n_sample_blocks = sample.units.numel() * pruned.shape[1]
             sparsity = replace(sparsity, level=in_sample / n_sample_blocks)
-            prunes = blocks_to_prune(candidate.sparsity.level, pruned.numel()) > 0
-        elif candidate.prunes:
-            kept, prunes = self._kept_from_engine(candidate)
-        else:
-            kept, prunes = self.values, False
         table, _ = compress_table(
             sample.values, self.order, sparsity, candidate.quantization, name=self.name
         )
         rel, weighted, cosine = sample.errors(table.decode())
+        return Option(candidate, self._bytes(candidate, kept, prunes), rel, weighted, cosine, False)
+
+    def _bytes(self, candidate: Candidate, kept: int, prunes: bool) -> int:
+        """Returns the table's exact stored bytes under `candidate`, given its kept count."""
         mask = "none"
         if prunes and candidate.sparsity.effective_zeros_per_block > 0:
             mask = "block" if candidate.sparsity.prunes_whole_blocks else "value"
         sizes = part_sizes(
             self.shape, kept, candidate.quantization.bits, mask, candidate.sparsity.block_shape
         )
-        size = file_bytes(sizes, candidate.quantization.scale_dtype)
-        return Option(candidate, size, rel, weighted, cosine, exact=False)
+        return file_bytes(sizes, candidate.quantization.scale_dtype)
 
-    def _pruned_blocks(self, candidate: Candidate) -> torch.Tensor:
-        """Returns the whole table's pruned blocks (bool, the block grid) under `candidate`."""
-        key = (*self._score_key(candidate), candidate.sparsity.level)
-        if key not in self.pruned:
-            scores = self.scores[self._score_key(candidate)]
-            flat = scores.reshape(-1)
-            k = blocks_to_prune(candidate.sparsity.level, flat.numel())
-            pruned = torch.zeros(flat.numel(), dtype=torch.bool)
-            if k >= flat.numel():
-                pruned[:] = True
-            elif k > 0:
-                value, below = kth_smallest(lambda: [flat], k)
-                pruned = flat < value
-                ties = torch.nonzero(flat == value).flatten()[: k - below]
-                pruned[ties] = True
+    def _kept(self, candidate: Candidate) -> tuple[int, bool]:
+        """Returns the whole table's kept count under `candidate` and whether anything is pruned
+        (as the engine decides it: no block to prune means no mask).
+
+        Each pruned block loses `min(zeros_per_block, its size)` values. Where every block is
+        whole, that is the number of pruned blocks (`round(level * n_blocks)`, or per block row
+        `round(level * n_block_cols)`) times one block's loss; with partial edge blocks, the
+        whole table's pruned blocks say which blocks lose fewer.
+        """
+        if not candidate.prunes:
+            return self.values, False
+        sparsity = candidate.sparsity
+        key = (*self._score_key(candidate), sparsity.level, sparsity.scope, "kept")
+        if key not in self.lost:
+            zeros = sparsity.effective_zeros_per_block
+            bh, bw = fit_blocks(self.shape, sparsity.block_shape)
+            n_block_rows, n_block_cols = block_grid(self.shape, sparsity.block_shape)
+            if sparsity.scope == "row":
+                per_row = min(blocks_to_prune(sparsity.level, n_block_cols), n_block_cols)
+                n_pruned = per_row * n_block_rows if n_block_cols else 0
+            else:
+                n_pruned = blocks_to_prune(sparsity.level, n_block_rows * n_block_cols)
+            if self.rows % bh == 0 and self.cols % bw == 0:
+                lost = n_pruned * min(zeros, bh * bw)
+            else:
+                lost = self._lost_values(candidate, self._pruned_blocks(candidate))
+            self.lost[key] = (lost, n_pruned > 0)
+        lost, prunes = self.lost[key]
+        return self.values - lost, prunes
+
+    def _pruned_blocks(
+        self, candidate: Candidate, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns the pruned blocks (bool) of block rows `units` (None: the whole block grid)
+        under `candidate`, as the engine prunes the whole table.
+
+        `scope: table`: the `round(level * n_blocks)` lowest scores of the whole table, ties by
+        position (the engine's radix select); `scope: row`: in each block row, the
+        `round(level * n_block_cols)` first blocks of its stable ascending sort, as
+        `RowBlockPruner` prunes (a block row's own scores decide: only `units` are ranked).
+        """
+        score_key = self._score_key(candidate)
+        scores = self.scores[score_key]
+        if candidate.sparsity.scope == "row":
+            rank_key = (*score_key, None if units is None else id(units))
+            if rank_key not in self.row_ranks:
+                chosen = scores if units is None else scores[units]
+                order = torch.sort(chosen, dim=1, stable=True).indices
+                ranks = torch.empty_like(order)
+                ranks.scatter_(1, order, torch.arange(chosen.shape[1]).expand_as(order))
+                self.row_ranks[rank_key] = ranks
+            per_row = blocks_to_prune(candidate.sparsity.level, scores.shape[1])
+            return self.row_ranks[rank_key] < per_row
+        flat = scores.reshape(-1)
+        k = blocks_to_prune(candidate.sparsity.level, flat.numel())
+        chosen = scores if units is None else scores[units]
+        if k <= 0:
+            return torch.zeros_like(chosen, dtype=torch.bool)
+        if k >= flat.numel():
+            return torch.ones_like(chosen, dtype=torch.bool)
+        value, below, equal = self._kth_score(candidate, k)
+        if below + equal == k:  # every block scoring the threshold is pruned
+            return chosen <= value
+        key = (*score_key, k)
+        if key not in self.pruned:  # some ties are kept: the first ones by position are pruned
+            pruned = flat < value
+            pruned[torch.nonzero(flat == value).flatten()[: k - below]] = True
             self.pruned[key] = pruned.view(scores.shape)
-        return self.pruned[key]
+        pruned = self.pruned[key]
+        return pruned if units is None else pruned[units]
+
+    def _kth_score(self, candidate: Candidate, k: int) -> tuple[float, int, int]:
+        """Returns the k-th smallest block score of the whole table (`scope: table`), how many
+        score less, and how many score the same; found for every level of the candidates at
+        once (`_kth_values`)."""
+        score_key = self._score_key(candidate)
+        if (*score_key, k) not in self.kth:
+            flat = self.scores[score_key].reshape(-1)
+            ks = {
+                blocks_to_prune(c.sparsity.level, flat.numel())
+                for c in self.candidates
+                if self._ranked_over_table(c) and self._score_key(c) == score_key
+            }
+            ks = sorted(j for j in ks | {k} if 0 < j < flat.numel())
+            for j, found in zip(ks, _kth_values(flat, ks), strict=True):
+                self.kth[(*score_key, j)] = found
+        return self.kth[(*score_key, k)]
 
     def _lost_values(self, candidate: Candidate, pruned: torch.Tensor) -> int:
         """Returns how many values the pruned blocks lose (edge blocks hold fewer)."""
@@ -347,29 +528,8 @@ class _SampledTable:
         widths = torch.full((n_cols,), bw, dtype=torch.int64)
         heights[-1] = self.rows - (n_rows - 1) * bh
         widths[-1] = self.cols - (n_cols - 1) * bw
-        if bool((heights == bh).all()) and bool((widths == bw).all()):
-            return int(pruned.sum()) * min(zeros, bh * bw)
         sizes = (heights[:, None] * widths[None, :]).clamp_(max=zeros)
         return int((sizes * pruned).sum())
-
-    def _kept_from_engine(self, candidate: Candidate) -> tuple[int, bool]:
-        """Returns the kept count and whether anything is pruned, from a whole-table run."""
-        key = (
-            candidate.sparsity,
-            candidate.quantization if self.order == "quantize-first" else None,
-        )
-        if key not in self.kept_by_engine:
-            table, _ = compress_rows(
-                self.read_rows,
-                self.shape,
-                self.dtype,
-                self.order,
-                candidate.sparsity,
-                candidate.quantization,
-                name=self.name,
-            )
-            self.kept_by_engine[key] = (int(table.codes.numel()), table.keep_mask is not None)
-        return self.kept_by_engine[key]
 
 
 @dataclass
@@ -385,38 +545,287 @@ class _Sample:
     values: torch.Tensor | None = None
 
     def finish(self, weights: torch.Tensor | None) -> None:
-        """Precomputes, per stratum, the positions of its rows in the sample and their masses."""
+        """Precomputes each sampled row's factor in the ratio estimators of its stratum.
+
+        A stratum's error sum is estimated as its exact ||W||^2 mass times the sampled rows'
+        error sum over their ||W||^2 sum: each row's error counts `mass / sampled` times (0 for
+        rows in no stratum: the low-norm rows, drawn only for the row-cosine gate).
+        """
         position = {int(unit): index for index, unit in enumerate(self.units.tolist())}
         unit_of_row = torch.div(self.rows, self.height, rounding_mode="floor")
         row_index = torch.tensor([position[int(u)] for u in unit_of_row.tolist()], dtype=torch.long)
-        self.row_unit = row_index
         norms = self.values.double().square().sum(dim=1)
-        self.row_weights = weights.double()[self.rows] if weights is not None else None
-        self.row_norms = norms
-        self.members = []
+        row_weights = weights.double()[self.rows] if weights is not None else None
+        self.factor_u = torch.zeros_like(norms)
+        self.factor_w = torch.zeros_like(norms)
         for units, mass_w, mass_u in self.strata:
             slots = torch.tensor([position[int(u)] for u in units.tolist()], dtype=torch.long)
             in_stratum = torch.isin(row_index, slots)
-            w = self.row_weights[in_stratum] if self.row_weights is not None else None
             sampled_u = float(norms[in_stratum].sum())
-            sampled_w = float((norms[in_stratum] * w).sum()) if w is not None else sampled_u
-            self.members.append((in_stratum, mass_w, mass_u, sampled_w, sampled_u))
+            if row_weights is None:
+                sampled_w, w = sampled_u, 1.0
+            else:
+                w = row_weights[in_stratum]
+                sampled_w = float((norms[in_stratum] * w).sum())
+            if sampled_u > 0:
+                self.factor_u[in_stratum] = mass_u / sampled_u
+            if sampled_w > 0:
+                self.factor_w[in_stratum] = w * (mass_w / sampled_w)
+
+    def estimate(self, squared: torch.Tensor) -> list[tuple[float, float]]:
+        """Returns the estimated (rel_error, weighted_error) of each row of `squared`: float64
+        (options, sampled rows), each sampled row's squared error under one option."""
+        num_u = (squared @ self.factor_u).tolist()
+        num_w = (squared @ self.factor_w).tolist()
+        return [
+            (
+                math.sqrt(max(0.0, u) / self.total_u) if self.total_u > 0 else 0.0,
+                math.sqrt(max(0.0, w) / self.total_w) if self.total_w > 0 else 0.0,
+            )
+            for u, w in zip(num_u, num_w, strict=True)
+        ]
 
     def errors(self, decoded: torch.Tensor) -> tuple[float, float, float]:
         """Returns the estimated (rel_error, weighted_error) and the sample's smallest row cosine."""
         original = self.values
-        diff = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
-        num_u = num_w = 0.0
-        for in_stratum, mass_w, mass_u, sampled_w, sampled_u in self.members:
-            err = diff[in_stratum]
-            if sampled_u > 0:
-                num_u += mass_u * float(err.sum()) / sampled_u
-            if sampled_w > 0:
-                w = self.row_weights[in_stratum] if self.row_weights is not None else None
-                num_w += mass_w * float((err * w).sum() if w is not None else err.sum()) / sampled_w
-        rel = math.sqrt(num_u / self.total_u) if self.total_u > 0 else 0.0
-        weighted = math.sqrt(num_w / self.total_w) if self.total_w > 0 else 0.0
+        squared = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
+        [(rel, weighted)] = self.estimate(squared[None])
         return rel, weighted, _row_cosine_min(original, decoded)
+
+
+class _SparsityGroups:
+    """A sample's distinct sparsities (None: no pruning), each one's keep-mask, and the errors
+    of all of them under a quantization, computed at once.
+
+    A sampled row's qparams, codes and decoded values depend on that row's values and keep-mask
+    only, so each distinct (row, keep-mask) is quantized once: a row that several levels or
+    scopes prune alike (rows no level touches, levels that prune as many blocks per block row)
+    costs one row. Rows without pruning (no mask at all) are a batch of their own, where the
+    MSE search sees no mask (`keep` None), as in the engine. Only the masks are held (a byte
+    per sampled value and sparsity); rows are quantized in chunks of `_CHUNK_VALUES` values.
+    """
+
+    def __init__(self, sample: _Sample) -> None:
+        self.sample = sample
+        self.keys: dict[Any, int] = {}
+        self.keep: list[torch.Tensor | None] = []
+        self.original_norm = row_norms(sample.values)
+        self._distinct: tuple[torch.Tensor, ...] | None = None
+        self._quantized_rows = 0
+        self.derive_narrow = False
+        self._wide_mse: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held_values = 0
+
+    def add(self, sparsity: Sparsity | None, pruned_blocks: torch.Tensor | None) -> int:
+        """Returns the group of `sparsity` pruning `pruned_blocks` (the sample's block grid),
+        its keep-mask made as the pipeline's second pass makes a chunk's.
+        Every group is added before the first `errors`."""
+        if sparsity not in self.keys:
+            keep = None
+            if sparsity is not None:
+                norms = value_norms(self.sample.values, sparsity.norm)
+                keep = ChunkKeep(norms, pruned_blocks, sparsity).dense().contiguous()
+            self.keys[sparsity] = len(self.keep)
+            self.keep.append(keep)
+        return self.keys[sparsity]
+
+    def errors(
+        self, groups: list[int], quantization: Quantization
+    ) -> dict[int, tuple[float, float, float]]:
+        """Returns (rel_error, weighted_error, row_cosine_min) of each group under
+        `quantization`, estimated on the sample. Raises TableError where the engine would."""
+        rows, cols = self.sample.values.shape
+        keep, row_of, index = self.distinct()
+        dense = any(self.keep[g] is None for g in groups)
+        dense_rows = rows if dense else 0
+        # Rows that keep nothing decode to zeros whatever their qparams (distinct() puts them
+        # last): their squared error is their own, their cosine 0 (1 for a zero row).
+        quantized = self._quantized_rows
+        batches = [("dense", None, torch.arange(rows))] if dense else []
+        batches.append(("pruned", keep[:quantized], row_of[:quantized]))
+        step = max(1, _CHUNK_VALUES // max(1, cols))
+        squared, cosine = [], []
+        for name, batch_keep, batch_rows in batches:
+            for start in range(0, batch_rows.numel(), step):
+                stop = min(start + step, batch_rows.numel())
+                chunk_keep = None if batch_keep is None else batch_keep[start:stop]
+                found = self._decode(
+                    chunk_keep, batch_rows[start:stop], quantization, (name, start)
+                )
+                squared.append(found[0])
+                cosine.append(found[1])
+        emptied = self.original_norm[row_of[quantized:]]
+        squared.append(emptied.double().square())
+        cosine.append((emptied == 0).float())
+        all_squared = torch.cat(squared) if squared else torch.empty(0, dtype=torch.float64)
+        all_cosine = torch.cat(cosine) if cosine else torch.empty(0)
+        # (groups, rows): where each group's sampled rows are in the results
+        positions = torch.stack(
+            [torch.arange(rows) if self.keep[g] is None else index[g] + dense_rows for g in groups]
+        )
+        estimates = self.sample.estimate(all_squared[positions])
+        lowest = all_cosine[positions].amin(dim=1).tolist() if rows else [1.0] * len(groups)
+        return {
+            group: (rel, weighted, low)
+            for group, (rel, weighted), low in zip(groups, estimates, lowest, strict=True)
+        }
+
+    def distinct(self) -> tuple[torch.Tensor, ...]:
+        """Returns the distinct pruned rows: their keep-masks, their rows in the sample, and for
+        each group and sampled row the index of its distinct row (-1 for groups without
+        pruning)."""
+        if self._distinct is None:
+            rows, cols = self.sample.values.shape
+            pruned = [g for g in range(len(self.keep)) if self.keep[g] is not None]
+            index = torch.full((len(self.keep), rows), -1, dtype=torch.long)
+            if not pruned or rows == 0:
+                self._distinct = (
+                    torch.empty((0, cols), dtype=torch.bool),
+                    torch.empty(0, dtype=torch.long),
+                    index,
+                )
+                return self._distinct
+            keep = torch.stack([self.keep[g] for g in pruned]).view(-1, cols)
+            row_ids = torch.arange(rows).repeat(len(pruned))
+            # a key per (row, keep-mask): the row, then the mask's bits packed 62 to an int64
+            pad = -cols % 62
+            bits = torch.nn.functional.pad(keep, (0, pad)).view(keep.shape[0], -1, 62).long()
+            packed = (bits << torch.arange(62)).sum(dim=2)
+            keys = torch.cat([row_ids[:, None], packed], dim=1)
+            _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
+            first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
+            # the rows that keep something first, then those that keep nothing
+            order = torch.sort(~keep[first].any(dim=1), stable=True).indices
+            self._quantized_rows = int(keep[first].any(dim=1).sum())
+            place = torch.empty_like(order)
+            place[order] = torch.arange(order.numel())
+            index[pruned] = place[inverse].view(len(pruned), rows)
+            first = first[order]
+            self._distinct = (keep[first], row_ids[first], index)
+        return self._distinct
+
+    def _decode(
+        self,
+        keep: torch.Tensor | None,
+        row_of: torch.Tensor,
+        quantization: Quantization,
+        batch: tuple[str, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns each row's squared error (float64) and row cosine: the sampled rows `row_of`
+        with the keep-masks `keep` (None: no mask), pruned values zeroed (as `ChunkKeep.multiply`
+        zeroes them) and quantized as the pipeline does. `batch` names the rows (the same rows
+        under the same name each time)."""
+        original, seen = self._rows(keep, row_of, batch)
+        scale, zero_point = self._qparams(seen, keep, quantization, batch)
+        levels = quantize_levels(seen, scale, zero_point, quantization.bits)
+        decoded = dequantize(levels, scale, zero_point, out=levels)
+        if keep is not None:
+            decoded *= keep
+        # Per row as the engine's statistics reduce them (engine/stats.py): float32 norms of
+        # the original, the decoded values and the error, and their dot product.
+        original_norm = self.original_norm[row_of]
+        decoded_norm = row_norms(decoded)
+        dot = row_sums(original * decoded)
+        squared = row_norms(decoded.sub_(original)).double().square_()
+        denominator = original_norm * decoded_norm
+        cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
+        both_zero = (original_norm == 0) & (decoded_norm == 0)
+        cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
+        return squared, cosine
+
+    def _rows(
+        self, keep: torch.Tensor | None, row_of: torch.Tensor, batch: tuple[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the sampled rows `row_of` and the same rows with pruned values zeroed (as
+        `ChunkKeep.multiply` zeroes them), kept for the next quantization while they fit
+        `_HELD_VALUES`."""
+        if batch in self._held:
+            return self._held[batch]
+        original = self.sample.values[row_of]
+        found = (original, original if keep is None else original * keep)
+        if self._held_values + original.numel() <= _HELD_VALUES:
+            self._held[batch] = found
+            self._held_values += original.numel()
+        return found
+
+    def _qparams(
+        self,
+        seen: torch.Tensor,
+        keep: torch.Tensor | None,
+        quantization: Quantization,
+        batch: tuple[str, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the rows' qparams: the engine's, except that with `derive_narrow`, a float16
+        or bfloat16 MSE range is the float32 search's range, rounded as that dtype stores it
+        (the search itself is run once per width, for float32)."""
+        if quantization.range == "minmax":
+            return row_qparams(seen, quantization)
+        wide = replace(quantization, scale_dtype="float32")
+        derive = self.derive_narrow and quantization.scale_dtype != "float32"
+        if quantization.scale_dtype != "float32" and not derive:
+            return mse_qparams(seen, quantization, keep)
+        key = (*batch, quantization.bits)
+        if key not in self._wide_mse:
+            self._wide_mse[key] = mse_qparams(seen, wide, keep)
+        scale, zero_point = self._wide_mse[key]
+        if not derive:
+            return scale, zero_point
+        low = -1 * zero_point * scale
+        high = low + scale * float(quantization.quant_max)
+        scale, zero_point = qparams_from_range(low, high, quantization, check=False)
+        # As in the search, a row keeps min/max's qparams where they do better (rows whose
+        # float16 rounding dominates: near-zero rows); min/max's raise where the engine would.
+        minmax_scale, minmax_zero_point = row_qparams(seen, quantization)
+        weights = None if keep is None else keep.float()
+        derived = row_errors(seen, weights, scale, zero_point, quantization.bits)
+        minmax = row_errors(seen, weights, minmax_scale, minmax_zero_point, quantization.bits)
+        better = derived.nan_to_num_(nan=float("inf")) < minmax
+        return (
+            torch.where(better, scale, minmax_scale),
+            torch.where(better, zero_point, minmax_zero_point),
+        )
+
+
+def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:
+    """Returns, for each k (1-based, ascending), the k-th smallest of non-negative float32
+    values, how many values are smaller and how many equal it.
+
+    The value `engine.sparsify.kth_smallest` selects, for several k in one pass: non-negative
+    floats order like their int32 bits, so one histogram of the high 16 bits gives each k's bin,
+    and the values of those few bins are sorted.
+    """
+    bits = flat.view(torch.int32)
+    high = bits >> 16
+    counts = torch.bincount(high, minlength=1 << 15)
+    cumulative = torch.cumsum(counts, 0)
+    bins = torch.searchsorted(cumulative, torch.tensor(ks, dtype=cumulative.dtype)).tolist()
+    in_bin: dict[int, torch.Tensor] = {}
+    found = []
+    for k, bin_index in zip(ks, bins, strict=True):
+        if bin_index not in in_bin:
+            in_bin[bin_index] = torch.sort(flat[high == bin_index]).values
+        ordered = in_bin[bin_index]
+        before = int(cumulative[bin_index - 1]) if bin_index > 0 else 0
+        value = ordered[k - before - 1]
+        below = before + int(torch.searchsorted(ordered, value, right=False))
+        equal = int(torch.searchsorted(ordered, value, right=True)) - (below - before)
+        found.append((float(value), below, equal))
+    return found
+
+
+def _engine_qparams(
+    values: torch.Tensor,
+    quantization: Quantization,
+    first_row: int,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the qparams the pipeline gives rows `values` (pruned values zeroed, kept ones
+    marked by `keep`; None: all kept): min/max or the MSE range search."""
+    if quantization.range == "minmax":
+        return row_qparams(values, quantization, first_row)
+    return mse_qparams(values, quantization, keep, first_row)
 
 
 @contextlib.contextmanager

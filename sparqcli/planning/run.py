@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparqcli.config import Config, Rule
 from sparqcli.errors import InputError, UsageError
+from sparqcli.parallel import resolve_threads
 from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, exact_pattern, model_error
 from sparqcli.planning.search import Allocator
 from sparqcli.planning.space import PlanSpace, candidates
@@ -25,8 +26,9 @@ ProgressCallback = Callable[[str, float], None]
 MIN_SAMPLE_ROWS = 512
 """A sampled table's error is estimated on at least this many rows."""
 SAMPLE_PASSES = 2
-"""Above the minimum, a table's sample is sized so that all its candidates together cost about
-this many runs of the engine over the whole table."""
+"""Above the minimum, a table's sample is `rows * SAMPLE_PASSES / candidates` rows: sized when
+each candidate was one engine run on the sample, so that all of them cost about this many runs
+over the table; computed in batches they cost far less (docs/PLAN.md, "Cost")."""
 _VERIFY_ROUNDS = 3
 
 
@@ -156,6 +158,9 @@ def plan(
         if not indices:
             raise UsageError(_no_candidate(table))
 
+    # Verification runs are compressions: with the thread count `sparq compress` takes.
+    threads, _ = resolve_threads()
+
     def verify_choice(t: int, index: int) -> Option:
         checkpoint, selected, row_weight = readers[t]
         with checkpoint.row_reader(selected.key) as read_rows:
@@ -167,6 +172,7 @@ def plan(
                 tables[t].options[index].candidate,
                 weights=row_weight,
                 name=f"{checkpoint.name}: {selected.key}",
+                threads=threads,
             )
 
     verified = False

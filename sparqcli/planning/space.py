@@ -19,6 +19,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ class Candidate:
         """Returns True when the settings ask for any pruning."""
         return self.sparsity.level > 0 and self.sparsity.effective_zeros_per_block > 0
 
-    @property
+    @functools.cached_property
     def uniform_key(self) -> tuple[Any, ...]:
         """Returns the candidate's axis values: equal for the same setting on every table."""
         return tuple(_axis_value(self, axis) for axis in AXES)
@@ -149,6 +150,10 @@ class Candidate:
         return {"sparsity": self.sparsity.to_dict(), "quantization": self.quantization.to_dict()}
 
 
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _axis_value(candidate: Candidate, axis: Axis) -> Any:
     if not candidate.prunes and axis.section == "sparsity":
         return None  # without pruning, block shape and scope change nothing
@@ -163,23 +168,30 @@ def candidates(space: PlanSpace, sparsity: Sparsity, quantization: Quantization)
     """
     bases = {"sparsity": sparsity, "quantization": quantization}
     choices = [space.values(axis, bases[axis.section]) for axis in AXES]
+    base_fields = {"sparsity": sparsity.to_dict(), "quantization": quantization.to_dict()}
+    # Each section's settings are made (and checked) once per distinct combination of its axes.
+    made: dict[tuple[Any, ...], Sparsity | Quantization] = {}
+
+    def section(name: str, values: dict[str, Any]) -> Any:
+        key = (name, *(_hashable(value) for value in values.values()))
+        if key not in made:
+            made[key] = (Sparsity if name == "sparsity" else Quantization)(**values)
+        return made[key]
+
     found: dict[tuple[Any, ...], Candidate] = {}
     for combination in itertools.product(*choices):
-        fields: dict[str, dict[str, Any]] = {
-            "sparsity": sparsity.to_dict(),
-            "quantization": quantization.to_dict(),
-        }
+        fields = {name: dict(values) for name, values in base_fields.items()}
         for axis, value in zip(AXES, combination, strict=True):
             fields[axis.section][axis.field] = value
         candidate = Candidate(
-            Sparsity(**fields["sparsity"]), Quantization(**fields["quantization"])
+            section("sparsity", fields["sparsity"]), section("quantization", fields["quantization"])
         )
         if not candidate.prunes:
             no_pruning = {**fields["sparsity"]}
             for axis in AXES:
                 if axis.section == "sparsity" and axis.field != "level":
                     no_pruning[axis.field] = getattr(sparsity, axis.field)
-            candidate = Candidate(Sparsity(**no_pruning), candidate.quantization)
+            candidate = Candidate(section("sparsity", no_pruning), candidate.quantization)
         found.setdefault(candidate.uniform_key, candidate)
     return list(found.values())
 
