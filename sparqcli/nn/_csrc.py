@@ -8,7 +8,8 @@ popcount of the mask bits between its group's start and the row; the row is then
 run (a run: consecutive kept columns, hence consecutive codes) and reduced into the output.
 
 Hot functions are compiled twice through GCC's `target_clones` (x86-64-v3 and the baseline), so
-the cached build is valid on any x86-64 machine and uses AVX2 where the CPU has it. Floating
+the cached build is valid on any x86-64 machine and uses AVX2 where the CPU has it; the bag path
+of 8-bit (1, 4)-block float32 tables (`bag_chunk_b8w4`) is AVX2 code chosen at run time. Floating
 point contraction is off (`-ffp-contract=off`): a value decodes to `(float(q) - z) * s`, rounded
 exactly as the engine's `dequantize` does.
 """
