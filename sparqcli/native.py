@@ -44,8 +44,9 @@ def cache_dir() -> Path:
 
 @dataclass
 class Kernel:
-    """One C++ extension: `prefix` names its builds, `source` is its code, `what` says in a
-    warning what falls back, `switch` is the environment variable that turns it off.
+    """One C++ extension: `prefix` names its builds, `source` is its code, `title` names it in
+    the warning, `what` says there what falls back, `switch` is the environment variable that
+    turns it off.
 
     `functions` lists the functions to bind (None: the source has its own PYBIND11_MODULE);
     `openmp` compiles and links with -fopenmp on Linux (for `at::parallel_for`).
@@ -53,6 +54,7 @@ class Kernel:
 
     prefix: str
     source: str
+    title: str
     what: str
     switch: str
     functions: tuple[str, ...] | None = None
@@ -96,7 +98,7 @@ class Kernel:
                 reason = str(error).strip().splitlines()
                 text = reason[-1] if reason else type(error).__name__
                 warnings.warn(
-                    f"sparq: the compiled {self.prefix} kernel is not available ({text[:200]}); "
+                    f"sparq: the compiled {self.title} kernel is not available ({text[:200]}); "
                     f"{self.what} use tensor ops (same results, much slower). "
                     f"Set {self.switch}=off to silence.",
                     KernelWarning,

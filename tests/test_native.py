@@ -11,8 +11,13 @@ from sparqcli.native import Kernel, KernelWarning, cache_dir
 
 def test_a_kernel_that_cannot_build_warns_once_and_returns_none(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARQ_KERNEL_CACHE", str(tmp_path))
-    broken = Kernel("sparq_broken", "#error this source does not compile\n", "tests", "SPARQ_X")
-    with pytest.warns(KernelWarning, match=r"^sparq: the compiled sparq_broken kernel is not av"):
+    broken = Kernel(
+        "sparq_broken", "#error this source does not compile\n", "broken", "tests", "SPARQ_X"
+    )
+    with pytest.warns(
+        KernelWarning,
+        match=r"^sparq: the compiled broken kernel is not available \(.*\); tests use tensor ops",
+    ):
         assert broken.load() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -21,7 +26,7 @@ def test_a_kernel_that_cannot_build_warns_once_and_returns_none(tmp_path, monkey
 
 def test_the_switch_turns_a_kernel_off_silently(monkeypatch):
     monkeypatch.setenv("SPARQ_X", "off")
-    kernel = Kernel("sparq_never", "int main() {}\n", "tests", "SPARQ_X")
+    kernel = Kernel("sparq_never", "int main() {}\n", "never", "tests", "SPARQ_X")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernel.load() is None
@@ -29,10 +34,10 @@ def test_the_switch_turns_a_kernel_off_silently(monkeypatch):
 
 
 def test_build_names_follow_the_source_and_the_cache_follows_the_environment(monkeypatch):
-    first = Kernel("sparq_a", "int f() { return 1; }\n", "tests", "SPARQ_X")
-    second = Kernel("sparq_a", "int f() { return 2; }\n", "tests", "SPARQ_X")
+    first = Kernel("sparq_a", "int f() { return 1; }\n", "a", "tests", "SPARQ_X")
+    second = Kernel("sparq_a", "int f() { return 2; }\n", "a", "tests", "SPARQ_X")
     assert first.build_name() != second.build_name()
-    assert first.build_name() == Kernel("sparq_a", first.source, "x", "Y").build_name()
+    assert first.build_name() == Kernel("sparq_a", first.source, "b", "x", "Y").build_name()
     assert first.build_name().startswith("sparq_a_")
     monkeypatch.setenv("SPARQ_KERNEL_CACHE", "/some/where")
     assert str(cache_dir()) == "/some/where"

@@ -193,6 +193,7 @@ _NARROW_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 MSE_KERNEL = Kernel(
     prefix="sparq_mse",
     source=MSE_SOURCE,
+    title="MSE search",
     what="range: mse searches",
     switch="SPARQ_MSE_KERNEL",
 )

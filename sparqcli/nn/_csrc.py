@@ -1,4 +1,4 @@
-"""C++ source of the fused gather-decode-reduce lookup kernel (compiled at first use by _kernel.py).
+"""C++ source of the fused gather-decode-reduce lookup kernel (compiled at first use through _kernel.py).
 
 The kernel reads the compressed storage exactly as the file holds it: codes bit-packed
 continuously LSB-first at any width 1..8, one scale and zero point per row (float32 or float16),
@@ -52,7 +52,7 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 typedef uint8_t v4u8 __attribute__((vector_size(4)));
 
-// Geometry of one compressed table, as passed from Python (see _kernel.py: GEOMETRY).
+// Geometry of one compressed table, as passed from Python (see _storage.py: geometry).
 struct Table {
   const uint8_t* codes;
   const float* scale32;

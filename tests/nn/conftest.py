@@ -22,12 +22,12 @@ HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not 
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Runs a test with the compiled kernel and with the tensor-op fallback."""
     if request.param == "kernel":
-        if not HAS_COMPILER or not _kernel.enabled():
+        if not HAS_COMPILER or not _kernel.LOOKUP_KERNEL.enabled():
             pytest.skip("no C++ compiler / ninja, or SPARQ_NN_KERNEL=off")
         if _kernel.kernel() is None:
             pytest.fail("the kernel did not build on a machine with a compiler")
     else:
-        monkeypatch.setitem(_kernel._state, "module", None)
+        monkeypatch.setattr(_kernel.LOOKUP_KERNEL, "_module", [None])
     yield request.param
 
 

@@ -15,13 +15,13 @@ from tests.nn.conftest import make_table
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_kernel, "_state", {})
+    monkeypatch.setattr(_kernel.LOOKUP_KERNEL, "_module", [])
     monkeypatch.setenv(_kernel.ENV_SWITCH, "on")
 
     def broken() -> None:
         raise RuntimeError("Error building extension\nc++: command not found")
 
-    monkeypatch.setattr(_kernel, "_build", broken)
+    monkeypatch.setattr(_kernel.LOOKUP_KERNEL, "_build", broken)
     table = make_table(20, 8, level=0.5)
     module = Embedding.from_table(table)
     with warnings.catch_warnings(record=True) as caught:
@@ -35,7 +35,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_switch_off_is_silent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_kernel, "_state", {})
+    monkeypatch.setattr(_kernel.LOOKUP_KERNEL, "_module", [])
     monkeypatch.setenv(_kernel.ENV_SWITCH, "off")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -48,8 +48,8 @@ def test_cache_folder_and_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.delenv(_kernel.ENV_CACHE)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _kernel.cache_dir() == tmp_path / "xdg" / "sparq" / "kernels"
-    name = _kernel.build_name()
-    assert name.startswith("sparq_nn_") and name == _kernel.build_name()
+    name = _kernel.LOOKUP_KERNEL.build_name()
+    assert name.startswith("sparq_nn_") and name == _kernel.LOOKUP_KERNEL.build_name()
 
 
 def test_importing_sparqcli_stays_torch_free() -> None:
