@@ -198,6 +198,17 @@ def plan(
         for t, index in enumerate(choice):
             if not tables[t].options[index].exact:
                 tables[t].options[index] = verify_choice(t, index)
+        # quantize-first bytes of tables with partial edge blocks are estimates: should the
+        # verified bytes miss the budget, choose among the verified options only.
+        before = sum(table.bytes_before for table in tables)
+        total = sum(table.options[index].bytes for table, index in zip(tables, choice, strict=True))
+        if mode == "budget" and total > math.floor(target * before):
+            exact = [
+                [i for i in a if t.options[i].exact] for t, a in zip(tables, allowed, strict=True)
+            ]
+            fallback = _allocate(tables, exact, mode, target, infeasible_ok=True)
+            if fallback is not None:
+                choice = fallback
     for table, index, indices in zip(tables, choice, allowed, strict=True):
         table.chosen = index
         table.frontier = _frontier(table, indices)
