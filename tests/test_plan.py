@@ -640,3 +640,28 @@ def test_allocator_is_never_worse_than_uniform_and_close_to_optimal() -> None:
         )
         assert cost <= best * 1.05 + 1e-9
         assert all(cost <= allocator.totals(u)[1] for u in uniform)
+
+
+def test_a_20000_row_model_with_the_scaled_sample(tmp_path: Path) -> None:
+    # Sampled tables of a small model (the default sample scales with the table): the plan still
+    # meets its budget exactly, compress gives its error, and it is no worse than any uniform
+    # setting.
+    model = tmp_path / "model.pt"
+    generator = torch.Generator().manual_seed(5)
+    heavy = torch.randn(2000, 12, generator=generator) / (
+        torch.rand(2000, 12, generator=generator) + 0.05
+    )
+    torch.save(
+        {"tok.weight": zipf_table(20000, 16, seed=4, near_zero=1000), "heavy.weight": heavy}, model
+    )
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    plan_path = tmp_path / "plan.yaml"
+    result = sparqcli.plan(model, base, budget=0.1, output=plan_path)
+    assert all(t.sampled_rows is not None for t in result.tables)
+    assert result.bytes <= 0.1 * result.bytes_before
+    report = sparqcli.compress(model, plan_path, output=tmp_path / "out.sparq.safetensors")
+    size, error = model_error(report)
+    assert size == result.bytes
+    assert error == pytest.approx(result.error, rel=0.02)
+    assert result.best_uniform is not None and result.error <= result.best_uniform.error
