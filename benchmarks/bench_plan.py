@@ -9,6 +9,7 @@ the ratio plan / compress (the target is <= 10), the plan's bytes and E, the bes
 setting's, and the machine's load (load average, `/proc/pressure/cpu`) before and after.
 
     python benchmarks/bench_plan.py [--rows 200000] [--budget 0.1] [--repeat 2]
+                                    [--order sparsify-first|quantize-first]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sparqcli
 
 BASE = """\
 version: 1
+order: {order}
 sparsity: {level: 0.5, block_shape: [1, 4]}
 quantization: {bits: 8}
 layers:
@@ -71,12 +73,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--order", choices=["sparsify-first", "quantize-first"], default="sparsify-first"
+    )
     args = parser.parse_args()
     load_before = machine_load()
     with tempfile.TemporaryDirectory() as folder:
         model, base = Path(folder) / "model.pt", Path(folder) / "base.yaml"
         build(model, args.rows)
-        base.write_text(BASE)
+        base.write_text(BASE.replace("{order}", args.order))
         out = Path(folder) / "out.sparq.safetensors"
 
         def compress() -> None:
@@ -92,7 +97,9 @@ def main() -> None:
         compress_times = [cpu_seconds(compress) for _ in range(args.repeat)]
         plan_times = [cpu_seconds(plan) for _ in range(args.repeat)]
     ratio = min(plan_times) / min(compress_times)
-    print(f"model: {args.rows} x 64 + 2 x {max(1, args.rows // 10)} rows, budget {args.budget}")
+    print(
+        f"model: {args.rows} x 64 + 2 x {max(1, args.rows // 10)} rows, budget {args.budget}, {args.order}"
+    )
     print(f"machine: {load_before} before, {machine_load()} after")
     print(f"compress CPU s: {', '.join(f'{t:.2f}' for t in compress_times)}")
     print(f"plan CPU s:     {', '.join(f'{t:.2f}' for t in plan_times)}")

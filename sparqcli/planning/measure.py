@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
-from sparqcli.engine.pipeline import compress_rows, compress_table
+from sparqcli.engine.pipeline import compress_rows
 from sparqcli.engine.quantize import (
     dequantize,
     mse_qparams,
@@ -59,14 +59,15 @@ STRATA = 32
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""
 _CHUNK_VALUES = 1 << 20
+_CDF_SHIFT = 12
+"""quantize-first thresholds: the float scores' distribution function is counted in bins of
+their bits' high 19 bits (relative width 2^-11), linear inside a bin."""
 DERIVE_NARROW_MSE = True
 """Sampled tables: a float16/bfloat16 MSE candidate's range is the float32 search's (see
 `_SparsityGroups._qparams`)."""
 _HELD_VALUES = 1 << 22
 """A sample's rows as each sparsity leaves them are kept between quantizations up to this many
 values (twice 16 MiB); past it they are made again for each quantization."""
-SMALL_TABLE_VALUES = 1 << 20
-"""Tables of at most this many values are measured on one thread (see `one_thread`)."""
 
 
 @dataclass(frozen=True)
@@ -176,21 +177,15 @@ def measure_table(
             name,
             derive_narrow=DERIVE_NARROW_MSE and not whole,
         ).run(progress)
-    if whole:
-        options = []
-        small = rows * shape[1] <= SMALL_TABLE_VALUES
-        with one_thread() if small else contextlib.nullcontext():
-            for index, candidate in enumerate(candidates):
-                options.append(
-                    measure_exact(
-                        read_rows, shape, dtype, order, candidate, weights=weights, name=name
-                    )
-                )
-                if progress is not None:
-                    progress((index + 1) / len(candidates))
-        return options
     return _SampledTable(
-        read_rows, shape, dtype, order, candidates, weights, sample_rows, name
+        read_rows,
+        shape,
+        dtype,
+        order,
+        candidates,
+        weights,
+        2 * rows if whole else sample_rows,
+        name,
     ).run(progress)
 
 
@@ -230,6 +225,8 @@ class _SampledTable:
         self.row_ranks: dict[tuple[Any, ...], torch.Tensor] = {}
         self.kth: dict[tuple[Any, ...], tuple[float, int, int]] = {}
         self.samples: dict[int, _Sample] = {}
+        self.cuts: dict[tuple[Any, ...], tuple[torch.Tensor, dict[int, int]]] = {}
+        self.cdf: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def run(self, progress: Progress | None) -> list[Option]:
         with one_thread():
@@ -243,12 +240,7 @@ class _SampledTable:
             self._gather()
             if self.order == "sparsify-first":
                 return self._measure_batched(progress)
-            options = []
-            for index, candidate in enumerate(self.candidates):
-                options.append(self._measure(candidate))
-                if progress is not None:
-                    progress((index + 1) / len(self.candidates))
-            return options
+            return self._measure_quantize_first(progress)
 
     # -- pass 1: row norms and the whole table's block scores -----------------------------------
 
@@ -257,10 +249,7 @@ class _SampledTable:
 
     def _score_key(self, candidate: Candidate) -> tuple[Any, ...]:
         sparsity = candidate.sparsity
-        key: tuple[Any, ...] = (tuple(sparsity.block_shape), sparsity.norm)
-        if self.order == "quantize-first":  # the sparsifier sees the dequantized table
-            key += tuple(sorted(candidate.quantization.to_dict().items()))
-        return key
+        return (tuple(sparsity.block_shape), sparsity.norm)
 
     def _first_pass(self, score_keys: dict[tuple[Any, ...], Candidate]) -> torch.Tensor:
         row_norms = torch.empty(self.rows, dtype=torch.float64)
@@ -278,12 +267,7 @@ class _SampledTable:
                     raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
             row_norms[start:stop] = norms
             for key, candidate in score_keys.items():
-                seen = values
-                if self.order == "quantize-first":
-                    scale, zero_point = _engine_qparams(values, candidate.quantization, start)
-                    levels = quantize_levels(values, scale, zero_point, candidate.quantization.bits)
-                    seen = dequantize(levels, scale, zero_point)
-                norms = value_norms(seen, candidate.sparsity.norm)
+                norms = value_norms(values, candidate.sparsity.norm)
                 bh = fit_blocks(self.shape, candidate.sparsity.block_shape)[0]
                 scores = block_scores(norms, candidate.sparsity.block_shape)
                 self.scores[key][start // bh : start // bh + scores.shape[0]] = scores
@@ -318,15 +302,21 @@ class _SampledTable:
         generator = torch.Generator().manual_seed(0)
         strata = []
         chosen_units = []
+        drawn = torch.zeros(units, dtype=torch.float64)  # each unit's weight in block counts
         for group, count in zip(members, counts, strict=True):
             pick = group[torch.randperm(group.numel(), generator=generator)[:count]]
             strata.append((pick, float(mass_w[group].sum()), float(mass_u[group].sum())))
             chosen_units.append(pick)
+            drawn[pick] = group.numel() / max(1, count)
         estimated = torch.cat(chosen_units) if chosen_units else torch.empty(0, dtype=torch.long)
-        # The block rows of smallest norm: where pruning may empty a row (row-cosine gate).
-        low = torch.sort(mass_u, stable=True).indices[:LOW_NORM_UNITS]
-        all_units = torch.unique(torch.cat([estimated, low]))  # sorted: the table's row order
-        return _Sample(height, all_units, strata, total_w, total_u)
+        if self.sample_rows >= self.rows:  # every block row (rows of zero norm included)
+            all_units = torch.arange(units)
+            drawn.fill_(1.0)
+        else:
+            # The block rows of smallest norm: where pruning may empty a row (row-cosine gate).
+            low = torch.sort(mass_u, stable=True).indices[:LOW_NORM_UNITS]
+            all_units = torch.unique(torch.cat([estimated, low]))  # sorted: the table's row order
+        return _Sample(height, all_units, strata, total_w, total_u, drawn[all_units])
 
     def _gather(self) -> None:
         """Reads the sampled rows of every sample, in one more pass over the table."""
@@ -404,22 +394,223 @@ class _SampledTable:
                     progress(done / steps)
         return [option for option in options if option is not None]
 
-    def _measure(self, candidate: Candidate) -> Option:
-        """Returns `candidate` measured by one engine run on its sample (quantize-first)."""
-        height = fit_blocks(self.shape, candidate.sparsity.block_shape)[0]
-        sample = self.samples[height]
+    def _measure_quantize_first(self, progress: Progress | None) -> list[Option]:
+        """Returns every candidate measured on its sample (quantize-first), in batches.
+
+        In quantize-first a row's qparams are those of its unpruned values, so per quantization
+        the sample is quantized once (`_engine_qparams` with no mask, as the pipeline's first
+        pass) and every sparsity shares its dequantized values, which the sparsifier sees. Their
+        block scores give each sparsity's pruned blocks on the sample: `scope: row` exactly (a
+        block row's own ranking); `scope: table` from the whole table's threshold, estimated
+        (`_quantized_cuts`) unless the sample is the whole table. The keep-mask, the second
+        quantization and the decoded values are the pipeline's own steps.
+        """
+        options: list[Option | None] = [None] * len(self.candidates)
+        quantizations = list(dict.fromkeys(c.quantization for c in self.candidates))
+        steps = len(quantizations) * len(self.samples)
+        done = 0
+        for height, sample in self.samples.items():
+            mine = [
+                index
+                for index, candidate in enumerate(self.candidates)
+                if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
+            ]
+            original = sample.values
+            original_norm = row_norms(original)
+            for quantization in quantizations:
+                wanted = [i for i in mine if self.candidates[i].quantization == quantization]
+                done += 1
+                if not wanted:
+                    continue
+                try:
+                    scale, zero_point = _engine_qparams(original, quantization, 0)
+                except TableError as error:
+                    raise TableError(f"{self.name}: {error}") from None
+                bits = quantization.bits
+                seen = dequantize(
+                    quantize_levels(original, scale, zero_point, bits), scale, zero_point
+                )
+                decoded = dequantize(
+                    quantize_levels(seen, scale, zero_point, bits), scale, zero_point
+                )
+                norms: dict[str, torch.Tensor] = {}
+                scores: dict[tuple[Any, ...], torch.Tensor] = {}
+                figures: dict[Sparsity | None, tuple[torch.Tensor, float, int | None]] = {}
+                for index in wanted:
+                    candidate = self.candidates[index]
+                    _, prunes = self._kept(candidate)
+                    key = candidate.sparsity if prunes else None
+                    if key in figures:
+                        continue
+                    lost = None
+                    keep = None
+                    if key is not None:
+                        norm = key.norm
+                        if norm not in norms:
+                            norms[norm] = value_norms(seen, norm)
+                        score_key = self._score_key(candidate)
+                        if score_key not in scores:
+                            scores[score_key] = block_scores(norms[norm], key.block_shape)
+                        pruned = self._pruned_quantized(
+                            candidate, sample, scores[score_key], quantization
+                        )
+                        keep = ChunkKeep(norms[norm], pruned, key).dense()
+                        lost = self._sample_lost(candidate, sample, pruned)
+                    squared, cosine = _row_figures(
+                        original, original_norm, decoded.clone() if keep is None else decoded * keep
+                    )
+                    low = float(cosine.min()) if cosine.numel() else 1.0
+                    figures[key] = (squared, low, lost)
+                keys = list(figures)
+                estimates = sample.estimate(torch.stack([figures[k][0] for k in keys]))
+                found = dict(zip(keys, estimates, strict=True))
+                for index in wanted:
+                    candidate = self.candidates[index]
+                    kept, prunes = self._kept(candidate)
+                    key = candidate.sparsity if prunes else None
+                    _, low, lost = figures[key]
+                    if lost is not None:
+                        kept = self.values - lost
+                    rel, weighted = found[key]
+                    size = self._bytes(candidate, kept, prunes)
+                    options[index] = Option(candidate, size, rel, weighted, low, False)
+                if progress is not None:
+                    progress(done / steps)
+        return [option for option in options if option is not None]
+
+    def _whole_sample(self, sample: _Sample) -> bool:
+        """Whether `sample` holds every block row of the table."""
+        return sample.units.numel() == -(-self.rows // sample.height)
+
+    def _pruned_quantized(
+        self,
+        candidate: Candidate,
+        sample: _Sample,
+        scores: torch.Tensor,
+        quantization: Quantization,
+    ) -> torch.Tensor:
+        """Returns the sample's pruned blocks (quantize-first), given its block scores as the
+        sparsifier sees them under `quantization`."""
         sparsity = candidate.sparsity
-        kept, prunes = self._kept(candidate)
-        if self._ranked_over_table(candidate):
-            pruned = self._pruned_blocks(candidate)
-            in_sample = int(pruned[sample.units].sum())
-            n_sample_blocks = sample.units.numel() * pruned.shape[1]
-            sparsity = replace(sparsity, level=in_sample / n_sample_blocks)
-        table, _ = compress_table(
-            sample.values, self.order, sparsity, candidate.quantization, name=self.name
+        n_block_rows, n_block_cols = block_grid(self.shape, sparsity.block_shape)
+        if sparsity.scope == "row":  # as RowBlockPruner: a stable sort of each block row
+            order = torch.sort(scores, dim=1, stable=True).indices
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order))
+            return ranks < blocks_to_prune(sparsity.level, n_block_cols)
+        k = blocks_to_prune(sparsity.level, n_block_rows * n_block_cols)
+        key = (self._score_key(candidate), quantization, id(sample))
+        if key not in self.cuts:
+            self.cuts[key] = self._quantized_cuts(candidate, sample, scores)
+        order, cuts = self.cuts[key]
+        cut = cuts.get(k, 0)
+        pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+        pruned[order[:cut]] = True
+        return pruned.view(scores.shape)
+
+    def _quantized_cuts(
+        self, candidate: Candidate, sample: _Sample, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """Returns the sample's blocks in the engine's pruning order (score, then position) and,
+        for each `scope: table` level's block count k, how many of them come first: exactly the
+        whole table's k lowest when the sample is the whole table; else where the estimated
+        number of the table's blocks before a block reaches k.
+
+        The estimate is a difference estimator: the weighted count of sampled blocks scoring
+        less (each block row counts for the block rows of its stratum), corrected by how far the
+        same count of the table's float scores (the first pass's, exact) is from its sampled
+        count. The quantized and float scores of a block are close (the same values, rounded),
+        so most of the sampling error cancels.
+        """
+        flat = scores.reshape(-1)
+        order = torch.sort(flat, stable=True).indices  # ties by position: units are sorted
+        ks = sorted(
+            {
+                blocks_to_prune(c.sparsity.level, self.n_blocks(c))
+                for c in self.candidates
+                if self._ranked_over_table(c) and self._score_key(c) == self._score_key(candidate)
+            }
         )
-        rel, weighted, cosine = sample.errors(table.decode())
-        return Option(candidate, self._bytes(candidate, kept, prunes), rel, weighted, cosine, False)
+        if self._whole_sample(sample):
+            return order, {k: min(max(k, 0), flat.numel()) for k in ks}
+        cols = scores.shape[1]
+        weights = sample.unit_weights.repeat_interleave(cols)
+        ordered = weights[order]
+        before = torch.cumsum(ordered, 0) - ordered
+        correction = self._float_correction(candidate, sample)
+        bits = flat[order].view(torch.int32)
+        high = (bits >> _CDF_SHIFT).long()
+        fraction = (bits & ((1 << _CDF_SHIFT) - 1)).double() / (1 << _CDF_SHIFT)
+        counts_below, counts_in = correction
+        estimated = before + counts_below[high] + counts_in[high] * fraction + ordered / 2
+        reached = torch.cummax(estimated, 0).values
+        found = torch.searchsorted(reached, torch.tensor(ks, dtype=torch.float64)).tolist()
+        return order, dict(zip(ks, found, strict=True))
+
+    def n_blocks(self, candidate: Candidate) -> int:
+        """Returns the number of blocks of the table under `candidate`'s block shape."""
+        n_block_rows, n_block_cols = block_grid(self.shape, candidate.sparsity.block_shape)
+        return n_block_rows * n_block_cols
+
+    def _float_correction(
+        self, candidate: Candidate, sample: _Sample
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns, per bin of the float scores' high bits, (the table's count of float scores
+        in lower bins minus the sample's weighted count, the same for the bin itself): a
+        piecewise-linear difference of the two distribution functions (`_quantized_cuts`)."""
+        key = (self._score_key(candidate), id(sample), "cdf")
+        if key not in self.cdf:
+            table = self.scores[self._score_key(candidate)]
+            bins = 1 << (31 - _CDF_SHIFT)
+            whole = torch.bincount(
+                (table.reshape(-1).view(torch.int32) >> _CDF_SHIFT).long(), minlength=bins
+            ).double()
+            sampled_scores = table[sample.units]
+            weights = sample.unit_weights.repeat_interleave(sampled_scores.shape[1])
+            sampled = torch.bincount(
+                (sampled_scores.reshape(-1).view(torch.int32) >> _CDF_SHIFT).long(),
+                weights=weights,
+                minlength=bins,
+            )
+            difference = whole - sampled
+            below = torch.cumsum(difference, 0) - difference
+            self.cdf[key] = (below, difference)
+        return self.cdf[key]
+
+    def _sample_lost(
+        self, candidate: Candidate, sample: _Sample, pruned: torch.Tensor
+    ) -> int | None:
+        """Returns how many values the table's pruned blocks lose, where partial edge blocks
+        make it depend on which blocks are pruned (quantize-first; None where every block is
+        whole): exact when the sample is the whole table, else the table's count of pruned
+        blocks times the sampled pruned blocks' weighted mean loss."""
+        sparsity = candidate.sparsity
+        bh, bw = fit_blocks(self.shape, sparsity.block_shape)
+        if self.rows % bh == 0 and self.cols % bw == 0:
+            return None
+        zeros = sparsity.effective_zeros_per_block
+        n_rows, n_cols = pruned.shape
+        heights = torch.full((n_rows,), bh, dtype=torch.float64)
+        heights[sample.units == -(-self.rows // bh) - 1] = (
+            self.rows - (-(-self.rows // bh) - 1) * bh
+        )
+        widths = torch.full((n_cols,), bw, dtype=torch.float64)
+        widths[-1] = self.cols - (n_cols - 1) * bw
+        sizes = (heights[:, None] * widths[None, :]).clamp_(max=zeros) * pruned
+        if self._whole_sample(sample):
+            return int(sizes.sum())
+        n_block_rows, n_block_cols = block_grid(self.shape, sparsity.block_shape)
+        if sparsity.scope == "row":
+            n_pruned = (
+                min(blocks_to_prune(sparsity.level, n_block_cols), n_block_cols) * n_block_rows
+            )
+        else:
+            n_pruned = blocks_to_prune(sparsity.level, n_block_rows * n_block_cols)
+        weights = sample.unit_weights[:, None]
+        count = float((weights * pruned).sum())
+        if count <= 0:
+            return n_pruned * min(zeros, bh * bw)
+        return round(n_pruned * float((weights * sizes).sum()) / count)
 
     def _bytes(self, candidate: Candidate, kept: int, prunes: bool) -> int:
         """Returns the table's exact stored bytes under `candidate`, given its kept count."""
@@ -541,6 +732,9 @@ class _Sample:
     strata: list[tuple[torch.Tensor, float, float]]
     total_w: float
     total_u: float
+    unit_weights: torch.Tensor | None = None
+    """Per sampled block row, how many of the table's block rows it stands for (its stratum's
+    size over its draw; 0 for block rows drawn only for the row-cosine gate)."""
     rows: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
@@ -723,17 +917,7 @@ class _SparsityGroups:
         decoded = dequantize(levels, scale, zero_point, out=levels)
         if keep is not None:
             decoded *= keep
-        # Per row as the engine's statistics reduce them (engine/stats.py): float32 norms of
-        # the original, the decoded values and the error, and their dot product.
-        original_norm = self.original_norm[row_of]
-        decoded_norm = row_norms(decoded)
-        dot = row_sums(original * decoded)
-        squared = row_norms(decoded.sub_(original)).double().square_()
-        denominator = original_norm * decoded_norm
-        cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
-        both_zero = (original_norm == 0) & (decoded_norm == 0)
-        cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
-        return squared, cosine
+        return _row_figures(original, self.original_norm[row_of], decoded)
 
     def _rows(
         self, keep: torch.Tensor | None, row_of: torch.Tensor, batch: tuple[str, int]
@@ -786,6 +970,22 @@ class _SparsityGroups:
             torch.where(better, scale, minmax_scale),
             torch.where(better, zero_point, minmax_zero_point),
         )
+
+
+def _row_figures(
+    original: torch.Tensor, original_norm: torch.Tensor, decoded: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns each row's squared error (float64) and row cosine, as the engine's statistics
+    reduce them (engine/stats.py): float32 norms of the original, the decoded values and the
+    error, and their dot product. Overwrites `decoded`."""
+    decoded_norm = row_norms(decoded)
+    dot = row_sums(original * decoded)
+    squared = row_norms(decoded.sub_(original)).double().square_()
+    denominator = original_norm * decoded_norm
+    cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
+    both_zero = (original_norm == 0) & (decoded_norm == 0)
+    cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
+    return squared, cosine
 
 
 def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:

@@ -29,7 +29,17 @@ SAMPLE_PASSES = 2
 """Above the minimum, a table's sample is `rows * SAMPLE_PASSES / candidates` rows: sized when
 each candidate was one engine run on the sample, so that all of them cost about this many runs
 over the table; computed in batches they cost far less (docs/PLAN.md, "Cost")."""
+SAMPLE_FRACTION = 64
+"""Below `MIN_SAMPLE_ROWS`, a table's sample is one row in this many, and at least
+`SMALL_SAMPLE_ROWS`: on small tables the sample's fixed size would cost more than the table."""
+SMALL_SAMPLE_ROWS = 128
 _VERIFY_ROUNDS = 3
+
+
+def default_sample_rows(rows: int, n_candidates: int) -> int:
+    """Returns the rows a table's errors are estimated on by default (docs/PLAN.md, "Cost")."""
+    floor = min(MIN_SAMPLE_ROWS, max(SMALL_SAMPLE_ROWS, -(-rows // SAMPLE_FRACTION)))
+    return max(floor, math.ceil(rows * SAMPLE_PASSES / max(1, n_candidates)))
 
 
 def plan(
@@ -116,9 +126,7 @@ def plan(
             rows, cols = selected.info.shape
             rule = selected.rule
             table_candidates = candidates(space, rule.sparsity, rule.quantization)
-            wanted = sample_rows or max(
-                MIN_SAMPLE_ROWS, math.ceil(rows * SAMPLE_PASSES / len(table_candidates))
-            )
+            wanted = sample_rows or default_sample_rows(rows, len(table_candidates))
             row_weight = weights.get(selected.key)
             label = f"{Path(checkpoint.name).name}: {selected.key}"
             name = f"{checkpoint.name}: {selected.key}"
@@ -198,6 +206,17 @@ def plan(
         for t, index in enumerate(choice):
             if not tables[t].options[index].exact:
                 tables[t].options[index] = verify_choice(t, index)
+        # quantize-first bytes of tables with partial edge blocks are estimates: should the
+        # verified bytes miss the budget, choose among the verified options only.
+        before = sum(table.bytes_before for table in tables)
+        total = sum(table.options[index].bytes for table, index in zip(tables, choice, strict=True))
+        if mode == "budget" and total > math.floor(target * before):
+            exact = [
+                [i for i in a if t.options[i].exact] for t, a in zip(tables, allowed, strict=True)
+            ]
+            fallback = _allocate(tables, exact, mode, target, infeasible_ok=True)
+            if fallback is not None:
+                choice = fallback
     for table, index, indices in zip(tables, choice, allowed, strict=True):
         table.chosen = index
         table.frontier = _frontier(table, indices)

@@ -64,6 +64,16 @@ def lower_hull(points: Sequence[Point], frontier: Sequence[int]) -> list[int]:
     return hull
 
 
+def _may_beat(key, size: int, cost: float, best: tuple) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a choice of these totals (summed in another order, so off by float rounding) may
+    have a key below `best`: a cheap filter before the exact `key` of the choice."""
+    slack = 1e-9 * (abs(cost) + 1.0)
+    kind = key.kind
+    if kind == "cost":  # key (cost, size)
+        return cost - slack <= best[0]
+    return size <= best[0]  # key (size, cost)
+
+
 class Allocator:
     """The options of every table, their frontiers, and the searches over them."""
 
@@ -151,6 +161,8 @@ class Allocator:
             size, cost = self.totals(choice)
             return cost, size
 
+        key.kind = "cost"  # type: ignore[attr-defined]
+
         return self._best(candidates, key, lambda size, cost: size <= budget)
 
     def for_cost(
@@ -171,6 +183,8 @@ class Allocator:
             size, cost = self.totals(choice)
             return size, cost
 
+        key.kind = "size"  # type: ignore[attr-defined]
+
         return self._best(candidates, key, lambda size, cost: cost <= max_cost)
 
     def _best(self, starts, key, fits) -> tuple[int, ...] | None:  # type: ignore[no-untyped-def]
@@ -187,10 +201,16 @@ class Allocator:
         """Returns `choice` after the best single and pair changes, while they improve `key`."""
         for _ in range(_MAX_ROUNDS):
             current = key(choice)
+            size, cost = self.totals(choice)
             best = None
             for t, frontier in enumerate(self.frontiers):
+                old = self.tables[t][choice[t]]
                 for option in frontier:
                     if option == choice[t]:
+                        continue
+                    new = self.tables[t][option]
+                    size1, cost1 = size - old[0] + new[0], cost - old[1] + new[1]
+                    if not _may_beat(key, size1, cost1, (best or current)[0:2]):
                         continue
                     trial = choice.copy()
                     trial[t] = option
@@ -226,7 +246,7 @@ class Allocator:
                             continue
                         p2 = self.tables[t2][o2]
                         size2, cost2 = size1 - old2[0] + p2[0], cost1 - old2[1] + p2[1]
-                        if not fits(size2, cost2):
+                        if not fits(size2, cost2) or not _may_beat(key, size2, cost2, best_key):
                             continue
                         trial = choice.copy()
                         trial[t1], trial[t2] = o1, o2
