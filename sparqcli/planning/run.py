@@ -13,7 +13,7 @@ from sparqcli.errors import InputError, UsageError
 from sparqcli.parallel import resolve_threads
 from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, exact_pattern, model_error
 from sparqcli.planning.search import Allocator
-from sparqcli.planning.space import PlanSpace, candidates
+from sparqcli.planning.space import Candidate, PlanSpace, candidates
 
 if TYPE_CHECKING:
     import torch
@@ -121,11 +121,16 @@ def plan(
     tables: list[TablePlan] = []
     measured: list[list[Option]] = []
     readers: list[Any] = []
+    # Tables of the same base rule share one candidate list (608 candidates by default).
+    made: dict[tuple[Any, ...], list[Candidate]] = {}
     for checkpoint, selection in opened:
         for selected in selection.tables:
             rows, cols = selected.info.shape
             rule = selected.rule
-            table_candidates = candidates(space, rule.sparsity, rule.quantization)
+            made_key = (rule.sparsity, rule.quantization)
+            if made_key not in made:
+                made[made_key] = candidates(space, rule.sparsity, rule.quantization)
+            table_candidates = made[made_key]
             wanted = sample_rows or default_sample_rows(rows, len(table_candidates))
             row_weight = weights.get(selected.key)
             label = f"{Path(checkpoint.name).name}: {selected.key}"

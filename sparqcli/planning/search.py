@@ -241,12 +241,11 @@ class Allocator:
                 size1, cost1 = size - old1[0] + p1[0], cost - old1[1] + p1[1]
                 for t2 in range(t1 + 1, len(self.tables)):
                     old2 = self.tables[t2][choice[t2]]
-                    for o2 in self.frontiers[t2]:
-                        if o2 == choice[t2]:
-                            continue
+                    o2 = self._best_partner(t2, size1 - old2[0], cost1 - old2[1], key, fits)
+                    if o2 is not None and o2 != choice[t2]:
                         p2 = self.tables[t2][o2]
                         size2, cost2 = size1 - old2[0] + p2[0], cost1 - old2[1] + p2[1]
-                        if not fits(size2, cost2) or not _may_beat(key, size2, cost2, best_key):
+                        if not _may_beat(key, size2, cost2, best_key):
                             continue
                         trial = choice.copy()
                         trial[t1], trial[t2] = o1, o2
@@ -254,3 +253,30 @@ class Allocator:
                         if trial_key < best_key:
                             best, best_key = trial, trial_key
         return None if best is None else (*best_key, best)
+
+    def _best_partner(self, t, size, cost, key, fits) -> int | None:  # type: ignore[no-untyped-def]
+        """Returns table t's frontier option that, added to the other tables' totals (size,
+        cost), fits and has the least key, or None where none fits. Along a frontier bytes rise
+        and cost falls, so the options that fit a budget are a prefix (the least cost is its
+        last) and those that meet a cost target a suffix (the fewest bytes is its first): a
+        binary search instead of trying every option."""
+        frontier = self.frontiers[t]
+        points = self.tables[t]
+        lo, hi = 0, len(frontier)
+        if key.kind == "cost":  # fits by bytes: find the end of the fitting prefix
+            while lo < hi:
+                mid = (lo + hi) // 2
+                p = points[frontier[mid]]
+                if fits(size + p[0], cost + p[1]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return frontier[lo - 1] if lo > 0 else None
+        while lo < hi:  # fits by cost: find the start of the fitting suffix
+            mid = (lo + hi) // 2
+            p = points[frontier[mid]]
+            if fits(size + p[0], cost + p[1]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return frontier[lo] if lo < len(frontier) else None

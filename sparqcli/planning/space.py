@@ -117,7 +117,7 @@ class Candidate:
     sparsity: Sparsity
     quantization: Quantization
 
-    @property
+    @functools.cached_property
     def prunes(self) -> bool:
         """Returns True when the settings ask for any pruning."""
         return self.sparsity.level > 0 and self.sparsity.effective_zeros_per_block > 0
