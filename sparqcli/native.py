@@ -98,7 +98,7 @@ class Kernel:
                 reason = str(error).strip().splitlines()
                 text = reason[-1] if reason else type(error).__name__
                 warnings.warn(
-                    f"sparq: the compiled {self.title} kernel is not available ({text[:200]}); "
+                    f"the compiled {self.title} kernel is not available ({text[:200]}); "
                     f"{self.what} use tensor ops (same results, much slower). "
                     f"Set {self.switch}=off to silence.",
                     KernelWarning,

@@ -565,3 +565,42 @@ def test_piped_dry_run_and_inspect_exactly(checkpoint, config, monkeypatch):
         "proj.weight     4x24  float32     384 B\n"
         "proj.bias          4  float32      16 B\n"
     )
+
+
+def test_a_missing_kernel_is_one_warning_line_and_the_same_output(tmp_path, checkpoint, config):
+    mse = tmp_path / "mse.yaml"
+    mse.write_text(config.read_text().replace("bits: 8", "bits: 8, range: mse"))
+    assert "range: mse" in mse.read_text()
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")  # the kernel cache cannot be created here: the build fails
+    outputs = {}
+    for name, env in (("kernel", {}), ("fallback", {"SPARQ_KERNEL_CACHE": str(not_a_folder)})):
+        output = tmp_path / f"{name}.sparq.safetensors"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sparqcli",
+                "compress",
+                checkpoint,
+                "-c",
+                mse,
+                "-o",
+                output,
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, **env},
+        )
+        assert done.returncode == 0, done.stderr
+        outputs[name] = (output.read_bytes(), done.stderr)
+    assert outputs["kernel"][0] == outputs["fallback"][0]
+    warning = outputs["fallback"][1]
+    assert warning.startswith("sparq: warning: the compiled MSE search kernel is not available (")
+    assert warning.endswith(
+        "; range: mse searches use tensor ops (same results, much slower). Set SPARQ_MSE_KERNEL=off to silence.\n"
+    )
+    assert warning.count("\n") == 1

@@ -16,7 +16,7 @@ def test_a_kernel_that_cannot_build_warns_once_and_returns_none(tmp_path, monkey
     )
     with pytest.warns(
         KernelWarning,
-        match=r"^sparq: the compiled broken kernel is not available \(.*\); tests use tensor ops",
+        match=r"^the compiled broken kernel is not available \(.*\); tests use tensor ops",
     ):
         assert broken.load() is None
     with warnings.catch_warnings():

@@ -8,6 +8,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -116,6 +117,19 @@ def print_error(message: str) -> None:
     typer.echo(f"sparq: error: {message}", err=True)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Prints a warning as one line, `sparq: warning: message`, on stderr (no source location:
+    the user ran a command, not the library's code)."""
+    typer.echo(f"sparq: warning: {message}", err=True)
+
+
 def stdout_is_terminal() -> bool:
     """Returns True when stdout is a terminal (tables then fit its width)."""
     return sys.stdout.isatty()
@@ -193,6 +207,7 @@ def main() -> None:
     """Runs the `sparq` command line (the console script's entry point)."""
     for signum in _SIGNAL_EXITS:
         signal.signal(signum, _end_on_signal)
+    warnings.showwarning = _show_warning
     try:
         app(prog_name="sparq")
         code: int | str | None = 0
