@@ -14,6 +14,7 @@ SOURCE = r"""
 #include <c10/util/BFloat16-math.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -99,6 +100,7 @@ struct Group {
   const int32_t* kt;  // (cols, 8): -1 where xt holds a kept value, else 0
   int64_t cols;       // the most kept values of a lane
   bool masked;        // whether some lane has fewer than `cols` kept values
+  int64_t count[kLanes];  // each lane's kept values
 };
 
 // acc + term where the lane keeps the value (adding +0.0 elsewhere: the same float sum).
@@ -207,11 +209,53 @@ static void torch_losses(const Group& g, float qmax, const float* a, const float
   }
 }
 
+// For each lane, whether no range the walk can still visit from [cur_min, cur_max] has a loss
+// below `best`, so the walk cannot record another range. Every later range [a, b] has
+// a >= cur_min and b <= cur_max, so its decoded values lie in [L, T]: L = float16(cur_min)
+// (rounding is monotone), T = cur_max plus float16's and float32's rounding of the top level
+// (its scale is float16(range / qmax), at most 2^-11 of the range or 2^-25 above exact, times
+// qmax). A kept value below L (above T) then has a float32 error of at least fl(L - x)
+// (fl(x - T)), and its square at least that one's square; summed in the same column order,
+// torch's sequential float32 sum of its non-negative terms is at least the sum of these tail
+// terms, and so is its square root. `bounded` lanes keep the range wide against float16's
+// rounding of its ends (the scale stays positive) and every value below 2^14.
+SPARQ_CLONES
+static void nothing_better_ahead(const Group& g, const float* cur_min, const float* cur_max,
+                                 const float* best, const bool* bounded, bool* done) {
+  v8f low_in, high;
+  std::memcpy(&low_in, cur_min, sizeof(v8f));
+  const v8f low = round_to_float16(low_in);
+  for (int l = 0; l < kLanes; ++l) {
+    const double top = static_cast<double>(cur_max[l]) +
+                       (static_cast<double>(cur_max[l]) - low[l]) * (1.0 / 512) +
+                       (std::fabs(static_cast<double>(cur_max[l])) + std::fabs(low[l])) *
+                           (1.0 / 1048576) +
+                       1.0 / 65536;
+    float t = static_cast<float>(top);
+    high[l] = t < top ? std::nextafter(t, std::numeric_limits<float>::infinity()) : t;
+  }
+  const v8f zero = splat(0.0f);
+  v8f acc = zero;
+  for (int64_t c = 0; c < g.cols; ++c) {
+    v8f x;
+    std::memcpy(&x, g.xt + c * kLanes, sizeof(x));
+    const v8f below = x < low ? low - x : zero;
+    const v8f above = x > high ? x - high : zero;
+    const v8f d = below + above;  // one of them is +0.0
+    acc = g.masked ? add_kept<true>(acc, d * d, g.kt + c * kLanes) : acc + d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    done[l] = bounded[l] && std::isfinite(best[l]) && std::sqrt(acc[l]) >= best[l];
+  }
+}
+
 // torch.choose_qparams_optimized(kept values, n, 200, 0.16, bits) for every lane, replayed with
 // its own float32 operations: the loss (xmin rounded to float16, the scale through float16, a
 // sequential sum, its square root) and the greedy walk. Lanes without kept values are skipped.
-static void greedy(const Group& g, const float* row_min, const float* row_max, const bool* any,
-                   int bits, float* out_low, float* out_high) {
+static void greedy(const Group& g, const float* row_min, const float* row_max,
+                   const bool* any_kept, int bits, float* out_low, float* out_high) {
+  bool any[kLanes];
+  for (int l = 0; l < kLanes; ++l) any[l] = any_kept[l];
   const float qmax = static_cast<float>((1 << bits) - 1);
   const int64_t n_bins = 200;
   const int min_bins = static_cast<int>(n_bins * (1.0 - static_cast<float>(0.16)));
@@ -227,6 +271,17 @@ static void greedy(const Group& g, const float* row_min, const float* row_max, c
     out_low[l] = row_min[l];
     out_high[l] = row_max[l];
   }
+  // Lanes whose walk may stop early (see nothing_better_ahead): finite rows whose range is wide
+  // against float16's rounding of their ends. Checked from 5 bits up, where the walk soon
+  // clamps more than the whole error of the best range; below, it rarely ends early.
+  bool bounded[kLanes], done[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const float lo = std::fabs(row_min[l]), hi = std::fabs(row_max[l]);
+    const float range = row_max[l] - row_min[l];
+    bounded[l] = bits >= 5 && any[l] && lo < 16384.0f && hi < 16384.0f &&
+                 range > (lo + hi) * 0.00390625f;
+  }
+  bool check = false;
   float unused[kLanes];
   torch_losses(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
   for (int l = 0; l < kLanes; ++l) best_loss[l] = cur_loss[l];
@@ -255,6 +310,15 @@ static void greedy(const Group& g, const float* row_min, const float* row_max, c
         cur_max[l] = right_max[l];
         cur_loss[l] = loss2[l];
       }
+      check = check || (bounded[l] && cur_loss[l] >= best_loss[l]);
+    }
+    // Only when some lane's walk has risen to its best loss (the bound is at most that loss).
+    if (check) {
+      nothing_better_ahead(g, cur_min, cur_max, best_loss, bounded, done);
+      for (int l = 0; l < kLanes; ++l) {
+        if (done[l]) any[l] = false;  // the walk can no longer change this lane's answer
+      }
+      check = false;
     }
   }
 }
@@ -298,6 +362,7 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
   }
   g.cols = most;
   g.masked = masked;
+  for (int l = 0; l < kLanes; ++l) g.count[l] = count[l];
 }
 
 // Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0.
