@@ -8,12 +8,13 @@ in memory (`compress_table`, sparsify-first, no pruning) with `range: minmax` an
 the file's bytes), relative L2 error and mean row cosine of each range, and the change of
 the error.
 
-Then the time: a TIME_ROWS x 128 Gaussian table, 4 bits, at level 0 (quantization only) and
+Then the time: a TIME_ROWS x 128 Gaussian table, 4 and 8 bits (`--time-bits`), at level 0 (quantization only) and
 level 0.5 (block (1, 4)), minmax and mse interleaved, REPEAT times each, in this process; the
 medians of wall and CPU time, and mse / minmax. With `--threads N`, torch uses N threads.
 
     python benchmarks/bench_quality.py [--rows 20000] [--cols 384] [--time-rows 262144]
                                        [--repeat 5] [--threads N] [--skip-time] [--skip-quality]
+                                       [--time-bits 4 8]
 """
 
 from __future__ import annotations
@@ -75,17 +76,22 @@ def print_quality(rows: int, cols: int) -> None:
             )
 
 
-def print_time(rows: int, repeat: int) -> None:
+def print_time(rows: int, repeat: int, widths: list[int]) -> None:
     """Prints the median time of minmax and mse compression, interleaved, and their ratio."""
     table = make_table("gaussian", rows, 128)
     print(
-        f"time: {rows:,} x 128 float32, 4 bits, sparsify-first, {torch.get_num_threads()} "
+        f"time: {rows:,} x 128 float32, sparsify-first, {torch.get_num_threads()} "
         f"thread(s), median of {repeat} interleaved runs"
     )
     print(
-        f"{'level':>5} {'minmax s':>8} {'mse s':>7} {'ratio':>6} "
+        f"{'bits':>4} {'level':>5} {'minmax s':>8} {'mse s':>7} {'ratio':>6} "
         f"{'minmax cpu s':>12} {'mse cpu s':>9} {'cpu ratio':>9}"
     )
+    for bits in widths:
+        _print_times(table, bits, repeat)
+
+
+def _print_times(table: torch.Tensor, bits: int, repeat: int) -> None:
     # Builds or loads the compiled search before anything is timed.
     compress_table(
         table[:64], "sparsify-first", Sparsity(0.0, (1, 4)), Quantization(4, range="mse")
@@ -97,13 +103,13 @@ def print_time(rows: int, repeat: int) -> None:
             for value_range in runs:
                 wall, cpu = time.perf_counter(), time.process_time()
                 compress_table(
-                    table, "sparsify-first", sparsity, Quantization(4, range=value_range)
+                    table, "sparsify-first", sparsity, Quantization(bits, range=value_range)
                 )
                 runs[value_range].append((time.perf_counter() - wall, time.process_time() - cpu))
         wall = {key: statistics.median(run[0] for run in value) for key, value in runs.items()}
         cpu = {key: statistics.median(run[1] for run in value) for key, value in runs.items()}
         print(
-            f"{level:>5} {wall['minmax']:>8.3f} {wall['mse']:>7.3f} "
+            f"{bits:>4} {level:>5} {wall['minmax']:>8.3f} {wall['mse']:>7.3f} "
             f"{wall['mse'] / wall['minmax']:>5.2f}x {cpu['minmax']:>12.3f} {cpu['mse']:>9.3f} "
             f"{cpu['mse'] / cpu['minmax']:>8.2f}x",
             flush=True,
@@ -120,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--time-bits", type=int, nargs="+", default=[4, 8])
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -127,7 +134,7 @@ def main() -> None:
         print_quality(args.rows, args.cols)
         print()
     if not args.skip_time:
-        print_time(args.time_rows, args.repeat)
+        print_time(args.time_rows, args.repeat, args.time_bits)
 
 
 if __name__ == "__main__":
