@@ -272,13 +272,13 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
     out_high[l] = row_max[l];
   }
   // Lanes whose walk may stop early (see nothing_better_ahead): finite rows whose range is wide
-  // against float16's rounding of their ends. Checked from 5 bits up, where the walk soon
+  // against float16's rounding of their ends. Checked from 6 bits up, where the walk soon
   // clamps more than the whole error of the best range; below, it rarely ends early.
   bool bounded[kLanes], done[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     const float lo = std::fabs(row_min[l]), hi = std::fabs(row_max[l]);
     const float range = row_max[l] - row_min[l];
-    bounded[l] = bits >= 5 && any[l] && lo < 16384.0f && hi < 16384.0f &&
+    bounded[l] = bits >= 6 && any[l] && lo < 16384.0f && hi < 16384.0f &&
                  range > (lo + hi) * 0.00390625f;
   }
   bool check = false;

@@ -353,7 +353,7 @@ def test_the_kernels_float16_rounding_is_torchs():
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "zipf"])
 @pytest.mark.parametrize("bits", [5, 6, 7, 8])
 def test_the_replay_ends_early_only_where_the_walk_cannot_change_its_answer(kind, bits):
-    # From 5 bits the replay stops a row's walk once the clamped tails alone cost more than its
+    # From 6 bits the replay stops a row's walk once the clamped tails alone cost more than its
     # best loss: many rows, with and without pruning, against torch's whole walk.
     table, keep = _table(kind, 1500, 96, 0.3 if bits % 2 else 0.0, 1.0, bits)
     with _mse_kernel(True):
