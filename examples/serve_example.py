@@ -52,9 +52,12 @@ def main() -> None:
         ]
         for label, lookup in lookups:
             same = torch.allclose(lookup(served), lookup(decoded), rtol=1e-5, atol=1e-6)
+            pruned = "; these 4 columns are a pruned block" if not lookup(served).any() else ""
             print(f"{label}")
             print(f"  dense      {_show(lookup(dense))}")
-            print(f"  compressed {_show(lookup(served))}  (matches the decoded table: {same})")
+            print(
+                f"  compressed {_show(lookup(served))}  (matches the decoded table: {same}{pruned})"
+            )
 
 
 def _show(values: torch.Tensor) -> str:
