@@ -162,21 +162,11 @@ def measure_table(
     """
     rows = shape[0]
     whole = sample_rows is None or 2 * sample_rows >= rows
-    if order == "sparsify-first":
-        # A whole table is measured as a sample of every row (the estimators are then the
-        # errors themselves), with no float16 range derived: every option is the engine's,
-        # up to the order of float sums (marked not exact: a chosen one is verified).
-        return _SampledTable(
-            read_rows,
-            shape,
-            dtype,
-            order,
-            candidates,
-            weights,
-            2 * rows if whole else sample_rows,
-            name,
-            derive_narrow=DERIVE_NARROW_MSE and not whole,
-        ).run(progress)
+    # A whole table is measured as a sample of every row (the estimators are then the errors
+    # themselves), with no float16 range derived: every option is the engine's, up to the
+    # order of float sums (marked not exact: a chosen one is verified). Quantize-first never
+    # derives float16 ranges.
+    derive_narrow = order == "sparsify-first" and DERIVE_NARROW_MSE and not whole
     return _SampledTable(
         read_rows,
         shape,
@@ -186,6 +176,7 @@ def measure_table(
         weights,
         2 * rows if whole else sample_rows,
         name,
+        derive_narrow=derive_narrow,
     ).run(progress)
 
 
