@@ -526,10 +526,16 @@ SPARQ_AVX2 __attribute__((noinline)) void bag_chunk_b8w4(const BagJob& job, i64 
       const i64 pos = g0 * ub;
       const i64 before = (r - g0) * ub;  // <= 128 - ub
       const i64 n1 = std::min<i64>(before, 56);
+      const i64 n2 = std::min<i64>(before - n1, 56);
       const uint64_t w0 = word(pos) & ((uint64_t(1) << n1) - 1);
-      const uint64_t w1 = word(pos + 56) & ((uint64_t(1) << (before - n1)) - 1);
+      const uint64_t w1 = word(pos + 56) & ((uint64_t(1) << n2) - 1);
+      // Past 112 bits (narrow rows: up to 127 bits before the row) a third word, read only
+      // then: it starts before the row's own word, so it is in bounds too.
+      const i64 n3 = before - n1 - n2;
+      const uint64_t w2 = n3 > 0 ? word(pos + 112) & ((uint64_t(1) << n3) - 1) : 0;
       bits = word(r * ub) & word_mask;
-      return base[r >> gs] + 4 * i64(__builtin_popcountll(w0) + __builtin_popcountll(w1));
+      return base[r >> gs] + 4 * i64(__builtin_popcountll(w0) + __builtin_popcountll(w1) +
+                                     __builtin_popcountll(w2));
     }
     bits = load_bits(mask, mask_bytes, r * ub) & word_mask;
     return row_offset(t, r);

@@ -109,7 +109,7 @@ def test_fast_path_matches_embedding_bag(
     _check(module, table, input=indices, offsets=offsets, per_sample_weights=weights)
 
 
-@pytest.mark.parametrize("cols", [128, 224, 12])
+@pytest.mark.parametrize("cols", [128, 224, 12, 8, 4])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_many_bags_every_row(backend: str, cols: int, mode: str) -> None:
     """Many bags over parallel chunks (the prefetch ring restarts per chunk), every row used,
