@@ -18,6 +18,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class Kernel:
     functions: tuple[str, ...] | None = None
     openmp: bool = False
     _module: list[ModuleType | None] = field(default_factory=list, repr=False)
+    # The engine's worker threads may all ask at once: one builds, the others wait for it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def flags(self) -> list[str]:
         """Returns the compiler flags."""
@@ -90,6 +93,12 @@ class Kernel:
         """
         if self._module:
             return self._module[0]
+        with self._lock:
+            if not self._module:
+                self._module.append(self._load_once())
+        return self._module[0]
+
+    def _load_once(self) -> ModuleType | None:
         module: ModuleType | None = None
         if self.enabled():
             try:
@@ -102,9 +111,8 @@ class Kernel:
                     f"{self.what} use tensor ops (same results, much slower). "
                     f"Set {self.switch}=off to silence.",
                     KernelWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        self._module.append(module)
         return module
 
     def reset(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import pytest
@@ -44,3 +46,28 @@ def test_build_names_follow_the_source_and_the_cache_follows_the_environment(mon
     monkeypatch.delenv("SPARQ_KERNEL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
     assert str(cache_dir()) == "/xdg/sparq/kernels"
+
+
+def test_threads_asking_at_once_build_once(monkeypatch):
+    kernel = Kernel("sparq_once", "int f();\n", "once", "tests", "SPARQ_X")
+    builds = []
+    started = threading.Barrier(4)
+
+    def build() -> str:
+        builds.append(1)
+        time.sleep(0.2)  # the others arrive while this one builds
+        return "module"
+
+    monkeypatch.setattr(kernel, "_build", build)
+
+    def ask(results: list[object]) -> None:
+        started.wait()
+        results.append(kernel.load())
+
+    results: list[object] = []
+    threads = [threading.Thread(target=ask, args=(results,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [1] and results == ["module"] * 4
