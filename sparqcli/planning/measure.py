@@ -332,6 +332,15 @@ class _SampledTable:
 
     # -- one candidate -------------------------------------------------------------------------
 
+    def _candidates_of_height(self, height: int) -> list[int]:
+        """Returns the indices of the candidates whose block height (fitted to the table) is
+        `height`: those one sample serves."""
+        return [
+            index
+            for index, candidate in enumerate(self.candidates)
+            if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
+        ]
+
     def _measure_batched(self, progress: Progress | None) -> list[Option]:
         """Returns every candidate measured on its sample (sparsify-first), computed in batches.
 
@@ -347,11 +356,7 @@ class _SampledTable:
         steps = len(quantizations) * len(self.samples)
         done = 0
         for height, sample in self.samples.items():
-            mine = [
-                index
-                for index, candidate in enumerate(self.candidates)
-                if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
-            ]
+            mine = self._candidates_of_height(height)
             groups = _SparsityGroups(sample)
             groups.derive_narrow = self.derive_narrow
             group_of: dict[int, int] = {}
@@ -401,11 +406,7 @@ class _SampledTable:
         steps = len(quantizations) * len(self.samples)
         done = 0
         for height, sample in self.samples.items():
-            mine = [
-                index
-                for index, candidate in enumerate(self.candidates)
-                if fit_blocks(self.shape, candidate.sparsity.block_shape)[0] == height
-            ]
+            mine = self._candidates_of_height(height)
             original = sample.values
             original_norm = row_norms(original)
             for quantization in quantizations:
