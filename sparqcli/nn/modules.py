@@ -40,6 +40,24 @@ class _CompressedLookup(nn.Module):
     qparams: torch.Tensor
     row_index: torch.Tensor
 
+    @classmethod
+    def _of_file(cls, path: str | Path, key: str, memory_map: bool, **options: Any) -> Any:
+        """Returns the module serving table `key` of the file at `path` (see `from_file`)."""
+        layout, tensors = read_packed(path, key, memory_map=memory_map)
+        return cls(
+            layout,
+            tensors,
+            source=f"{path}: table '{key}'",
+            huge_pages=not memory_map,
+            **options,
+        )
+
+    @classmethod
+    def _of_table(cls, table: CompressedTable, **options: Any) -> Any:
+        """Returns the module serving an in-memory compressed table (see `from_table`)."""
+        layout, tensors = pack_table(table)
+        return cls(layout, tensors, source="table", **options)
+
     def __init__(
         self,
         layout: Layout,
@@ -348,15 +366,7 @@ class Embedding(_CompressedLookup):
         Raises InputError when the file is unreadable or holds no such table, FormatError when
         it is corrupt, ValueError for a `padding_idx` outside the table.
         """
-        layout, tensors = read_packed(path, key, memory_map=memory_map)
-        return cls(
-            layout,
-            tensors,
-            padding_idx=padding_idx,
-            device=device,
-            source=f"{path}: table '{key}'",
-            huge_pages=not memory_map,
-        )
+        return cls._of_file(path, key, memory_map, padding_idx=padding_idx, device=device)
 
     @classmethod
     def from_table(
@@ -370,8 +380,7 @@ class Embedding(_CompressedLookup):
 
         Raises ValueError when the table is inconsistent or `padding_idx` is outside it.
         """
-        layout, tensors = pack_table(table)
-        return cls(layout, tensors, padding_idx=padding_idx, device=device, source="table")
+        return cls._of_table(table, padding_idx=padding_idx, device=device)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Returns the rows at `input` (any shape), shape `input.shape + (embedding_dim,)`.
@@ -449,16 +458,14 @@ class EmbeddingBag(_CompressedLookup):
         Raises InputError when the file is unreadable or holds no such table, FormatError when
         it is corrupt, ValueError for an unknown `mode` or a `padding_idx` outside the table.
         """
-        layout, tensors = read_packed(path, key, memory_map=memory_map)
-        return cls(
-            layout,
-            tensors,
+        return cls._of_file(
+            path,
+            key,
+            memory_map,
             mode=mode,
             padding_idx=padding_idx,
             include_last_offset=include_last_offset,
             device=device,
-            source=f"{path}: table '{key}'",
-            huge_pages=not memory_map,
         )
 
     @classmethod
@@ -476,10 +483,8 @@ class EmbeddingBag(_CompressedLookup):
         Raises ValueError when the table is inconsistent, `mode` unknown or `padding_idx`
         outside the table.
         """
-        layout, tensors = pack_table(table)
-        return cls(
-            layout,
-            tensors,
+        return cls._of_table(
+            table,
             mode=mode,
             padding_idx=padding_idx,
             include_last_offset=include_last_offset,
