@@ -34,7 +34,7 @@ from sparqcli.dtypes import BY_NAME, TensorInfo, dtype_name, torch_dtype
 from sparqcli.errors import InputError, UnsafeInputError, first_line
 from sparqcli.sources import DCP_METADATA_FILE as METADATA_FILE
 from sparqcli.sources import Checkpoint
-from sparqcli.sources.safetensors_file import _pread, _pread_into
+from sparqcli.sources.safetensors_file import _pread, _pread_into, rows_buffer
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _METADATA_CLASSES = frozenset(
@@ -217,13 +217,7 @@ class DcpCheckpoint(Checkpoint):
         """Returns rows `start:stop` of tensor `key` (along its first dimension), read into `out`
         when given. Raises InputError when a `.distcp` file is short, unreadable or corrupt."""
         info = self.tensors[key]
-        shape = (stop - start, *info.shape[1:])
-        dtype = torch_dtype(info.dtype)
-        if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif not (out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"):
-            raise ValueError(f"out must be a contiguous CPU {info.dtype} tensor")
-        rows = out.view(-1)[: math.prod(shape)].view(shape)
+        rows = rows_buffer(info, start, stop, out)
         for chunk in self._chunks[key]:
             first, last = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
             if first >= last:

@@ -63,15 +63,9 @@ class SafetensorsCheckpoint(Checkpoint):
         not a contiguous CPU tensor of the tensor's dtype.
         """
         info = self.tensors[key]
-        shape = (stop - start, *info.shape[1:])
-        dtype = torch_dtype(info.dtype)
-        if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif not (out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"):
-            raise ValueError(f"out must be a contiguous CPU {info.dtype} tensor")
-        rows = out.view(-1)[: math.prod(shape)].view(shape)
+        rows = rows_buffer(info, start, stop, out)
         if rows.numel():
-            offset = self._offsets[key] + start * math.prod(info.shape[1:]) * out.element_size()
+            offset = self._offsets[key] + start * math.prod(info.shape[1:]) * rows.element_size()
             _pread_into(self.file, offset, rows)
         return rows
 
@@ -123,6 +117,19 @@ def _pread(path: Path, offset: int, size: int) -> bytearray:
     buffer = bytearray(size)
     _pread_view(path, offset, memoryview(buffer))
     return buffer
+
+
+def rows_buffer(info: TensorInfo, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Returns the tensor that rows `start:stop` of a tensor described by `info` are read into:
+    the front of `out` viewed in their shape, or a new one. Raises ValueError for an `out` that
+    is not a contiguous CPU tensor of the tensor's dtype."""
+    shape = (stop - start, *info.shape[1:])
+    dtype = torch_dtype(info.dtype)
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if not (out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"):
+        raise ValueError(f"out must be a contiguous CPU {info.dtype} tensor")
+    return out.view(-1)[: math.prod(shape)].view(shape)
 
 
 def _pread_into(path: Path, offset: int, target: torch.Tensor) -> None:
