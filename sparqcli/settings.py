@@ -30,6 +30,9 @@ BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 RANGES: tuple[str, ...] = ("minmax", "mse")
 SCOPES: tuple[str, ...] = ("table", "row")
+# The fields whose value is one of a fixed set of names.
+_SPARSITY_CHOICES = {"norm": NORMS, "scope": SCOPES}
+_QUANTIZATION_CHOICES = {"scale_dtype": SCALE_DTYPES, "range": RANGES}
 DEFAULT_MIN_TABLE_BYTES = 64 * 1024
 """Glob and regex rules skip tables smaller than this (`min_table_bytes`); exact keys do not."""
 
@@ -203,6 +206,11 @@ def _block_shape_ok(shape: object) -> bool:
     )
 
 
+def _choice_problem(value: object, allowed: tuple[str, ...]) -> str | None:
+    """Returns what is wrong with a value that must be one of `allowed`, or None."""
+    return None if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
+
+
 def sparsity_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one sparsity field's value on its own, or None."""
     if name == "level":
@@ -216,10 +224,8 @@ def sparsity_field_problem(name: str, value: object) -> str | None:
             return f"must be an integer or null, got {value!r}"
         if value is not None and value < 0:  # type: ignore[operator]
             return f"must not be negative, got {value}"
-    elif name == "norm" and value not in NORMS:
-        return f"must be one of {', '.join(NORMS)}, got {value!r}"
-    elif name == "scope" and value not in SCOPES:
-        return f"must be one of {', '.join(SCOPES)}, got {value!r}"
+    elif name in _SPARSITY_CHOICES:
+        return _choice_problem(value, _SPARSITY_CHOICES[name])
     return None
 
 
@@ -246,10 +252,8 @@ def quantization_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one quantization field's value, or None."""
     if name == "bits" and (not _is_int(value) or value not in BITS):
         return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {value!r}"
-    if name == "scale_dtype" and value not in SCALE_DTYPES:
-        return f"must be one of {', '.join(SCALE_DTYPES)}, got {value!r}"
-    if name == "range" and value not in RANGES:
-        return f"must be one of {', '.join(RANGES)}, got {value!r}"
+    if name in _QUANTIZATION_CHOICES:
+        return _choice_problem(value, _QUANTIZATION_CHOICES[name])
     return None
 
 
