@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sparqcli.errors import FormatError
+from sparqcli.format.handle import OpenHandle
 from sparqcli.format.reader import CompressedFileInfo, SparqFile, TableInfo, _unknown_key
 
 
@@ -83,7 +84,7 @@ class CompressedFolderInfo:
         }
 
 
-class SparqFolder:
+class SparqFolder(OpenHandle):
     """An open folder of sparq shards, with `SparqFile`'s methods over the whole folder.
 
     Use it as a context manager, or call `close()`.
@@ -114,12 +115,6 @@ class SparqFolder:
             raise
         self.info = CompressedFolderInfo(self.path, tuple(file.info for file in self._files))
 
-    def __enter__(self) -> SparqFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Closes every shard."""
         for file in self._files:
@@ -128,14 +123,6 @@ class SparqFolder:
     def keys(self) -> list[str]:
         """Returns the keys of the dense state dict the folder decodes to, sorted."""
         return sorted(self._owner)
-
-    def tables(self) -> list[str]:
-        """Returns the keys of the compressed tables of every shard, sorted."""
-        return sorted(self.info.tables)
-
-    def metadata(self) -> dict[str, Any]:
-        """Returns the folder's tables and each shard's sparq metadata as data."""
-        return self.info.to_dict()
 
     def _file(self, key: str) -> SparqFile:
         file = self._owner.get(key)

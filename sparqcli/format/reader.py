@@ -28,6 +28,7 @@ from sparqcli.dtypes import (
 from sparqcli.engine.blocks import block_grid
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import FormatError, InputError, SettingError, first_line
+from sparqcli.format.handle import OpenHandle
 from sparqcli.format.packing import padding_is_zero, unpack_bits, unpack_code_range, unpack_codes
 from sparqcli.format.spec import (
     FORMAT_VERSION,
@@ -456,7 +457,7 @@ def _unknown_key(where: str, key: str, keys: list[str]) -> InputError:
     return InputError(f"{where}: no tensor '{key}'; {hint}")
 
 
-class SparqFile:
+class SparqFile(OpenHandle):
     """An open sparq file (or plain safetensors file), like `safetensors.safe_open`.
 
     The header is read and validated on opening; tensors are read when asked for. Use it as a
@@ -475,12 +476,6 @@ class SparqFile:
             self.close()
             raise
 
-    def __enter__(self) -> SparqFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Closes the file; the handle cannot read after this."""
         if self._context is not None:
@@ -490,14 +485,6 @@ class SparqFile:
     def keys(self) -> list[str]:
         """Returns the keys of the dense state dict the file decodes to, sorted."""
         return self.info.dense_keys()
-
-    def tables(self) -> list[str]:
-        """Returns the keys of the compressed tables, sorted."""
-        return sorted(self.info.tables)
-
-    def metadata(self) -> dict[str, Any]:
-        """Returns the file's sparq metadata (format version, tables, source, extra) as data."""
-        return self.info.to_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Returns the dense state dict, keys sorted; a table's aliases are the same tensor

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparqcli.errors import FormatError, InputError
+from sparqcli.format.handle import OpenHandle
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +114,7 @@ def _file(where: Path, folder: Path, name: Any) -> str:
     return name
 
 
-class ShardedSparqFile:
+class ShardedSparqFile(OpenHandle):
     """A sharded sparq folder, read like one `SparqFile`: a table's rows come from its shards."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
@@ -177,12 +178,6 @@ class ShardedSparqFile:
             file_bytes=sum((self.folder / name).stat().st_size for name in self._files),
         )
 
-    def __enter__(self) -> ShardedSparqFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Closes every shard file."""
         for file in self._files.values():
@@ -191,14 +186,6 @@ class ShardedSparqFile:
     def keys(self) -> list[str]:
         """Returns the keys of the dense state dict the folder decodes to, sorted."""
         return self.info.dense_keys()
-
-    def tables(self) -> list[str]:
-        """Returns the keys of the compressed tables, sorted."""
-        return sorted(self.info.tables)
-
-    def metadata(self) -> dict[str, Any]:
-        """Returns the folder's sparq metadata (tables merged over their shards) as data."""
-        return self.info.to_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Returns every tensor decoded, keys sorted (what `sparqcli.load` returns)."""
