@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import sparqcli
 from sparqcli.cli import app
@@ -496,49 +496,26 @@ def test_plan_is_deterministic_and_yaml_round_trips(
 # CLI and plots
 
 
+def _plan_budget(model: Path, base: Path, out: str, *options: str) -> Result:
+    """Runs `sparq plan MODEL -c BASE --budget 0.1 -o OUT OPTIONS...`."""
+    return runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--budget", "0.1", "-o", out, *options]
+    )
+
+
 def test_cli_prints_tables_frontier_and_writes_plot(
     mixed: tuple[Path, Path], tmp_path: Path
 ) -> None:
     model, base = mixed
     out, svg, png = tmp_path / "plan.yaml", tmp_path / "f.svg", tmp_path / "f.png"
-    result = runner.invoke(
-        app,
-        [
-            "plan",
-            str(model),
-            "-c",
-            str(base),
-            "--budget",
-            "0.1",
-            "-o",
-            str(out),
-            "--plot",
-            str(svg),
-        ],
-    )
+    result = _plan_budget(model, base, str(out), "--plot", str(svg))
     assert result.exit_code == 0, result.output
     assert "best uniform setting" in result.output
     assert "the model's frontier" in result.output
     assert out.exists()
     root = ElementTree.parse(svg).getroot()
     assert root.tag.endswith("svg")
-    result = runner.invoke(
-        app,
-        [
-            "plan",
-            str(model),
-            "-c",
-            str(base),
-            "--budget",
-            "0.1",
-            "-o",
-            str(out),
-            "--force",
-            "--plot",
-            str(png),
-            "--json",
-        ],
-    )
+    result = _plan_budget(model, base, str(out), "--force", "--plot", str(png), "--json")
     assert result.exit_code == 0, result.output
     import json
 
@@ -556,41 +533,13 @@ def test_plot_without_matplotlib_says_how_to_install(
 ) -> None:
     model, base = mixed
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    result = runner.invoke(
-        app,
-        [
-            "plan",
-            str(model),
-            "-c",
-            str(base),
-            "--budget",
-            "0.1",
-            "-o",
-            str(tmp_path / "p.yaml"),
-            "--plot",
-            str(tmp_path / "f.png"),
-        ],
-    )
+    result = _plan_budget(model, base, str(tmp_path / "p.yaml"), "--plot", str(tmp_path / "f.png"))
     assert result.exit_code == 2
     assert "--plot needs matplotlib, which is not installed: pip install 'sparqcli[plot]'" in (
         result.output
     )
     assert not (tmp_path / "p.yaml").exists()
-    result = runner.invoke(
-        app,
-        [
-            "plan",
-            str(model),
-            "-c",
-            str(base),
-            "--budget",
-            "0.1",
-            "-o",
-            str(tmp_path / "p.yaml"),
-            "--plot",
-            str(tmp_path / "f.pdf"),
-        ],
-    )
+    result = _plan_budget(model, base, str(tmp_path / "p.yaml"), "--plot", str(tmp_path / "f.pdf"))
     assert result.exit_code == 2
     assert "must end in .png or .svg" in result.output
 
