@@ -479,18 +479,22 @@ def _as_terminal(monkeypatch, columns: int) -> None:
     monkeypatch.setenv("COLUMNS", str(columns))
 
 
-@pytest.mark.parametrize("columns", [80, 100, 150, 200])
-@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
-def test_on_a_terminal_every_line_fits(monkeypatch, long_keys, command, columns):
-    path, config = long_keys
-    _as_terminal(monkeypatch, columns)
-    args = {
+def _summary_command(command: str, path: Path, config: Path) -> tuple[object, ...]:
+    """The arguments of each command that prints a summary table, for the width tests."""
+    return {
         "compress": ("compress", path, "-c", config, "--force"),
         "dry-run": ("compress", path, "-c", config, "--dry-run"),
         "inspect": ("inspect", path),
         "validate": ("validate", config, path),
     }[command]
-    result = run(*args)
+
+
+@pytest.mark.parametrize("columns", [80, 100, 150, 200])
+@pytest.mark.parametrize("command", ["compress", "dry-run", "inspect", "validate"])
+def test_on_a_terminal_every_line_fits(monkeypatch, long_keys, command, columns):
+    path, config = long_keys
+    _as_terminal(monkeypatch, columns)
+    result = run(*_summary_command(command, path, config))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     # titles hold file paths, which are never shortened: the tables' lines fit
@@ -504,13 +508,7 @@ def test_on_a_terminal_every_line_fits(monkeypatch, long_keys, command, columns)
 def test_piped_output_is_whole_whatever_columns_says(monkeypatch, long_keys, command):
     path, config = long_keys
     monkeypatch.setenv("COLUMNS", "40")
-    args = {
-        "compress": ("compress", path, "-c", config, "--force"),
-        "dry-run": ("compress", path, "-c", config, "--dry-run"),
-        "inspect": ("inspect", path),
-        "validate": ("validate", config, path),
-    }[command]
-    result = run(*args)
+    result = run(*_summary_command(command, path, config))
     assert result.exit_code == 0, result.output
     assert "…" not in result.stdout.replace("0…255", "")
     rows = [line for line in result.stdout.splitlines() if line.startswith(LONG_KEY)]
