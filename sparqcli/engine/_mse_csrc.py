@@ -396,7 +396,7 @@ static bool check_rows(const at::Tensor& values, const at::Tensor& keep) {
 // See quantize.py: mse_qparams. values (rows, cols) float32; keep (rows, cols) bool or empty;
 // starts (rows, 2 * K) float32: K candidate ranges [low, high] per row, in order; minmax_scale
 // and minmax_zero_point (rows,): the first candidate, as qparams; bits; narrow (0 float32, 1
-// float16, 2 bfloat16); steps: the pattern fractions. Returns (scale, zero_point, low, high).
+// float16, 2 bfloat16); steps: the pattern fractions. Returns (scale, zero_point).
 std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tensor starts,
                                    at::Tensor minmax_scale, at::Tensor minmax_zero_point,
                                    int64_t bits, int64_t narrow, std::vector<double> steps) {
@@ -409,16 +409,12 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
   TORCH_CHECK(bits >= 1 && bits <= 8 && narrow >= 0 && narrow <= 2, "mse_search: bad settings");
   at::Tensor scale = minmax_scale.to(at::kFloat).contiguous().clone();
   at::Tensor zero_point = minmax_zero_point.to(at::kFloat).contiguous().clone();
-  at::Tensor low = at::empty({rows}, at::kFloat);
-  at::Tensor high = at::empty({rows}, at::kFloat);
   const int64_t k_starts = starts.size(1) / 2;
   const float* xv = values.data_ptr<float>();
   const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
   const float* sv = starts.data_ptr<float>();
   float* out_s = scale.data_ptr<float>();
   float* out_z = zero_point.data_ptr<float>();
-  float* out_lo = low.data_ptr<float>();
-  float* out_hi = high.data_ptr<float>();
   const float quant_max = static_cast<float>((1 << bits) - 1);
   {
     pybind11::gil_scoped_release release;
@@ -475,11 +471,10 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
       }
       for (int l = 0; l < lanes; ++l) {
         out_s[r0 + l] = best_s[l], out_z[r0 + l] = best_z[l];
-        out_lo[r0 + l] = best_lo[l], out_hi[r0 + l] = best_hi[l];
       }
     });
   }
-  return {scale, zero_point, low, high};
+  return {scale, zero_point};
 }
 
 // torch.choose_qparams_optimized on each row's kept values, replayed: (low, high) per row, and

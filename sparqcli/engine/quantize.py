@@ -238,7 +238,7 @@ def mse_qparams(
     module = MSE_KERNEL.load()
     if module is not None:
         empty = torch.empty(0, dtype=torch.bool)
-        scale, zero_point, _, _ = module.mse_search(
+        scale, zero_point = module.mse_search(
             values,
             empty if keep is None else keep,
             starts,
