@@ -94,7 +94,7 @@ class StatsAccumulator:
         with self._zeros_lock:  # an integer count: the same whatever order the chunks come in
             self.zeros += count
 
-    def addrow_sums(self, start: int, sums: torch.Tensor) -> None:
+    def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.
 
         `sums` has shape (rows, 5): the sums of x^2, x_hat^2, (x_hat - x)^2 and x * x_hat, and
