@@ -305,7 +305,7 @@ def _unit_kept(layout: Layout, mask: torch.Tensor, units: torch.Tensor) -> torch
     for start in range(0, flat.numel(), step):
         part = flat[start : start + step]
         bits = _bits_at(mask, part[:, None] * c + cols)
-        out[start : start + step] = bits @ widths
+        out[start : start + step] = (bits * widths).sum(dim=1)  # no integer matmul on CUDA
     return out.view(units.shape)
 
 

@@ -172,8 +172,19 @@ def test_wide_rows_and_value_masks(backend: str) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu() -> None:
-    table = make_table(500, 64, level=0.8, bits=4)
+@pytest.mark.parametrize(
+    ("bits", "scale_dtype"),
+    [
+        (1, "float32"),
+        (3, "float16"),
+        (4, "float32"),
+        (5, "bfloat16"),
+        (7, "float32"),
+        (8, "float16"),
+    ],
+)
+def test_cuda_matches_cpu(bits: int, scale_dtype: str) -> None:
+    table = make_table(500, 64, level=0.8, bits=bits, scale_dtype=scale_dtype)
     cpu = EmbeddingBag.from_table(table, mode="sum")
     gpu = EmbeddingBag.from_table(table, mode="sum", device="cuda")
     indices = torch.randint(0, 500, (256, 8))
