@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli.config import Config
 from sparqcli.digest import BackgroundSha256, sha256_file
-from sparqcli.errors import OutputError, SettingError, TableError, UsageError
+from sparqcli.errors import OutputError, TableError, UsageError
 from sparqcli.parallel import resolve_threads
 from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
 
@@ -99,7 +99,7 @@ def compress(
         from sparqcli.sources import open_checkpoint
 
         options = replace(options or EngineOptions.from_environment(), threads=thread_count)
-        check_settings(config, output_format, device)  # beside the hashing started above
+        check_settings(config, output_format)  # beside the hashing started above
         for source, target in zip(sources, targets, strict=True):
             if is_model_folder(source):
                 check_output_folder(target, sources, force)
@@ -231,7 +231,6 @@ def compress_state_dict(
         if not isinstance(value, torch.Tensor):
             raise UsageError(f"state dict entry '{key}' is not a tensor ({type(value).__name__})")
     check_device(device)
-    check_settings(config, "sparq", device)
     checkpoint = StateDictCheckpoint(None, "state_dict", state_dict)
     input_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
     file = _plan(checkpoint, config, "sparq", None, input_bytes)
@@ -351,25 +350,21 @@ def check_device(device: str) -> None:
             )
 
 
-def check_settings(config: Config, output_format: str, device: str) -> None:
-    """Checks, before any file is read, that every rule's settings run on `device` and fit the
-    output format.
+def check_settings(config: Config, output_format: str) -> None:
+    """Checks, before any file is read, that every rule's settings fit the output format.
 
-    Raises SettingError (`layers[1].quantization.range: mse is not supported with ...` on CUDA)
-    or UsageError (a width the torch-ao format cannot hold).
+    Raises UsageError for a width the torch-ao format cannot hold (it stores 8, 4 and 2 bits).
     """
-    from sparqcli.engine.pipeline import device_problems
     from sparqcli.format.torch_ao import torch_ao_problem
 
+    if output_format != "torch-ao":
+        return
     for rule in config.resolved_rules:
-        path = f"layers[{rule.index}]"
-        problems = device_problems(rule.sparsity, rule.quantization, device, path)
-        if problems:
-            raise SettingError(problems[0])
-        if output_format == "torch-ao":
-            problem = torch_ao_problem(f"{path}.quantization.bits", rule.quantization.bits)
-            if problem is not None:
-                raise UsageError(problem)
+        problem = torch_ao_problem(
+            f"layers[{rule.index}].quantization.bits", rule.quantization.bits
+        )
+        if problem is not None:
+            raise UsageError(problem)
 
 
 def is_model_folder(source: Path) -> bool:

@@ -242,9 +242,24 @@ def test_cuda_without_a_gpu_is_a_usage_error(checkpoint, config):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_writes_the_same_tensors_as_cpu(checkpoint, config, tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        None,
+        "sparsity: {level: 0.5, block_shape: [1, 4], scope: row}\n"
+        "quantization: {bits: 3, range: mse, scale_dtype: bfloat16}\n",
+    ],
+    ids=["fixture", "mse-row-3b-bf16"],
+)
+def test_cuda_writes_the_same_tensors_as_cpu(checkpoint, config, tmp_path, settings):
     from safetensors.torch import load_file
 
+    if settings is not None:
+        text = config.read_text()
+        for line in text.splitlines(keepends=True):
+            if line.startswith(("sparsity:", "quantization:")):
+                text = text.replace(line, "")
+        config.write_text(settings + text)
     written = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"{device}.sparq.safetensors"

@@ -14,7 +14,7 @@ import sparqcli
 from sparqcli.compression import compress, plan_outputs
 from sparqcli.config import Config
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.errors import GateError, SettingError, UsageError
+from sparqcli.errors import GateError, UsageError
 
 
 def test_report_and_output_match_the_engine(checkpoint, config, state):
@@ -140,21 +140,3 @@ def test_new_options_run_and_are_reported(checkpoint, config, state):
     info = sparqcli.format.read_info(report.files[0].output)
     table = info.tables[report.files[0].tables[0].key]
     assert (table.quantization.range, table.sparsity.scope) == ("mse", "row")
-
-
-def test_cuda_refuses_mse_ranges_and_row_scope():
-    from sparqcli.compression import check_settings as _check_settings
-
-    config = Config.from_dict(
-        {"layers": [{"match": "x"}, {"match": "y", "quantization": {"range": "mse"}}]}, "c.yaml"
-    )
-    _check_settings(config, "sparq", "cpu")
-    with pytest.raises(SettingError) as error:
-        _check_settings(config, "sparq", "cuda")
-    assert str(error.value) == (
-        "layers[1].quantization.range: mse is not supported with device='cuda'; "
-        "use device='cpu' or range: minmax"
-    )
-    config = Config.from_dict({"layers": [{"match": "x", "sparsity": {"scope": "row"}}]}, "c.yaml")
-    with pytest.raises(SettingError, match=r"^layers\[0\]\.sparsity\.scope: row is not supported"):
-        _check_settings(config, "sparq", "cuda")

@@ -150,9 +150,6 @@ def compress_rows(
             f"{name}: must be a floating table, got dtype {str(dtype).replace('torch.', '')}"
         )
     device = torch.device(device)
-    problems = device_problems(sparsity, quantization, device)
-    if problems:
-        raise SettingError(f"{name}: {problems[0]}")
     job = _TableJob(
         read_rows,
         shape,
@@ -172,34 +169,6 @@ def compress_rows(
         score_budget_bytes = CUDA_SCORE_BUDGET_BYTES if cuda else CPU_SCORE_BUDGET_BYTES
     with ChunkWorkers(job.worker_threads) as job.workers:
         return job.run(dtype, score_budget_bytes)
-
-
-def device_problems(
-    sparsity: Sparsity,
-    quantization: Quantization,
-    device: torch.device | str,
-    path: str = "",
-) -> list[str]:
-    """Returns the settings the engine does not run on `device`, as `path.field: ...` lines.
-
-    On CUDA: `quantization.range: mse` and `sparsity.scope: row` (CPU only: their CUDA results
-    have not been checked bit for bit against the CPU's). Empty when everything runs.
-    """
-    if torch.device(device).type != "cuda":
-        return []
-    prefix = f"{path}." if path else ""
-    problems = []
-    if quantization.range != "minmax":
-        problems.append(
-            f"{prefix}quantization.range: {quantization.range} is not supported with "
-            "{opt:device=cuda}; use {opt:device=cpu} or range: minmax"
-        )
-    if sparsity.scope != "table":
-        problems.append(
-            f"{prefix}sparsity.scope: {sparsity.scope} is not supported with "
-            "{opt:device=cuda}; use {opt:device=cpu} or scope: table"
-        )
-    return problems
 
 
 def _fused_kernels(device: torch.device, options: EngineOptions) -> ModuleType | None:

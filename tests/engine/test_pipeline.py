@@ -295,11 +295,16 @@ def test_unknown_order_is_a_setting_error():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.cpu().view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
 def _assert_same_result(cpu, gpu) -> None:
     assert gpu.codes.device.type == "cuda"
     assert torch.equal(cpu.codes, gpu.codes.cpu())
-    assert torch.equal(cpu.scale.view(torch.int32), gpu.scale.cpu().view(torch.int32))
-    assert torch.equal(cpu.zero_point.view(torch.int32), gpu.zero_point.cpu().view(torch.int32))
+    assert cpu.scale.dtype == gpu.scale.dtype
+    assert torch.equal(_raw_bits(cpu.scale), _raw_bits(gpu.scale))
+    assert torch.equal(_raw_bits(cpu.zero_point), _raw_bits(gpu.zero_point))
     if cpu.keep_mask is None:
         assert gpu.keep_mask is None
     else:
@@ -324,6 +329,50 @@ def test_cuda_matches_cpu(order, block_shape, zeros, bits, shape):
     assert gpu_stats.zero_fraction == cpu_stats.zero_fraction
     assert gpu_stats.rel_error == pytest.approx(cpu_stats.rel_error, rel=1e-5)
     assert gpu_stats.row_cosine_min == pytest.approx(cpu_stats.row_cosine_min, abs=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(
+    ("bits", "scale_dtype", "range_", "scope", "block_shape", "zeros"),
+    [
+        (1, "float32", "minmax", "row", (1, 4), None),
+        (2, "bfloat16", "mse", "row", (1, 4), None),
+        (3, "float16", "mse", "table", (1, 4), None),
+        (4, "float32", "mse", "table", (2, 3), 4),
+        (5, "bfloat16", "minmax", "table", (1, 1), None),
+        (6, "float32", "mse", "row", (2, 2), 0),
+        (7, "float16", "minmax", "row", (2, 3), 4),
+        (8, "float16", "mse", "row", (4, 1), None),
+    ],
+)
+@pytest.mark.parametrize("order", ORDERS)
+def test_cuda_matches_cpu_for_every_width_range_scope_and_scale_dtype(
+    order, bits, scale_dtype, range_, scope, block_shape, zeros
+):
+    table = torch.randn(1001, 37, generator=torch.Generator().manual_seed(bits))
+    table *= torch.rand(1001, 1, generator=torch.Generator().manual_seed(9)) * 3
+    table[5] = 0.0
+    settings = (
+        Sparsity(0.6, block_shape, zeros, scope=scope),
+        Quantization(bits, scale_dtype, range_),
+    )
+    cpu, cpu_stats = compress_table(table, order, *settings)
+    gpu, gpu_stats = compress_table(table.cuda(), order, *settings)
+    _assert_same_result(cpu, gpu)
+    assert gpu_stats.kept == cpu_stats.kept
+    assert gpu_stats.rel_error == pytest.approx(cpu_stats.rel_error, rel=1e-5)
+    streamed, _ = compress_rows(
+        lambda start, stop: table[start:stop],
+        tuple(table.shape),
+        table.dtype,
+        order,
+        *settings,
+        device="cuda",
+        chunk_rows=300,
+        score_budget_bytes=0,
+    )
+    _assert_same_result(cpu, streamed)
 
 
 @pytest.mark.cuda
@@ -517,22 +566,3 @@ def test_defaults_are_unchanged_by_the_new_options(monkeypatch):
     )
     for part in ("codes", "keep_mask", "scale", "zero_point"):
         assert torch.equal(getattr(plain, part), getattr(explicit, part))
-
-
-def test_cuda_refuses_mse_and_row_scope_by_name():
-    table = torch.randn(4, 4)
-    with pytest.raises(SettingError) as error:
-        compress_rows(
-            lambda start, stop: table[start:stop],
-            (4, 4),
-            table.dtype,
-            "sparsify-first",
-            Sparsity(0.5, scope="row"),
-            Quantization(8),
-            device="cuda",
-            name="emb",
-        )
-    assert str(error.value) == (
-        "emb: sparsity.scope: row is not supported with device='cuda'; "
-        "use device='cpu' or scope: table"
-    )
