@@ -34,12 +34,12 @@ constexpr int kLanes = 8;
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// Round half to even (the default rounding mode) for |t| < 2^22; beyond, a number at least as
-// far out on the same side (or NaN for NaN), which the clamps that follow map to the same end
-// level as the exact rounding: the levels stop at 255.
+// Round half to even (rint in the default rounding mode, as std::nearbyint and torch.round):
+// one vroundps in the AVX2 clones (a per-lane rintf in the baseline clone).
 static inline v8f round_even(v8f t) {
-  const v8f magic = v8f{} + 12582912.0f;  // 1.5 * 2^23
-  return (t + magic) - magic;
+  v8f r;
+  for (int l = 0; l < kLanes; ++l) r[l] = __builtin_rintf(t[l]);
+  return r;
 }
 
 static inline v8f splat(float x) { return v8f{} + x; }
@@ -154,7 +154,7 @@ static void errors(const Group& g, const float* scale, const float* zero_point, 
 
 // The sums of torch's loss for two (xmin, scale, 1 / scale) per lane.
 template <bool Masked>
-static inline void torch_sums(const Group& g, float qmax, v8f mina, v8f sa, v8f inva, v8f minb,
+__attribute__((always_inline)) static inline void torch_sums(const Group& g, float qmax, v8f mina, v8f sa, v8f inva, v8f minb,
                               v8f sb, v8f invb, v8f& acca, v8f& accb) {
   const v8f top = splat(qmax);
   const v8f zero = splat(0.0f);
@@ -175,16 +175,12 @@ static inline void torch_sums(const Group& g, float qmax, v8f mina, v8f sa, v8f 
   }
 }
 
-// torch's loss (calculate_quant_loss) of the ranges [a_l, b_l] and [c_l, d_l] of every lane,
-// in one pass over the columns.
-SPARQ_CLONES
-static void torch_losses(const Group& g, float qmax, const float* a, const float* b,
-                         const float* c, const float* d, float* la, float* lb) {
-  v8f lows_a, highs_a, lows_b, highs_b;
-  std::memcpy(&lows_a, a, sizeof(v8f));
-  std::memcpy(&highs_a, b, sizeof(v8f));
-  std::memcpy(&lows_b, c, sizeof(v8f));
-  std::memcpy(&highs_b, d, sizeof(v8f));
+// torch's loss (calculate_quant_loss) of the ranges [lows_a, highs_a] and [lows_b, highs_b] of
+// every lane, in one pass over the columns.
+// Inlined into greedy's clones (an out-of-line copy would be compiled without AVX).
+__attribute__((always_inline)) static inline void torch_losses(
+    const Group& g, float qmax, const v8f& lows_a, const v8f& highs_a, const v8f& lows_b,
+    const v8f& highs_b, v8f& la, v8f& lb) {
   const v8f one = splat(1.0f);
   const v8f zero = splat(0.0f);
   const v8f top = splat(qmax);
@@ -207,6 +203,12 @@ static void torch_losses(const Group& g, float qmax, const float* a, const float
     la[l] = std::sqrt(acca[l]);
     lb[l] = std::sqrt(accb[l]);
   }
+}
+
+static inline bool any_lane(v8i mask) {
+  bool any = false;
+  for (int l = 0; l < kLanes; ++l) any = any || mask[l] != 0;
+  return any;
 }
 
 // For each lane, whether no range the walk can still visit from [cur_min, cur_max] has a loss
@@ -251,76 +253,70 @@ static void nothing_better_ahead(const Group& g, const float* cur_min, const flo
 
 // torch.choose_qparams_optimized(kept values, n, 200, 0.16, bits) for every lane, replayed with
 // its own float32 operations: the loss (xmin rounded to float16, the scale through float16, a
-// sequential sum, its square root) and the greedy walk. Lanes without kept values are skipped.
+// sequential sum, its square root) and the greedy walk, one lane per row (masks and blends in
+// place of torch's branches). Lanes without kept values are skipped.
+SPARQ_CLONES
 static void greedy(const Group& g, const float* row_min, const float* row_max,
                    const bool* any_kept, int bits, float* out_low, float* out_high) {
-  bool any[kLanes];
-  for (int l = 0; l < kLanes; ++l) any[l] = any_kept[l];
   const float qmax = static_cast<float>((1 << bits) - 1);
   const int64_t n_bins = 200;
   const int min_bins = static_cast<int>(n_bins * (1.0 - static_cast<float>(0.16)));
-  float cur_min[kLanes], cur_max[kLanes], step[kLanes], thr[kLanes], cur_loss[kLanes],
-      best_loss[kLanes];
-  bool active[kLanes];
-
-  for (int l = 0; l < kLanes; ++l) {
-    cur_min[l] = row_min[l];
-    cur_max[l] = row_max[l];
-    step[l] = (row_max[l] - row_min[l]) / static_cast<float>(n_bins);
-    thr[l] = static_cast<float>(min_bins) * step[l];
-    out_low[l] = row_min[l];
-    out_high[l] = row_max[l];
-  }
+  v8f cur_min, cur_max;
+  std::memcpy(&cur_min, row_min, sizeof(v8f));
+  std::memcpy(&cur_max, row_max, sizeof(v8f));
+  const v8f step = (cur_max - cur_min) / splat(static_cast<float>(n_bins));
+  const v8f thr = splat(static_cast<float>(min_bins)) * step;
+  v8f best_low = cur_min, best_high = cur_max;
   // Lanes whose walk may stop early (see nothing_better_ahead): finite rows whose range is wide
   // against float16's rounding of their ends. Checked from 6 bits up, where the walk soon
   // clamps more than the whole error of the best range; below, it rarely ends early.
-  bool bounded[kLanes], done[kLanes];
+  v8i walking, bounded;
   for (int l = 0; l < kLanes; ++l) {
     const float lo = std::fabs(row_min[l]), hi = std::fabs(row_max[l]);
     const float range = row_max[l] - row_min[l];
-    bounded[l] = bits >= 6 && any[l] && lo < 16384.0f && hi < 16384.0f &&
-                 range > (lo + hi) * 0.00390625f;
+    walking[l] = any_kept[l] ? -1 : 0;
+    bounded[l] = bits >= 6 && any_kept[l] && lo < 16384.0f && hi < 16384.0f &&
+                         range > (lo + hi) * 0.00390625f
+                     ? -1
+                     : 0;
   }
-  bool check = false;
-  float unused[kLanes];
+  v8f cur_loss, unused;
   torch_losses(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
-  for (int l = 0; l < kLanes; ++l) best_loss[l] = cur_loss[l];
-  float left_min[kLanes], right_max[kLanes], loss1[kLanes], loss2[kLanes];
+  v8f best_loss = cur_loss;
   for (;;) {
-    bool any_active = false;
-    for (int l = 0; l < kLanes; ++l) {
-      active[l] = any[l] && cur_min[l] + thr[l] < cur_max[l];
-      any_active = any_active || active[l];
-      left_min[l] = cur_min[l] + step[l];
-      right_max[l] = cur_max[l] - step[l];
-    }
-    if (!any_active) break;
+    const v8i active = walking & (cur_min + thr < cur_max);
+    if (!any_lane(active)) break;
+    const v8f left_min = cur_min + step;
+    const v8f right_max = cur_max - step;
+    v8f loss1, loss2;
     torch_losses(g, qmax, left_min, cur_max, cur_min, right_max, loss1, loss2);
-    for (int l = 0; l < kLanes; ++l) {
-      if (!active[l]) continue;
-      if (cur_loss[l] < loss1[l] && cur_loss[l] < loss2[l] && cur_loss[l] < best_loss[l]) {
-        best_loss[l] = cur_loss[l];
-        out_low[l] = cur_min[l];
-        out_high[l] = cur_max[l];
-      }
-      if (loss1[l] < loss2[l]) {
-        cur_min[l] = left_min[l];
-        cur_loss[l] = loss1[l];
-      } else {
-        cur_max[l] = right_max[l];
-        cur_loss[l] = loss2[l];
-      }
-      check = check || (bounded[l] && cur_loss[l] >= best_loss[l]);
-    }
+    // A local minimum below the best so far is recorded.
+    const v8i better = active & (cur_loss < loss1) & (cur_loss < loss2) & (cur_loss < best_loss);
+    best_loss = better ? cur_loss : best_loss;
+    best_low = better ? cur_min : best_low;
+    best_high = better ? cur_max : best_high;
+    // Then the walk moves to the cheaper side: the left end when loss1 < loss2, else the right.
+    const v8i left = active & (loss1 < loss2);
+    const v8i right = active & ~(loss1 < loss2);
+    cur_min = left ? left_min : cur_min;
+    cur_max = right ? right_max : cur_max;
+    cur_loss = left ? loss1 : right ? loss2 : cur_loss;
     // Only when some lane's walk has risen to its best loss (the bound is at most that loss).
-    if (check) {
-      nothing_better_ahead(g, cur_min, cur_max, best_loss, bounded, done);
+    if (any_lane(active & bounded & (cur_loss >= best_loss))) {
+      float lows[kLanes], highs[kLanes], bests[kLanes];
+      bool bound[kLanes], done[kLanes];
+      std::memcpy(lows, &cur_min, sizeof(lows));
+      std::memcpy(highs, &cur_max, sizeof(highs));
+      std::memcpy(bests, &best_loss, sizeof(bests));
+      for (int l = 0; l < kLanes; ++l) bound[l] = bounded[l] != 0;
+      nothing_better_ahead(g, lows, highs, bests, bound, done);
       for (int l = 0; l < kLanes; ++l) {
-        if (done[l]) any[l] = false;  // the walk can no longer change this lane's answer
+        if (done[l]) walking[l] = 0;  // the walk can no longer change this lane's answer
       }
-      check = false;
     }
   }
+  std::memcpy(out_low, &best_low, sizeof(v8f));
+  std::memcpy(out_high, &best_high, sizeof(v8f));
 }
 
 // Rows r0 .. r0 + lanes - 1 of values (and keep) into g: each lane's kept values in column
