@@ -299,6 +299,21 @@ def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.cpu().view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
 
 
+def _streamed_to_cuda(table, order, settings, score_budget_bytes):
+    """Compresses `table` on CUDA from host chunks of 300 rows; returns the CompressedTable."""
+    compressed, _ = compress_rows(
+        lambda start, stop: table[start:stop],
+        tuple(table.shape),
+        table.dtype,
+        order,
+        *settings,
+        device="cuda",
+        chunk_rows=300,
+        score_budget_bytes=score_budget_bytes,
+    )
+    return compressed
+
+
 def _assert_same_result(cpu, gpu) -> None:
     assert gpu.codes.device.type == "cuda"
     assert torch.equal(cpu.codes, gpu.codes.cpu())
@@ -362,17 +377,7 @@ def test_cuda_matches_cpu_for_every_width_range_scope_and_scale_dtype(
     _assert_same_result(cpu, gpu)
     assert gpu_stats.kept == cpu_stats.kept
     assert gpu_stats.rel_error == pytest.approx(cpu_stats.rel_error, rel=1e-5)
-    streamed, _ = compress_rows(
-        lambda start, stop: table[start:stop],
-        tuple(table.shape),
-        table.dtype,
-        order,
-        *settings,
-        device="cuda",
-        chunk_rows=300,
-        score_budget_bytes=0,
-    )
-    _assert_same_result(cpu, streamed)
+    _assert_same_result(cpu, _streamed_to_cuda(table, order, settings, score_budget_bytes=0))
 
 
 @pytest.mark.cuda
@@ -387,17 +392,7 @@ def test_cuda_streams_chunks_from_the_host_like_the_cpu(order):
     settings = (Sparsity(0.6, (1, 4)), Quantization(8))
     cpu, _ = compress_table(table, order, *settings)
     for budget in (0, 1 << 30):
-        gpu, _ = compress_rows(
-            lambda start, stop: table[start:stop],
-            tuple(table.shape),
-            table.dtype,
-            order,
-            *settings,
-            device="cuda",
-            chunk_rows=300,
-            score_budget_bytes=budget,
-        )
-        _assert_same_result(cpu, gpu)
+        _assert_same_result(cpu, _streamed_to_cuda(table, order, settings, budget))
 
 
 @settings(max_examples=60, deadline=None)
