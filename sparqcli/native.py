@@ -9,12 +9,15 @@ shared by machines or versions never loads a stale build. The sources compile fo
 baseline with AVX2 clones picked at run time, so a build is valid on any x86-64 CPU.
 
 Each kernel has an environment switch (`off`, `0`, `false`, `no` or `torch` skip the build and
-use tensor ops, silently).
+use tensor ops, silently). A build that has to compile (nothing cached yet) is announced first
+as an INFO record of the `sparqcli.native` logger: the CLI prints it, a library caller sees it
+where its logging shows INFO.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -27,6 +30,7 @@ from types import ModuleType
 ENV_CACHE = "SPARQ_KERNEL_CACHE"
 _OFF_VALUES = ("0", "off", "false", "no", "torch")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")
+logger = logging.getLogger(__name__)
 
 
 class KernelWarning(UserWarning):
@@ -125,6 +129,12 @@ class Kernel:
         name = self.build_name()
         folder = cache_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{name}.so").exists():
+            logger.info(
+                "compiling the %s kernel: first use, up to a minute; cached in %s for later runs",
+                self.title,
+                folder.parent,
+            )
         flags = self.flags()
         return cpp_extension.load_inline(
             name=name,

@@ -43,6 +43,15 @@ def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mse_kernel_built_first() -> None:
+    # Built (or found in the cache) before any test: a first build inside a CLI test would add
+    # its "sparq: compiling the ... kernel" notice to that test's output.
+    from sparqcli.engine.quantize import MSE_KERNEL
+
+    MSE_KERNEL.load()
+
+
 @pytest.fixture
 def state() -> dict[str, torch.Tensor]:
     return make_state()

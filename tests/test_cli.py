@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -578,6 +579,21 @@ def test_piped_dry_run_and_inspect_exactly(checkpoint, config, monkeypatch):
         "proj.weight     4x24  float32     384 B\n"
         "proj.bias          4  float32      16 B\n"
     )
+
+
+def test_library_notices_print_as_sparq_lines_unless_quiet(capsys):
+    from sparqcli.cli.app import show_notices
+
+    logger = logging.getLogger("sparqcli")
+    level = logger.level
+    try:
+        show_notices(quiet=False)
+        logging.getLogger("sparqcli.native").info("compiling the %s kernel", "MSE search")
+        show_notices(quiet=True)
+        logging.getLogger("sparqcli.native").info("not shown")
+    finally:
+        logger.setLevel(level)
+    assert capsys.readouterr().err == "sparq: compiling the MSE search kernel\n"
 
 
 def test_a_missing_kernel_is_one_warning_line_and_the_same_output(tmp_path, checkpoint, config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import logging
 import os
 import signal
 import sys
@@ -128,6 +129,24 @@ def _show_warning(
     """Prints a warning as one line, `sparq: warning: message`, on stderr (no source location:
     the user ran a command, not the library's code)."""
     typer.echo(f"sparq: warning: {message}", err=True)
+
+
+class _NoticeHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"sparq: {record.getMessage()}", err=True)
+
+
+_NOTICES = _NoticeHandler()
+
+
+def show_notices(quiet: bool) -> None:
+    """Prints the library's notices (INFO records of the `sparqcli` loggers, such as a compiled
+    kernel's first build) as `sparq: message` lines on stderr while the command runs; none
+    with `quiet`."""
+    logger = logging.getLogger("sparqcli")
+    if _NOTICES not in logger.handlers:
+        logger.addHandler(_NOTICES)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def stdout_is_terminal() -> bool:

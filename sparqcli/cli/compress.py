@@ -20,6 +20,7 @@ from sparqcli.cli.app import (
     WideOption,
     app,
     run_command,
+    show_notices,
     stdout_console,
 )
 
@@ -117,6 +118,7 @@ def compress_command(
     import sparqcli
     from sparqcli import render
 
+    show_notices(quiet)
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
     if sparqcli.world_size() > 1:  # started by torchrun: one run over every rank
         _check_distributed(checkpoints, output, out_dir, output_format, dry_run)

@@ -17,6 +17,7 @@ from sparqcli.cli.app import (
     WideOption,
     app,
     run_command,
+    show_notices,
     stdout_console,
 )
 
@@ -108,6 +109,7 @@ def plan_command(
 
     if plot is not None:
         render.check_plot_path(plot, inputs=checkpoints, force=force)
+    show_notices(quiet)
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
     with _progress_bars() if show_progress else _no_progress() as progress:
         result = sparqcli.plan(
