@@ -254,7 +254,8 @@ static void nothing_better_ahead(const Group& g, const float* cur_min, const flo
 // torch.choose_qparams_optimized(kept values, n, 200, 0.16, bits) for every lane, replayed with
 // its own float32 operations: the loss (xmin rounded to float16, the scale through float16, a
 // sequential sum, its square root) and the greedy walk, one lane per row (masks and blends in
-// place of torch's branches). Lanes without kept values are skipped.
+// place of torch's branches). Lanes without kept values are skipped; a lane whose walk stops
+// moving (where torch would loop forever) ends there.
 SPARQ_CLONES
 static void greedy(const Group& g, const float* row_min, const float* row_max,
                    const bool* any_kept, int bits, float* out_low, float* out_high) {
@@ -298,6 +299,10 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
     // Then the walk moves to the cheaper side: the left end when loss1 < loss2, else the right.
     const v8i left = active & (loss1 < loss2);
     const v8i right = active & ~(loss1 < loss2);
+    // A move that leaves its end where it was (the step below half a float spacing there)
+    // repeats forever: torch never returns for such a row. Its answer cannot change any more
+    // (the same range, the same loss, nothing below it to record), so the lane stops here.
+    walking &= ~((left & (left_min == cur_min)) | (right & (right_max == cur_max)));
     cur_min = left ? left_min : cur_min;
     cur_max = right ? right_max : cur_max;
     cur_loss = left ? loss1 : right ? loss2 : cur_loss;

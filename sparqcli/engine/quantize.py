@@ -368,6 +368,10 @@ def greedy_ranges(
     """Returns per row the range `(low, high)` `torch.choose_qparams_optimized` picks for its
     kept values (200 bins, ratio 0.16: FBGEMM's row-wise prepack), and (0, 0) where nothing is
     kept. Uses the compiled kernel's exact replay where it is available.
+
+    Where a step of the walk is too small to move an end (a range of a few float spacings),
+    torch's walk never ends; there the walk stops at the first move that changes nothing (its
+    answer can no longer change), in the kernel and in `_replayed_walk` alike.
     """
     module = MSE_KERNEL.load()
     if module is not None:
@@ -375,14 +379,102 @@ def greedy_ranges(
         low, high = module.greedy_ranges(values, empty if keep is None else keep, bits)
         return low, high
     low, high = torch.zeros(values.shape[0]), torch.zeros(values.shape[0])
-    for row in range(values.shape[0]):
+    kept_any = torch.ones(values.shape[0], dtype=torch.bool) if keep is None else keep.any(dim=1)
+    narrow = _narrow_walks(values, keep) & kept_any
+    for row in (~narrow & kept_any).nonzero().flatten().tolist():
         kept = values[row] if keep is None else values[row][keep[row]]
-        if kept.numel():
-            high_, low_ = torch.choose_qparams_optimized(
-                kept.contiguous(), kept.numel(), GREEDY_BINS, GREEDY_RATIO, bits
-            )
-            low[row], high[row] = low_[0], high_[0]
+        high_, low_ = torch.choose_qparams_optimized(
+            kept.contiguous(), kept.numel(), GREEDY_BINS, GREEDY_RATIO, bits
+        )
+        low[row], high[row] = low_[0], high_[0]
+    if bool(narrow.any()):
+        rows = narrow.nonzero().flatten()
+        low[rows], high[rows] = _replayed_walk(
+            values[rows], None if keep is None else keep[rows], bits
+        )
     return low, high
+
+
+def _kept_ends(
+    values: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns each row's min and max kept value, the first of equal ones in column order (as
+    std::min_element and std::max_element pick them: the sign of a zero); +-inf where none."""
+    if keep is None:
+        keep = torch.ones_like(values, dtype=torch.bool)
+    ends = []
+    for fill, reduce in ((float("inf"), torch.amin), (float("-inf"), torch.amax)):
+        filled = torch.where(keep, values, torch.tensor(fill))
+        end = reduce(filled, dim=1)
+        first = (filled == end[:, None]).to(torch.uint8).argmax(dim=1)
+        ends.append(filled.gather(1, first[:, None])[:, 0])
+    return ends[0], ends[1]
+
+
+def _walk_steps(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the walk's step (range / 200) and its length limit (168 steps), float32."""
+    step = (high - low) / torch.tensor(float(GREEDY_BINS))
+    min_bins = int(GREEDY_BINS * (1.0 - float(torch.tensor(GREEDY_RATIO))))
+    return step, torch.tensor(float(min_bins)) * step
+
+
+def _narrow_walks(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Returns, per row, whether the walk's step may be too small to move an end: at most 8
+    half float32 spacings of the larger end (every other row's moves all change their end)."""
+    low, high = _kept_ends(values, keep)
+    step, _ = _walk_steps(low, high)
+    larger = torch.maximum(low.abs(), high.abs())
+    return ~(step > larger * 2.0**-21) & torch.isfinite(larger)
+
+
+def _replayed_walk(
+    values: torch.Tensor, keep: torch.Tensor | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.choose_qparams_optimized's walk with tensor ops, every row at once (its loss: the
+    low end rounded to float16, the scale through float16, a sequential float32 sum of the kept
+    values' squared errors, its square root), stopping a row at a move that changes nothing.
+    Returns (low, high) per row; rows must keep some value. The compiled kernel's numbers."""
+    quant_max = torch.tensor(float((1 << bits) - 1))
+    kept = torch.ones_like(values, dtype=torch.bool) if keep is None else keep
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+
+    def loss(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        low = low.half().float()
+        span = high - low
+        scale = torch.where(span == 0, one, (span / quant_max).half().float())
+        inverse = torch.where(scale == 0, one, one / scale)
+        levels = torch.round((values - low[:, None]) * inverse[:, None])
+        levels = torch.where(quant_max < levels, quant_max, levels)  # std::min(q, qmax)
+        levels = torch.where(levels > zero, levels, zero)  # std::max(0.0f, q)
+        error = values - (levels * scale[:, None] + low[:, None])
+        squares = torch.where(kept, error * error, zero)
+        total = torch.zeros(values.shape[0])
+        for column in squares.t():
+            total = total + column
+        return total.sqrt()
+
+    cur_min, cur_max = _kept_ends(values, keep)
+    step, limit = _walk_steps(cur_min, cur_max)
+    best_low, best_high = cur_min.clone(), cur_max.clone()
+    cur_loss = loss(cur_min, cur_max)
+    best_loss = cur_loss.clone()
+    walking = torch.ones(values.shape[0], dtype=torch.bool)
+    while True:
+        active = walking & (cur_min + limit < cur_max)
+        if not bool(active.any()):
+            return best_low, best_high
+        left_min, right_max = cur_min + step, cur_max - step
+        loss1, loss2 = loss(left_min, cur_max), loss(cur_min, right_max)
+        better = active & (cur_loss < loss1) & (cur_loss < loss2) & (cur_loss < best_loss)
+        best_loss = torch.where(better, cur_loss, best_loss)
+        best_low = torch.where(better, cur_min, best_low)
+        best_high = torch.where(better, cur_max, best_high)
+        left = active & (loss1 < loss2)
+        right = active & ~(loss1 < loss2)
+        walking &= ~((left & (left_min == cur_min)) | (right & (right_max == cur_max)))
+        cur_min = torch.where(left, left_min, cur_min)
+        cur_max = torch.where(right, right_max, cur_max)
+        cur_loss = torch.where(left, loss1, torch.where(right, loss2, cur_loss))
 
 
 def row_errors(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from sparqcli.engine.quantize import (
     MSE_KERNEL,
+    _replayed_walk,
     dequantize,
     greedy_ranges,
     mse_qparams,
@@ -265,6 +268,58 @@ def test_the_kernel_replays_choose_qparams_optimized_bit_for_bit(
     oracle_low, oracle_high = _greedy_oracle(table, keep, bits)
     assert torch.equal(_bits(low), _bits(oracle_low))
     assert torch.equal(_bits(high), _bits(oracle_high))
+
+
+@settings(max_examples=30, deadline=None)
+@given(**_TABLES)
+def test_the_tensor_op_walk_replays_choose_qparams_optimized_bit_for_bit(
+    kind, rows, cols, bits, pruned, magnitude, seed
+):
+    table, keep = _table(kind, rows, cols, pruned, magnitude, seed)
+    some = torch.ones(rows, dtype=torch.bool) if keep is None else keep.any(dim=1)
+    table, keep = table[some], None if keep is None else keep[some]
+    low, high = _replayed_walk(table, keep, bits)
+    oracle_low, oracle_high = _greedy_oracle(table, keep, bits)
+    assert torch.equal(_bits(low), _bits(oracle_low))
+    assert torch.equal(_bits(high), _bits(oracle_high))
+
+
+_NARROW_ROWS = """
+import torch
+from sparqcli.engine.quantize import greedy_ranges, mse_qparams
+from sparqcli.settings import Quantization
+generator = torch.Generator().manual_seed(0)
+centres = torch.tensor([1000.0, 10.0, -3.0, 1e-3, 65000.0, -1.5e6])[:, None]
+table = centres + centres.abs() * 2.0**-22 * torch.randint(-8, 9, (6, 37), generator=generator)
+table = torch.cat([table, torch.tensor([[1000.0, 999.998] + [1000.0] * 35])])
+keep = torch.rand(table.shape, generator=generator) > 0.3
+keep[:, 0] = True
+for bits in range(1, 9):
+    for k in (None, keep):
+        low, high = greedy_ranges(table, k, bits)
+        print(bits, low.view(torch.int32).tolist(), high.view(torch.int32).tolist())
+        scale, zero_point = mse_qparams(table, Quantization(bits, range="mse"), k)
+        print(scale.view(torch.int32).tolist(), zero_point.view(torch.int32).tolist())
+"""
+
+
+def test_rows_too_narrow_for_the_walk_end_and_both_paths_agree():
+    # A step below half a float spacing cannot move an end: torch's walk never returns there.
+    # Run in child processes, so that a regression fails on the timeout instead of hanging.
+    outputs = {}
+    for switch in ("on", "off"):
+        done = subprocess.run(
+            [sys.executable, "-c", _NARROW_ROWS],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+            env={**os.environ, MSE_KERNEL.switch: switch},
+        )
+        assert done.returncode == 0, done.stderr
+        outputs[switch] = done.stdout
+    assert outputs["on"] == outputs["off"]
+    assert outputs["on"].count("\n") == 32
 
 
 @settings(max_examples=25, deadline=None)
