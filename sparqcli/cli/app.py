@@ -133,7 +133,9 @@ def _show_warning(
 
 class _NoticeHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"sparq: {record.getMessage()}", err=True)
+        # A notice that cannot be written (a closed pipe) must not fail the work it announces.
+        with contextlib.suppress(OSError, ValueError):
+            typer.echo(f"sparq: {record.getMessage()}", err=True)
 
 
 _NOTICES = _NoticeHandler()
@@ -141,8 +143,8 @@ _NOTICES = _NoticeHandler()
 
 def show_notices(quiet: bool) -> None:
     """Prints the library's notices (INFO records of the `sparqcli` loggers, such as a compiled
-    kernel's first build) as `sparq: message` lines on stderr while the command runs; none
-    with `quiet`."""
+    kernel's first build) as `sparq: message` lines on stderr from now on in this process (a
+    command's); none with `quiet`."""
     logger = logging.getLogger("sparqcli")
     if _NOTICES not in logger.handlers:
         logger.addHandler(_NOTICES)

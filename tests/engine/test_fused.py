@@ -8,25 +8,32 @@ On a machine with CUDA the `cuda` tests run the compiled kernels instead.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
+
+from sparqcli.engine.options import EngineOptions
+from sparqcli.engine.pipeline import compress_rows, compress_table
+from sparqcli.settings import Quantization, Sparsity
 
 if torch.cuda.is_available():
     pytest.skip("a CUDA device is present: the cuda tests run the kernels", allow_module_level=True)
 # Triton reads TRITON_INTERPRET when a kernel is defined (its own at `import triton`, the
 # engine's at `import sparqcli.engine.fused`) and while one runs (`_interpreter`). Unset
-# between, so that the other tests' default options (from_environment) stay on tensor ops.
+# between (as it was), so that the other tests' default options stay on tensor ops.
+if "triton" in sys.modules:
+    pytest.skip("triton was imported before: its kernels are compiled", allow_module_level=True)
+_before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
     import sparqcli.engine.fused  # noqa: F401
 finally:
-    del os.environ["TRITON_INTERPRET"]
-
-from sparqcli.engine.options import EngineOptions
-from sparqcli.engine.pipeline import compress_rows, compress_table
-from sparqcli.settings import Quantization, Sparsity
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
 
 # The interpreter computes masked-off lanes too (0/0 there); their results are never stored.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
