@@ -129,6 +129,21 @@ def test_sampled_bytes_are_exact_with_partial_blocks_and_ties(
     assert sampled.rel_error == pytest.approx(exact.rel_error, rel=0.35)  # 40 rows only
 
 
+def _assert_sample_close_to_exact(table: torch.Tensor, order: str, found: list) -> None:
+    """Each candidate measured on a 600-row sample has the engine's exact bytes on the whole
+    table, and its error within 10 % of the engine's."""
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    shape = tuple(table.shape)
+    sampled = measure_table(read, shape, torch.float32, order, found, sample_rows=600)
+    for candidate, option in zip(found, sampled, strict=True):
+        exact = measure_exact(read, shape, torch.float32, order, candidate)
+        assert option.bytes == exact.bytes
+        assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
+
+
 def test_sampled_errors_are_close_on_a_larger_table() -> None:
     table = zipf_table(6000, 16, seed=2, near_zero=300)
     found = [
@@ -136,17 +151,7 @@ def test_sampled_errors_are_close_on_a_larger_table() -> None:
         for level in (0.0, 0.5, 0.9)
         for bits in (8, 2)
     ]
-
-    def read(start: int, stop: int) -> torch.Tensor:
-        return table[start:stop]
-
-    sampled = measure_table(
-        read, (6000, 16), torch.float32, "sparsify-first", found, sample_rows=600
-    )
-    for candidate, option in zip(found, sampled, strict=True):
-        exact = measure_exact(read, (6000, 16), torch.float32, "sparsify-first", candidate)
-        assert option.bytes == exact.bytes
-        assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
+    _assert_sample_close_to_exact(table, "sparsify-first", found)
 
 
 @pytest.mark.parametrize("scope", ["table", "row"])
@@ -161,19 +166,9 @@ def test_quantize_first_sampled_estimates_with_whole_blocks(scope: str) -> None:
         for bits in (8, 3, 1)
         for range_ in ("minmax", "mse")
     ]
-
-    def read(start: int, stop: int) -> torch.Tensor:
-        return table[start:stop]
-
-    sampled = measure_table(
-        read, (6000, 16), torch.float32, "quantize-first", found, sample_rows=600
-    )
-    for candidate, option in zip(found, sampled, strict=True):
-        exact = measure_exact(read, (6000, 16), torch.float32, "quantize-first", candidate)
-        assert option.bytes == exact.bytes
-        # as sparsify-first on this table and sample (up to 6 % off at level 0.3 there); the
-        # estimated threshold adds up to 3 points
-        assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
+    # errors as sparsify-first on this table and sample (up to 6 % off at level 0.3 there);
+    # the estimated threshold adds up to 3 points
+    _assert_sample_close_to_exact(table, "quantize-first", found)
 
 
 @pytest.mark.parametrize(
