@@ -380,7 +380,7 @@ def greedy_ranges(
         return low, high
     low, high = torch.zeros(values.shape[0]), torch.zeros(values.shape[0])
     kept_any = torch.ones(values.shape[0], dtype=torch.bool) if keep is None else keep.any(dim=1)
-    narrow = _narrow_walks(values, keep) & kept_any
+    narrow = _narrow_walks(values, keep)  # False where nothing is kept (ends +-inf)
     for row in (~narrow & kept_any).nonzero().flatten().tolist():
         kept = values[row] if keep is None else values[row][keep[row]]
         high_, low_ = torch.choose_qparams_optimized(
