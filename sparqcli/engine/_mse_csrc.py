@@ -10,6 +10,7 @@ from __future__ import annotations
 
 SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/BFloat16-math.h>
 #include <c10/util/Half.h>
@@ -31,6 +32,8 @@ SOURCE = r"""
 namespace sparq_mse {
 
 constexpr int kLanes = 8;
+// The fewest values a thread takes: smaller inputs run on the calling thread alone.
+constexpr int64_t kParallelValues = 1 << 15;
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -366,19 +369,27 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
   for (int l = 0; l < kLanes; ++l) g.count[l] = count[l];
 }
 
-// Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0.
+// Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0, on
+// torch's intra-op threads (one where the caller runs torch with one thread, as the engine's
+// chunk workers do). Groups are independent and f writes only its own rows, so the results are
+// the same for any thread count.
 template <class F>
 static void for_groups(const float* xv, const bool* kv, int64_t rows, int64_t cols, F&& f) {
-  std::vector<float> xt(cols * kLanes);
-  std::vector<int32_t> kt(cols * kLanes);
-  Group g{xt.data(), kt.data(), cols, false};
-  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
-    float row_min[kLanes], row_max[kLanes];
-    bool any[kLanes];
-    transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
-    f(r0, lanes, g, row_min, row_max, any);
-  }
+  const int64_t groups = (rows + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, kParallelValues / std::max<int64_t>(1, cols * kLanes));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> xt(cols * kLanes);
+    std::vector<int32_t> kt(cols * kLanes);
+    Group g{xt.data(), kt.data(), cols, false};
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t r0 = group * kLanes;
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));
+      float row_min[kLanes], row_max[kLanes];
+      bool any[kLanes];
+      transpose(xv, kv, r0, lanes, cols, g, xt.data(), kt.data(), row_min, row_max, any);
+      f(r0, lanes, g, row_min, row_max, any);
+    }
+  });
 }
 
 // Checks the (values, keep) arguments of the functions below; returns whether keep is given.

@@ -196,6 +196,7 @@ MSE_KERNEL = Kernel(
     title="MSE search",
     what="range: mse searches",
     switch="SPARQ_MSE_KERNEL",
+    openmp=True,
 )
 
 

@@ -201,6 +201,28 @@ def test_mse_is_deterministic_and_chunking_independent():
         assert torch.equal(whole[index], torch.cat([piece[index] for piece in pieces]))
 
 
+@pytest.mark.parametrize("pruned", [False, True])
+def test_the_kernel_gives_the_same_qparams_on_any_number_of_threads(pruned):
+    # 2,003 rows x 40: the kernel splits them over torch's threads (at least 2^15 values each),
+    # and the last group of 8 rows is partial.
+    table = _rows("zipf", 2003, 40, 11)
+    keep = torch.rand(table.shape, generator=torch.Generator().manual_seed(12)) >= 0.4
+    keep = keep if pruned else None
+    values = table if keep is None else table * keep
+    found = {}
+    before = torch.get_num_threads()
+    with _mse_kernel(True):
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                found[threads] = mse_qparams(values, Quantization(4, range="mse"), keep)
+        finally:
+            torch.set_num_threads(before)
+    for threads in (2, 3):
+        assert torch.equal(_bits(found[threads][0]), _bits(found[1][0]))
+        assert torch.equal(_bits(found[threads][1]), _bits(found[1][1]))
+
+
 def _greedy_oracle(table, keep, bits):
     """Per row, the range torch.choose_qparams_optimized picks for the kept values (0, 0 for none)."""
     low, high = torch.zeros(table.shape[0]), torch.zeros(table.shape[0])
