@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from _measure import (
     wait_for_quiet,
     write_random_safetensors,
 )
+
+from sparqcli.distributed import free_local_port, local_rank_environments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,29 +74,12 @@ group.close()
 """
 
 
-def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(ranks: int, source: Path, config: Path, output: Path, result: Path) -> dict:
     """Runs one compression with `ranks` ranks; returns rank 0's result plus the wall time."""
-    port = free_port()
     procs = []
     started = time.perf_counter()
-    for rank in range(ranks):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(ranks),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
+    for rank_env in local_rank_environments(ranks, free_local_port()):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **rank_env, "OMP_NUM_THREADS": "1"}
         argv = [sys.executable, "-c", RANK_SCRIPT, str(source), str(config), str(output)]
         procs.append(subprocess.Popen([*argv, str(result)], env=env, stderr=subprocess.PIPE))
     for proc in procs:

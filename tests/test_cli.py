@@ -596,6 +596,25 @@ def test_library_notices_print_as_sparq_lines_unless_quiet(capsys):
     assert capsys.readouterr().err == "sparq: compiling the MSE search kernel\n"
 
 
+@pytest.mark.parametrize(("local_rank", "shown"), [("0", True), ("1", False), ("3", False)])
+def test_under_torchrun_only_each_machines_first_rank_prints_notices(
+    capsys, monkeypatch, local_rank, shown
+):
+    from sparqcli.cli.app import show_notices
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    logger = logging.getLogger("sparqcli")
+    level = logger.level
+    try:
+        show_notices(quiet=False)
+        logging.getLogger("sparqcli.native").info("compiling the %s kernel", "MSE search")
+    finally:
+        logger.setLevel(level)
+    err = capsys.readouterr().err
+    assert ("sparq: compiling the MSE search kernel\n" in err) is shown
+
+
 def test_a_missing_kernel_is_one_warning_line_and_the_same_output(tmp_path, checkpoint, config):
     mse = tmp_path / "mse.yaml"
     mse.write_text(config.read_text().replace("bits: 8", "bits: 8, range: mse"))

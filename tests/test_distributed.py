@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import sparqcli
+from sparqcli.distributed import free_local_port, local_rank_environments
 from tests.dcp_writer import row_cuts, save_dcp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,27 +68,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(ranks: int, args: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
     """Runs `python ARGS` as `ranks` ranks, as torchrun would start them; returns each result."""
-    port = _free_port()
     procs = []
-    for rank in range(ranks):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(ranks),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
+    for rank_env in local_rank_environments(ranks, free_local_port()):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **rank_env, "OMP_NUM_THREADS": "1"}
         procs.append(
             subprocess.Popen(
                 [sys.executable, *args],

@@ -144,11 +144,14 @@ _NOTICES = _NoticeHandler()
 def show_notices(quiet: bool) -> None:
     """Prints the library's notices (INFO records of the `sparqcli` loggers, such as a compiled
     kernel's first build) as `sparq: message` lines on stderr from now on in this process (a
-    command's); none with `quiet`."""
+    command's); none with `quiet`, and under torchrun only from each machine's first rank (the
+    ranks of a machine share its kernel cache: one line says it, not one per rank)."""
+    from sparqcli.distributed import local_rank
+
     logger = logging.getLogger("sparqcli")
     if _NOTICES not in logger.handlers:
         logger.addHandler(_NOTICES)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.WARNING if quiet or local_rank() != 0 else logging.INFO)
 
 
 def stdout_is_terminal() -> bool:
