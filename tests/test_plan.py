@@ -355,6 +355,103 @@ def test_max_error_holds_after_verifying_sampled_estimates(mixed: tuple[Path, Pa
         assert result.error <= target
 
 
+def test_max_error_near_the_reachable_limit_is_met_or_refused(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Targets between the sampled estimate of the lowest reachable E and its exact value: the
+    # verified plan must meet the target exactly or say that it cannot be reached.
+    model, base = mixed
+    estimated = sparqcli.plan(model, base, max_error=1.0, sample_rows=64, verify=False)
+    lowest = estimated.frontier[-1].error
+    outcomes = set()
+    for step in range(4):
+        target = lowest * (1 + 0.002 * step)
+        plan_path = tmp_path / f"plan{step}.yaml"
+        try:
+            result = sparqcli.plan(
+                model, base, max_error=target, sample_rows=64, output=plan_path, force=True
+            )
+        except UsageError as error:
+            assert "cannot be reached: the lowest error any plan reaches is" in str(error)
+            outcomes.add("refused")
+            continue
+        outcomes.add("met")
+        assert result.error <= target
+        report = sparqcli.compress(
+            model, plan_path, output=tmp_path / "out.sparq.safetensors", force=True
+        )
+        assert model_error(report)[1] <= target * (1 + 1e-9)
+    assert outcomes == {"refused", "met"}
+
+
+def test_a_plan_never_breaks_a_gate_its_estimates_passed(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # max_rel_error gates just above or below the exact error of the heavy-tailed table's most
+    # accurate option (8 bits, no pruning): its sampled estimate passes them, its exact error may
+    # not. The plan passes its gates when compressed, or says no candidate passes them.
+    model, base = mixed
+    outcomes = set()
+    for gate in (0.0056, 0.00561, 0.0057):
+        base.write_text(BASE + f"gates: {{max_rel_error: {gate}}}\n")
+        plan_path = tmp_path / "plan.yaml"
+        try:
+            sparqcli.plan(model, base, budget=0.5, sample_rows=64, output=plan_path, force=True)
+        except UsageError as error:
+            assert "no candidate passes the gates" in str(error)
+            outcomes.add("refused")
+            continue
+        outcomes.add("met")
+        report = sparqcli.compress(
+            model, plan_path, output=tmp_path / "out.sparq.safetensors", force=True
+        )
+        assert report.gates_passed, gate
+    assert outcomes == {"refused", "met"}
+
+
+def test_verified_bytes_above_the_estimates_keep_the_budget(
+    mixed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # quantize-first bytes with partial edge blocks are estimates; here every verification finds
+    # 1.5x the estimated bytes. The plan must still fit the budget, or say it cannot.
+    import dataclasses
+
+    import sparqcli.planning.measure as measure
+
+    real = measure.measure_exact
+
+    def inflated(*args, **kwargs):
+        option = real(*args, **kwargs)
+        return dataclasses.replace(option, bytes=int(option.bytes * 1.5))
+
+    monkeypatch.setattr(measure, "measure_exact", inflated)
+    model, base = mixed
+    base.write_text(BASE + "gates: {max_bytes_ratio: 0.15}\n")
+    for budget in (0.06, 0.08, 0.1, 0.15):
+        try:
+            result = sparqcli.plan(model, base, budget=budget, sample_rows=64)
+        except UsageError as error:
+            assert "cannot be met" in str(error) or "no candidate passes" in str(error)
+            continue
+        assert all(t.option.exact for t in result.tables)
+        assert result.bytes <= budget * result.bytes_before
+
+
+def test_a_key_with_glob_characters_stays_selected_by_its_plan(tmp_path: Path) -> None:
+    # The plan names `emb[0].weight` by a regex rule; small as it is, compress must select it.
+    model = tmp_path / "brackets.pt"
+    torch.save(
+        {"emb[0].weight": zipf_table(300, 16, 5), "tok.weight": zipf_table(200, 16, 6)}, model
+    )
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    plan_path = tmp_path / "plan.yaml"
+    result = sparqcli.plan(model, base, budget=0.2, output=plan_path)
+    report = sparqcli.compress(model, plan_path, output=tmp_path / "out.sparq.safetensors")
+    assert [t.key for t in report.files[0].tables] == ["emb[0].weight", "tok.weight"]
+    assert model_error(report)[0] == result.bytes
+
+
 def test_gates_of_the_base_rules_are_respected_and_kept(
     mixed: tuple[Path, Path], tmp_path: Path
 ) -> None:

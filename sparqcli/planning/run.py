@@ -166,10 +166,7 @@ def plan(
             measured.append(options)
             readers.append((checkpoint, selected, row_weight))
 
-    allowed = [_allowed(table) for table in tables]
-    for table, indices in zip(tables, allowed, strict=True):
-        if not indices:
-            raise UsageError(_no_candidate(table))
+    allowed = _allowed_everywhere(tables)
 
     # Verification runs are compressions: with the thread count `sparq compress` takes.
     threads, _ = resolve_threads()
@@ -188,40 +185,10 @@ def plan(
                 threads=threads,
             )
 
-    verified = False
     choice = _allocate(tables, allowed, mode, target)
-    for _ in range(_VERIFY_ROUNDS if verify else 0):
-        changed = False
-        for t, index in enumerate(choice):
-            option = tables[t].options[index]
-            if not option.exact:
-                tables[t].options[index] = verify_choice(t, index)
-                changed = True
-        verified = True
-        if not changed:
-            break
-        allowed = [
-            _allowed(table) or indices for table, indices in zip(tables, allowed, strict=True)
-        ]
-        new_choice = _allocate(tables, allowed, mode, target, infeasible_ok=True)
-        if new_choice is None or new_choice == choice:
-            break
-        choice = new_choice
     if verify:
-        for t, index in enumerate(choice):
-            if not tables[t].options[index].exact:
-                tables[t].options[index] = verify_choice(t, index)
-        # quantize-first bytes of tables with partial edge blocks are estimates: should the
-        # verified bytes miss the budget, choose among the verified options only.
-        before = sum(table.bytes_before for table in tables)
-        total = sum(table.options[index].bytes for table, index in zip(tables, choice, strict=True))
-        if mode == "budget" and total > math.floor(target * before):
-            exact = [
-                [i for i in a if t.options[i].exact] for t, a in zip(tables, allowed, strict=True)
-            ]
-            fallback = _allocate(tables, exact, mode, target, infeasible_ok=True)
-            if fallback is not None:
-                choice = fallback
+        choice = _verified_choice(tables, choice, mode, target, verify_choice)
+        allowed = [_allowed(table) for table in tables]
     for table, index, indices in zip(tables, choice, allowed, strict=True):
         table.chosen = index
         table.frontier = _frontier(table, indices)
@@ -237,13 +204,64 @@ def plan(
         uniform=uniform,
         best_uniform=best_uniform,
         weighted=row_weights is not None,
-        verified=verified,
+        verified=verify,
     )
     result.config = _plan_config(config, tables)
     result.seconds = time.perf_counter() - started
     if output is not None:
         result.save(output, force=force)
     return result
+
+
+def _verified_choice(
+    tables: list[TablePlan],
+    choice: list[int],
+    mode: str,
+    target: float,
+    verify_choice: Callable[[int, int], Option],
+) -> list[int]:
+    """Returns a choice of options all measured on their whole tables that passes every table's
+    gates and meets the target with those exact figures, starting from `choice`.
+
+    The chosen estimates are replaced by exact measurements and the allocation runs again with
+    them, until it keeps its choice (at most `_VERIFY_ROUNDS` times); a choice still moving then
+    is made among the exactly measured options only. Raises UsageError where, with what is
+    known, a table has no option within its gates or no plan meets the target.
+    """
+    for _ in range(_VERIFY_ROUNDS):
+        _verify(tables, choice, verify_choice)
+        new_choice = _allocate(tables, _allowed_everywhere(tables), mode, target)
+        if new_choice == choice:
+            return choice
+        choice = new_choice
+    _verify(tables, choice, verify_choice)
+    allowed = _allowed_everywhere(tables)
+    exact = [
+        [i for i in indices if t.options[i].exact]
+        for t, indices in zip(tables, allowed, strict=True)
+    ]
+    for table, indices in zip(tables, exact, strict=True):
+        if not indices:  # the exact figures ruled out every verified option of this table
+            raise UsageError(_no_candidate(table))
+    return _allocate(tables, exact, mode, target)
+
+
+def _verify(
+    tables: list[TablePlan], choice: list[int], verify_choice: Callable[[int, int], Option]
+) -> None:
+    """Replaces the chosen options that are estimates by their measurements on the whole table."""
+    for t, index in enumerate(choice):
+        if not tables[t].options[index].exact:
+            tables[t].options[index] = verify_choice(t, index)
+
+
+def _allowed_everywhere(tables: list[TablePlan]) -> list[list[int]]:
+    """Returns every table's options within its gates. Raises UsageError for a table with none."""
+    allowed = [_allowed(table) for table in tables]
+    for table, indices in zip(tables, allowed, strict=True):
+        if not indices:
+            raise UsageError(_no_candidate(table))
+    return allowed
 
 
 def _target(budget: float | None, max_error: float | None) -> tuple[str, float]:
@@ -299,8 +317,7 @@ def _allocate(
     allowed: list[list[int]],
     mode: str,
     target: float,
-    infeasible_ok: bool = False,
-) -> list[int] | None:
+) -> list[int]:
     """Returns the chosen option index of every table. Raises UsageError when unreachable."""
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
     uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
@@ -313,8 +330,6 @@ def _allocate(
         seeds = [min(fitting, key=lambda s: allocator.totals(s)[::-1])] if fitting else []
         found = allocator.for_budget(limit, seeds)
         if found is None:
-            if infeasible_ok:
-                return None
             smallest = allocator.totals(allocator.cheapest())[0]
             raise UsageError(
                 f"{{opt:budget}} {target:g} cannot be met: the smallest plan{_within(tables, allowed)} "
@@ -327,8 +342,6 @@ def _allocate(
         seeds = [min(fitting, key=lambda s: allocator.totals(s))] if fitting else []
         found = allocator.for_cost(max_cost, seeds)
         if found is None:
-            if infeasible_ok:
-                return None
             lowest = allocator.totals(allocator.most_accurate())[1]
             best = math.sqrt(lowest / total_weight) if total_weight else 0.0
             raise UsageError(
@@ -398,7 +411,8 @@ def _model_points(
 
 
 def _plan_config(base: Config, tables: list[TablePlan]) -> Config:
-    """Returns the plan as a config: the base's order and defaults, one rule per table."""
+    """Returns the plan as a config: the base's order and defaults, one rule per table, no
+    size threshold."""
     rules = []
     for table in tables:
         gates = table.rule.gates
@@ -416,6 +430,9 @@ def _plan_config(base: Config, tables: list[TablePlan]) -> Config:
         order=base.order,
         sparsity=base.sparsity,
         quantization=base.quantization,
+        # every rule names one planned table; a key with glob characters is a regex rule,
+        # which a threshold would skip when small
+        min_table_bytes=0,
         source="<plan>",
     )
 
