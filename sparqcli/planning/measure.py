@@ -155,9 +155,9 @@ def measure_table(
     """Returns every candidate measured on one table, in the order given.
 
     With `sample_rows` below half the table's rows, errors are estimated on about that many
-    rows (bytes stay exact); otherwise every row is measured: sparsify-first by the batched
-    evaluation over all rows (options not marked exact: the engine's figures up to float
-    rounding), quantize-first by one engine run per candidate (exact).
+    rows (bytes stay exact, except quantize-first ones with partial edge blocks); otherwise
+    every row is measured by the same batched evaluation (the engine's figures up to the order
+    of float sums; options are not marked exact, so a chosen one is verified).
     `weights` holds one non-negative float per row. Raises TableError for NaN/Inf values.
     """
     rows = shape[0]
