@@ -833,13 +833,14 @@ def check_plot_path(path: Path, inputs: Sequence[Path] = (), force: bool = False
         ) from None
 
 
-def plan_plot(result: PlanResult, path: Path) -> Path:
+def plan_plot(result: PlanResult, path: Path, force: bool = False) -> Path:
     """Draws the model's error-vs-bytes frontier, the uniform settings and the plan to `path`
-    (PNG or SVG, by its suffix), atomically; returns `path`.
+    (PNG or SVG, by its suffix), atomically, replacing an existing file only with `force`;
+    returns `path`.
 
     Raises UsageError (see `check_plot_path`), OutputError when the file cannot be written.
     """
-    check_plot_path(path)
+    check_plot_path(path, force=force)
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

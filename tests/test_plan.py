@@ -620,6 +620,25 @@ def test_cli_prints_tables_frontier_and_writes_plot(
     assert image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_force_replaces_the_plot_and_without_it_nothing_is_written(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # `make demo` run twice: the second plan replaces PLAN.yaml and the plot.
+    model, base = mixed
+    out, svg = tmp_path / "plan.yaml", tmp_path / "f.svg"
+    assert _plan_budget(model, base, str(out), "--plot", str(svg)).exit_code == 0
+    svg.write_text("old")
+    out.write_text("old")
+    result = _plan_budget(model, base, str(out), "--plot", str(svg))
+    assert result.exit_code == 2
+    assert f"{svg}: already exists; pass --force to replace it" in result.output
+    assert out.read_text() == "old" and svg.read_text() == "old"  # refused before any work
+    result = _plan_budget(model, base, str(out), "--plot", str(svg), "--force")
+    assert result.exit_code == 0, result.output
+    assert ElementTree.parse(svg).getroot().tag.endswith("svg")
+    assert out.read_text().startswith("# sparq plan for ")
+
+
 def test_plot_without_matplotlib_says_how_to_install(
     mixed: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

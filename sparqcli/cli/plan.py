@@ -127,7 +127,7 @@ def plan_command(
             progress=progress,
         )
     if plot is not None:
-        render.plan_plot(result, plot)
+        render.plan_plot(result, plot, force=force)
     if as_json:
         typer.echo(render.to_json(result.to_dict()))
     elif not quiet:
