@@ -136,9 +136,10 @@ def select_tables(
             elif key in winners:
                 shadowed.append(key)
             elif not tensors[key].is_table:
+                dense = "" if tensors[key].layout == "strided" else "dense "
                 raise SelectionError(
-                    f"{source}: {rule.label} matches {key!r}, which is not a 2-D floating tensor "
-                    f"({tensors[key].describe()})"
+                    f"{source}: {rule.label} matches {key!r}, which is not a {dense}2-D floating "
+                    f"tensor ({tensors[key].describe()})"
                 )
             elif tensors[key].nbytes < threshold:
                 small.setdefault(key, rule)

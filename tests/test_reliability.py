@@ -1122,6 +1122,22 @@ def test_compressing_a_torch_ao_output_is_refused(inputs, tmp_path):
     config.write_text("version: 1\nlayers: [{match: 're:.*emb.*'}]\n")
     line = assert_one_line_error(invoke("compress", quantized, "--config", config), codes=(2,))
     assert "not a 2-D floating tensor" in line and "quint8" in line
+    # inspect lists its packed tables (it raised KeyError: 'quint8' before)
+    result = invoke("inspect", quantized)
+    assert result.exit_code == 0, result.output
+    assert "quint8" in result.output and "Traceback" not in result.output
+
+
+def test_a_sparse_table_is_named_not_compressed(tmp_path):
+    model = tmp_path / "sparse.pt"
+    torch.save({"emb.weight": torch.eye(300, 64).to_sparse()}, model)
+    config = tmp_path / "emb.yaml"
+    config.write_text("version: 1\nlayers: [{match: emb.weight}]\n")
+    line = assert_one_line_error(invoke("compress", model, "--config", config), codes=(2,))
+    assert line == (
+        f"sparq: error: {model}: layers[0] (match 'emb.weight') matches 'emb.weight', which is "
+        "not a dense 2-D floating tensor (shape [300, 64], float32, sparse_coo)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -136,3 +136,35 @@ def test_missing_unknown_and_directory(tmp_path):
         InputError, match=r"dir\.pt: is a directory, not a checkpoint or a model folder \(no model"
     ):
         open_checkpoint(tmp_path / "dir.pt")
+
+
+def test_torch_only_dtypes_and_layouts_are_listed_not_taken_for_tables(tmp_path):
+    # torch.ao's packed embeddings (quint8, quint4x2 at half a byte per value), complex128 and
+    # a sparse table are listed with their sizes; none of them is a table sparq compresses.
+    channels = (torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0)
+    state = {
+        "q8": torch.quantize_per_tensor(torch.zeros(6, 10), 0.1, 0, torch.quint8),
+        "q4": torch.quantize_per_channel(torch.zeros(6, 10), *channels, torch.quint4x2),
+        "cx": torch.zeros(3, dtype=torch.complex128),
+        "sparse.weight": torch.eye(40, 8).to_sparse(),
+        "emb.weight": torch.randn(40, 8),
+    }
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    tensors = open_checkpoint(path).tensors
+    assert (tensors["q8"].dtype, tensors["q8"].nbytes) == ("quint8", 60)
+    assert (tensors["q4"].dtype, tensors["q4"].nbytes) == ("quint4x2", 30)
+    assert (tensors["cx"].dtype, tensors["cx"].nbytes) == ("complex128", 48)
+    assert tensors["sparse.weight"].layout == "sparse_coo"
+    assert tensors["sparse.weight"].describe() == "shape [40, 8], float32, sparse_coo"
+    assert [k for k, info in tensors.items() if info.is_table] == ["emb.weight"]
+
+
+def test_a_dtype_sparq_does_not_know_is_an_input_error(tmp_path):
+    path = tmp_path / "f4.pt"
+    packed = torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    torch.save({"emb.weight": torch.randn(10, 4), "f4": packed}, path)
+    with pytest.raises(
+        InputError, match=r"f4\.pt: tensor 'f4' has unsupported dtype float4_e2m1fn_x2$"
+    ):
+        open_checkpoint(path)

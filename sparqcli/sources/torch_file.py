@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sparqcli.dtypes import TensorInfo, dtype_name
+from sparqcli.dtypes import BY_NAME, TensorInfo, dtype_name
 from sparqcli.errors import InputError, UnsafeInputError, UsageError, first_line
 from sparqcli.sources import Checkpoint
 
@@ -47,10 +47,7 @@ class StateDictCheckpoint(Checkpoint):
         extra: dict[str, Any] | None = None,
         module_types: dict[str, str] | None = None,
     ) -> None:
-        tensors = {
-            name: TensorInfo(tuple(value.shape), dtype_name(value.dtype))
-            for name, value in state.items()
-        }
+        tensors = {name: _tensor_info(path, name, value) for name, value in state.items()}
         super().__init__(
             path,
             format,
@@ -110,6 +107,16 @@ class StateDictCheckpoint(Checkpoint):
         kept = {k: v for k, v in inner.items() if not isinstance(v, torch.Tensor)}
         node[parts[-1]] = {**state, **kept}
         return outer
+
+
+def _tensor_info(path: Path | None, name: str, value: torch.Tensor) -> TensorInfo:
+    """Returns the shape, dtype and layout of tensor `name`. Raises InputError for a dtype that
+    sparq does not know."""
+    dtype = dtype_name(value.dtype)
+    if dtype not in BY_NAME:
+        where = path if path is not None else "state dict"
+        raise InputError(f"{where}: tensor '{name}' has unsupported dtype {dtype}", path=path)
+    return TensorInfo(tuple(value.shape), dtype, str(value.layout).removeprefix("torch."))
 
 
 def open_torch_file(path: Path, key: str | None, trust_pickle: bool) -> StateDictCheckpoint:
