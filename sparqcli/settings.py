@@ -154,18 +154,27 @@ class Gates:
     def failures(
         self, rel_error: float, row_cosine_min: float, bytes_ratio: float | None
     ) -> list[str]:
-        """Returns one line per gate the measured values fail (empty when all pass)."""
+        """Returns one line per gate the measured values fail (empty when all pass). A value
+        that is NaN (not measurable) fails its gate."""
         failed = []
-        if self.max_rel_error is not None and rel_error > self.max_rel_error:
-            failed.append(f"rel_error {rel_error:.4g} > max_rel_error {self.max_rel_error:g}")
-        if self.min_row_cosine is not None and row_cosine_min < self.min_row_cosine:
+        if self.max_rel_error is not None and not rel_error <= self.max_rel_error:
             failed.append(
-                f"row_cosine_min {row_cosine_min:.4g} < min_row_cosine {self.min_row_cosine:g}"
+                f"rel_error {_measured(rel_error)} > max_rel_error {self.max_rel_error:g}"
+            )
+        if self.min_row_cosine is not None and not row_cosine_min >= self.min_row_cosine:
+            failed.append(
+                f"row_cosine_min {_measured(row_cosine_min)} < min_row_cosine "
+                f"{self.min_row_cosine:g}"
             )
         ratio_gate = self.max_bytes_ratio
         if ratio_gate is not None and bytes_ratio is not None and bytes_ratio > ratio_gate:
             failed.append(f"bytes_ratio {bytes_ratio:.4g} > max_bytes_ratio {ratio_gate:g}")
         return failed
+
+
+def _measured(value: float) -> str:
+    """Returns a measured statistic as gate failures show it (`nan (not measurable)`)."""
+    return f"{value:.4g}" if not math.isnan(value) else "nan (not measurable)"
 
 
 SECTION_KEYS: dict[str, tuple[str, ...]] = {

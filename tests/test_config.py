@@ -650,3 +650,14 @@ def test_range_scope_and_every_width() -> None:
         "layers[0].sparsity.scope: must be one of table, row, got 1",
         "layers[0].quantization.bits: must be an integer from 1 to 8, got 2.5",
     ]
+
+
+def test_a_statistic_that_is_not_a_number_fails_its_gate():
+    gates = Gates(max_rel_error=0.1, min_row_cosine=0.9, max_bytes_ratio=0.5)
+    nan = float("nan")
+    assert gates.failures(nan, nan, 0.2) == [
+        "rel_error nan (not measurable) > max_rel_error 0.1",
+        "row_cosine_min nan (not measurable) < min_row_cosine 0.9",
+    ]
+    assert gates.failures(0.05, 0.95, 0.2) == []
+    assert Gates().failures(nan, nan, None) == []  # no gate, nothing to fail

@@ -45,7 +45,7 @@ from sparqcli.engine.sparsify import (
     blocks_to_prune,
     value_norms,
 )
-from sparqcli.engine.stats import row_norms, row_sums
+from sparqcli.engine.stats import row_figures, row_norms
 from sparqcli.errors import TableError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
@@ -968,16 +968,14 @@ def _row_figures(
     original: torch.Tensor, original_norm: torch.Tensor, decoded: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns each row's squared error (float64) and row cosine, as the engine's statistics
-    reduce them (engine/stats.py): float32 norms of the original, the decoded values and the
-    error, and their dot product. Overwrites `decoded`."""
-    decoded_norm = row_norms(decoded)
-    dot = row_sums(original * decoded)
-    squared = row_norms(decoded.sub_(original)).double().square_()
-    denominator = original_norm * decoded_norm
-    cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
-    both_zero = (original_norm == 0) & (decoded_norm == 0)
-    cosine = torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
-    return squared, cosine
+    reduce them (`engine.stats.row_figures`)."""
+    figures = row_figures(
+        original,
+        decoded,
+        torch.empty((4, original.shape[0]), dtype=torch.float32),
+        original_norm=original_norm,
+    )
+    return figures[2].double().square_(), figures[3]
 
 
 def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:

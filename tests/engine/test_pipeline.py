@@ -244,6 +244,23 @@ def test_constant_rows_decode_exactly():
     assert stats.row_cosine_min == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-21, 1.0, 1e19])
+def test_statistics_hold_for_tiny_and_huge_values(magnitude):
+    # float32 squares of values below ~1e-19 vanish and above ~1e19 overflow: the statistics
+    # must still be the decoded table's, measured here in float64.
+    table = torch.randn(40, 64, generator=torch.Generator().manual_seed(8)) * magnitude
+    table[3] = 0.0
+    compressed, stats = compress_table(table, "sparsify-first", Sparsity(0.5), Quantization(4))
+    original, decoded = table.double(), compressed.decode().double()
+    expected = float((decoded - original).norm() / original.norm())
+    assert stats.rel_error == pytest.approx(expected, rel=1e-5)
+    norms = original.norm(dim=1) * decoded.norm(dim=1)
+    cosines = (original * decoded).sum(dim=1) / norms.where(norms > 0, torch.ones(()))
+    cosines[3] = 1.0  # zero in both forms
+    assert stats.row_cosine_min == pytest.approx(float(cosines.min()), abs=1e-5)
+    assert stats.row_cosine_mean == pytest.approx(float(cosines.mean()), abs=1e-5)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_name_the_first_bad_row(bad):
     table = torch.randn(50, 4)
