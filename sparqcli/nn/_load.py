@@ -49,6 +49,14 @@ def _replacement(
     return Embedding.from_file(path, key, padding_idx=module.padding_idx, device=device)
 
 
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Returns every name of each parameter of `model` (tied ones have several), by identity."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
 def _device_of(module: nn.Module) -> torch.device | None:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
@@ -113,6 +121,16 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             unmatched.append(key)
             continue
         plan[name] = (source, module)
+
+    # A parameter the model ties to a replaced module's weight (an output head sharing the
+    # input embedding, as Hugging Face models do) is not in a file written from such a model's
+    # own files: it is loaded decoded, as an alias would be.
+    names_of = _parameter_names(model)
+    for source, module in plan.values():
+        weight = getattr(module, "weight", None)
+        for key in names_of.get(id(weight), []) if weight is not None else []:
+            if _module_name(key) not in plan and key not in info.passthrough:
+                decoded.setdefault(key, source)
 
     replaced_prefixes = tuple(f"{name}." if name else "" for name in plan)
     expected = {

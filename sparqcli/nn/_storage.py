@@ -168,9 +168,11 @@ def read_packed(
     are views of a private read-only mapping of the file (pages load on first use) and
     scales/zero points are copied. Raises InputError when the file is unreadable or `key` is not
     a compressed table in it (naming close keys), FormatError when the file is inconsistent.
+    An alias of a table (a tied weight, format version 2) gives that table.
     """
     where = str(path)
     info = read_info(path)
+    key = info.aliases.get(key, key)
     if key not in info.tables:
         keys = sorted(info.tables)
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)

@@ -55,3 +55,32 @@ def test_bfloat16_scales_serve_exactly(tmp_path) -> None:
     for memory_map in (False, True):
         module = Embedding.from_file(path, "t", memory_map=memory_map)
         assert torch.equal(module(ids), dense[ids])
+
+
+def test_a_tie_the_file_does_not_record_is_served_decoded(tmp_path) -> None:
+    # Hugging Face's save_pretrained drops a tied output head from its files, so the compressed
+    # file has no alias for it; the model still ties head.weight to emb.weight. The head gets
+    # the decoded table, the embedding the compressed module.
+    torch.manual_seed(0)
+    model = Tied()
+    state = {k: v for k, v in model.state_dict().items() if k == "emb.weight"}
+    config = sparqcli.Config(min_table_bytes=0, layers=[sparqcli.Rule(match="emb.weight")])
+    out = tmp_path / "untied-file.sparq.safetensors"
+    sparqcli.compress_state_dict(state, config).save(out)
+    dense = sparqcli.load(out)["emb.weight"]
+    fresh = Tied()
+    assert load_compressed(fresh, out) == ["emb"]
+    ids = torch.tensor([0, 7, 99])
+    assert torch.equal(fresh.emb(ids), dense[ids])
+    assert torch.equal(fresh.head.weight, dense) and torch.equal(fresh.other.weight, dense)
+
+
+def test_from_file_serves_an_alias_as_its_table(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "tied.pt"
+    torch.save(Tied().state_dict(), path)
+    sparqcli.compress(path, sparqcli.Config(min_table_bytes=0, layers=[sparqcli.Rule(match="emb")]))
+    out = tmp_path / "tied.sparq.safetensors"
+    ids = torch.tensor([3, 50])
+    through_alias = Embedding.from_file(out, "head.weight")
+    assert torch.equal(through_alias(ids), Embedding.from_file(out, "emb.weight")(ids))
