@@ -36,7 +36,8 @@ def discard_partial_outputs() -> list[Path]:
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
-    """Checks that `output` may be written. Raises UsageError when it is an input or exists."""
+    """Checks that the file `output` may be written. Raises UsageError when it is an input, a
+    folder, or exists (without `force`), or when its folder is missing or not writable."""
     for source in inputs:
         if output.exists() and source.exists() and os.path.samefile(output, source):
             raise UsageError(
@@ -46,10 +47,15 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
             raise UsageError(
                 f"{output}: is an input; sparq never overwrites its input", path=output
             )
+    if output.is_dir():  # even with force: a folder is never replaced by a file
+        raise UsageError(f"{output}: is a directory", path=output)
     if output.exists() and not force:
         raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
-    if output.exists() and output.is_dir():
-        raise UsageError(f"{output}: is a directory", path=output)
+    folder = output.parent
+    if not folder.is_dir():
+        raise UsageError(f"{output}: cannot write: folder {folder} does not exist", path=output)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{output}: cannot write: folder {folder} is not writable", path=output)
 
 
 @contextlib.contextmanager
@@ -65,14 +71,14 @@ def _signals_held() -> Iterator[None]:
 
 def check_report_path(path: Path, force: bool) -> None:
     """Checks that a report may be written to `path`. Raises UsageError when it exists (without
-    `force`) or its folder does not."""
-    check_output_path(path, [], force)
+    `force`), its folder does not, or the folder is not writable."""
     if not path.parent.is_dir():
         raise UsageError(
             f"{{opt:report}} {path}: folder {path.parent} does not exist",
             path=path,
             option="report",
         )
+    check_output_path(path, [], force)
 
 
 @contextlib.contextmanager

@@ -176,6 +176,14 @@ def test_dry_run_writes_nothing(checkpoint, config):
     assert "layers[1] (match 'bags.*')" in result.stdout
     assert "2 table(s) selected" in result.stdout
     assert sorted(checkpoint.parent.iterdir()) == before
+    # not even the report (its path is still checked)
+    report = checkpoint.parent / "report.json"
+    result = run("compress", checkpoint, "--config", config, "--dry-run", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert sorted(checkpoint.parent.iterdir()) == before
+    missing = checkpoint.parent / "missing" / "report.json"
+    result = run("compress", checkpoint, "--config", config, "--dry-run", "--report", missing)
+    assert result.exit_code == 2
 
 
 def test_set_and_order_override_the_config(checkpoint, config):

@@ -651,12 +651,13 @@ def test_output_whose_parent_is_a_file(inputs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     out = blocker / "o.sparq.safetensors"
+    # checked before any work: a usage error (exit 2), like a missing report folder
     line = assert_one_line_error(
-        invoke("compress", inputs["pt"], "--config", inputs["config"], "-o", out), codes=(1,)
+        invoke("compress", inputs["pt"], "--config", inputs["config"], "-o", out), codes=(2,)
     )
-    assert str(out) in line
+    assert line == f"sparq: error: {out}: cannot write: folder {blocker} does not exist"
     line = assert_one_line_error(
-        invoke("decompress", inputs["sparq"], "-o", blocker / "d.safetensors"), codes=(1,)
+        invoke("decompress", inputs["sparq"], "-o", blocker / "d.safetensors"), codes=(2,)
     )
     assert str(blocker / "d.safetensors") in line
     report = blocker / "r.json"
@@ -674,6 +675,43 @@ def test_output_whose_parent_is_a_file(inputs, tmp_path):
     )
     assert str(report) in line
     assert blocker.read_text() == "not a folder"
+
+
+def test_an_output_folder_that_is_not_writable_is_refused_before_any_work(
+    inputs, tmp_path, monkeypatch
+):
+    # a read-only file system, say (root ignores permission bits, so access() is faked here)
+    import sparqcli.sinks
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        sparqcli.sinks.os,
+        "access",
+        lambda path, mode: False if Path(path) == locked else real_access(path, mode),
+    )
+    out = tmp_path / "o.sparq.safetensors"
+    for args, target in (
+        (["-o", locked / "o.sparq.safetensors"], locked / "o.sparq.safetensors"),
+        (["-o", out, "--report", locked / "r.json"], locked / "r.json"),
+    ):
+        line = assert_one_line_error(
+            invoke("compress", inputs["pt"], "--config", inputs["config"], *args), codes=(2,)
+        )
+        assert line == f"sparq: error: {target}: cannot write: folder {locked} is not writable"
+    assert not out.exists() and _leftovers(locked) == []
+
+
+def test_a_folder_given_as_the_output_file_is_named_even_with_force(inputs, tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    for extra in ([], ["--force"]):
+        line = assert_one_line_error(
+            invoke("compress", inputs["pt"], "--config", inputs["config"], "-o", folder, *extra),
+            codes=(2,),
+        )
+        assert line == f"sparq: error: {folder}: is a directory"
 
 
 def _disk_full_writers(patch: pytest.MonkeyPatch) -> None:
@@ -837,8 +875,9 @@ def test_read_only_folder(inputs, tmp_path, tmpfs):
             read_only / "d.safetensors",
         ),
     ):
-        line = assert_one_line_error(invoke(*command), codes=(1,))
-        assert str(output) in line and "Read-only file system" in line, line
+        # refused before any work (exit 2), as a folder that does not exist is
+        line = assert_one_line_error(invoke(*command), codes=(2,))
+        assert line == f"sparq: error: {output}: cannot write: folder {read_only} is not writable"
     assert _leftovers(read_only) == []
 
 
