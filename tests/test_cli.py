@@ -392,6 +392,36 @@ def test_installed_entry_point_end_to_end(checkpoint, config):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["compress", "x.pt"], "Missing option '--config' / '-c'. (see 'sparq compress -h')"),
+        (
+            ["compres"],
+            "No such command 'compres'. Did you mean 'compress', 'decompress'? (see 'sparq -h')",
+        ),
+        (
+            ["compress", "x.pt", "-c", "c.yaml", "--threads", "0"],
+            "Invalid value for '--threads': Input should be greater than or equal to 1 "
+            "(see 'sparq compress -h')",
+        ),
+        (["inspect", "x.pt", "--bogus"], "No such option: --bogus (see 'sparq inspect -h')"),
+    ],
+)
+def test_usage_errors_are_one_line_too(args, line):
+    done = subprocess.run(
+        [sys.executable, "-m", "sparqcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"sparq: error: {line}\n"
+    assert done.stdout == ""
+
+
 def test_help_does_not_import_torch():
     code = "import sys; from sparqcli.cli import app; app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     done = subprocess.run(

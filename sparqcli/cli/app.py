@@ -232,12 +232,30 @@ def main() -> None:
     for signum in _SIGNAL_EXITS:
         signal.signal(signum, _end_on_signal)
     warnings.showwarning = _show_warning
+    code: int | str | None
     try:
-        app(prog_name="sparq")
-        code: int | str | None = 0
+        result = app(prog_name="sparq", standalone_mode=False)
+        code = result if isinstance(result, int) else 0  # an int: typer.Exit's code
+    except typer.TyperException as error:  # bad arguments, before any command runs
+        code = _usage_error(error)
+    except typer.Abort:
+        typer.echo("sparq: error: aborted", err=True)
+        code = 1
     except SystemExit as done:
         code = done.code
     _exit(code)
+
+
+def _usage_error(error: typer.TyperException) -> int:
+    """Prints a command-line usage error (a missing option, an unknown command) as one
+    `sparq: error:` line naming the help to read; returns its exit code (2)."""
+    format_message = getattr(error, "format_message", None)
+    message = " ".join((format_message() if callable(format_message) else str(error)).split())
+    if message:  # empty: the help was printed instead (a command given no arguments)
+        context = getattr(error, "ctx", None)
+        hint = f" (see '{context.command_path} -h')" if context is not None else ""
+        typer.echo(f"sparq: error: {message}{hint}", err=True)
+    return int(getattr(error, "exit_code", 2))
 
 
 def _exit(code: int | str | None) -> None:
