@@ -331,7 +331,8 @@ def plan_outputs(
             )
         seen[target] = source
     if out_dir is not None and not out_dir.is_dir():
-        raise UsageError(f"{{opt:out_dir}} {out_dir}: no such folder", path=out_dir)
+        what = "not a folder" if out_dir.exists() else "no such folder"
+        raise UsageError(f"{{opt:out_dir}} {out_dir}: {what}", path=out_dir)
     return outputs
 
 

@@ -534,7 +534,9 @@ def _table_notes(file: FileReport) -> list[str]:
         stats = table.stats
         if stats is not None and stats.zero_rows:
             share = stats.zero_rows / table.shape[0] if table.shape[0] else 0.0
-            lines.append(f"{table.key}: {stats.zero_rows} all-zero row(s) ({share:.1%} of rows)")
+            lines.append(
+                f"{table.key}: {stats.zero_rows} all-zero row(s) ({_percent(share)} of rows)"
+            )
     return lines + list(file.notes)
 
 
@@ -747,6 +749,13 @@ def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = 
     )
 
 
+def _compared(gain: float, better: str, worse: str) -> str:
+    """Returns how the plan compares with the best uniform setting: `the plan has 8.0% less
+    error`, or, where an estimate puts the uniform setting ahead, `... 1.8% more error`."""
+    verb = "takes" if "bytes" in better else "has"
+    return f"the plan {verb} {abs(gain):.1%} {better if gain >= 0 else worse}"
+
+
 def plan_totals(result: PlanResult) -> str:
     """Returns the plan's totals and how it compares with the best uniform setting, one line each."""
     kind = "row-weighted error E" if result.weighted else "error E"
@@ -761,13 +770,16 @@ def plan_totals(result: PlanResult) -> str:
     else:
         if result.mode == "budget":
             gain = 1 - result.error / best.error if best.error else 0.0
-            compare = f"the plan has {gain:.1%} less error"
+            compare = _compared(gain, "less error", "more error")
         else:
             gain = 1 - result.bytes / best.bytes if best.bytes else 0.0
-            compare = f"the plan takes {gain:.1%} fewer bytes"
+            compare = _compared(gain, "fewer bytes", "more bytes")
+        # a uniform setting's error is the samples' estimate unless every table measured it
+        estimated = " (estimated)" if result.verified and not best.exact else ""
         lines.append(
             f"best uniform setting: {best.label}: {best.bytes:,} bytes "
-            f"({best.bytes / result.bytes_before:.4f}x), {kind} {best.error:.4f}; {compare}"
+            f"({best.bytes / result.bytes_before:.4f}x), {kind} {best.error:.4f}{estimated}; "
+            f"{compare}"
         )
     return "\n".join(lines)
 

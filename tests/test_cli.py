@@ -230,6 +230,10 @@ def test_out_dir_with_several_inputs(tmp_path, config, state):
         error_line(two_outputs)
         == "sparq: error: -o/--output takes one input, got 2; use --out-dir for several"
     )
+    for where, what in ((tmp_path / "missing", "no such folder"), (first, "not a folder")):
+        result = run("compress", second, "--config", config, "--out-dir", where)
+        assert result.exit_code == 2
+        assert error_line(result) == f"sparq: error: --out-dir {where}: {what}"
 
 
 def test_torch_ao_format(checkpoint, config):

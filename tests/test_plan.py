@@ -725,3 +725,23 @@ def test_a_20000_row_model_with_the_scaled_sample(tmp_path: Path) -> None:
     assert size == result.bytes
     assert error == pytest.approx(result.error, rel=0.02)
     assert result.best_uniform is not None and result.error <= result.best_uniform.error
+
+
+def test_totals_say_which_way_the_best_uniform_estimate_compares(
+    mixed: tuple[Path, Path],
+) -> None:
+    from dataclasses import replace
+
+    from sparqcli.render import plan_totals
+
+    model, base = mixed
+    result = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    assert result.best_uniform is not None
+    line = plan_totals(result).splitlines()[1]
+    gain = 1 - result.error / result.best_uniform.error
+    assert line.endswith(f"the plan has {gain:.1%} less error")
+    assert ("(estimated)" in line) is not result.best_uniform.exact
+    # an estimate may put a uniform setting ahead of the verified plan: said as such
+    result.best_uniform = replace(result.best_uniform, error=result.error * 0.98, exact=False)
+    line = plan_totals(result).splitlines()[1]
+    assert "(estimated); the plan has 2.0% more error" in line

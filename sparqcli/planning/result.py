@@ -87,15 +87,17 @@ class TablePlan:
 
 @dataclass(frozen=True)
 class ModelPoint:
-    """A point of the model's trade-off: total bytes, the error E, and a label."""
+    """A point of the model's trade-off: total bytes, the error E, and a label; `exact` when
+    every table's error is measured on the whole table (else estimated on samples)."""
 
     label: str
     bytes: int
     error: float
+    exact: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the point as JSON-able data."""
-        return {"label": self.label, "bytes": self.bytes, "error": self.error}
+        return {"label": self.label, "bytes": self.bytes, "error": self.error, "exact": self.exact}
 
 
 @dataclass

@@ -399,7 +399,8 @@ def _model_points(
         error = model_error(
             [(t.weight, o.weighted_error) for t, o in zip(tables, options, strict=True)]
         )
-        uniform.append(ModelPoint(label, sum(o.bytes for o in options), error))
+        exact = all(o.exact for o in options)
+        uniform.append(ModelPoint(label, sum(o.bytes for o in options), error, exact))
     before = sum(t.bytes_before for t in tables)
     if mode == "budget":
         fitting = [p for p in uniform if p.bytes <= target * before]
