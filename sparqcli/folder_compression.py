@@ -228,7 +228,7 @@ def tied_head_notes(folder: Path, tables: list[TableReport]) -> list[tuple[str, 
     `config.json` (in `folder`) says `tie_word_embeddings: true`: the output head is the same
     tensor, so it changes too (transformers leaves `lm_head.weight` out of a tied model's files)."""
     config = _model_config(folder / "config.json")
-    if config is None:
+    if config is None or _without_head(config):
         return []
     sections = [config, *(v for v in config.values() if isinstance(v, dict))]
     tied = [section for section in sections if section.get("tie_word_embeddings") is True]
@@ -250,6 +250,15 @@ def tied_head_notes(folder: Path, tables: list[TableReport]) -> list[tuple[str, 
             )
         )
     return notes
+
+
+def _without_head(config: dict[str, Any]) -> bool:
+    """Returns True when `architectures` names only base models (`BertModel`, `LlamaModel`):
+    they have no output head, whatever `tie_word_embeddings` says (its default is true)."""
+    names = config.get("architectures")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return False
+    return all(n.endswith("Model") and "LMHead" not in n and "For" not in n for n in names)
 
 
 def _model_config(path: Path) -> dict[str, Any] | None:

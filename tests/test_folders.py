@@ -437,3 +437,31 @@ def test_a_folder_compresses_in_the_memory_of_one_shard(tmp_path: Path) -> None:
 
     one, whole = peak(tmp_path / "one.safetensors"), peak(folder)
     assert whole < one * 1.15 + (16 << 20), (one, whole)
+
+
+@pytest.mark.parametrize(
+    ("architectures", "noted"),
+    [
+        (["BertModel"], False),
+        (["BertForMaskedLM"], True),
+        (["GPT2LMHeadModel"], True),
+        (None, True),
+    ],
+)
+def test_the_tied_head_note_needs_a_model_with_a_head(
+    tmp_path: Path, architectures: list[str] | None, noted: bool
+) -> None:
+    # tie_word_embeddings defaults to true in transformers' configs, heads or not
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model_config: dict = {"tie_word_embeddings": True, "vocab_size": 300}
+    if architectures is not None:
+        model_config["architectures"] = architectures
+    (folder / "config.json").write_text(json.dumps(model_config))
+    save_file(
+        {"embeddings.word_embeddings.weight": torch.randn(300, 64)}, folder / "model.safetensors"
+    )
+    config_one = sparqcli.Config(min_table_bytes=0, layers=[sparqcli.Rule(match="*emb*")])
+    report = sparqcli.compress(folder / "model.safetensors", config_one, dry_run=True)
+    notes = report.files[0].notes
+    assert any("the output head is this table" in note for note in notes) is noted
