@@ -162,7 +162,8 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
     """Checks that the folder `output` may be written.
 
     Raises UsageError when it is an input, holds one or lies inside one (replacing it could
-    remove the input), when it exists without `force`, or when it exists and is not a folder.
+    remove the input), when it exists without `force`, or when it exists and is not a folder
+    or holds no model files (a folder of other files is never replaced).
     """
     target = output.resolve()
     for source in inputs:
@@ -183,6 +184,24 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
             )
         if not output.is_dir() or output.is_symlink():
             raise UsageError(f"{output}: exists and is not a folder", path=output)
+        if not _holds_a_model(output):
+            raise UsageError(
+                f"{output}: holds no model files (no config.json, safetensors or torch files); "
+                "sparq replaces only a model folder: remove it or choose another",
+                path=output,
+            )
+
+
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth")
+
+
+def _holds_a_model(folder: Path) -> bool:
+    """Returns True for an empty folder or one holding model files at its top level (what a
+    model folder or a compressed one holds), which replacing it may remove."""
+    entries = list(folder.iterdir())
+    return not entries or any(
+        entry.is_file() and entry.suffix.lower() in _MODEL_FILE_SUFFIXES for entry in entries
+    )
 
 
 @contextlib.contextmanager

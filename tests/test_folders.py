@@ -179,6 +179,13 @@ def test_folder_output_is_atomic_and_needs_force(tmp_path: Path, folder: Path) -
     with pytest.raises(UsageError, match="already exists; pass"):
         sparqcli.compress(folder, CONFIG)
     assert (out / "old.txt").exists()
+    # a folder of other files is never replaced, even with force (-o ~/Documents --force)
+    with pytest.raises(
+        UsageError, match=r"holds no model files .*sparq replaces only a model folder"
+    ):
+        sparqcli.compress(folder, CONFIG, force=True)
+    assert (out / "old.txt").exists()
+    (out / "config.json").write_text("{}")  # a model folder (an earlier output, say)
     sparqcli.compress(folder, CONFIG, force=True)
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     # A failing gate leaves no folder at all.
