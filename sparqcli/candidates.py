@@ -14,6 +14,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from typing import Any
 from sparqcli.dtypes import TensorInfo
 
 EMBEDDING_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = ("*position_embedding*", "*embed_positions*")
+"""Learned position embeddings (BERT and CLIP, BART and OPT): candidates, but small and
+sensitive, so `configs/default.yaml` excludes them and starter configs leave them dense."""
 """Module classes whose `weight` is an embedding table."""
 
 EMBEDDING_WORDS = frozenset(
@@ -104,6 +108,11 @@ class Candidacy:
 
 
 NOT_A_TABLE = Candidacy(False, (), "not a 2-D floating tensor")
+
+
+def is_position_embedding(key: str) -> bool:
+    """Returns True when `key` matches `POSITION_EMBEDDING_PATTERNS`."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in POSITION_EMBEDDING_PATTERNS)
 
 
 def module_words(module: str) -> frozenset[str]:

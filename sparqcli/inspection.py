@@ -140,8 +140,8 @@ def suggest_config(
     """Writes to `output`, atomically, a starter config selecting the candidate embedding
     tables of the checkpoint at `path`, each by its exact key, with comments saying why.
 
-    Candidates smaller than the default `min_table_bytes` are listed in a comment and left out
-    (unless every candidate is that small). Raises UsageError for a compressed input, a
+    Candidates smaller than the default `min_table_bytes`, and position embeddings, are listed
+    in a comment and left out (unless every candidate is such). Raises UsageError for a compressed input, a
     checkpoint without candidates, or an existing `output` without `force`; what opening the
     checkpoint raises; OutputError when `output` cannot be written.
     """
@@ -168,6 +168,7 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
     """
     import yaml
 
+    from sparqcli.candidates import is_position_embedding
     from sparqcli.config import Config, Rule
     from sparqcli.settings import DEFAULT_MIN_TABLE_BYTES
 
@@ -181,6 +182,11 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
     large = [entry for entry in candidates if entry.info.nbytes >= DEFAULT_MIN_TABLE_BYTES]
     chosen = large or list(candidates)
     small = [entry for entry in candidates if entry not in chosen]
+    positional = [entry for entry in chosen if is_position_embedding(entry.key)]
+    if len(positional) < len(chosen):  # kept dense, unless they are all there is
+        chosen = [entry for entry in chosen if entry not in positional]
+    else:
+        positional = []
     config = Config(layers=[Rule(match=entry.key) for entry in chosen], source=str(inspection.path))
     data = config.to_dict()
 
@@ -219,16 +225,24 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
             f"{entry.candidate.why}"
         )
         lines.append(f"  - match: {json.dumps(entry.key)}")
-    if small:
-        lines += [
-            "",
+    for title, left_dense in (
+        (
+            "# Position embeddings, left dense: small and sensitive (configs/default.yaml "
+            "excludes\n# them too; add a rule to compress one):",
+            positional,
+        ),
+        (
             "# Candidates smaller than min_table_bytes, left dense (add a rule to compress one):",
-        ]
-        lines += [
-            f"#   {entry.key}: {'x'.join(map(str, entry.info.shape))} {entry.info.dtype}, "
-            f"{_size(entry.info.nbytes)}"
-            for entry in small
-        ]
+            small,
+        ),
+    ):
+        if left_dense:
+            lines += ["", *title.split("\n")]
+            lines += [
+                f"#   {entry.key}: {'x'.join(map(str, entry.info.shape))} {entry.info.dtype}, "
+                f"{_size(entry.info.nbytes)}"
+                for entry in left_dense
+            ]
     lines += [
         "",
         "# Quality gates (a failing table: exit 3, nothing written), off until you set them:",

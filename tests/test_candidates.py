@@ -144,17 +144,19 @@ def test_suggest_config_selects_the_candidates(bert: Path, tmp_path: Path) -> No
     result = run("inspect", checkpoint, "--suggest-config", target)
     assert result.exit_code == 0, result.output
     assert result.stderr == (
-        f"{target}: starter config selecting 2 tables; check it with: "
+        f"{target}: starter config selecting 1 table; check it with: "
         f"sparq validate {target} {checkpoint}\n"
     )
     text = target.read_text()
     assert text.startswith("# sparq starter config for bert.pt")
     assert "#   embeddings.token_type_embeddings.weight: 2x128 float32, 1.00 KiB" in text
+    # position embeddings stay dense, as configs/default.yaml keeps them
+    assert "#   embeddings.position_embeddings.weight: 512x128 float32, 256 KiB" in text
     config = Config.from_yaml(target)
     assert config == Config.from_dict(yaml.safe_load(text))
-    assert [rule.match for rule in config.layers] == EMBEDDINGS[:2]
+    assert [rule.match for rule in config.layers] == EMBEDDINGS[:1]
     plan = sparqcli.compress(checkpoint, target, dry_run=True)
-    assert [table.key for table in plan.files[0].tables] == EMBEDDINGS[:2]
+    assert [table.key for table in plan.files[0].tables] == EMBEDDINGS[:1]
     # never replaced without --force; the output is written atomically
     again = run("inspect", checkpoint, "--suggest-config", target)
     assert again.exit_code == 2

@@ -90,3 +90,10 @@ def test_old_token_embedding_settings_empty_rare_rows() -> None:
     [table] = result.report.tables
     assert table.stats is not None and table.stats.row_cosine_min == 0.0
     assert table.gate_failures == ["row_cosine_min 0 < min_row_cosine 0.9"]
+
+
+def test_the_default_config_excludes_the_position_embeddings_starter_configs_leave_dense():
+    from sparqcli.candidates import POSITION_EMBEDDING_PATTERNS
+
+    default = Config.from_yaml(CONFIGS / "default.yaml")
+    assert tuple(default.exclude) == POSITION_EMBEDDING_PATTERNS
