@@ -62,20 +62,21 @@ class StatsAccumulator:
     """Gathers each row's error and cosine figures chunk by chunk; `finish` sums them.
 
     A row's norms and dot product are reduced in float32 (one row at a time) and kept per row
-    (its three norms and its cosine: four floats per row); `finish` sums them over the table in
-    float64, in a fixed order. So the statistics (stored in the file) depend neither on torch's
-    thread count nor on how the table was cut into chunks, and a CUDA run never waits for a
-    chunk's statistics. On the CPU, rows whose float32 figures under- or overflow (values below
-    ~1e-18 or above ~1e18) are measured again in float64. Chunks of distinct rows may be added
-    from several threads at once.
+    (four floats per row); `finish` sums them over the table in float64, in a fixed order. So
+    the statistics (stored in the file) depend neither on torch's thread count nor on how the
+    table was cut into chunks, and a CUDA run never waits for a chunk's statistics. On the CPU,
+    rows whose float32 sums under- or overflow (values below ~1e-18 or above ~1e18) are
+    measured again in float64, their cosines kept aside (`row_figures`). Chunks of distinct
+    rows may be added from several threads at once.
     """
 
     def __init__(self, rows: int, cols: int, device: torch.device) -> None:
         self.cols = cols
-        # original norm, decoded norm, error norm, cosine
+        # original norm, decoded norm, error norm, dot product
         self.per_row = torch.zeros((4, rows), dtype=torch.float32, device=device)
         self.zeros = torch.zeros((), dtype=torch.int64, device=device)
-        self._zeros_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._cosines_measured_again: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(
         self,
@@ -92,10 +93,13 @@ class StatsAccumulator:
         """
         if original.numel() == 0:
             return  # rows with no columns are zero in both forms: all figures stay 0
-        row_figures(original, decoded, self.per_row[:, start:][:, : len(original)], work=work)
+        figures = self.per_row[:, start:][:, : len(original)]
+        again = row_figures(original, decoded, figures, work=work)
         count = zeros if zeros is not None else decoded.numel() - torch.count_nonzero(decoded)
-        with self._zeros_lock:  # an integer count: the same whatever order the chunks come in
+        with self._lock:  # an integer count: the same whatever order the chunks come in
             self.zeros += count
+            if again is not None:
+                self._cosines_measured_again.append((again[0] + start, again[1]))
 
     def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.
@@ -105,12 +109,13 @@ class StatsAccumulator:
         """
         figures = self.per_row[:, start : start + sums.shape[0]]
         torch.sqrt(sums[:, :3].T, out=figures[:3])
-        figures[3] = _cosines(figures[0], figures[1], sums[:, 3])
+        figures[3] = sums[:, 3]
         self.zeros += sums[:, 4].to(torch.int64).sum()
 
     def part_sums(self) -> PartSums:
         """Returns this part's sums, from which `combine_parts` builds a whole table's figures."""
-        original_norm, _, error_norm, cosine = self.per_row
+        original_norm, _, error_norm, _ = self.per_row
+        cosine = self._cosines()
         return PartSums(
             rows=int(self.per_row.shape[1]),
             error_sq=float(_total(error_norm.double().square())),
@@ -120,13 +125,21 @@ class StatsAccumulator:
             zeros=int(self.zeros),
         )
 
+    def _cosines(self) -> torch.Tensor:
+        original_norm, decoded_norm, _, dot = self.per_row
+        cosine = row_cosines(original_norm, decoded_norm, dot)
+        for rows, measured in self._cosines_measured_again:
+            cosine[rows] = measured.to(cosine.device)
+        return cosine
+
     def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
         """Returns the statistics of the whole table, given its qparams and kept-value count."""
-        original_norm, _, error_norm, cosine = self.per_row
+        original_norm, _, error_norm, _ = self.per_row
         rows = self.per_row.shape[1]
         n_values = rows * self.cols
         error_sq = float(_total(error_norm.double().square()))
         original_sq = float(_total(original_norm.double().square()))
+        cosine = self._cosines()
         if original_sq > 0:
             rel_error = math.sqrt(error_sq / original_sq)
         else:
@@ -157,29 +170,48 @@ def row_figures(
     out: torch.Tensor,
     work: torch.Tensor | None = None,
     original_norm: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Writes each row's figures into `out` (float32, (4, rows)) and returns it: the norms of
-    the original values, of the decoded ones and of the error, and the row cosine.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Writes each row's figures into `out` (float32, (4, rows)): the norms of the original
+    values, of the decoded ones and of the error, and their dot product, each a float32
+    reduction of one row (`original_norm`, when known, is the first).
 
-    Each is a float32 reduction of one row; on the CPU, rows whose float32 sums under- or
-    overflowed are measured again in float64. `work` (float32, the rows' shape) holds
-    temporaries when given; `original_norm`, when known, is the first figure.
+    On the CPU, rows whose float32 sums under- or overflowed (a non-zero row of norm below
+    2^-60, a figure not finite) are measured again in float64: their norms are written, and
+    returned are those rows and their cosines (whose dot product float32 may not hold); None
+    when there are none. `work` (float32, the rows' shape) holds temporaries when given.
     """
-    norm_of_original, decoded_norm, error_norm, cosine = out
+    norm_of_original, decoded_norm, error_norm, dot = out
     if original_norm is None:
         row_norms(original, out=norm_of_original)
     else:
         norm_of_original.copy_(original_norm)
     row_norms(decoded, out=decoded_norm)
-    dot = row_sums(torch.mul(original, decoded, out=work))
+    row_sums(torch.mul(original, decoded, out=work), out=dot)
     row_norms(torch.sub(decoded, original, out=work), out=error_norm)
-    cosine.copy_(_cosines(norm_of_original, decoded_norm, dot))
-    if original.device.type == "cpu":
-        _measure_extreme_rows_again(out, original, decoded)
-    return out
+    if original.device.type != "cpu":
+        return None
+    # a few reductions over the per-row figures decide for the usual chunk
+    small = norm_of_original < _TINY_NORM
+    finite = bool(torch.isfinite(out.sum()))
+    if finite and not bool(small.any()):
+        return None
+    suspect = small if finite else small | ~torch.isfinite(out).all(dim=0)
+    rows = suspect.nonzero().flatten()
+    x = original[rows]
+    nonzero = x.any(dim=1)  # an all-zero row (a padding row) is exact in float32
+    if not bool(nonzero.all()):
+        rows, x = rows[nonzero], x[nonzero]
+        if rows.numel() == 0:
+            return None
+    x, y = x.double(), decoded[rows].double()
+    norms = [row_norms(x), row_norms(y), row_norms(y - x)]
+    for index, norm in enumerate(norms):
+        out[index, rows] = norm.float()
+    out[3, rows] = row_sums(x * y).float()
+    return rows, row_cosines(norms[0], norms[1], row_sums(x * y)).float()
 
 
-def _cosines(
+def row_cosines(
     original_norm: torch.Tensor, decoded_norm: torch.Tensor, dot: torch.Tensor
 ) -> torch.Tensor:
     """Returns each row's cosine from its norms and dot product: 1 for a row zero in both forms,
@@ -188,22 +220,6 @@ def _cosines(
     cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
     both_zero = (original_norm == 0) & (decoded_norm == 0)
     return torch.where(both_zero, torch.ones_like(cosine), cosine).clamp_(-1.0, 1.0)
-
-
-def _measure_extreme_rows_again(
-    figures: torch.Tensor, original: torch.Tensor, decoded: torch.Tensor
-) -> None:
-    """Recomputes in float64 the figures (norms and cosine, one column per row) of the rows
-    whose float32 sums under- or overflowed: a tiny original norm, or a figure not finite."""
-    extreme = (figures[0] < _TINY_NORM) | ~torch.isfinite(figures).all(dim=0)
-    if not bool(extreme.any()):
-        return
-    rows = extreme.nonzero().flatten()
-    x, y = original[rows].double(), decoded[rows].double()
-    norms = [row_norms(x), row_norms(y), row_norms(y - x)]
-    for index, norm in enumerate(norms):
-        figures[index, rows] = norm.float()
-    figures[3, rows] = _cosines(norms[0], norms[1], row_sums(x * y)).float()
 
 
 # ATen splits one output's reduction across threads once it sums 32768 values or more, and the

@@ -45,7 +45,7 @@ from sparqcli.engine.sparsify import (
     blocks_to_prune,
     value_norms,
 )
-from sparqcli.engine.stats import row_figures, row_norms
+from sparqcli.engine.stats import row_cosines, row_figures, row_norms
 from sparqcli.errors import TableError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
@@ -969,13 +969,12 @@ def _row_figures(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns each row's squared error (float64) and row cosine, as the engine's statistics
     reduce them (`engine.stats.row_figures`)."""
-    figures = row_figures(
-        original,
-        decoded,
-        torch.empty((4, original.shape[0]), dtype=torch.float32),
-        original_norm=original_norm,
-    )
-    return figures[2].double().square_(), figures[3]
+    figures = torch.empty((4, original.shape[0]), dtype=torch.float32)
+    again = row_figures(original, decoded, figures, original_norm=original_norm)
+    cosine = row_cosines(*figures[[0, 1, 3]])
+    if again is not None:
+        cosine[again[0]] = again[1]
+    return figures[2].double().square_(), cosine
 
 
 def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:
