@@ -191,6 +191,11 @@ def _check_reading(folder: Path, single: Path, tmp: Path) -> None:
     dense = tmp / "dense.safetensors"
     sparqcli.decompress(folder, dense)
     assert sparqcli.load(dense).keys() == sparqcli.load(single).keys()
+    from sparqcli.errors import UsageError
+    from sparqcli.nn import load_compressed
+
+    with pytest.raises(UsageError, match="splits tables by rows over its shards; decompress it"):
+        load_compressed(torch.nn.Module(), folder)
     index = folder / "model.safetensors.index.json"
     document = json.loads(index.read_text())
     shards = document["metadata"]["sparq"]["tables"]["emb.weight"]["row_shards"]

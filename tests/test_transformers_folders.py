@@ -101,3 +101,26 @@ def test_sharded_llama_round_trip_matches_the_single_file_path(tmp_path: Path, t
         "config.json",
         "generation_config.json",
     ]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_compressed_sharded_folder_serves_in_the_model(tmp_path: Path, tied: bool) -> None:
+    # load_compressed reads a sparq folder's shards as one; a tied head (absent from the
+    # files) gets the decoded table, so the logits are the decompressed model's.
+    from sparqcli.nn import Embedding, load_compressed
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(CONFIG)
+    folder = tmp_path / "llama"
+    save_llama(folder, tied=tied, shard="60KB")
+    assert run("compress", folder, "--config", config).exit_code == 0
+    out = tmp_path / "llama-sparq"
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert run("decompress", out, "-o", tmp_path / "dense").exit_code == 0
+    dense = load_model(tmp_path / "dense")
+    served = load_model(folder)
+    assert load_compressed(served, out) == ["model.embed_tokens"]
+    assert isinstance(served.model.embed_tokens, Embedding)
+    ids = torch.tensor([[1, 5, 300, 319]])
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, dense(ids).logits)

@@ -8,5 +8,17 @@ from __future__ import annotations
 
 from sparqcli.engine.table import CompressedTable
 from sparqcli.format import TableInfo, pack_bits, pack_codes, read_info
+from sparqcli.format.reader import load_table
+from sparqcli.format.sharded import is_sharded_output
+from sparqcli.sources.folder import find_layout
 
-__all__ = ["CompressedTable", "TableInfo", "pack_bits", "pack_codes", "read_info"]
+__all__ = [
+    "CompressedTable",
+    "TableInfo",
+    "find_layout",
+    "is_sharded_output",
+    "load_table",
+    "pack_bits",
+    "pack_codes",
+    "read_info",
+]

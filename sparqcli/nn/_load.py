@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparqcli.errors import FormatError, UsageError
-from sparqcli.nn._format import read_info
+from sparqcli.nn._format import TableInfo, find_layout, is_sharded_output, load_table, read_info
 from sparqcli.nn.modules import Embedding, EmbeddingBag, _CompressedLookup
 
 
@@ -26,6 +26,33 @@ def _read_passthrough(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
             return {key: handle.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, RuntimeError) as error:
         raise FormatError(f"{path}: cannot read tensors ({error})") from None
+
+
+class _Contents:
+    """What a sparq file, or the shards of a sparq folder, hold: each table (with its aliases)
+    and pass-through tensor, and the file that holds it."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            if is_sharded_output(path):
+                raise UsageError(
+                    f"{path}: a distributed run's output splits tables by rows over its shards; "
+                    "decompress it, or compress to one file, to serve it"
+                )
+            files = [str(path / name) for name in find_layout(path).shards]
+        else:
+            files = [str(path)]
+        self.tables: dict[str, TableInfo] = {}
+        self.aliases: dict[str, str] = {}
+        self.passthrough: set[str] = set()
+        self.file_of: dict[str, str] = {}
+        for file in files:
+            info = read_info(file)
+            self.tables.update(info.tables)
+            self.aliases.update(info.aliases)
+            self.passthrough.update(info.passthrough)
+            self.file_of.update({key: file for key in (*info.tables, *info.passthrough)})
 
 
 def _replacement(
@@ -64,7 +91,8 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) -> list[str]:
-    """Loads the sparq file at `path` into `model`; returns the names of the replaced modules.
+    """Loads the sparq file at `path` (or the sparq folder: what compressing a model folder
+    writes, its shards read as one) into `model`; returns the names of the replaced modules.
 
     Every `nn.Embedding` / `nn.EmbeddingBag` (or compressed module) whose `<module>.weight` is a
     compressed table of the file is replaced by a `sparqcli.nn` module serving that table, on
@@ -82,7 +110,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     shape differs from the model's.
     """
     where = str(path)
-    info = read_info(path)
+    info = _Contents(path)
     modules = dict(model.named_modules())
     plan: dict[str, tuple[str, nn.Module]] = {}
     unmatched: list[str] = []
@@ -149,12 +177,12 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             if unexpected:
                 parts.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:5]))
             raise UsageError(f"{where}: the file does not match the model: " + "; ".join(parts))
-    passthrough = _read_passthrough(where, sorted(set(info.passthrough) & expected))
-    if decoded:
-        from sparqcli.format.reader import load_table
-
-        for key in sorted(set(decoded) & expected):
-            passthrough[key] = load_table(where, decoded[key])
+    passthrough: dict[str, torch.Tensor] = {}
+    for file in sorted(set(info.file_of.values())):
+        keys = [key for key in sorted(info.passthrough & expected) if info.file_of[key] == file]
+        passthrough.update(_read_passthrough(file, keys) if keys else {})
+    for key in sorted(set(decoded) & expected):
+        passthrough[key] = load_table(info.file_of[decoded[key]], decoded[key])
     current = model.state_dict()
     for key, tensor in passthrough.items():
         if tuple(current[key].shape) != tuple(tensor.shape):
@@ -164,7 +192,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             )
 
     replacements = {
-        name: _replacement(where, key, module, _device_of(module))
+        name: _replacement(info.file_of[key], key, module, _device_of(module))
         for name, (key, module) in plan.items()
     }
     model.load_state_dict(passthrough, strict=False)
