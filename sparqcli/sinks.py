@@ -51,6 +51,11 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
         raise UsageError(f"{output}: is a directory", path=output)
     if output.exists() and not force:
         raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
+    check_parent_folder(output)
+
+
+def check_parent_folder(output: Path) -> None:
+    """Raises UsageError when the folder that would hold `output` is missing or not writable."""
     folder = output.parent
     if not folder.is_dir():
         raise UsageError(f"{output}: cannot write: folder {folder} does not exist", path=output)
@@ -184,24 +189,32 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
             )
         if not output.is_dir() or output.is_symlink():
             raise UsageError(f"{output}: exists and is not a folder", path=output)
-        if not _holds_a_model(output):
-            raise UsageError(
-                f"{output}: holds no model files (no config.json, safetensors or torch files); "
-                "sparq replaces only a model folder: remove it or choose another",
-                path=output,
-            )
+        check_replaceable_folder(output)
+    check_parent_folder(output)
 
 
-_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _holds_a_model(folder: Path) -> bool:
-    """Returns True for an empty folder or one holding model files at its top level (what a
-    model folder or a compressed one holds), which replacing it may remove."""
+def check_replaceable_folder(folder: Path) -> None:
+    """Raises UsageError unless the existing `folder` is empty or a model folder (config.json,
+    an index, or weight files at its top level): a folder of other files is never replaced."""
     entries = list(folder.iterdir())
-    return not entries or any(
-        entry.is_file() and entry.suffix.lower() in _MODEL_FILE_SUFFIXES for entry in entries
+    model = not entries or any(
+        entry.is_file()
+        and (
+            entry.name == "config.json"
+            or entry.name.endswith(".index.json")
+            or entry.suffix.lower() in _WEIGHT_SUFFIXES
+        )
+        for entry in entries
     )
+    if not model:
+        raise UsageError(
+            f"{folder}: holds no model files (no config.json, index, safetensors or torch "
+            "files); sparq replaces only a model folder: remove it or choose another",
+            path=folder,
+        )
 
 
 @contextlib.contextmanager

@@ -260,6 +260,34 @@ def test_an_error_on_one_rank_stops_every_rank_and_leaves_nothing(inputs, tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.safetensors"]
 
 
+def test_ranks_never_replace_a_folder_of_other_files(inputs, tmp_path):
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "mine.txt").write_text("mine")
+    results = _cli(
+        2,
+        "compress",
+        inputs["safetensors"],
+        "--config",
+        inputs["sparsify-first"],
+        "-o",
+        documents,
+        "--force",
+    )
+    _assert_all_failed(results, 2, "holds no model files")
+    assert (documents / "mine.txt").read_text() == "mine"
+    results = _cli(
+        2,
+        "compress",
+        inputs["safetensors"],
+        "--config",
+        inputs["sparsify-first"],
+        "-o",
+        tmp_path / "missing" / "out",
+    )
+    _assert_all_failed(results, 2, "does not exist")
+
+
 class _Hostile:
     def __reduce__(self):
         return (os.system, ("touch hacked",))

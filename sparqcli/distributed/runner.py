@@ -29,7 +29,7 @@ from sparqcli.distributed.group import (
     ProcessGroup,
     RankFailedError,
 )
-from sparqcli.errors import OutputError, SparqError, UsageError, first_line
+from sparqcli.errors import SparqError, UsageError, first_line
 from sparqcli.results import CompressReport, TableReport
 
 ProgressCallback = Callable[[str, float], None]
@@ -136,8 +136,6 @@ class _Run:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         _check_output_folder(output, source, force)
-        if not output.parent.is_dir():
-            raise OutputError(f"{output}: cannot write: folder {output.parent} does not exist")
         if report_path is not None:
             check_report_path(Path(report_path), force)
         checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
@@ -320,14 +318,19 @@ class _Run:
 
 
 def _check_output_folder(output: Path, source: Path, force: bool) -> None:
-    """Raises UsageError when the output folder is the input, or exists (without `force`) or is
-    a file."""
+    """Raises UsageError when the output folder is the input, or exists (without `force`), is a
+    file or holds other files than a model's, or its own folder is missing or not writable."""
+    from sparqcli.sinks import check_parent_folder, check_replaceable_folder
+
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UsageError(f"{output}: is the input; sparq never overwrites its input", path=output)
     if output.exists() and not force:
         raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: is a file; the output of a distributed run is a folder")
+    if output.is_dir():
+        check_replaceable_folder(output)
+    check_parent_folder(output)
 
 
 def _share_out(checkpoint: Any, keys: list[str], world: int) -> list[list[str]]:
