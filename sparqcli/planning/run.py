@@ -224,9 +224,11 @@ def _verified_choice(
     gates and meets the target with those exact figures, starting from `choice`.
 
     The chosen estimates are replaced by exact measurements and the allocation runs again with
-    them, until it keeps its choice (at most `_VERIFY_ROUNDS` times); a choice still moving then
-    is made among the exactly measured options only. Raises UsageError where, with what is
-    known, a table has no option within its gates or no plan meets the target.
+    them, until it keeps its choice (at most `_VERIFY_ROUNDS` times). A choice still moving then
+    is made among the exactly measured options, after measuring each table's option that the
+    target needs most (its fewest bytes for a budget, its least error for an error target), so
+    that a plan is found wherever the measurements allow one. Raises UsageError where, with
+    what is known, a table has no option within its gates or no plan meets the target.
     """
     for _ in range(_VERIFY_ROUNDS):
         _verify(tables, choice, verify_choice)
@@ -236,14 +238,26 @@ def _verified_choice(
         choice = new_choice
     _verify(tables, choice, verify_choice)
     allowed = _allowed_everywhere(tables)
-    exact = [
-        [i for i in indices if t.options[i].exact]
-        for t, indices in zip(tables, allowed, strict=True)
-    ]
+    if mode == "budget":
+        extremes = [
+            min(a, key=lambda i, t=t: (t.options[i].bytes, t.options[i].weighted_error))
+            for t, a in zip(tables, allowed, strict=True)
+        ]
+    else:
+        extremes = [
+            min(a, key=lambda i, t=t: (t.options[i].weighted_error, t.options[i].bytes))
+            for t, a in zip(tables, allowed, strict=True)
+        ]
+    _verify(tables, extremes, verify_choice)
+    exact = [[i for i in _allowed(t) if t.options[i].exact] for t in tables]
     for table, indices in zip(tables, exact, strict=True):
-        if not indices:  # the exact figures ruled out every verified option of this table
-            raise UsageError(_no_candidate(table))
-    return _allocate(tables, exact, mode, target)
+        if not indices:
+            raise UsageError(
+                f"{table.source}: table '{table.key}': none of the settings measured on the "
+                f"whole table passes the gates of {table.rule.label} (the samples' estimates of "
+                "others do); plan with a larger sample"
+            )
+    return _allocate(tables, exact, mode, target, within=" among the settings measured exactly")
 
 
 def _verify(
@@ -317,9 +331,12 @@ def _allocate(
     allowed: list[list[int]],
     mode: str,
     target: float,
+    within: str | None = None,
 ) -> list[int]:
-    """Returns the chosen option index of every table. Raises UsageError when unreachable."""
+    """Returns the chosen option index of every table. Raises UsageError when unreachable,
+    naming the best reachable value `within` the options given (default: `_within`'s words)."""
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
+    scope = within if within is not None else _within(tables, allowed)
     uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
     total_weight = sum(t.weight for t in tables)
     if mode == "budget":
@@ -332,7 +349,7 @@ def _allocate(
         if found is None:
             smallest = allocator.totals(allocator.cheapest())[0]
             raise UsageError(
-                f"{{opt:budget}} {target:g} cannot be met: the smallest plan{_within(tables, allowed)} "
+                f"{{opt:budget}} {target:g} cannot be met: the smallest plan{scope} "
                 f"takes {smallest:,} bytes, {smallest / before:.4g}x of the tables' {before:,} bytes",
                 option="budget",
             )
@@ -346,7 +363,7 @@ def _allocate(
             best = math.sqrt(lowest / total_weight) if total_weight else 0.0
             raise UsageError(
                 f"{{opt:max_error}} {target:g} cannot be reached: the lowest error any plan"
-                f"{_within(tables, allowed)} reaches is {best:.4g} (every table at its most "
+                f"{scope} reaches is {best:.4g} (every table at its most "
                 "accurate setting)",
                 option="max_error",
             )
