@@ -438,7 +438,8 @@ def check_plan(
 ) -> None:
     """Checks that the planned `tables` (and the other keys of `tensors`) can be written in
     `output_format`. Raises OutputError for a key collision, UsageError for a table the torch-ao
-    format cannot hold."""
+    format cannot hold or a tensor a sparq file cannot (a quantized, complex128 or sparse one)."""
+    from sparqcli.dtypes import BY_NAME
     from sparqcli.format.spec import key_collision
 
     table_keys = {table.key: table for table in tables}
@@ -462,6 +463,16 @@ def check_plan(
         collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
         if collision is not None:
             raise OutputError(f"{target}: cannot write: {collision}", path=target)
+        for key in passthrough:
+            info = tensors[key]
+            if BY_NAME[info.dtype].safetensors is None or info.layout != "strided":
+                raise UsageError(
+                    f"{target or 'output'}: cannot write tensor '{key}' ({info.describe()}) in a "
+                    "sparq file: "
+                    "safetensors holds dense tensors of standard dtypes; write the torch-ao "
+                    "format (.pt) or leave the tensor out of the checkpoint",
+                    path=target,
+                )
 
 
 def _compress_tables(

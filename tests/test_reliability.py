@@ -1167,6 +1167,30 @@ def test_compressing_a_torch_ao_output_is_refused(inputs, tmp_path):
     assert "quint8" in result.output and "Traceback" not in result.output
 
 
+def test_a_tensor_a_sparq_file_cannot_hold_is_refused_before_any_work(tmp_path):
+    model = tmp_path / "model.pt"
+    torch.save(
+        {"emb.weight": torch.randn(300, 64), "phase": torch.zeros(3, dtype=torch.complex128)}, model
+    )
+    config = tmp_path / "emb.yaml"
+    config.write_text("version: 1\nmin_table_bytes: 0\nlayers: [{match: emb.weight}]\n")
+    out = tmp_path / "model.sparq.safetensors"
+    for extra in (["--dry-run"], []):
+        line = assert_one_line_error(
+            invoke("compress", model, "--config", config, "-o", out, *extra), codes=(2,)
+        )
+        assert line == (
+            f"sparq: error: {out}: cannot write tensor 'phase' (shape [3], complex128) in a sparq "
+            "file: safetensors holds dense tensors of standard dtypes; write the torch-ao format "
+            "(.pt) or leave the tensor out of the checkpoint"
+        )
+    assert not out.exists()
+    torch_ao = tmp_path / "model.torchao.pt"
+    result = invoke("compress", model, "--config", config, "--format", "torch-ao", "-o", torch_ao)
+    assert result.exit_code == 0, result.output
+    assert torch.load(torch_ao, weights_only=True)["phase"].dtype == torch.complex128
+
+
 def test_a_sparse_table_is_named_not_compressed(tmp_path):
     model = tmp_path / "sparse.pt"
     torch.save({"emb.weight": torch.eye(300, 64).to_sparse()}, model)
