@@ -23,10 +23,10 @@ from typing import Any
 from sparqcli.dtypes import TensorInfo
 
 EMBEDDING_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+"""Module classes whose `weight` is an embedding table."""
 POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = ("*position_embedding*", "*embed_positions*")
 """Learned position embeddings (BERT and CLIP, BART and OPT): candidates, but small and
 sensitive, so `configs/default.yaml` excludes them and starter configs leave them dense."""
-"""Module classes whose `weight` is an embedding table."""
 
 EMBEDDING_WORDS = frozenset(
     {

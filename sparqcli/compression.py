@@ -189,8 +189,8 @@ class CompressedStateDict:
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Writes the tables and tensors as a sparq file at `path`, atomically; returns `path`.
 
-        Raises UsageError when `path` exists and `force` is not set, OutputError when it cannot
-        be written.
+        Raises UsageError when `path` exists and `force` is not set, or its folder is missing or
+        not writable; OutputError when writing fails.
         """
         from sparqcli.format.writer import write_compressed
         from sparqcli.sinks import atomic_output, check_output_path

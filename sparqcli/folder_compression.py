@@ -258,7 +258,7 @@ def _without_head(config: dict[str, Any]) -> bool:
     names = config.get("architectures")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         return False
-    return all(n.endswith("Model") and "LMHead" not in n and "For" not in n for n in names)
+    return all(n.endswith("Model") and "Head" not in n and "For" not in n for n in names)
 
 
 def _model_config(path: Path) -> dict[str, Any] | None:

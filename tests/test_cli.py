@@ -638,14 +638,17 @@ def test_library_notices_print_as_sparq_lines_unless_quiet(capsys):
     assert capsys.readouterr().err == "sparq: compiling the MSE search kernel\n"
 
 
-@pytest.mark.parametrize(("local_rank", "shown"), [("0", True), ("1", False), ("3", False)])
+@pytest.mark.parametrize(
+    ("local_rank", "world_size", "shown"),
+    [("0", "4", True), ("1", "4", False), ("3", "4", False), ("1", "1", True)],
+)
 def test_under_torchrun_only_each_machines_first_rank_prints_notices(
-    capsys, monkeypatch, local_rank, shown
+    capsys, monkeypatch, local_rank, world_size, shown
 ):
     from sparqcli.cli.app import show_notices
 
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
     logger = logging.getLogger("sparqcli")
     level = logger.level
     try:

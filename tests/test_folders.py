@@ -458,6 +458,7 @@ def test_a_folder_compresses_in_the_memory_of_one_shard(tmp_path: Path) -> None:
         (["BertModel"], False),
         (["BertForMaskedLM"], True),
         (["GPT2LMHeadModel"], True),
+        (["GPT2DoubleHeadsModel"], True),
         (None, True),
     ],
 )

@@ -745,6 +745,10 @@ def test_totals_say_which_way_the_best_uniform_estimate_compares(
     gain = 1 - result.error / result.best_uniform.error
     assert line.endswith(f"the plan has {gain:.1%} less error")
     assert ("(estimated)" in line) is not result.best_uniform.exact
+    # the frontier's points are exact only where every table's option was measured whole
+    data = result.to_dict()
+    assert any(p["exact"] is False for p in data["frontier"])
+    assert all(isinstance(p["exact"], bool) for p in data["frontier"] + data["uniform"])
     # an estimate may put a uniform setting ahead of the verified plan: said as such
     result.best_uniform = replace(result.best_uniform, error=result.error * 0.98, exact=False)
     line = plan_totals(result).splitlines()[1]

@@ -146,12 +146,13 @@ def show_notices(quiet: bool) -> None:
     kernel's first build) as `sparq: message` lines on stderr from now on in this process (a
     command's); none with `quiet`, and under torchrun only from each machine's first rank (the
     ranks of a machine share its kernel cache: one line says it, not one per rank)."""
-    from sparqcli.distributed import local_rank
+    from sparqcli.distributed import local_rank, world_size
 
     logger = logging.getLogger("sparqcli")
     if _NOTICES not in logger.handlers:
         logger.addHandler(_NOTICES)
-    logger.setLevel(logging.WARNING if quiet or local_rank() != 0 else logging.INFO)
+    other_rank = world_size() > 1 and local_rank() != 0
+    logger.setLevel(logging.WARNING if quiet or other_rank else logging.INFO)
 
 
 def stdout_is_terminal() -> bool:

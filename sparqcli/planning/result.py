@@ -188,8 +188,8 @@ class PlanResult:
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Writes the plan's YAML to `path`, atomically; returns `path`.
 
-        Raises UsageError when `path` exists and `force` is not set, OutputError when it cannot
-        be written.
+        Raises UsageError when `path` exists and `force` is not set, or its folder is missing or
+        not writable; OutputError when writing fails.
         """
         from sparqcli.sinks import atomic_output, check_output_path
 

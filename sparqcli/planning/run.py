@@ -407,7 +407,14 @@ def _model_points(
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
     total_weight = sum(t.weight for t in tables) or 1.0
     frontier = [
-        ModelPoint("frontier", step.bytes, math.sqrt(max(0.0, step.cost) / total_weight))
+        ModelPoint(
+            "frontier",
+            step.bytes,
+            math.sqrt(max(0.0, step.cost) / total_weight),
+            all(
+                t.options[a[i]].exact for t, a, i in zip(tables, allowed, step.choice, strict=True)
+            ),
+        )
         for step in allocator.path()
     ]
     uniform = []
