@@ -135,7 +135,14 @@ def compress(
                     f"{source}: is already compressed by sparq; compress the original checkpoint",
                     path=source,
                 )
-            file = _plan(checkpoint, config, output_format, target, input_size(source))
+            file = _plan(
+                checkpoint,
+                config,
+                output_format,
+                target,
+                input_size(source),
+                torch_ao_possible=True,
+            )
             from sparqcli.folder_compression import tied_head_notes
 
             # A model file inside its Hugging Face folder: config.json may say the head is tied.
@@ -394,11 +401,15 @@ def _plan(
     output_format: str,
     target: Path | None,
     input_bytes: int,
+    torch_ao_possible: bool = False,
 ) -> FileReport:
     """Returns the planned file: its selected tables, after every check that could fail at
-    write time (so that a dry run fails where the real run would, before any work)."""
+    write time (so that a dry run fails where the real run would, before any work; none for an
+    in-memory result, `target` None, whose `save` says what it cannot write).
+    `torch_ao_possible`: whether the torch-ao format could be written instead (a torch file)."""
     tables, skipped = plan_tables(checkpoint, config)
-    check_plan(checkpoint.tensors, tables, output_format, target)
+    if target is not None:
+        check_plan(checkpoint.tensors, tables, output_format, target, torch_ao_possible)
     return FileReport(checkpoint.path, target, output_format, input_bytes, tables, skipped=skipped)
 
 
@@ -434,11 +445,16 @@ def plan_tables(
 
 
 def check_plan(
-    tensors: Mapping[str, Any], tables: list[TableReport], output_format: str, target: Path | None
+    tensors: Mapping[str, Any],
+    tables: list[TableReport],
+    output_format: str,
+    target: Path | None,
+    torch_ao_possible: bool = False,
 ) -> None:
     """Checks that the planned `tables` (and the other keys of `tensors`) can be written in
     `output_format`. Raises OutputError for a key collision, UsageError for a table the torch-ao
-    format cannot hold or a tensor a sparq file cannot (a quantized, complex128 or sparse one)."""
+    format cannot hold or a tensor a sparq file cannot (a quantized, complex128 or sparse one;
+    the message names the torch-ao format where `torch_ao_possible`)."""
     from sparqcli.dtypes import BY_NAME
     from sparqcli.format.spec import key_collision
 
@@ -466,11 +482,11 @@ def check_plan(
         for key in passthrough:
             info = tensors[key]
             if BY_NAME[info.dtype].safetensors is None or info.layout != "strided":
+                way_out = "write the torch-ao format (.pt) or " if torch_ao_possible else ""
                 raise UsageError(
-                    f"{target or 'output'}: cannot write tensor '{key}' ({info.describe()}) in a "
-                    "sparq file: "
-                    "safetensors holds dense tensors of standard dtypes; write the torch-ao "
-                    "format (.pt) or leave the tensor out of the checkpoint",
+                    f"{target}: cannot write tensor '{key}' ({info.describe()}) in a sparq file: "
+                    f"safetensors holds dense tensors of standard dtypes; {way_out}leave the "
+                    "tensor out of the checkpoint",
                     path=target,
                 )
 

@@ -286,6 +286,16 @@ def test_ranks_never_replace_a_folder_of_other_files(inputs, tmp_path):
         tmp_path / "missing" / "out",
     )
     _assert_all_failed(results, 2, "does not exist")
+    # a folder that holds the input is never replaced either (it used to be, input and all)
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    source = holder / "model.safetensors"
+    source.write_bytes(inputs["safetensors"].read_bytes())
+    results = _cli(
+        2, "compress", source, "--config", inputs["sparsify-first"], "-o", holder, "--force"
+    )
+    _assert_all_failed(results, 2, "holds the input; sparq never overwrites its input")
+    assert source.read_bytes() == inputs["safetensors"].read_bytes()
 
 
 class _Hostile:

@@ -479,3 +479,23 @@ def test_the_tied_head_note_needs_a_model_with_a_head(
     report = sparqcli.compress(folder / "model.safetensors", config_one, dry_run=True)
     notes = report.files[0].notes
     assert any("the output head is this table" in note for note in notes) is noted
+
+
+def test_a_tensor_the_shards_cannot_hold_is_refused_without_a_torch_ao_hint(tmp_path: Path) -> None:
+    # a model folder is written in the sparq format only: the only way out is leaving it out
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save(
+        {"emb.weight": torch.randn(300, 16), "phase": torch.zeros(2, dtype=torch.complex128)},
+        folder / "pytorch_model.bin",
+    )
+    with pytest.raises(UsageError) as caught:
+        sparqcli.compress(
+            folder, sparqcli.Config(min_table_bytes=0, layers=[sparqcli.Rule(match="emb.weight")])
+        )
+    assert str(caught.value).endswith(
+        "cannot write tensor 'phase' (shape [2], complex128) in a sparq file: safetensors holds "
+        "dense tensors of standard dtypes; leave the tensor out of the checkpoint"
+    )
+    assert not (tmp_path / "bins-sparq").exists()

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 import sparqcli
 from sparqcli.engine.pipeline import compress_table
-from sparqcli.errors import TableError, UsageError
+from sparqcli.errors import OutputError, TableError, UsageError
 from sparqcli.settings import Quantization, Sparsity
 from tests.conftest import (
     CONFIG,
@@ -1189,6 +1189,13 @@ def test_a_tensor_a_sparq_file_cannot_hold_is_refused_before_any_work(tmp_path):
     result = invoke("compress", model, "--config", config, "--format", "torch-ao", "-o", torch_ao)
     assert result.exit_code == 0, result.output
     assert torch.load(torch_ao, weights_only=True)["phase"].dtype == torch.complex128
+    # in memory nothing is written: the result is made, its save says what it cannot write
+    state = torch.load(model, weights_only=True)
+    result = sparqcli.compress_state_dict(state, sparqcli.Config.from_yaml(config))
+    assert torch.equal(result.decode()["phase"], state["phase"])
+    with pytest.raises(OutputError, match="cannot write"):
+        result.save(tmp_path / "memory.sparq.safetensors")
+    assert not (tmp_path / "memory.sparq.safetensors").exists()
 
 
 def test_a_sparse_table_is_named_not_compressed(tmp_path):

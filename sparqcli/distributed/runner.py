@@ -322,8 +322,13 @@ def _check_output_folder(output: Path, source: Path, force: bool) -> None:
     file or holds other files than a model's, or its own folder is missing or not writable."""
     from sparqcli.sinks import check_parent_folder, check_replaceable_folder
 
-    if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
+    target, origin = output.resolve(), source.resolve()
+    if target == origin or origin in target.parents:
         raise UsageError(f"{output}: is the input; sparq never overwrites its input", path=output)
+    if origin.is_relative_to(target):  # replacing the folder would remove the input
+        raise UsageError(
+            f"{output}: holds the input; sparq never overwrites its input", path=output
+        )
     if output.exists() and not force:
         raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
     if output.exists() and not output.is_dir():
