@@ -261,40 +261,30 @@ def test_an_error_on_one_rank_stops_every_rank_and_leaves_nothing(inputs, tmp_pa
 
 
 def test_ranks_never_replace_a_folder_of_other_files(inputs, tmp_path):
+    def compress_to(source, output, *extra):
+        return _cli(
+            2, "compress", source, "--config", inputs["sparsify-first"], "-o", output, *extra
+        )
+
     documents = tmp_path / "documents"
     documents.mkdir()
     (documents / "mine.txt").write_text("mine")
-    results = _cli(
-        2,
-        "compress",
-        inputs["safetensors"],
-        "--config",
-        inputs["sparsify-first"],
-        "-o",
-        documents,
-        "--force",
+    _assert_all_failed(
+        compress_to(inputs["safetensors"], documents, "--force"), 2, "holds no model files"
     )
-    _assert_all_failed(results, 2, "holds no model files")
     assert (documents / "mine.txt").read_text() == "mine"
-    results = _cli(
-        2,
-        "compress",
-        inputs["safetensors"],
-        "--config",
-        inputs["sparsify-first"],
-        "-o",
-        tmp_path / "missing" / "out",
-    )
-    _assert_all_failed(results, 2, "does not exist")
+    missing = tmp_path / "missing" / "out"
+    _assert_all_failed(compress_to(inputs["safetensors"], missing), 2, "does not exist")
     # a folder that holds the input is never replaced either (it used to be, input and all)
     holder = tmp_path / "holder"
     holder.mkdir()
     source = holder / "model.safetensors"
     source.write_bytes(inputs["safetensors"].read_bytes())
-    results = _cli(
-        2, "compress", source, "--config", inputs["sparsify-first"], "-o", holder, "--force"
+    _assert_all_failed(
+        compress_to(source, holder, "--force"),
+        2,
+        "holds the input; sparq never overwrites its input",
     )
-    _assert_all_failed(results, 2, "holds the input; sparq never overwrites its input")
     assert source.read_bytes() == inputs["safetensors"].read_bytes()
 
 
