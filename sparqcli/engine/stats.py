@@ -204,11 +204,10 @@ def row_figures(
         if rows.numel() == 0:
             return None
     x, y = x.double(), decoded[rows].double()
-    norms = [row_norms(x), row_norms(y), row_norms(y - x)]
-    for index, norm in enumerate(norms):
-        out[index, rows] = norm.float()
-    out[3, rows] = row_sums(x * y).float()
-    return rows, row_cosines(norms[0], norms[1], row_sums(x * y)).float()
+    figures = [row_norms(x), row_norms(y), row_norms(y - x), row_sums(x * y)]
+    for index, figure in enumerate(figures):
+        out[index, rows] = figure.float()
+    return rows, row_cosines(figures[0], figures[1], figures[3]).float()
 
 
 def row_cosines(
