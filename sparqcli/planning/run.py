@@ -238,16 +238,15 @@ def _verified_choice(
         choice = new_choice
     _verify(tables, choice, verify_choice)
     allowed = _allowed_everywhere(tables)
-    if mode == "budget":
-        extremes = [
-            min(a, key=lambda i, t=t: (t.options[i].bytes, t.options[i].weighted_error))
-            for t, a in zip(tables, allowed, strict=True)
-        ]
-    else:
-        extremes = [
-            min(a, key=lambda i, t=t: (t.options[i].weighted_error, t.options[i].bytes))
-            for t, a in zip(tables, allowed, strict=True)
-        ]
+
+    def need(option: Option) -> tuple[float, float]:
+        figures = (option.bytes, option.weighted_error)
+        return figures if mode == "budget" else figures[::-1]
+
+    extremes = [
+        min(indices, key=lambda i, t=t: need(t.options[i]))
+        for t, indices in zip(tables, allowed, strict=True)
+    ]
     _verify(tables, extremes, verify_choice)
     exact = [[i for i in _allowed(t) if t.options[i].exact] for t in tables]
     for table, indices in zip(tables, exact, strict=True):
