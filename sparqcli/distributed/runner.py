@@ -126,7 +126,7 @@ class _Run:
     ) -> CompressReport:
         from sparqcli.compression import _config, _plan, check_device, input_size
         from sparqcli.digest import BackgroundSha256
-        from sparqcli.sinks import check_report_path, partial_folder
+        from sparqcli.sinks import check_output_folder, check_report_path, partial_folder
         from sparqcli.sources import open_checkpoint
 
         group, source, output = self.group, self.source, self.output
@@ -135,7 +135,7 @@ class _Run:
         check_device(device)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        _check_output_folder(output, source, force)
+        check_output_folder(output, [source], force)
         if report_path is not None:
             check_report_path(Path(report_path), force)
         checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
@@ -315,27 +315,6 @@ class _Run:
         }
         keep = has_rows or (rows == 0 and group.rank == 0)
         return (result if keep else None), stats, info
-
-
-def _check_output_folder(output: Path, source: Path, force: bool) -> None:
-    """Raises UsageError when the output folder is the input, or exists (without `force`), is a
-    file or holds other files than a model's, or its own folder is missing or not writable."""
-    from sparqcli.sinks import check_parent_folder, check_replaceable_folder
-
-    target, origin = output.resolve(), source.resolve()
-    if target == origin or origin in target.parents:
-        raise UsageError(f"{output}: is the input; sparq never overwrites its input", path=output)
-    if origin.is_relative_to(target):  # replacing the folder would remove the input
-        raise UsageError(
-            f"{output}: holds the input; sparq never overwrites its input", path=output
-        )
-    if output.exists() and not force:
-        raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output}: is a file; the output of a distributed run is a folder")
-    if output.is_dir():
-        check_replaceable_folder(output)
-    check_parent_folder(output)
 
 
 def _share_out(checkpoint: Any, keys: list[str], world: int) -> list[list[str]]:
