@@ -356,11 +356,19 @@ def sequential_errors(
     error = error * error
     if keep is not None:
         error = torch.where(keep, error, torch.zeros((), dtype=error.dtype))
-    total = torch.zeros(values.shape[0], dtype=torch.float32)
-    for column in error.t():
-        total = total + column
+    total = _sums_in_column_order(error)
     fits = torch.isfinite(scale) & torch.isfinite(zero_point) & ~torch.isnan(total)
     return torch.where(fits, total, torch.full_like(total, float("inf")))
+
+
+def _sums_in_column_order(terms: torch.Tensor) -> torch.Tensor:
+    """Returns each row's float32 sum of `terms` (rows, cols), added one column after the other:
+    the sequential order of torch's loss and of the compiled kernel, which a reduction would
+    not keep."""
+    total = torch.zeros(terms.shape[0], dtype=torch.float32)
+    for column in terms.t():
+        total = total + column
+    return total
 
 
 def greedy_ranges(
@@ -448,11 +456,7 @@ def _replayed_walk(
         levels = torch.where(quant_max < levels, quant_max, levels)  # std::min(q, qmax)
         levels = torch.where(levels > zero, levels, zero)  # std::max(0.0f, q)
         error = values - (levels * scale[:, None] + low[:, None])
-        squares = torch.where(kept, error * error, zero)
-        total = torch.zeros(values.shape[0])
-        for column in squares.t():
-            total = total + column
-        return total.sqrt()
+        return _sums_in_column_order(torch.where(kept, error * error, zero)).sqrt()
 
     cur_min, cur_max = _kept_ends(values, keep)
     step, limit = _walk_steps(cur_min, cur_max)
