@@ -177,10 +177,12 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             if unexpected:
                 parts.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:5]))
             raise UsageError(f"{where}: the file does not match the model: " + "; ".join(parts))
+    keys_of_file: dict[str, list[str]] = {}
+    for key in sorted(info.passthrough & expected):
+        keys_of_file.setdefault(info.file_of[key], []).append(key)
     passthrough: dict[str, torch.Tensor] = {}
-    for file in sorted(set(info.file_of.values())):
-        keys = [key for key in sorted(info.passthrough & expected) if info.file_of[key] == file]
-        passthrough.update(_read_passthrough(file, keys) if keys else {})
+    for file, keys in keys_of_file.items():
+        passthrough.update(_read_passthrough(file, keys))
     for key in sorted(set(decoded) & expected):
         passthrough[key] = load_table(info.file_of[decoded[key]], decoded[key])
     current = model.state_dict()
