@@ -63,11 +63,11 @@ def compress(
     resolves and checks everything that could fail later and writes nothing. A file whose
     tables fail a quality gate is not written: the report says so (`report.gate_failures`,
     `report.raise_for_gates()`). With `report_path`, the report is also written there as JSON
-    (checked before any work; replaced only with `force`; not in a dry run). `threads` is how many threads compress
-    on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may
-    use (CPU affinity and cgroup quota; see sparqcli.parallel); while a table is compressed on
-    the CPU, torch's process-wide thread count is 1 (each worker runs torch single-threaded;
-    restored after).
+    (checked before any work; replaced only with `force`; not in a dry run). `threads` is how
+    many threads compress on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the
+    CPUs this process may use (CPU affinity and cgroup quota; see sparqcli.parallel); while a
+    table is compressed on the CPU, torch's process-wide thread count is 1 (each worker runs
+    torch single-threaded; restored after).
     Raises ConfigError/UsageError/SelectionError/UnsafeInputError (exit 2) for bad usage,
     InputError/TableError/OutputError (exit 1) for bad data or failed I/O.
     """

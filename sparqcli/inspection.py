@@ -141,9 +141,9 @@ def suggest_config(
     tables of the checkpoint at `path`, each by its exact key, with comments saying why.
 
     Candidates smaller than the default `min_table_bytes`, and position embeddings, are listed
-    in a comment and left out (unless every candidate is such). Raises UsageError for a compressed input, a
-    checkpoint without candidates, or an existing `output` without `force`; what opening the
-    checkpoint raises; OutputError when `output` cannot be written.
+    in a comment and left out (unless every candidate is such). Raises UsageError for a
+    compressed input, a checkpoint without candidates, or an existing `output` without
+    `force`; what opening the checkpoint raises; OutputError when `output` cannot be written.
     """
     from sparqcli.sinks import atomic_output, check_output_path
 
