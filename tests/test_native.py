@@ -74,36 +74,21 @@ def test_threads_asking_at_once_build_once(monkeypatch):
     assert builds == [1] and results == ["module"] * 4
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_a_build_that_compiles_is_announced_once_cached_builds_are_not(tmp_path, monkeypatch):
+def test_a_build_that_compiles_is_announced_once_cached_builds_are_not(
+    tmp_path, monkeypatch, caplog
+):
     from torch.utils import cpp_extension
 
     monkeypatch.setenv("SPARQ_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load_inline", lambda **options: "module")
-    records = _Records()
-    logger = logging.getLogger("sparqcli.native")
-    logger.addHandler(records)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with caplog.at_level(logging.INFO, logger="sparqcli.native"):
         kernel = Kernel("sparq_new", "int f();\n", "test", "tests", "SPARQ_X")
         assert kernel.load() == "module"
-        assert records.messages == [
+        assert caplog.messages == [
             f"compiling the test kernel: first use, up to a minute; cached in {tmp_path} "
             "for later runs"
         ]
         name = kernel.build_name()
         (tmp_path / name / f"{name}.so").write_bytes(b"")  # what the build leaves behind
         assert Kernel("sparq_new", "int f();\n", "test", "tests", "SPARQ_X").load() == "module"
-        assert len(records.messages) == 1
-    finally:
-        logger.removeHandler(records)
-        logger.setLevel(level)
+        assert len(caplog.messages) == 1
