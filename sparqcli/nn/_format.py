@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from sparqcli.engine.table import CompressedTable
 from sparqcli.format import TableInfo, pack_bits, pack_codes, read_info
+from sparqcli.format.folder import CompressedFolderInfo
 from sparqcli.format.reader import load_table
 from sparqcli.format.sharded import is_sharded_output
 from sparqcli.sources.folder import find_layout
 
 __all__ = [
+    "CompressedFolderInfo",
     "CompressedTable",
     "TableInfo",
     "find_layout",

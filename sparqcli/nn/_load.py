@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from sparqcli.errors import FormatError, UsageError
-from sparqcli.nn._format import TableInfo, find_layout, is_sharded_output, load_table, read_info
+from sparqcli.nn._format import (
+    CompressedFolderInfo,
+    find_layout,
+    is_sharded_output,
+    load_table,
+    read_info,
+)
 from sparqcli.nn.modules import Embedding, EmbeddingBag, _CompressedLookup
 
 
@@ -28,31 +34,22 @@ def _read_passthrough(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: cannot read tensors ({error})") from None
 
 
-class _Contents:
-    """What a sparq file, or the shards of a sparq folder, hold: each table (with its aliases)
-    and pass-through tensor, and the file that holds it."""
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            if is_sharded_output(path):
-                raise UsageError(
-                    f"{path}: a distributed run's output splits tables by rows over its shards; "
-                    "decompress it, or compress to one file, to serve it"
-                )
-            files = [str(path / name) for name in find_layout(path).shards]
-        else:
-            files = [str(path)]
-        self.tables: dict[str, TableInfo] = {}
-        self.aliases: dict[str, str] = {}
-        self.passthrough: set[str] = set()
-        self.file_of: dict[str, str] = {}
-        for file in files:
-            info = read_info(file)
-            self.tables.update(info.tables)
-            self.aliases.update(info.aliases)
-            self.passthrough.update(info.passthrough)
-            self.file_of.update({key: file for key in (*info.tables, *info.passthrough)})
+def _contents(path: str | Path) -> tuple[CompressedFolderInfo, dict[str, str]]:
+    """Returns what the sparq file at `path`, or the shards of the sparq folder, hold (merged)
+    and the file that holds each table and pass-through tensor."""
+    path = Path(path)
+    if path.is_dir():
+        if is_sharded_output(path):
+            raise UsageError(
+                f"{path}: a distributed run's output splits tables by rows over its shards; "
+                "decompress it, or compress to one file, to serve it"
+            )
+        files = [str(path / name) for name in find_layout(path).shards]
+    else:
+        files = [str(path)]
+    infos = tuple(read_info(file) for file in files)
+    file_of = {key: info.path for info in infos for key in (*info.tables, *info.passthrough)}
+    return CompressedFolderInfo(str(path), infos), file_of
 
 
 def _replacement(
@@ -110,7 +107,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     shape differs from the model's.
     """
     where = str(path)
-    info = _Contents(path)
+    info, file_of = _contents(path)
     modules = dict(model.named_modules())
     plan: dict[str, tuple[str, nn.Module]] = {}
     unmatched: list[str] = []
@@ -178,13 +175,13 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
                 parts.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:5]))
             raise UsageError(f"{where}: the file does not match the model: " + "; ".join(parts))
     keys_of_file: dict[str, list[str]] = {}
-    for key in sorted(info.passthrough & expected):
-        keys_of_file.setdefault(info.file_of[key], []).append(key)
+    for key in sorted(info.passthrough.keys() & expected):
+        keys_of_file.setdefault(file_of[key], []).append(key)
     passthrough: dict[str, torch.Tensor] = {}
     for file, keys in keys_of_file.items():
         passthrough.update(_read_passthrough(file, keys))
     for key in sorted(set(decoded) & expected):
-        passthrough[key] = load_table(info.file_of[decoded[key]], decoded[key])
+        passthrough[key] = load_table(file_of[decoded[key]], decoded[key])
     current = model.state_dict()
     for key, tensor in passthrough.items():
         if tuple(current[key].shape) != tuple(tensor.shape):
@@ -194,7 +191,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
             )
 
     replacements = {
-        name: _replacement(info.file_of[key], key, module, _device_of(module))
+        name: _replacement(file_of[key], key, module, _device_of(module))
         for name, (key, module) in plan.items()
     }
     model.load_state_dict(passthrough, strict=False)
