@@ -21,7 +21,13 @@ from typing import Any
 
 from sparqcli.errors import OutputError, UsageError, first_line
 
-_PARTIAL: set[Path] = set()
+_PARTIAL: dict[Path, Path] = {}
+"""The temporaries being written, each with the output it becomes."""
+
+
+def partial_outputs() -> list[Path]:
+    """Returns the outputs being written now (those whose temporary exists), sorted."""
+    return sorted(set(_PARTIAL.values()))
 
 
 def discard_partial_outputs() -> list[Path]:
@@ -120,7 +126,7 @@ def _temporary(
     try:
         with _signals_held():  # a temporary exists only once it is registered
             temp = make()
-            _PARTIAL.add(temp)
+            _PARTIAL[temp] = path
     except OSError as error:
         raise OutputError(f"{path}: cannot write: {error.strerror}") from None
     try:
@@ -137,7 +143,7 @@ def _temporary(
         _remove_quietly(temp)
         raise
     finally:
-        _PARTIAL.discard(temp)
+        _PARTIAL.pop(temp, None)
 
 
 def _finish(temp: Path, path: Path) -> None:
@@ -285,15 +291,16 @@ def copy_side_file(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def partial_folder(path: Path) -> Iterator[Path]:
-    """Registers the temporary folder `path` (already made) while the block runs, so that
-    `discard_partial_outputs` (a signal handler) removes it. Removing it on other failures is the
-    caller's business (a distributed run removes it once every rank has stopped writing)."""
-    _PARTIAL.add(path)
+def partial_folder(path: Path, output: Path) -> Iterator[Path]:
+    """Registers the temporary folder `path` (already made), which becomes `output`, while the
+    block runs, so that `discard_partial_outputs` (a signal handler) removes it. Removing it on
+    other failures is the caller's business (a distributed run removes it once every rank has
+    stopped writing)."""
+    _PARTIAL[path] = output
     try:
         yield path
     finally:
-        _PARTIAL.discard(path)
+        _PARTIAL.pop(path, None)
 
 
 def replace_folder(temp: Path, path: Path) -> None:

@@ -111,9 +111,11 @@ def _interrupt(setup: Setup, folder: Path, sig: int, when: str, delay: float, pr
     detail = f"{label}\n{stderr}"
     if writing:
         # Killed while the command ran (its temporary file existed): the handler's exit code
-        # and its one line.
+        # and its one line, naming the output unless it was already in place.
         assert code == _EXPECTED_CODES[sig], detail
-        assert stderr == _MESSAGES[sig] + "\n", detail
+        written = output.exists() and output.read_bytes() == setup.reference
+        unwritten = "" if written else f"; {output} was not written"
+        assert stderr == f"{_MESSAGES[sig]}{unwritten}\n", detail
         return code
     # Earlier or later the process may still be starting (Python, typer) or already shutting
     # down: the default handlers end it (-sig), typer exits 130 silently, or Python's own
@@ -121,7 +123,8 @@ def _interrupt(setup: Setup, folder: Path, sig: int, when: str, delay: float, pr
     startup = sig == signal.SIGINT and code == 1 and stderr.rstrip().endswith("KeyboardInterrupt")
     assert code in (_EXPECTED_CODES[sig], -sig) or startup, detail
     if "sparq: error: " in stderr:
-        assert stderr == _MESSAGES[sig] + "\n", detail
+        unwritten = f"{_MESSAGES[sig]}; {output} was not written\n"
+        assert stderr in (f"{_MESSAGES[sig]}\n", unwritten), detail
     if code == -sig and output.exists() and output.read_bytes() == setup.reference:
         # Signalled during the interpreter's shutdown, after the command: a plain end.
         assert "Traceback" not in stderr, detail

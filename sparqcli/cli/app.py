@@ -207,16 +207,21 @@ _SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminat
 
 
 def _end_on_signal(signum: int, frame: object) -> None:
-    """Ends the process on SIGINT/SIGTERM: partial outputs removed, one line, 128 + signum.
+    """Ends the process on SIGINT/SIGTERM: partial outputs removed, one line naming the
+    outputs it leaves unwritten, 128 + signum.
 
     Nothing is raised into whatever was running (torch's import, a thread's lock, a kernel), so
     no traceback and no half-released lock; outputs are renamed into place only when complete,
     so removing the temporary files leaves every output as it was or complete.
     """
-    import sparqcli
+    from sparqcli.sinks import discard_partial_outputs, partial_outputs
 
-    sparqcli.discard_partial_outputs()
+    unwritten = partial_outputs()
+    discard_partial_outputs()
     word, code = _SIGNAL_EXITS[signal.Signals(signum)]
+    if unwritten:
+        names = ", ".join(str(path) for path in unwritten)
+        word += f"; {names} {'was' if len(unwritten) == 1 else 'were'} not written"
     if sys.stderr.isatty():
         sys.stderr.write("\x1b[?25h")  # a progress bar may have hidden the cursor
     with contextlib.suppress(OSError, ValueError):

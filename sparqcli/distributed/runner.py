@@ -157,7 +157,7 @@ class _Run:
                 os.umask(umask)
                 os.chmod(self.temp, 0o777 & ~umask)  # mkdtemp's 0o700 is for secrets
             self.temp = Path(group.broadcast_text(temp_name))
-            with partial_folder(self.temp):  # a signal handler removes it
+            with partial_folder(self.temp, output):  # a signal handler removes it
                 name, extra, sha256 = self._write_shard(
                     checkpoint, file, group, digests, progress, device
                 )
