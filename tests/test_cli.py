@@ -54,8 +54,9 @@ def test_unreadable_file(tmp_path, config):
     bad.write_bytes(b"this is not a checkpoint")
     result = run("compress", bad, "--config", config)
     assert result.exit_code == 1
-    assert error_line(result).startswith(
-        f"sparq: error: {bad}: not a readable PyTorch checkpoint ("
+    assert error_line(result) == (
+        f"sparq: error: {bad}: not a PyTorch checkpoint "
+        "(neither torch.save's zip archive nor a pickle)"
     )
 
 

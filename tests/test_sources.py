@@ -112,8 +112,9 @@ def test_hostile_pickle_never_runs(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("empty.pt", b"", r"empty\.pt: not a readable PyTorch checkpoint"),
-        ("junk.pt", b"\x00junk" * 100, r"junk\.pt: not a readable PyTorch checkpoint"),
+        ("empty.pt", b"", r"empty\.pt: not a PyTorch checkpoint \(neither torch\.save's zip"),
+        ("junk.pt", b"\x00junk" * 100, r"junk\.pt: not a PyTorch checkpoint \(neither"),
+        ("junk2.pt", b"\x80\x02junk" * 9, r"junk2\.pt: not a readable PyTorch checkpoint \("),
         ("empty.safetensors", b"", r"empty\.safetensors: not a valid safetensors file"),
         ("junk.safetensors", b"\xff" * 64, r"junk\.safetensors: not a valid safetensors file"),
     ],
@@ -123,6 +124,28 @@ def test_corrupt_files_are_input_errors(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(InputError, match=message):
         open_checkpoint(path)
+
+
+def test_damaged_and_misnamed_torch_files_are_named(tmp_path):
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.zeros(64, 4)}, whole)
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        InputError,
+        match=r"truncated\.pt: not a readable PyTorch checkpoint \(a truncated or damaged zip",
+    ):
+        open_checkpoint(truncated)
+    misnamed = tmp_path / "misnamed.pt"
+    save_file({"w": torch.zeros(2, 2)}, str(misnamed))
+    with pytest.raises(
+        InputError, match=r"misnamed\.pt: is a safetensors file, not a PyTorch checkpoint; name"
+    ):
+        open_checkpoint(misnamed)
+    legacy = tmp_path / "legacy.pt"  # torch.save before 1.6: a pickle, still readable
+    torch.save({"w": torch.ones(2, 2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(open_checkpoint(legacy).tensor("w"), torch.ones(2, 2))
 
 
 def test_missing_unknown_and_directory(tmp_path):

@@ -125,6 +125,7 @@ def open_torch_file(path: Path, key: str | None, trust_pickle: bool) -> StateDic
     Raises InputError for an unreadable or corrupt file, UnsafeInputError for a pickle that
     needs code without `trust_pickle`, UsageError for a `key` that is not there.
     """
+    _check_file_kind(path)
     _check_zip_records(path)
     loaded = _torch_load(path, trust_pickle)
     if isinstance(loaded, torch.nn.Module):
@@ -245,6 +246,35 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
+
+
+def _check_file_kind(path: Path) -> None:
+    """Raises InputError when the file at `path` cannot be a torch checkpoint: torch.save writes
+    a zip archive (or, before torch 1.6, a pickle; before 0.4, a tar archive), and torch.load's
+    own message for anything else is about its weights-only loader."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(262)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}", path=path) from None
+    if head.startswith(b"PK\x03\x04"):
+        if not _is_zip(path):
+            raise InputError(
+                f"{path}: not a readable PyTorch checkpoint (a truncated or damaged zip archive)",
+                path=path,
+            )
+        return
+    if head.startswith(b"\x80") or head[257:262] == b"ustar":
+        return
+    if len(head) >= 9 and head[8:9] == b"{":
+        raise InputError(
+            f"{path}: is a safetensors file, not a PyTorch checkpoint; name it .safetensors",
+            path=path,
+        )
+    raise InputError(
+        f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)",
+        path=path,
+    )
 
 
 # torch.save stores zip records uncompressed; torch.load inflates a compressed one whole in
