@@ -19,12 +19,22 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from sparqcli.errors import FormatError, InputError
-from sparqcli.nn._format import CompressedTable, TableInfo, pack_bits, pack_codes, read_info
+from sparqcli.nn._format import (
+    MASK_KINDS,
+    ORDERS,
+    CompressedTable,
+    TableInfo,
+    check_bits,
+    pack_bits,
+    pack_codes,
+    part_sizes,
+    read_info,
+)
 
 MaskKind = Literal["none", "block", "value"]
 INDEX_GROUP_BITS = 128
@@ -36,6 +46,12 @@ _DTYPE_NAMES = {
 }
 _ROUND = {torch.float16: 1, torch.bfloat16: 2}
 _STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+_PACKED_DTYPES = {
+    "codes": (torch.uint8,),
+    "mask": (torch.uint8,),
+    "scale": (torch.float32, torch.float16),
+    "zero_point": (torch.float32, torch.float16),
+}
 # Work on at most this many (row x bit) entries at a time in the tensor-op paths.
 _CHUNK = 1 << 22
 
@@ -106,6 +122,41 @@ class Layout:
             self.mask, f"block mask {tuple(self.block_shape)}"
         )
         return f"bits={self.bits}, {mask}, kept={kept:.1%}"
+
+
+def layout_from_state(state: Any) -> Layout:
+    """Returns the layout a module's state dict saved (`get_extra_state`'s dict).
+
+    Raises ValueError when `state` is not such a dict or describes no table the format stores.
+    """
+    by_name = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+    try:
+        layout = Layout(
+            rows=int(state["rows"]),
+            cols=int(state["cols"]),
+            dtype=by_name[state["dtype"]],
+            bits=int(state["bits"]),
+            mask=state["mask"],
+            block_shape=(int(state["block_shape"][0]), int(state["block_shape"][1])),
+            kept=int(state["kept"]),
+            level=float(state["level"]),
+            order=str(state["order"]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ValueError(f"not a sparqcli.nn layout: {error!r}") from None
+    values = layout.rows * layout.cols
+    check_bits(layout.bits)
+    if layout.rows < 0 or layout.cols < 0:
+        raise ValueError(f"layout shape must not be negative, got {layout.rows} x {layout.cols}")
+    if layout.mask not in MASK_KINDS:
+        raise ValueError(f"layout mask must be one of {', '.join(MASK_KINDS)}, got {layout.mask!r}")
+    if min(layout.block_shape) < 1:
+        raise ValueError(f"layout block_shape must be positive, got {list(layout.block_shape)}")
+    if layout.order not in ORDERS:
+        raise ValueError(f"layout order must be one of {', '.join(ORDERS)}, got {layout.order!r}")
+    if not 0 <= layout.kept <= values or (layout.mask == "none" and layout.kept != values):
+        raise ValueError(f"layout keeps {layout.kept} of {values} values with mask {layout.mask!r}")
+    return layout
 
 
 def layout_of(info: TableInfo) -> Layout:
@@ -261,8 +312,23 @@ def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_packed(where: str, layout: Layout, tensors: dict[str, torch.Tensor]) -> None:
-    """Checks the data of packed tensors: padding bits zero, scales finite and positive, zero
-    points finite; returns None. Raises FormatError naming `where` otherwise."""
+    """Checks packed tensors against their layout: lengths and dtypes as the file format stores
+    them, padding bits zero, scales finite and positive, zero points finite; returns None.
+    Raises FormatError naming `where` otherwise."""
+    sizes = part_sizes(
+        (layout.rows, layout.cols), layout.kept, layout.bits, layout.mask, layout.block_shape
+    )
+    for part, dtypes in _PACKED_DTYPES.items():
+        tensor = tensors[part]
+        if tensor.dtype not in dtypes:
+            raise FormatError(f"{where}: tensor '{part}' has dtype {tensor.dtype}")
+        if tensor.numel() != sizes.get(part, 0):
+            raise FormatError(
+                f"{where}: tensor '{part}' holds {tensor.numel()} values; the layout "
+                f"({layout.rows} x {layout.cols}, {layout.describe()}) needs {sizes.get(part, 0)}"
+            )
+    if tensors["scale"].dtype != tensors["zero_point"].dtype:
+        raise FormatError(f"{where}: scales and zero points have different dtypes")
     used = {
         "codes": layout.kept * layout.bits,
         "mask": layout.units * layout.unit_bits if layout.mask != "none" else 0,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparqcli.errors import FormatError
 from sparqcli.nn import _kernel
 from sparqcli.nn._format import CompressedTable
 from sparqcli.nn._storage import (
@@ -25,6 +26,7 @@ from sparqcli.nn._storage import (
     check_packed,
     gather_rows,
     in_huge_pages,
+    layout_from_state,
     pack_table,
     read_packed,
 )
@@ -155,22 +157,10 @@ class _CompressedLookup(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """Adopts the layout saved by get_extra_state; returns None.
 
-        Raises ValueError when `state` is not such a layout.
+        Raises ValueError when `state` is not such a layout or does not fit this module's
+        storage (load_state_dict checks the layout and the buffers together before this).
         """
-        try:
-            layout = Layout(
-                rows=int(state["rows"]),
-                cols=int(state["cols"]),
-                dtype=getattr(torch, state["dtype"]),
-                bits=int(state["bits"]),
-                mask=state["mask"],
-                block_shape=(int(state["block_shape"][0]), int(state["block_shape"][1])),
-                kept=int(state["kept"]),
-                level=float(state["level"]),
-                order=str(state["order"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-            raise ValueError(f"not a sparqcli.nn layout: {error!r}") from None
+        layout = layout_from_state(state)
         if (layout.mask == "none") != (self.mask is None):
             raise ValueError(f"layout with mask '{layout.mask}' does not fit this module's storage")
         self.layout = layout
@@ -192,6 +182,12 @@ class _CompressedLookup(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # The incoming layout and buffers are checked together first: a module is never left
+        # holding buffers its layout does not describe (a lookup would read out of bounds).
+        checked = self._check_incoming(state_dict, prefix)
+        if isinstance(checked, str):
+            error_msgs.append(checked)
+            return
         errors_before = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -200,32 +196,56 @@ class _CompressedLookup(nn.Module):
             key = prefix + name
             if key in unexpected_keys:
                 unexpected_keys.remove(key)
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (self.layout.rows,):
-                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {shape}, the shape in "
-                    f"current model is {[self.layout.rows]}."
-                )
-                continue
-            if value.dtype != self.qparams.dtype:
-                error_msgs.append(
-                    f"dtype mismatch for {key}: {value.dtype}, the stored scales are "
-                    f"{self.qparams.dtype}"
-                )
-                continue
-            with torch.no_grad():
-                self.qparams[:, column].copy_(value)
+            if key in state_dict:
+                with torch.no_grad():
+                    self.qparams[:, column].copy_(state_dict[key])
+            elif strict:
+                missing_keys.append(key)
         if len(error_msgs) == errors_before:
-            mask = self.mask if self.mask is not None else torch.zeros(0, dtype=torch.uint8)
-            where = prefix.rstrip(".") or "state dict"
-            check_packed(where, self.layout, self._tensors())
-            self.row_index = build_index(where, self.layout, mask.cpu()).to(self.codes.device)
+            self.row_index = checked.to(self.codes.device)
             self._forget_cache()
+
+    def _check_incoming(self, state_dict: dict[str, Any], prefix: str) -> torch.Tensor | str:
+        """Returns the row index of the table that loading `state_dict` would give (its layout,
+        codes, mask, scales and zero points, each from `state_dict` where it has them), or the
+        error message when they do not make one table of this module's shape."""
+        where = prefix.rstrip(".") or "state dict"
+        layout = self.layout
+        state_key = prefix + "_extra_state"
+        if state_key in state_dict:
+            try:
+                layout = layout_from_state(state_dict[state_key])
+            except ValueError as error:
+                return f"{state_key}: {error}"
+        if (layout.rows, layout.cols) != (self.layout.rows, self.layout.cols):
+            return (
+                f"size mismatch for {state_key}: copying a table of {layout.rows} x {layout.cols}, "
+                f"the shape in current model is {self.layout.rows} x {self.layout.cols}."
+            )
+        if (layout.mask == "none") != (self.mask is None):
+            return (
+                f"{state_key}: layout with mask '{layout.mask}' does not fit this module's storage"
+            )
+        tensors = self._tensors()
+        for name in tensors:
+            value = state_dict.get(prefix + name)
+            if name == "mask" and self.mask is None:
+                continue
+            if value is not None and not isinstance(value, torch.Tensor):
+                return f"{prefix}{name}: expected a tensor, got {type(value).__name__}"
+            if value is not None:
+                tensors[name] = value.reshape(-1)
+        for name in ("scale", "zero_point"):
+            if tensors[name].dtype != self.qparams.dtype:
+                return (
+                    f"dtype mismatch for {prefix}{name}: {tensors[name].dtype}, the stored "
+                    f"scales are {self.qparams.dtype}"
+                )
+        try:
+            check_packed(where, layout, tensors)
+            return build_index(where, layout, tensors["mask"].cpu())
+        except FormatError as error:
+            return str(error)
 
     def _apply(self, fn: Any, recurse: bool = True) -> _CompressedLookup:
         # Device moves only: .half() / .to(dtype) must not re-round the stored scales. Results
@@ -250,6 +270,14 @@ class _CompressedLookup(nn.Module):
             "zero_point": self.zero_point,
             "mask": mask,
         }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Without the cached kernel call: it is bound to this module's buffers (a deep copy
+        # would serve the original's) and cannot be pickled.
+        state = super().__getstate__()
+        state.pop("_args", None)
+        state.pop("_call", None)
+        return state
 
     def _forget_cache(self) -> None:
         self.__dict__.pop("_args", None)
@@ -509,7 +537,8 @@ class EmbeddingBag(_CompressedLookup):
         Raises IndexError naming the first index outside [0, num_embeddings); ValueError for
         inputs that are not 1-D with 1-D offsets or 2-D without, or weights of another shape;
         NotImplementedError for per_sample_weights with a mode other than 'sum' (as torch);
-        RuntimeError for offsets that do not start at 0, decrease or pass the input's end.
+        RuntimeError for offsets that do not start at 0, decrease or pass the input's end, or
+        none with include_last_offset. Weights that require a gradient get it (tensor ops).
         """
         call = self._fast_call("embedding_bag_forward")
         if (
@@ -523,6 +552,7 @@ class EmbeddingBag(_CompressedLookup):
             and input.dtype in _INDEX_DTYPES
             and offsets.dtype in _INDEX_DTYPES
             and offsets.dim() == 1
+            and (offsets.numel() > 0 or not self.include_last_offset)
         ):
             padding = -1 if self.padding_idx is None else self.padding_idx
             out = call(
@@ -544,6 +574,8 @@ class EmbeddingBag(_CompressedLookup):
             if offsets is None or offsets.dim() != 1:
                 raise ValueError("offsets has to be a 1-D tensor when input is 1-D")
             self._check_indices(offsets, "offsets")
+            if include_last_offset and offsets.numel() == 0:
+                raise RuntimeError("include_last_offset: number of offsets should be at least 1")
         else:
             raise ValueError(f"input has to be 1-D or 2-D, got {input.dim()}-D")
         if per_sample_weights is not None:
@@ -556,7 +588,13 @@ class EmbeddingBag(_CompressedLookup):
                     f"per_sample_weights must have the shape of input {list(input.shape)}, "
                     f"got {list(per_sample_weights.shape)}"
                 )
-        if call is not None and input.is_cpu and offsets.is_cpu:
+        # Weights that need a gradient go through the tensor ops, which autograd follows.
+        weights_need_grad = (
+            per_sample_weights is not None
+            and per_sample_weights.requires_grad
+            and torch.is_grad_enabled()
+        )
+        if call is not None and input.is_cpu and offsets.is_cpu and not weights_need_grad:
             weights = per_sample_weights if per_sample_weights is not None else _NO_WEIGHTS
             if not weights.is_cpu:
                 raise ValueError("per_sample_weights must be on the CPU like the table")
@@ -569,6 +607,7 @@ class EmbeddingBag(_CompressedLookup):
                 include_last_offset,
             )
             return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
+        _check_offsets(offsets, input.numel())
         unique, inverse, table = self._subset(input)
         padding = None
         if self.padding_idx is not None:
@@ -588,3 +627,29 @@ class EmbeddingBag(_CompressedLookup):
 
 
 _NO_WEIGHTS = torch.zeros(0)
+
+
+def _check_offsets(offsets: torch.Tensor, length: int) -> None:
+    """Raises RuntimeError, as the kernel does, for offsets that do not start at 0, decrease or
+    pass the input's `length` (torch's tensor ops would read out of bounds)."""
+    if offsets.numel() == 0:
+        return
+    values = offsets.long()
+    first = int(values[0])
+    if first != 0:
+        raise RuntimeError(
+            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start "
+            f"from position 0. However, got {first}"
+        )
+    decreasing = torch.cat([values.new_zeros(1, dtype=torch.bool), values[1:] < values[:-1]])
+    bad = (decreasing | (values > length)).nonzero()
+    if bad.numel():
+        at = int(bad[0, 0])
+        if bool(decreasing[at]):
+            raise RuntimeError(
+                f"offsets must be non-decreasing, but offsets[{at}] = {int(values[at])} < "
+                f"offsets[{at - 1}] = {int(values[at - 1])}"
+            )
+        raise RuntimeError(
+            f"offsets[{at}] = {int(values[at])} can not be greater than input's length {length}"
+        )

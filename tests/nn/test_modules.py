@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -72,6 +73,55 @@ def test_load_state_dict_of_another_size_fails() -> None:
     other = Embedding.from_table(make_table(64, 16, level=0.8))
     with pytest.raises(RuntimeError, match="size mismatch"):
         module.load_state_dict(other.state_dict())
+
+
+def test_load_state_dict_refuses_a_layout_that_does_not_fit(backend: str) -> None:
+    table = make_table(1000, 16, level=0.0)
+    module = Embedding.from_table(table)
+    state = module.state_dict()
+    indices = torch.tensor([0, 999])
+    for change, message in [
+        (
+            {"cols": 65536, "kept": 65536000},
+            r"size mismatch for _extra_state: copying a table of 1000 x 65536",
+        ),
+        ({"kept": 10**9}, r"_extra_state: layout keeps 1000000000 of 16000 values"),
+        ({"bits": 4}, r"tensor 'codes' holds 16000 values; the layout \(1000 x 16, bits=4"),
+        ({"bits": 9}, r"_extra_state: bits must be an integer from 1 to 8, got 9"),
+        ({"mask": "block"}, r"layout with mask 'block' does not fit this module's storage"),
+        ({"dtype": "int8"}, r"_extra_state: not a sparqcli.nn layout: KeyError\('int8'\)"),
+    ]:
+        tampered = {**state, "_extra_state": {**state["_extra_state"], **change}}
+        with pytest.raises(RuntimeError, match=message):
+            module.load_state_dict(tampered)
+        assert module.embedding_dim == 16 and module.layout.bits == 8
+        assert torch.equal(module(indices), table.decode()[[0, 999]])
+    # A table of another shape whose buffers have the same sizes is refused too.
+    narrow = Embedding.from_table(make_table(100, 16, level=0.0, bits=8))
+    wide = Embedding.from_table(make_table(100, 32, level=0.0, bits=4))
+    assert narrow.codes.shape == wide.codes.shape
+    with pytest.raises(RuntimeError, match="copying a table of 100 x 32, the shape in current"):
+        narrow.load_state_dict(wide.state_dict())
+    assert narrow.embedding_dim == 16
+
+
+def test_copies_and_pickles_after_a_lookup(backend: str) -> None:
+    first, second = make_table(50, 8, seed=1), make_table(50, 8, seed=2)
+    bag = EmbeddingBag.from_table(first, mode="sum")
+    other = EmbeddingBag.from_table(second, mode="sum")
+    if other.codes.shape != bag.codes.shape or other.mask.shape != bag.mask.shape:
+        pytest.skip("tables of different kept counts")
+    indices, offsets = torch.arange(10), torch.tensor([0, 5])
+    before = bag(indices, offsets)
+    copied = copy.deepcopy(bag)
+    bag.load_state_dict(other.state_dict())
+    assert torch.equal(copied(indices, offsets), before)
+    assert torch.equal(bag(indices, offsets), other(indices, offsets))
+    buffer = io.BytesIO()
+    torch.save(copied, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(indices, offsets), before)
 
 
 def test_to_moves_but_never_converts(backend: str) -> None:
@@ -148,14 +198,51 @@ def test_bad_inputs_raise_as_torch(backend: str) -> None:
         summing(torch.zeros(2, dtype=torch.long), torch.tensor([0]), torch.ones(3))
 
 
-def test_offsets_must_not_decrease_or_overrun() -> None:
+def test_offsets_must_not_decrease_or_overrun(backend: str) -> None:
     table = make_table(10, 4)
     bag = EmbeddingBag.from_table(table, mode="sum")
     indices = torch.zeros(3, dtype=torch.long)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^offsets must be non-decreasing, but offsets\[2\] = 1 < offsets\[1\] = 2",
+    ):
         bag(indices, torch.tensor([0, 2, 1]))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(
+        RuntimeError, match=r"^offsets\[1\] = 5 can not be greater than input's length 3"
+    ):
         bag(indices, torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match=r"^offsets must be non-decreasing"):
+        bag(indices, torch.tensor([0, -1]))
+    with pytest.raises(RuntimeError, match=r"^offsets\[0\] has to be 0"):
+        bag(indices, torch.tensor([1, 2]))
+    last = EmbeddingBag.from_table(table, mode="sum", include_last_offset=True)
+    with pytest.raises(RuntimeError, match="number of offsets should be at least 1"):
+        last(indices, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="at least 1"):
+        F.embedding_bag(
+            indices, table.decode(), torch.zeros(0, dtype=torch.long), include_last_offset=True
+        )
+
+
+def test_per_sample_weights_get_their_gradient(backend: str) -> None:
+    table = make_table(30, 8, level=0.5)
+    decoded = table.decode()
+    bag = EmbeddingBag.from_table(table, mode="sum")
+    indices, offsets = torch.tensor([1, 4, 4, 29, 7]), torch.tensor([0, 2])
+    weights = torch.rand(5, requires_grad=True)
+    expected_weights = weights.detach().clone().requires_grad_(True)
+    out = bag(indices, offsets, weights)
+    expected = F.embedding_bag(
+        indices, decoded, offsets, mode="sum", per_sample_weights=expected_weights
+    )
+    assert out.requires_grad
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(weights.grad, expected_weights.grad)
+    with torch.no_grad():
+        assert not bag(indices, offsets, weights).requires_grad
 
 
 def test_unknown_key_and_corrupt_file(tmp_path: Path) -> None:
@@ -174,7 +261,7 @@ def test_state_dict_scales_are_checked() -> None:
     module = Embedding.from_table(make_table(64, 16, level=0.5))
     state = module.state_dict()
     assert state["scale"].is_contiguous() and state["scale"].shape == (64,)
-    with pytest.raises(RuntimeError, match="size mismatch for scale"):
+    with pytest.raises(RuntimeError, match="tensor 'scale' holds 10 values; the layout"):
         module.load_state_dict({**state, "scale": state["scale"][:10]})
     with pytest.raises(RuntimeError, match="dtype mismatch for zero_point"):
         module.load_state_dict({**state, "zero_point": state["zero_point"].half()})
