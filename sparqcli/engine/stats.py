@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -53,6 +54,19 @@ class PartSums:
     zeros: int
 
 
+class MeasuredAgain(NamedTuple):
+    """Rows whose float32 figures under- or overflowed, measured again in float64 (CPU)."""
+
+    rows: torch.Tensor
+    """The rows' indices within the chunk (int64)."""
+    cosine: torch.Tensor
+    """Each row's cosine (float32)."""
+    original_sq: torch.Tensor
+    """Each row's squared norm of the original values (float64)."""
+    error_sq: torch.Tensor
+    """Each row's squared norm of the error (float64)."""
+
+
 _TINY_NORM = 2.0**-60
 """A row norm below this (every value under ~1e-18) was summed from float32 squares near or
 below float32's smallest normal number, where they lose their digits or vanish."""
@@ -66,8 +80,9 @@ class StatsAccumulator:
     the statistics (stored in the file) depend neither on torch's thread count nor on how the
     table was cut into chunks, and a CUDA run never waits for a chunk's statistics. On the CPU,
     rows whose float32 sums under- or overflow (values below ~1e-18 or above ~1e18) are
-    measured again in float64, their cosines kept aside (`row_figures`). Chunks of distinct
-    rows may be added from several threads at once.
+    measured again in float64, their cosines and float64 squared norms kept aside
+    (`row_figures`): float32 could not hold them. Chunks of distinct rows may be added from
+    several threads at once.
     """
 
     def __init__(self, rows: int, cols: int, device: torch.device) -> None:
@@ -76,7 +91,7 @@ class StatsAccumulator:
         self.per_row = torch.zeros((4, rows), dtype=torch.float32, device=device)
         self.zeros = torch.zeros((), dtype=torch.int64, device=device)
         self._lock = threading.Lock()
-        self._cosines_measured_again: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._measured_again: list[MeasuredAgain] = []
 
     def add(
         self,
@@ -99,7 +114,7 @@ class StatsAccumulator:
         with self._lock:  # an integer count: the same whatever order the chunks come in
             self.zeros += count
             if again is not None:
-                self._cosines_measured_again.append((again[0] + start, again[1]))
+                self._measured_again.append(again._replace(rows=again.rows + start))
 
     def add_row_sums(self, start: int, sums: torch.Tensor) -> None:
         """Adds rows `start:` given per-row float32 sums, as the fused kernels compute them.
@@ -114,12 +129,12 @@ class StatsAccumulator:
 
     def part_sums(self) -> PartSums:
         """Returns this part's sums, from which `combine_parts` builds a whole table's figures."""
-        original_norm, _, error_norm, _ = self.per_row
+        original_sq, error_sq = self._squares()
         cosine = self._cosines()
         return PartSums(
             rows=int(self.per_row.shape[1]),
-            error_sq=float(_total(error_norm.double().square())),
-            original_sq=float(_total(original_norm.double().square())),
+            error_sq=error_sq,
+            original_sq=original_sq,
             cosine_sum=float(_total(cosine.double())),
             cosine_min=float(cosine.min()) if cosine.numel() else 1.0,
             zeros=int(self.zeros),
@@ -128,17 +143,26 @@ class StatsAccumulator:
     def _cosines(self) -> torch.Tensor:
         original_norm, decoded_norm, _, dot = self.per_row
         cosine = row_cosines(original_norm, decoded_norm, dot)
-        for rows, measured in self._cosines_measured_again:
-            cosine[rows] = measured.to(cosine.device)
+        for again in self._measured_again:
+            cosine[again.rows] = again.cosine.to(cosine.device)
         return cosine
+
+    def _squares(self) -> tuple[float, float]:
+        """Returns the table's squared norms of the original values and of the error (float64
+        sums in row order; rows measured again in float64 give their own)."""
+        original_norm, _, error_norm, _ = self.per_row
+        original_sq, error_sq = original_norm.double().square(), error_norm.double().square()
+        for again in self._measured_again:
+            original_sq[again.rows] = again.original_sq.to(original_sq.device)
+            error_sq[again.rows] = again.error_sq.to(error_sq.device)
+        return float(_total(original_sq)), float(_total(error_sq))
 
     def finish(self, scale: torch.Tensor, zero_point: torch.Tensor, kept: int) -> TableStats:
         """Returns the statistics of the whole table, given its qparams and kept-value count."""
-        original_norm, _, error_norm, _ = self.per_row
+        original_norm = self.per_row[0]
         rows = self.per_row.shape[1]
         n_values = rows * self.cols
-        error_sq = float(_total(error_norm.double().square()))
-        original_sq = float(_total(original_norm.double().square()))
+        original_sq, error_sq = self._squares()
         cosine = self._cosines()
         if original_sq > 0:
             rel_error = math.sqrt(error_sq / original_sq)
@@ -170,15 +194,16 @@ def row_figures(
     out: torch.Tensor,
     work: torch.Tensor | None = None,
     original_norm: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> MeasuredAgain | None:
     """Writes each row's figures into `out` (float32, (4, rows)): the norms of the original
     values, of the decoded ones and of the error, and their dot product, each a float32
     reduction of one row (`original_norm`, when known, is the first).
 
     On the CPU, rows whose float32 sums under- or overflowed (a non-zero row of norm below
-    2^-60, a figure not finite) are measured again in float64: their norms are written, and
-    returned are those rows and their cosines (whose dot product float32 may not hold); None
-    when there are none. `work` (float32, the rows' shape) holds temporaries when given.
+    2^-60, a figure not finite) are measured again in float64: their figures are written as
+    float32 holds them, and returned (MeasuredAgain) with their cosines and float64 squared
+    norms, which float32 may not hold; None when there are none. `work` (float32, the rows'
+    shape) holds temporaries when given.
     """
     norm_of_original, decoded_norm, error_norm, dot = out
     if original_norm is None:
@@ -207,7 +232,8 @@ def row_figures(
     figures = [row_norms(x), row_norms(y), row_norms(y - x), row_sums(x * y)]
     for index, figure in enumerate(figures):
         out[index, rows] = figure.float()
-    return rows, row_cosines(figures[0], figures[1], figures[3]).float()
+    cosine = row_cosines(figures[0], figures[1], figures[3]).float()
+    return MeasuredAgain(rows, cosine, figures[0].square(), figures[2].square())
 
 
 def row_cosines(

@@ -972,9 +972,11 @@ def _row_figures(
     figures = torch.empty((4, original.shape[0]), dtype=torch.float32)
     again = row_figures(original, decoded, figures, original_norm=original_norm)
     cosine = row_cosines(*figures[[0, 1, 3]])
+    squared = figures[2].double().square_()
     if again is not None:
-        cosine[again[0]] = again[1]
-    return figures[2].double().square_(), cosine
+        cosine[again.rows] = again.cosine
+        squared[again.rows] = again.error_sq
+    return squared, cosine
 
 
 def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:

@@ -244,13 +244,18 @@ def test_constant_rows_decode_exactly():
     assert stats.row_cosine_min == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("magnitude", [1e-30, 1e-21, 1.0, 1e19])
-def test_statistics_hold_for_tiny_and_huge_values(magnitude):
-    # float32 squares of values below ~1e-19 vanish and above ~1e19 overflow: the statistics
-    # must still be the decoded table's, measured here in float64.
-    table = torch.randn(40, 64, generator=torch.Generator().manual_seed(8)) * magnitude
+@pytest.mark.parametrize("level", [0.5, 1.0])
+@pytest.mark.parametrize("magnitude", [1e-44, 1e-30, 1e-21, 1.0, 1e19, 2e37])
+def test_statistics_hold_for_tiny_and_huge_values(magnitude, level):
+    # float32 squares of values below ~1e-19 vanish and above ~1e19 overflow, and row norms
+    # above float32's largest or below its smallest normal do not fit float32 (or only as
+    # subnormals): the statistics must still be the decoded table's, measured here in float64.
+    table = torch.randn(40, 128, generator=torch.Generator().manual_seed(8))
+    if magnitude > 1e30:  # values from 2e37 to 1e38: row norms ~4.5e38
+        table = table.abs().clamp(max=4.0) + 1.0
+    table *= magnitude
     table[3] = 0.0
-    compressed, stats = compress_table(table, "sparsify-first", Sparsity(0.5), Quantization(4))
+    compressed, stats = compress_table(table, "sparsify-first", Sparsity(level), Quantization(4))
     original, decoded = table.double(), compressed.decode().double()
     expected = float((decoded - original).norm() / original.norm())
     assert stats.rel_error == pytest.approx(expected, rel=1e-5)
