@@ -24,6 +24,7 @@ from sparqcli.engine.options import DEFAULT_OPTIONS, EngineOptions
 from sparqcli.engine.quantize import (
     dequantize,
     exact_zero_minimums,
+    may_decode_past,
     may_decode_to_zero,
     mse_qparams,
     qparams_from_range,
@@ -523,9 +524,50 @@ class _TableJob:
             keep_mask=out.mask,
             mask_per_block=per_block,
         )
+        self._check_decodes_finite(table)
         if self.part is not None:
             self.part.sums = out.stats.part_sums()
         return table, out.stats.finish(out.scale, out.zero_point, n_codes)
+
+    def _check_decodes_finite(self, table: CompressedTable) -> None:
+        """Raises TableError naming the first row of `table` with a value that decodes to ±inf
+        in the table's dtype: a value within a quantization step of the dtype's largest, where
+        a narrow or MSE-chosen range reaches past it (float16 tables at +-65504)."""
+        bits = self.quantization.bits
+        risky = torch.cat(
+            [
+                may_decode_past(
+                    table.scale[start : start + _QPARAM_ROWS],
+                    table.zero_point[start : start + _QPARAM_ROWS],
+                    bits,
+                    table.dtype,
+                )
+                for start in range(0, table.rows, _QPARAM_ROWS)
+            ]
+            or [torch.zeros(0, dtype=torch.bool, device=table.scale.device)]
+        )
+        rows = risky.nonzero().flatten().tolist()
+        span = _DECODE_CHECK_ROWS
+        checked_to = 0
+        for row in rows:
+            if row < checked_to:
+                continue
+            checked_to = min(row + span, table.rows)
+            finite = torch.isfinite(table.decode(row, checked_to)).all(dim=1)
+            bad = (~finite & risky[row:checked_to]).nonzero()
+            if bad.numel():
+                first_bad = self.first + row + int(bad[0, 0])
+                dtype = str(table.dtype).removeprefix("torch.")
+                largest = torch.finfo(table.dtype).max
+                hint = (
+                    "range minmax with float32 scales keeps it finite"
+                    if table.dtype in (torch.float16, torch.bfloat16)
+                    else "scale the table down"
+                )
+                raise TableError(
+                    f"{self.name}: row {first_bad} decodes to inf in {dtype}: its values come "
+                    f"within a quantization step of {dtype}'s largest ({largest:g}); {hint}"
+                )
 
     def _chunk(
         self,
@@ -659,6 +701,12 @@ class _TableJob:
     def _local(self, start: int, stop: int) -> slice:
         """Returns the part's per-row entries of table rows start:stop."""
         return slice(start - self.first, stop - self.first)
+
+
+_DECODE_CHECK_ROWS = 4096
+"""Rows decoded at a time to find the rows that decode to ±inf (`_check_decodes_finite`)."""
+_QPARAM_ROWS = 1 << 20
+"""Rows whose extreme codes are decoded at a time (a few bytes each) by the same check."""
 
 
 @dataclass

@@ -116,6 +116,16 @@ def _check_finite(values: torch.Tensor, problem: str, first_row: int) -> None:
         raise TableError(f"row {row}: {problem}")
 
 
+def may_decode_past(
+    scale: torch.Tensor, zero_point: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Returns, per row, whether some code decodes to a value `dtype` cannot hold (±inf once
+    rounded to it): decoded values grow with the code, so its lowest and highest codes tell."""
+    ends = torch.tensor([0.0, float((1 << bits) - 1)], device=scale.device)
+    decoded = dequantize(ends.expand(scale.shape[0], 2), scale, zero_point).to(dtype)
+    return ~torch.isfinite(decoded).all(dim=1)
+
+
 def may_decode_to_zero(zero_point: torch.Tensor) -> torch.Tensor:
     """Returns, per row, whether some code can decode to exactly 0.0 under `zero_point`.
 

@@ -288,6 +288,23 @@ def test_huge_finite_values_are_not_mistaken_for_inf():
     assert torch.isfinite(compressed.decode()).all()
 
 
+def test_values_that_would_decode_to_inf_are_refused():
+    # Scales rounded up to float16 reach past 65504 by more than half a float16 step: the top
+    # code would decode to inf once rounded to the table's dtype.
+    table = torch.randn(5000, 4, generator=torch.Generator().manual_seed(3)).half() * 1000
+    table[4321] = torch.tensor([65504.0, -65504.0, 1000.0, -2000.0])
+    with pytest.raises(
+        TableError,
+        match=r"^emb: row 4321 decodes to inf in float16: its values come within a quantization "
+        r"step of float16's largest \(65504\); range minmax with float32 scales keeps it finite$",
+    ):
+        compress_table(
+            table, "sparsify-first", Sparsity(0.0), Quantization(8, "float16"), name="emb"
+        )
+    compressed, _ = compress_table(table, "sparsify-first", Sparsity(0.0), Quantization(8))
+    assert torch.isfinite(compressed.decode()).all()
+
+
 def test_value_range_overflow_is_an_error():
     table = torch.tensor([[-3e38, 3e38]])
     with pytest.raises(TableError, match=r"^row 0: value range overflows float32$"):
