@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import sparqcli
 from sparqcli.cli import app
+from sparqcli.engine.stats import StatsAccumulator
 from sparqcli.errors import GateError, SettingError, UsageError
 
 runner = CliRunner()
@@ -206,13 +207,17 @@ def test_bug3_settings_and_gates_validate_themselves() -> None:
         sparqcli.Gates(max_rel_error=-1)
 
 
-def test_bug4_json_never_holds_nan_or_infinity(tmp_path) -> None:
-    source = tmp_path / "zeros.safetensors"
-    # Values near float32's largest: the error statistics overflow to NaN.
+def test_bug4_json_never_holds_nan_or_infinity(tmp_path, monkeypatch) -> None:
+    source = tmp_path / "huge.safetensors"
+    # Values near float32's largest: float32 sums overflow, the CPU's float64 ones do not.
     save_file({"emb.weight": torch.full((16, 8), 3e38)}, str(source))
     config = tmp_path / "cfg.yaml"
     config.write_text("layers: [{match: emb}]\n")
     report = sparqcli.compress(source, config, output=tmp_path / "z.sparq.safetensors")
+    assert report.files[0].tables[0].stats.rel_error == pytest.approx(0.5**0.5)
+    # A statistic that is not finite (a CUDA run sums in float32) is null in JSON.
+    monkeypatch.setattr(StatsAccumulator, "_squares", lambda self: (math.inf, math.inf))
+    report = sparqcli.compress(source, config, output=tmp_path / "x.sparq.safetensors")
     assert math.isnan(report.files[0].tables[0].stats.rel_error)
     done = run(
         "compress", source, "--config", config, "-o", tmp_path / "y.sparq.safetensors", "--json",
