@@ -80,6 +80,8 @@ def compress(
             f"{{opt:output_format}}: must be sparq or torch-ao, got {output_format!r}",
             option="output_format",
         )
+    # The config file is an input too: never overwritten by an output or the report.
+    inputs = [*sources, *([Path(config)] if isinstance(config, (str, Path)) else [])]
     config = _config(config, overrides, order)
     check_device(device)
     thread_count, _ = resolve_threads(threads)
@@ -102,11 +104,11 @@ def compress(
         check_settings(config, output_format)  # beside the hashing started above
         for source, target in zip(sources, targets, strict=True):
             if is_model_folder(source):
-                check_output_folder(target, sources, force)
+                check_output_folder(target, inputs, force)
             else:
-                check_output_path(target, sources, force)
+                check_output_path(target, inputs, force)
         if report_path is not None:
-            check_report_path(Path(report_path), force)
+            check_report_path(Path(report_path), force, inputs, targets)
         report = CompressReport(config, [], dry_run, device, threads=thread_count)
         for source, target in zip(sources, targets, strict=True):
             if is_model_folder(source):

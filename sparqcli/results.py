@@ -256,7 +256,9 @@ class CompressReport:
         """
         from sparqcli.sinks import atomic_output, check_report_path
 
-        check_report_path(Path(path), force)
+        inputs = [file.input for file in self.files if file.input is not None]
+        outputs = [file.output for file in self.files if file.output is not None]
+        check_report_path(Path(path), force, inputs, outputs)
         with atomic_output(path) as temp:
             temp.write_text(to_json(self.to_dict()) + "\n")
 

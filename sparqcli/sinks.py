@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +41,33 @@ def discard_partial_outputs() -> list[Path]:
     return removed
 
 
-def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
-    """Checks that the file `output` may be written. Raises UsageError when it is an input, a
-    folder, or exists (without `force`), or when its folder is missing or not writable."""
-    for source in inputs:
-        if output.exists() and source.exists() and os.path.samefile(output, source):
-            raise UsageError(
-                f"{output}: is an input; sparq never overwrites its input", path=output
-            )
-        if output.resolve() == source.resolve():
-            raise UsageError(
-                f"{output}: is an input; sparq never overwrites its input", path=output
-            )
+def check_output_path(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Checks that the file `output` may be written. Raises UsageError when it is an input or
+    lies inside an input folder, is a folder, or exists (without `force`), or when its folder is
+    missing or not writable."""
+    _check_not_an_input(output, inputs)
     if output.is_dir():  # even with force: a folder is never replaced by a file
         raise UsageError(f"{output}: is a directory", path=output)
     if output.exists() and not force:
         raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
     check_parent_folder(output)
+
+
+def _check_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
+    """Raises UsageError when the file `output` is one of `inputs` (the same file by any path)
+    or lies inside one that is a folder (a model or DCP folder's shard, its index)."""
+    target = output.resolve()
+    for source in inputs:
+        same = output.exists() and source.exists() and os.path.samefile(output, source)
+        if same or target == source.resolve():
+            raise UsageError(
+                f"{output}: is an input; sparq never overwrites its input", path=output
+            )
+        if source.is_dir() and target.is_relative_to(source.resolve()):
+            raise UsageError(
+                f"{output}: lies inside the input folder {source}; write it elsewhere",
+                path=output,
+            )
 
 
 def check_parent_folder(output: Path) -> None:
@@ -80,8 +90,11 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def check_report_path(path: Path, force: bool) -> None:
-    """Checks that a report may be written to `path`. Raises UsageError when it exists (without
+def check_report_path(
+    path: Path, force: bool, inputs: Sequence[Path] = (), outputs: Sequence[Path] = ()
+) -> None:
+    """Checks that a report may be written to `path`. Raises UsageError when it is an input or
+    lies inside an input folder, is one of the `outputs` or lies inside one, exists (without
     `force`), its folder does not, or the folder is not writable."""
     if not path.parent.is_dir():
         raise UsageError(
@@ -89,7 +102,16 @@ def check_report_path(path: Path, force: bool) -> None:
             path=path,
             option="report",
         )
-    check_output_path(path, [], force)
+    target = path.resolve()
+    for output in outputs:
+        if target == output.resolve() or target.is_relative_to(output.resolve()):
+            raise UsageError(
+                f"{{opt:report}} {path}: is where the compressed output goes; write the report "
+                "elsewhere",
+                path=path,
+                option="report",
+            )
+    check_output_path(path, inputs, force)
 
 
 @contextlib.contextmanager

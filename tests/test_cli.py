@@ -142,6 +142,27 @@ def test_output_may_not_be_the_input(checkpoint, config):
     )
 
 
+def test_neither_output_nor_report_may_overwrite_an_input_or_each_other(
+    checkpoint, config, tmp_path
+):
+    original, config_text = checkpoint.read_bytes(), config.read_text()
+    output = tmp_path / "out.sparq.safetensors"
+    for extra, message in [
+        (["-o", output, "--report", checkpoint], f"{checkpoint}: is an input"),
+        (["-o", output, "--report", config], f"{config}: is an input"),
+        (["-o", config], f"{config}: is an input"),
+        (
+            ["-o", output, "--report", output],
+            f"--report {output}: is where the compressed output goes; write the report elsewhere",
+        ),
+    ]:
+        result = run("compress", checkpoint, "--config", config, *extra, "--force")
+        assert result.exit_code == 2
+        assert error_line(result).startswith(f"sparq: error: {message}")
+    assert checkpoint.read_bytes() == original and config.read_text() == config_text
+    assert not output.exists()
+
+
 def test_failing_gate_exits_3_and_writes_nothing(checkpoint, config):
     result = run("compress", checkpoint, "--config", config, "--set", "gates.max_rel_error=0.01")
     assert result.exit_code == 3

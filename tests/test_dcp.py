@@ -140,3 +140,21 @@ def test_a_chunk_whose_bytes_are_not_a_tensor_archive_is_refused(tmp_path, full)
     checkpoint = open_checkpoint(folder)
     with pytest.raises(InputError, match=r"__0_0\.distcp: tensor 'emb.weight' chunk at"):
         checkpoint.read_rows("emb.weight", 0, 3)
+
+
+def test_no_output_or_report_lands_inside_the_input_folder(tmp_path, full, config):
+    folder = save_dcp(tmp_path / "ckpt", full)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    shard = sorted(p for p in folder.iterdir() if p.suffix == ".distcp")[0]
+    for target in (shard, folder / ".metadata", folder / "new.sparq.safetensors"):
+        result = invoke("compress", folder, "--config", config, "-o", target, "--force")
+        assert assert_one_line_error(result, (2,)) == (
+            f"sparq: error: {target}: lies inside the input folder {folder}; write it elsewhere"
+        )
+    result = invoke(
+        "compress", folder, "--config", config, "-o", tmp_path / "out.sparq.safetensors",
+        "--report", folder / ".metadata", "--force",
+    )  # fmt: skip
+    assert "lies inside the input folder" in assert_one_line_error(result, (2,))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (tmp_path / "out.sparq.safetensors").exists()

@@ -131,13 +131,15 @@ class _Run:
 
         group, source, output = self.group, self.source, self.output
         rank = group.rank
+        # The config file is an input too: never overwritten by the output or the report.
+        inputs = [source, *([Path(config)] if isinstance(config, (str, Path)) else [])]
         config = _config(config, overrides, order)
         check_device(device)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        check_output_folder(output, [source], force)
+        check_output_folder(output, inputs, force)
         if report_path is not None:
-            check_report_path(Path(report_path), force)
+            check_report_path(Path(report_path), force, inputs, [output])
         checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
         if checkpoint.is_sparq:
             raise UsageError(

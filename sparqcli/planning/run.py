@@ -80,6 +80,8 @@ def plan(
         raise UsageError("no input checkpoint given")
     if sample_rows is not None and (isinstance(sample_rows, bool) or sample_rows < 1):
         raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
+    # The base config is an input too: never overwritten by the plan.
+    inputs = [*sources, *([Path(config)] if isinstance(config, (str, Path)) else [])]
     if isinstance(config, (str, Path)):
         config = Config.from_yaml(config, overrides)
     elif not isinstance(config, Config):
@@ -87,7 +89,7 @@ def plan(
     if output is not None:
         from sparqcli.sinks import check_output_path
 
-        check_output_path(Path(output), sources, force)
+        check_output_path(Path(output), inputs, force)
 
     from sparqcli.dtypes import torch_dtype
     from sparqcli.planning.measure import measure_exact, measure_table
