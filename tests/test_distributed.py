@@ -39,8 +39,10 @@ def _state() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     ties = torch.randint(0, 3, (31, 12), generator=generator).float()
     ties[8:24] = 1.0  # many blocks score exactly the threshold, on every rank
+    emb = torch.randn(101, 13, generator=generator)
     return {
-        "emb.weight": torch.randn(101, 13, generator=generator),  # partial blocks both ways
+        "emb.weight": emb,  # partial blocks both ways
+        "head.weight": emb.clone(),  # tied to emb.weight (the same bytes): stored once
         "bags.0.weight": torch.randn(40, 9, generator=generator).to(torch.bfloat16),
         "ties.weight": ties,
         "proj.weight": torch.randn(6, 5, generator=generator),
@@ -102,6 +104,9 @@ def _assert_same(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     for key in expected:
         assert got[key].dtype == expected[key].dtype, key
         assert torch.equal(got[key], expected[key]), key
+    # A tied key is its table, stored once (not a dense copy), as in one process.
+    assert got["head.weight"] is got["emb.weight"]
+    assert "head.weight" not in sparqcli.inspect(folder).passthrough
 
 
 def _jobs(inputs: dict[str, Path], tmp: Path, ranks: int) -> list[dict[str, str]]:

@@ -198,7 +198,12 @@ class _Run:
             if result is not None:
                 parts[table.key] = result.to("cpu")
                 stats[table.key] = table_stats
-        mine = _share_out(checkpoint, [t for t in checkpoint.tensors if t not in infos], world)
+        # A tied key (an alias) is stored once, as its table: in every shard, with that table's
+        # rows, as in one process.
+        aliases = {table.key: list(table.aliases) for table in file.tables if table.aliases}
+        tied = {alias for names in aliases.values() for alias in names}
+        others = [key for key in checkpoint.tensors if key not in infos and key not in tied]
+        mine = _share_out(checkpoint, others, world)
         self.infos, self.passthrough_keys = infos, mine[rank]
         passthrough = {}
         for name in mine[rank]:
@@ -210,7 +215,13 @@ class _Run:
         name = shard_name(rank, world)
         with atomic_output(self.temp / name) as temp:
             write_compressed(
-                temp, passthrough, parts, stats, SourceInfo(source.name, sha256), extra
+                temp,
+                passthrough,
+                parts,
+                stats,
+                SourceInfo(source.name, sha256),
+                extra,
+                {key: names for key, names in aliases.items() if key in parts},
             )
         return name, extra, sha256
 

@@ -188,8 +188,11 @@ class ShardedSparqFile(OpenHandle):
         return self.info.dense_keys()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Returns every tensor decoded, keys sorted (what `sparqcli.load` returns)."""
-        return {key: self.get_tensor(key) for key in self.keys()}
+        """Returns every tensor decoded, keys sorted (what `sparqcli.load` returns); a table's
+        aliases are the same tensor object as the table."""
+        aliases = self.info.aliases
+        decoded = {key: self.get_tensor(key) for key in self.keys() if key not in aliases}
+        return {key: decoded[aliases.get(key, key)] for key in self.keys()}
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """Returns tensor `key` decoded (a table's shards concatenated by rows).
@@ -198,6 +201,7 @@ class ShardedSparqFile(OpenHandle):
         """
         import torch
 
+        key = self.info.aliases.get(key, key)
         if key in self.shards:
             pieces = [
                 self._files[p.file].get_tensor(key) for p in self.shards[key] if p.stop > p.start
@@ -216,6 +220,7 @@ class ShardedSparqFile(OpenHandle):
         """
         import torch
 
+        key = self.info.aliases.get(key, key)
         if key not in self.shards:
             from sparqcli.format.reader import _unknown_key
 
@@ -237,6 +242,7 @@ class ShardedSparqFile(OpenHandle):
         them. Raises IndexError for a range outside the tensor, InputError for an unknown key."""
         import torch
 
+        key = self.info.aliases.get(key, key)
         if key not in self.shards:
             if key in self.weight_map:
                 return self._files[self.weight_map[key]].get_rows(key, start, stop)
