@@ -170,6 +170,7 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
 
     from sparqcli.candidates import is_position_embedding
     from sparqcli.config import Config, Rule
+    from sparqcli.select import exact_pattern
     from sparqcli.settings import DEFAULT_MIN_TABLE_BYTES
 
     candidates = inspection.candidates
@@ -187,7 +188,10 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
         chosen = [entry for entry in chosen if entry not in positional]
     else:
         positional = []
-    config = Config(layers=[Rule(match=entry.key) for entry in chosen], source=str(inspection.path))
+    config = Config(
+        layers=[Rule(match=exact_pattern(entry.key)) for entry in chosen],
+        source=str(inspection.path),
+    )
     data = config.to_dict()
 
     def block(name: str) -> str:
@@ -224,7 +228,7 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
             f"  # {'x'.join(map(str, info.shape))} {info.dtype}, {_size(info.nbytes)}: "
             f"{entry.candidate.why}"
         )
-        lines.append(f"  - match: {json.dumps(entry.key)}")
+        lines.append(f"  - match: {json.dumps(exact_pattern(entry.key))}")
     for title, left_dense in (
         (
             "# Position embeddings, left dense: small and sensitive (configs/default.yaml "

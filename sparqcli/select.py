@@ -88,6 +88,14 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
+def exact_pattern(key: str) -> str:
+    """Returns a selection pattern that matches the tensor key `key` exactly: the key itself,
+    or an escaped regex (`re:`) where the key holds glob characters or starts with `re:`."""
+    if key.startswith("re:") or any(char in key for char in "*?[]"):
+        return "re:" + re.escape(key)
+    return key
+
+
 def is_exact(pattern: str) -> bool:
     """Returns True for a pattern that names one key or module (no glob characters, no `re:`)."""
     return not pattern.startswith("re:") and not any(char in pattern for char in "*?[")

@@ -165,6 +165,26 @@ def test_suggest_config_selects_the_candidates(bert: Path, tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["starter.yaml"]
 
 
+def test_suggest_config_names_keys_with_glob_characters_exactly(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tables = {
+        key: torch.randn(2000, 32, generator=generator) for key in ("emb[0].weight", "emb0.weight")
+    }
+    save_file(tables, str(path))
+    target = tmp_path / "starter.yaml"
+    sparqcli.suggest_config(path, target)
+    assert [rule.match for rule in Config.from_yaml(target).layers] == [
+        "emb0.weight",
+        r"re:emb\[0\]\.weight",
+    ]
+    plan = sparqcli.compress(path, target, dry_run=True)
+    chosen = {table.key: table.rule.index for table in plan.files[0].tables}
+    assert chosen == {"emb0.weight": 0, "emb[0].weight": 1}
+
+
 def test_suggest_config_without_candidates(tmp_path: Path) -> None:
     path = tmp_path / "mlp.pt"
     torch.save({"fc.weight": torch.zeros(4, 4)}, path)

@@ -7,7 +7,6 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,10 +229,3 @@ def model_error(tables: list[tuple[float, float]]) -> float:
     if total <= 0:
         return 0.0
     return math.sqrt(sum(weight * error * error for weight, error in tables) / total)
-
-
-def exact_pattern(key: str) -> str:
-    """Returns a selection pattern that matches the tensor key `key` exactly."""
-    if key.startswith("re:") or any(char in key for char in "*?[]"):
-        return "re:" + re.escape(key)
-    return key

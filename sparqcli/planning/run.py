@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from sparqcli.config import Config, Rule
 from sparqcli.errors import InputError, UsageError
 from sparqcli.parallel import resolve_threads
-from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, exact_pattern, model_error
+from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, model_error
 from sparqcli.planning.search import Allocator
 from sparqcli.planning.space import Candidate, PlanSpace, candidates
+from sparqcli.select import exact_pattern
 
 if TYPE_CHECKING:
     import torch
