@@ -150,12 +150,18 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     # A parameter the model ties to a replaced module's weight (an output head sharing the
     # input embedding, as Hugging Face models do) is not in a file written from such a model's
     # own files: it is loaded decoded, as an alias would be.
+    # A module replaced by an earlier call has no weight: it remembers the keys tied to it.
     names_of = _parameter_names(model)
-    for source, module in plan.values():
+    tied_to: dict[str, list[str]] = {}
+    for name, (source, module) in plan.items():
         weight = getattr(module, "weight", None)
-        for key in names_of.get(id(weight), []) if weight is not None else []:
+        keys = (
+            names_of.get(id(weight), []) if weight is not None else getattr(module, "tied_keys", [])
+        )
+        for key in keys:
             if _module_name(key) not in plan and key not in info.passthrough:
                 decoded.setdefault(key, source)
+                tied_to.setdefault(name, []).append(key)
 
     replaced_prefixes = tuple(f"{name}." if name else "" for name in plan)
     expected = {
@@ -196,6 +202,7 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     }
     model.load_state_dict(passthrough, strict=False)
     for name, new in replacements.items():
+        new.tied_keys = tied_to.get(name, [])
         if name == "":
             raise UsageError(f"{where}: the model itself is an embedding; use Embedding.from_file")
         parent_name, _, child = name.rpartition(".")

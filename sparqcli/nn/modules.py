@@ -88,6 +88,9 @@ class _CompressedLookup(nn.Module):
         mask = tensors["mask"].reshape(-1)
         self.register_buffer("mask", mask if layout.mask != "none" else None)
         self.register_buffer("row_index", build_index(source, layout, mask), persistent=False)
+        self.tied_keys: list[str] = []
+        """Keys of the model's parameters that `load_compressed` found tied to the module this
+        one replaced (loaded with the decoded table), so that loading again keeps them."""
         if device is not None:
             self.to(device)
 

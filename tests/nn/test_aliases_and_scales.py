@@ -73,6 +73,11 @@ def test_a_tie_the_file_does_not_record_is_served_decoded(tmp_path) -> None:
     ids = torch.tensor([0, 7, 99])
     assert torch.equal(fresh.emb(ids), dense[ids])
     assert torch.equal(fresh.head.weight, dense) and torch.equal(fresh.other.weight, dense)
+    # Loading again (a re-compressed file swapped into a serving model) keeps the tie.
+    with torch.no_grad():
+        fresh.head.weight.zero_()
+    assert load_compressed(fresh, out) == ["emb"]
+    assert torch.equal(fresh.emb(ids), dense[ids]) and torch.equal(fresh.head.weight, dense)
 
 
 def test_from_file_serves_an_alias_as_its_table(tmp_path) -> None:
