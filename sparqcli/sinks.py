@@ -225,22 +225,19 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def check_replaceable_folder(folder: Path) -> None:
-    """Raises UsageError unless the existing `folder` is empty or a model folder (config.json,
-    an index, or weight files at its top level): a folder of other files is never replaced."""
+    """Raises UsageError unless the existing `folder` is empty or a model folder (an index or
+    weight files at its top level): a folder of other files is never replaced. A config.json
+    alone does not make one (many projects have one)."""
     entries = list(folder.iterdir())
     model = not entries or any(
         entry.is_file()
-        and (
-            entry.name == "config.json"
-            or entry.name.endswith(".index.json")
-            or entry.suffix.lower() in _WEIGHT_SUFFIXES
-        )
+        and (entry.name.endswith(".index.json") or entry.suffix.lower() in _WEIGHT_SUFFIXES)
         for entry in entries
     )
     if not model:
         raise UsageError(
-            f"{folder}: holds no model files (no config.json, index, safetensors or torch "
-            "files); sparq replaces only a model folder: remove it or choose another",
+            f"{folder}: holds no model files (no index, safetensors or torch files); sparq "
+            "replaces only a model folder: remove it or choose another",
             path=folder,
         )
 

@@ -191,7 +191,10 @@ def test_folder_output_is_atomic_and_needs_force(tmp_path: Path, folder: Path) -
     # a folder output needs its own folder, checked before any work (exit 2, as for files)
     with pytest.raises(UsageError, match=r"cannot write: folder .*missing does not exist$"):
         sparqcli.compress(folder, CONFIG, output=tmp_path / "missing" / "out")
-    (out / "config.json").write_text("{}")  # a model folder (an earlier output, say)
+    (out / "config.json").write_text("{}")  # nor does a config.json (many projects have one)
+    with pytest.raises(UsageError, match=r"holds no model files"):
+        sparqcli.compress(folder, CONFIG, force=True)
+    (out / "model.safetensors").write_bytes(b"")  # a model folder (an earlier output, say)
     sparqcli.compress(folder, CONFIG, force=True)
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     # A failing gate leaves no folder at all.
