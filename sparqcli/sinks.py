@@ -198,6 +198,12 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
     remove the input), when it exists without `force`, or when it exists and is not a folder
     or holds no model files (a folder of other files is never replaced).
     """
+    if output.name in ("", ".", ".."):  # a folder is renamed into place: it needs a name
+        raise UsageError(
+            f"{output}: name the output folder (the current or a parent folder cannot be "
+            "replaced)",
+            path=output,
+        )
     target = output.resolve()
     for source in inputs:
         origin = source.resolve()

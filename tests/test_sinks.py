@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,15 @@ def test_output_path_checks(tmp_path):
     ):
         check_output_path(existing, [source], force=False)
     check_output_path(existing, [source], force=True)
+
+
+@pytest.mark.parametrize("name", [".", "..", "sub/.."])
+def test_an_output_folder_needs_a_name(tmp_path, monkeypatch, name):
+    from sparqcli.sinks import check_output_folder
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "sub")
+    with pytest.raises(UsageError, match=r": name the output folder \(the current or a parent"):
+        check_output_folder(Path(name), [], force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "sub"]
