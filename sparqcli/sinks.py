@@ -200,8 +200,7 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
     """
     if output.name in ("", ".", ".."):  # a folder is renamed into place: it needs a name
         raise UsageError(
-            f"{output}: name the output folder (the current or a parent folder cannot be "
-            "replaced)",
+            f"{output}: name the output folder (the current or a parent folder cannot be replaced)",
             path=output,
         )
     target = output.resolve()
