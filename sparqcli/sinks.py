@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparqcli.errors import OutputError, UsageError, first_line
+from sparqcli.errors import InputError, OutputError, UsageError, first_line
 
 _PARTIAL: dict[Path, Path] = {}
 """The temporaries being written, each with the output it becomes."""
@@ -306,12 +306,24 @@ def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
 def copy_side_file(source: Path, target: Path) -> None:
     """Copies the file or folder `source` to `target` byte for byte (links followed).
 
-    Raises OSError when it cannot be read or written.
+    Raises InputError naming the file of `source` that cannot be read (or, in a folder, copied),
+    OSError when `target` cannot be written.
     """
-    if source.is_dir():
-        shutil.copytree(source, target, symlinks=False)
-    else:
-        shutil.copyfile(source, target)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=False)
+        else:
+            shutil.copyfile(source, target)
+    except shutil.Error as error:  # a folder's copy: (source file, target file, why) each
+        name, _, why = error.args[0][0]
+        raise InputError(f"{name}: cannot copy: {why}", path=source) from None
+    except OSError as error:
+        failed = Path(error.filename) if error.filename is not None else None
+        if failed is not None and (failed == source or failed.is_relative_to(source)):
+            raise InputError(
+                f"{failed}: cannot read: {error.strerror or error}", path=source
+            ) from None
+        raise
 
 
 @contextlib.contextmanager

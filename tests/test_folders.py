@@ -502,3 +502,10 @@ def test_a_tensor_the_shards_cannot_hold_is_refused_without_a_torch_ao_hint(tmp_
         "dense tensors of standard dtypes; leave the tensor out of the checkpoint"
     )
     assert not (tmp_path / "bins-sparq").exists()
+
+
+def test_an_unreadable_side_file_is_named_as_the_input(tmp_path: Path, folder: Path) -> None:
+    (folder / "tokenizer.model").symlink_to(tmp_path / "gone")  # a dangling link
+    with pytest.raises(InputError, match=r"tokenizer\.model: cannot read: No such file"):
+        sparqcli.compress(folder, CONFIG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
