@@ -332,3 +332,13 @@ def test_a_rank_that_dies_does_not_leave_the_others_hanging(inputs, tmp_path):
     assert "lost the other ranks" in results[0].stderr
     assert not Path(jobs[0]["output"]).exists()
     assert not list(tmp_path.glob(".out-*"))
+
+
+def test_a_model_folder_is_refused_under_torchrun(inputs, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(_state(), folder / "model.safetensors")
+    out = tmp_path / "out"
+    results = _cli(2, "compress", folder, "--config", inputs["sparsify-first"], "-o", out)
+    _assert_all_failed(results, 2, f"{folder}: a model folder is compressed in one process")
+    assert not out.exists()

@@ -124,7 +124,7 @@ class _Run:
         device: str,
         progress: ProgressCallback | None,
     ) -> CompressReport:
-        from sparqcli.compression import _config, _plan, check_device, input_size
+        from sparqcli.compression import _config, _plan, check_device, input_size, is_model_folder
         from sparqcli.digest import BackgroundSha256
         from sparqcli.sinks import check_output_folder, check_report_path, partial_folder
         from sparqcli.sources import open_checkpoint
@@ -137,6 +137,13 @@ class _Run:
         check_device(device)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if is_model_folder(source):
+            raise UsageError(
+                f"{source}: a model folder is compressed in one process (its shards one at a "
+                "time); leave out torchrun, which takes a .safetensors or .pt file or a DCP "
+                "folder",
+                path=source,
+            )
         check_output_folder(output, inputs, force)
         if report_path is not None:
             check_report_path(Path(report_path), force, inputs, [output])
