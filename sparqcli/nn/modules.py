@@ -236,8 +236,17 @@ class _CompressedLookup(nn.Module):
                 continue
             if value is not None and not isinstance(value, torch.Tensor):
                 return f"{prefix}{name}: expected a tensor, got {type(value).__name__}"
-            if value is not None:
-                tensors[name] = value.reshape(-1)
+            if value is None:
+                continue
+            # torch's own size check, made before anything is copied (torch would copy the
+            # layout even when it refuses a buffer)
+            if name in ("codes", "mask") and value.shape != tensors[name].shape:
+                return (
+                    f"size mismatch for {prefix}{name}: copying a param with shape "
+                    f"{list(value.shape)}, the shape in current model is "
+                    f"{list(tensors[name].shape)}."
+                )
+            tensors[name] = value.reshape(-1)
         for name in ("scale", "zero_point"):
             if tensors[name].dtype != self.qparams.dtype:
                 return (

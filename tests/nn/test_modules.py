@@ -103,6 +103,15 @@ def test_load_state_dict_refuses_a_layout_that_does_not_fit(backend: str) -> Non
     with pytest.raises(RuntimeError, match="copying a table of 100 x 32, the shape in current"):
         narrow.load_state_dict(wide.state_dict())
     assert narrow.embedding_dim == 16
+    # A table of the same shape at another width is refused whole, strict or not: torch would
+    # refuse its codes but still adopt its layout.
+    four = make_table(100, 16, level=0.0, bits=4)
+    module = Embedding.from_table(four)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"size mismatch for codes: copying a param"):
+            module.load_state_dict(narrow.state_dict(), strict=strict)
+        assert module.layout.bits == 4
+        assert torch.equal(module(torch.tensor([0, 99])), four.decode()[[0, 99]])
 
 
 def test_copies_and_pickles_after_a_lookup(backend: str) -> None:
