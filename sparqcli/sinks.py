@@ -26,8 +26,16 @@ _PARTIAL: dict[Path, Path] = {}
 
 
 def partial_outputs() -> list[Path]:
-    """Returns the outputs being written now (those whose temporary exists), sorted."""
-    return sorted(set(_PARTIAL.values()))
+    """Returns the outputs being written now (those whose temporary exists), sorted; a file
+    written inside a temporary folder is part of that folder's output."""
+    temporaries = list(_PARTIAL)
+    return sorted(
+        {
+            output
+            for output in _PARTIAL.values()
+            if not any(output.is_relative_to(temp) for temp in temporaries)
+        }
+    )
 
 
 def discard_partial_outputs() -> list[Path]:
@@ -54,8 +62,10 @@ def check_output_path(output: Path, inputs: Sequence[Path], force: bool) -> None
 
 
 def _check_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
-    """Raises UsageError when the file `output` is one of `inputs` (the same file by any path)
-    or lies inside one that is a folder (a model or DCP folder's shard, its index)."""
+    """Raises UsageError when the file `output` is one of `inputs` (the same file by any path),
+    or lies inside one that is a folder and would replace a file there or add a checkpoint
+    file to it (a shard, an index, a weight file: the folder would read differently). A new
+    report or config beside a model's files is fine."""
     target = output.resolve()
     for source in inputs:
         same = output.exists() and source.exists() and os.path.samefile(output, source)
@@ -63,7 +73,9 @@ def _check_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
             raise UsageError(
                 f"{output}: is an input; sparq never overwrites its input", path=output
             )
-        if source.is_dir() and target.is_relative_to(source.resolve()):
+        inside = source.is_dir() and target.is_relative_to(source.resolve())
+        checkpoint_file = output.suffix.lower() in (*_WEIGHT_SUFFIXES, ".distcp")
+        if inside and (output.exists() or checkpoint_file or output.name == ".metadata"):
             raise UsageError(
                 f"{output}: lies inside the input folder {source}; write it elsewhere",
                 path=output,
@@ -316,7 +328,9 @@ def copy_side_file(source: Path, target: Path) -> None:
             shutil.copyfile(source, target)
     except shutil.Error as error:  # a folder's copy: (source file, target file, why) each
         name, _, why = error.args[0][0]
-        raise InputError(f"{name}: cannot copy: {why}", path=source) from None
+        if os.access(name, os.R_OK):  # readable: writing the copy failed
+            raise OSError(why) from None
+        raise InputError(f"{name}: cannot read: {why}", path=source) from None
     except OSError as error:
         failed = Path(error.filename) if error.filename is not None else None
         if failed is not None and (failed == source or failed.is_relative_to(source)):

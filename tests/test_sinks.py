@@ -73,3 +73,27 @@ def test_an_output_folder_needs_a_name(tmp_path, monkeypatch, name):
     with pytest.raises(UsageError, match=r": name the output folder \(the current or a parent"):
         check_output_folder(Path(name), [], force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "sub"]
+
+
+def test_outputs_inside_an_input_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    # a report or a config beside the model's files replaces nothing
+    check_output_path(folder / "report.json", [folder], force=False)
+    # replacing an input's file (even with force), or adding a checkpoint file, is refused
+    for name in ("model.safetensors", "new.sparq.safetensors", "x.pt", ".metadata"):
+        with pytest.raises(UsageError, match=f"{name}: lies inside the input folder"):
+            check_output_path(folder / name, [folder], force=True)
+
+
+def test_partial_outputs_name_what_the_user_asked_for(tmp_path):
+    from sparqcli.sinks import atomic_folder, atomic_output, partial_outputs
+
+    with (
+        atomic_folder(tmp_path / "out") as temp,
+        atomic_output(temp / "shard.safetensors"),
+        atomic_output(tmp_path / "report.json"),
+    ):
+        assert partial_outputs() == [tmp_path / "out", tmp_path / "report.json"]
+    assert partial_outputs() == []
