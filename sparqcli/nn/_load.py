@@ -103,11 +103,16 @@ def load_compressed(model: nn.Module, path: str | Path, *, strict: bool = True) 
     compressed table matches no embedding module or its shape differs from the module's, or
     when the file and the model's other tensors do not match key for key (as
     `load_state_dict(strict=True)`). Without it, such tables and tensors are skipped. Raises
-    InputError / FormatError when the file is unreadable or corrupt, UsageError when a tensor's
-    shape differs from the model's.
+    InputError / FormatError when the file is unreadable or corrupt, UsageError when it holds no
+    compressed table or a tensor's shape differs from the model's.
     """
     where = str(path)
     info, file_of = _contents(path)
+    if not info.is_sparq:
+        raise UsageError(
+            f"{where}: holds no compressed table (not sparq's output); compress it with "
+            "sparq first, or load it with model.load_state_dict"
+        )
     modules = dict(model.named_modules())
     plan: dict[str, tuple[str, nn.Module]] = {}
     unmatched: list[str] = []

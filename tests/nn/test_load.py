@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 import sparqcli
@@ -132,3 +133,10 @@ def test_strict_errors_name_the_key(compressed: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"missing 'proj\.bias'"):
         load_compressed(Model(), missing)
     assert load_compressed(Model(), missing, strict=False) == ["bags.0", "bags.1", "tokens"]
+
+    dense = tmp_path / "dense.safetensors"  # the original, not sparq's output
+    save_file(Model().state_dict(), str(dense))
+    with pytest.raises(
+        UsageError, match=r"dense\.safetensors: holds no compressed table \(not sparq"
+    ):
+        load_compressed(Model(), dense, strict=False)
