@@ -131,6 +131,9 @@ def test_corrupt_metadata_and_truncated_chunks_name_the_file(tmp_path, full, con
     (folder / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.raises(InputError, match=r"\.metadata: not valid DCP metadata"):
         open_checkpoint(folder)
+    (folder / ".metadata").unlink()
+    with pytest.raises(InputError, match=r"ckpt: a DCP checkpoint without its \.metadata file"):
+        open_checkpoint(folder)
 
 
 def test_a_chunk_whose_bytes_are_not_a_tensor_archive_is_refused(tmp_path, full):
