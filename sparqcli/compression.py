@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sparqcli.config import Config
+from sparqcli.config import Config, config_files
 from sparqcli.digest import BackgroundSha256, sha256_file
 from sparqcli.errors import OutputError, TableError, UsageError
 from sparqcli.parallel import resolve_threads
@@ -80,8 +80,7 @@ def compress(
             f"{{opt:output_format}}: must be sparq or torch-ao, got {output_format!r}",
             option="output_format",
         )
-    # The config file is an input too: never overwritten by an output or the report.
-    inputs = [*sources, *([Path(config)] if isinstance(config, (str, Path)) else [])]
+    inputs = [*sources, *config_files(config)]  # never overwritten by an output or the report
     config = _config(config, overrides, order)
     check_device(device)
     thread_count, _ = resolve_threads(threads)

@@ -258,6 +258,12 @@ class Config:
         return resolved
 
 
+def config_files(config: Config | str | Path) -> list[Path]:
+    """Returns the YAML file `config` is read from (empty for a Config object): an input that
+    no output may overwrite."""
+    return [Path(config)] if isinstance(config, (str, Path)) else []
+
+
 def _section_dict(value: object) -> Any:
     """Returns a section (dataclass or mapping) as plain YAML data; anything else unchanged."""
     if isinstance(value, (Sparsity, Quantization, Gates)):

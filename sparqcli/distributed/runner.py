@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sparqcli.config import Config
+from sparqcli.config import Config, config_files
 from sparqcli.distributed.group import (
     DEFAULT_TIMEOUT_S,
     GroupLostError,
@@ -131,8 +131,7 @@ class _Run:
 
         group, source, output = self.group, self.source, self.output
         rank = group.rank
-        # The config file is an input too: never overwritten by the output or the report.
-        inputs = [source, *([Path(config)] if isinstance(config, (str, Path)) else [])]
+        inputs = [source, *config_files(config)]  # never overwritten by the output or report
         config = _config(config, overrides, order)
         check_device(device)
         if device == "cuda":

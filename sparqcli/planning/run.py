@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparqcli.config import Config, Rule
+from sparqcli.config import Config, Rule, config_files
 from sparqcli.errors import InputError, UsageError
 from sparqcli.parallel import resolve_threads
 from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, model_error
@@ -81,8 +81,7 @@ def plan(
         raise UsageError("no input checkpoint given")
     if sample_rows is not None and (isinstance(sample_rows, bool) or sample_rows < 1):
         raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
-    # The base config is an input too: never overwritten by the plan.
-    inputs = [*sources, *([Path(config)] if isinstance(config, (str, Path)) else [])]
+    inputs = [*sources, *config_files(config)]  # never overwritten by the plan
     if isinstance(config, (str, Path)):
         config = Config.from_yaml(config, overrides)
     elif not isinstance(config, Config):
