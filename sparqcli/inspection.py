@@ -222,13 +222,13 @@ def starter_config(inspection: CheckpointInspection) -> tuple[Config, str]:
         "",
         "layers:",
     ]
-    for entry in chosen:
+    for entry, rule in zip(chosen, config.layers, strict=True):
         info = entry.info
         lines.append(
             f"  # {'x'.join(map(str, info.shape))} {info.dtype}, {_size(info.nbytes)}: "
             f"{entry.candidate.why}"
         )
-        lines.append(f"  - match: {json.dumps(exact_pattern(entry.key))}")
+        lines.append(f"  - match: {json.dumps(rule.match)}")
     for title, left_dense in (
         (
             "# Position embeddings, left dense: small and sensitive (configs/default.yaml "

@@ -116,7 +116,7 @@ def check_report_path(
         )
     target = path.resolve()
     for output in outputs:
-        if target == output.resolve() or target.is_relative_to(output.resolve()):
+        if target.is_relative_to(output.resolve()):  # the output itself, or inside it
             raise UsageError(
                 f"{{opt:report}} {path}: is where the compressed output goes; write the report "
                 "elsewhere",

@@ -533,6 +533,8 @@ class _TableJob:
         """Raises TableError naming the first row of `table` with a value that decodes to ±inf
         in the table's dtype: a value within a quantization step of the dtype's largest, where
         a narrow or MSE-chosen range reaches past it (float16 tables at +-65504)."""
+        if table.rows == 0:
+            return
         bits = self.quantization.bits
         risky = torch.cat(
             [
@@ -544,7 +546,6 @@ class _TableJob:
                 )
                 for start in range(0, table.rows, _QPARAM_ROWS)
             ]
-            or [torch.zeros(0, dtype=torch.bool, device=table.scale.device)]
         )
         rows = risky.nonzero().flatten().tolist()
         span = _DECODE_CHECK_ROWS

@@ -232,12 +232,10 @@ class _CompressedLookup(nn.Module):
         tensors = self._tensors()
         for name in tensors:
             value = state_dict.get(prefix + name)
-            if name == "mask" and self.mask is None:
+            if value is None or (name == "mask" and self.mask is None):
                 continue
-            if value is not None and not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
                 return f"{prefix}{name}: expected a tensor, got {type(value).__name__}"
-            if value is None:
-                continue
             # torch's own size check, made before anything is copied (torch would copy the
             # layout even when it refuses a buffer)
             if name in ("codes", "mask") and value.shape != tensors[name].shape:
