@@ -125,9 +125,8 @@ def open_torch_file(path: Path, key: str | None, trust_pickle: bool) -> StateDic
     Raises InputError for an unreadable or corrupt file, UnsafeInputError for a pickle that
     needs code without `trust_pickle`, UsageError for a `key` that is not there.
     """
-    _check_file_kind(path)
-    _check_zip_records(path)
-    loaded = _torch_load(path, trust_pickle)
+    is_zip = _check_file_kind(path)
+    loaded = _torch_load(path, trust_pickle, is_zip)
     if isinstance(loaded, torch.nn.Module):
         module_types = {name: type(module).__name__ for name, module in loaded.named_modules()}
         container_key, state, extra = _find_state_dict(path, loaded.state_dict(), key)
@@ -145,14 +144,14 @@ def open_torch_file(path: Path, key: str | None, trust_pickle: bool) -> StateDic
     )
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
+def _torch_load(path: Path, trust_pickle: bool, is_zip: bool) -> Any:
     try:
         # torch warns on stderr about pickle protocols and deprecations; errors say enough.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if trust_pickle:
                 return torch.load(path, map_location="cpu", weights_only=False)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         # The weights-only unpickler names a GLOBAL it refuses; it stops on other opcodes
         # (FRAME of protocol 4) before it sees one, so the pickle itself is scanned too.
@@ -244,29 +243,22 @@ def _unsafe_globals(path: Path) -> list[str]:
     return [name for name in found if name not in allowed]
 
 
-def _is_zip(path: Path) -> bool:
-    return zipfile.is_zipfile(path)
-
-
-def _check_file_kind(path: Path) -> None:
-    """Raises InputError when the file at `path` cannot be a torch checkpoint: torch.save writes
-    a zip archive (or, before torch 1.6, a pickle; before 0.4, a tar archive), and torch.load's
-    own message for anything else is about its weights-only loader."""
+def _check_file_kind(path: Path) -> bool:
+    """Returns True when the file at `path` is a zip archive (torch.save's format, its records
+    checked by `_check_zip_records`), False for a pickle (before torch 1.6) or a tar archive
+    (before 0.4). Raises InputError for anything else, named for what it is: torch.load's own
+    message is about its weights-only loader."""
     try:
         with open(path, "rb") as file:
             head = file.read(262)
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror}", path=path) from None
     if head.startswith(b"PK\x03\x04"):
-        if not _is_zip(path):
-            raise InputError(
-                f"{path}: not a readable PyTorch checkpoint (a truncated or damaged zip archive)",
-                path=path,
-            )
-        return
+        _check_zip_records(path)
+        return True
     if head.startswith(b"\x80") or head[257:262] == b"ustar":
-        return
-    if len(head) >= 9 and head[8:9] == b"{":
+        return False
+    if head[8:9] == b"{":
         raise InputError(
             f"{path}: is a safetensors file, not a PyTorch checkpoint; name it .safetensors",
             path=path,
@@ -283,12 +275,16 @@ _MAX_ZIP_EXPANSION = 8
 
 
 def _check_zip_records(path: Path) -> None:
-    """Raises InputError when a record of the .pt zip at `path` inflates far beyond its size."""
+    """Raises InputError when the .pt zip at `path` is damaged (truncated: no central
+    directory) or a record inflates far beyond its size."""
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-    except Exception:
-        return  # not a zip, or a broken one: torch.load says what is wrong
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint (a truncated or damaged zip archive)",
+            path=path,
+        ) from None
     for record in records:
         limit = _MAX_ZIP_EXPANSION * record.compress_size + (1 << 20)
         if record.compress_type != zipfile.ZIP_STORED and record.file_size > limit:
