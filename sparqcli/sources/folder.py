@@ -87,13 +87,13 @@ def find_layout(folder: Path) -> FolderLayout:
         or _SINGLE[kind] in names
         or any(_SHARD_NAME[kind].fullmatch(name) for name in names)
     ]
-    if not kinds and any(name.endswith(".distcp") for name in names):
-        raise InputError(
-            f"{folder}: a DCP checkpoint without its .metadata file (torch.distributed."
-            "checkpoint writes it last; the save may not have finished)",
-            path=folder,
-        )
     if not kinds:
+        if any(name.endswith(".distcp") for name in names):
+            raise InputError(
+                f"{folder}: a DCP checkpoint without its .metadata file (torch.distributed."
+                "checkpoint writes it last; the save may not have finished)",
+                path=folder,
+            )
         raise InputError(
             f"{folder}: is a directory, not a checkpoint or a model folder (no "
             f"{SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {TORCH_SINGLE} or {TORCH_INDEX})",
