@@ -560,7 +560,7 @@ def compress_planned_table(
         message = str(error)
         if not message.startswith(name):
             message = f"{name}: {message}"
-        raise TableError(message, path=checkpoint.path, table=table.key) from None
+        raise type(error)(message, path=checkpoint.path, table=table.key, row=error.row) from None
 
 
 def _counted(

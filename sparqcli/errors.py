@@ -110,6 +110,12 @@ class TableError(SparqError):
     """A selected table cannot be compressed as it is: NaN/Inf values, wrong rank or dtype (exit 1)."""
 
 
+class UnfitSettingsError(TableError):
+    """A table cannot be stored with the settings asked for: a row's scale or zero point does not
+    fit its dtype, or a row would decode to ±inf in the table's dtype (exit 1). `row` names it.
+    Other settings may fit, so the planner drops these instead of stopping."""
+
+
 class OutputError(SparqError):
     """An output cannot be written (exit 1); nothing is left behind."""
 

@@ -22,6 +22,7 @@ import torch
 
 from sparqcli.engine.options import DEFAULT_OPTIONS, EngineOptions
 from sparqcli.engine.quantize import (
+    decodes_past_message,
     dequantize,
     exact_zero_minimums,
     may_decode_past,
@@ -46,7 +47,7 @@ from sparqcli.engine.sparsify import (
 from sparqcli.engine.stats import StatsAccumulator, TableStats
 from sparqcli.engine.table import CompressedTable
 from sparqcli.engine.workers import ChunkWorkers, Sequencer
-from sparqcli.errors import SettingError, TableError
+from sparqcli.errors import SettingError, TableError, UnfitSettingsError
 from sparqcli.settings import Order, Quantization, Sparsity
 
 RowReader = Callable[[int, int], torch.Tensor]
@@ -558,16 +559,8 @@ class _TableJob:
             bad = (~finite & risky[row:checked_to]).nonzero()
             if bad.numel():
                 first_bad = self.first + row + int(bad[0, 0])
-                dtype = str(table.dtype).removeprefix("torch.")
-                largest = torch.finfo(table.dtype).max
-                hint = (
-                    "range minmax with float32 scales keeps it finite"
-                    if table.dtype in (torch.float16, torch.bfloat16)
-                    else "scale the table down"
-                )
-                raise TableError(
-                    f"{self.name}: row {first_bad} decodes to inf in {dtype}: its values come "
-                    f"within a quantization step of {dtype}'s largest ({largest:g}); {hint}"
+                raise UnfitSettingsError(
+                    f"{self.name}: {decodes_past_message(first_bad, table.dtype)}", row=first_bad
                 )
 
     def _chunk(

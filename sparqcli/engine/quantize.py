@@ -14,7 +14,7 @@ import torch
 
 from sparqcli.engine._mse_csrc import SOURCE as MSE_SOURCE
 from sparqcli.engine.stats import row_norms, row_sums
-from sparqcli.errors import TableError
+from sparqcli.errors import UnfitSettingsError
 from sparqcli.native import Kernel
 from sparqcli.settings import Quantization
 
@@ -27,9 +27,9 @@ def row_qparams(
     """Returns `(scale, zero_point)` per row of a float32 (rows, cols) tensor, as float32.
 
     With `scale_dtype: float16` or `bfloat16` both are rounded to values of that dtype (the scale
-    upwards, so every value of the row stays representable). Raises TableError when a row's range
-    overflows float32, or does not fit the narrower scale dtype asked for; `first_row` numbers
-    rows in messages.
+    upwards, so every value of the row stays representable). Raises UnfitSettingsError (a
+    TableError) when a row's range overflows float32, or does not fit the narrower scale dtype
+    asked for; `first_row` numbers rows in messages.
     """
     rows, cols = values.shape
     if cols == 0:
@@ -113,7 +113,7 @@ def _check_finite(values: torch.Tensor, problem: str, first_row: int) -> None:
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
         row = first_row + int(bad.nonzero()[0, 0].item())
-        raise TableError(f"row {row}: {problem}")
+        raise UnfitSettingsError(f"row {row}: {problem}", row=row)
 
 
 def may_decode_past(
@@ -124,6 +124,20 @@ def may_decode_past(
     ends = torch.tensor([0.0, float((1 << bits) - 1)], device=scale.device)
     decoded = dequantize(ends.expand(scale.shape[0], 2), scale, zero_point).to(dtype)
     return ~torch.isfinite(decoded).all(dim=1)
+
+
+def decodes_past_message(row: int, dtype: torch.dtype) -> str:
+    """Returns why a table is refused whose row `row` decodes to ±inf in its `dtype`."""
+    name = str(dtype).removeprefix("torch.")
+    hint = (
+        "range minmax with float32 scales keeps it finite"
+        if dtype in (torch.float16, torch.bfloat16)
+        else "scale the table down"
+    )
+    return (
+        f"row {row} decodes to inf in {name}: its values come within a quantization step of "
+        f"{name}'s largest ({torch.finfo(dtype).max:g}); {hint}"
+    )
 
 
 def may_decode_to_zero(zero_point: torch.Tensor) -> torch.Tensor:
