@@ -743,6 +743,16 @@ def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = 
     sampled = [f"{row.key} ({row.sampled_rows} rows)" for row in result.tables if row.sampled_rows]
     if sampled:
         after.append(["errors of the other options estimated on row samples", *sampled])
+    for table in result.tables:
+        if table.refused:
+            first = table.refused[0]
+            after.append(
+                [
+                    f"{table.key}: the engine refuses {len(table.refused)} of "
+                    f"{len(table.options)} settings (never chosen), "
+                    f"first {first.candidate.label}: {first.refused}"
+                ]
+            )
     return Group(
         FitTable(title, columns, _rows(columns, result.tables), after),
         _frontier_table(result, frontier_points),

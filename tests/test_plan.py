@@ -753,3 +753,138 @@ def test_totals_say_which_way_the_best_uniform_estimate_compares(
     result.best_uniform = replace(result.best_uniform, error=result.error * 0.98, exact=False)
     line = plan_totals(result).splitlines()[1]
     assert "(estimated); the plan has 2.0% more error" in line
+
+
+# --------------------------------------------------------------------------------------------
+# Settings the engine refuses on a table
+
+
+REFUSING_BASE = """\
+version: 1
+order: {order}
+sparsity: {level: 0.5, block_shape: [1, 4]}
+quantization: {bits: 8}
+layers:
+  - match: "*.weight"
+min_table_bytes: 0
+plan:
+  levels: [0, 0.5]
+  bits: [8, 2, 1]
+  ranges: [minmax]
+  scopes: [table]
+  scale_dtypes: [float32, float16]
+"""
+
+
+def float16_extremes() -> dict[str, torch.Tensor]:
+    """A float16 table whose rows 17 and 2500 reach float16's largest values: 1-bit float16
+    scales cannot hold row 17's range, and narrow ranges decode past 65504."""
+    generator = torch.Generator().manual_seed(3)
+    table = torch.randn(3000, 64, generator=generator)
+    table[17, 5], table[17, 6], table[2500, 0] = 60000.0, -65504.0, 65504.0
+    return {"emb.weight": table.half(), "other.weight": torch.randn(600, 32, generator=generator)}
+
+
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+@pytest.mark.parametrize("sample_rows", [64, 3000])
+def test_settings_the_engine_refuses_are_dropped_as_the_engine_refuses_them(
+    tmp_path: Path, order: str, sample_rows: int
+) -> None:
+    from sparqcli.engine.pipeline import compress_rows
+    from sparqcli.errors import UnfitSettingsError
+
+    state = float16_extremes()
+    model, base = tmp_path / "m.pt", tmp_path / "base.yaml"
+    torch.save(state, model)
+    base.write_text(REFUSING_BASE.replace("{order}", order))
+    result = sparqcli.plan(model, base, budget=0.3, sample_rows=sample_rows)
+    emb = next(t for t in result.tables if t.key == "emb.weight")
+    assert not result.tables[1].refused
+    # the sample's refusals are the engine's, with the engine's own message for the table's row
+    table = state["emb.weight"]
+    for option in emb.options:
+        candidate = option.candidate
+        try:
+            compress_rows(
+                lambda a, b: table[a:b],
+                tuple(table.shape),
+                table.dtype,
+                order,
+                candidate.sparsity,
+                candidate.quantization,
+            )
+            refused = None
+        except UnfitSettingsError as error:
+            refused = str(error).removeprefix("table: ")
+        assert option.refused == refused, candidate.label
+    assert {o.refused for o in emb.refused if o.candidate.quantization.bits == 1} == {
+        "row 17: scale does not fit float16 (use scale_dtype: float32)"
+    }
+    assert any("decodes to inf in float16" in o.refused for o in emb.refused)
+    assert emb.option.refused is None and emb.option.exact
+    report = sparqcli.compress(model, result.config, output=tmp_path / "out.safetensors")
+    assert model_error(report)[0] == result.bytes
+    data = result.to_dict()["tables"][0]["refused"]
+    assert data["count"] == len(emb.refused)
+    assert data["first"]["reason"] == emb.refused[0].refused
+
+
+def test_a_refusal_found_by_verification_moves_the_choice(
+    mixed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sampled table can hide the row the engine refuses: the verification finds it.
+    import sparqcli.planning.measure as measure
+    from sparqcli.errors import UnfitSettingsError
+
+    model, base = mixed
+    first = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    refused_label = first.tables[0].option.candidate.label
+    real = measure.measure_exact
+
+    def refusing(read_rows, shape, dtype, order, candidate, **kwargs):
+        if kwargs["name"].endswith("tok.weight") and candidate.label == refused_label:
+            raise UnfitSettingsError(f"{kwargs['name']}: row 5: scale does not fit float16")
+        return real(read_rows, shape, dtype, order, candidate, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_exact", refusing)
+    result = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    tok = result.tables[0]
+    assert [(o.candidate.label, o.refused) for o in tok.refused] == [
+        (refused_label, "row 5: scale does not fit float16")
+    ]
+    assert tok.option.candidate.label != refused_label and tok.option.exact
+    assert result.bytes <= 0.1 * result.bytes_before
+    assert "tok.weight: the engine refuses 1 of 24 settings (never chosen), first " in plan_text(
+        result
+    )
+
+
+def plan_text(result: object) -> str:
+    """Returns the plan's summary as printed at 200 columns."""
+    import io
+
+    from rich.console import Console
+
+    from sparqcli.render import plan_summary
+
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(plan_summary(result))
+    return console.file.getvalue()
+
+
+def test_a_table_whose_every_setting_is_refused_is_a_usage_error(tmp_path: Path) -> None:
+    model, base = tmp_path / "m.pt", tmp_path / "base.yaml"
+    torch.save(float16_extremes(), model)
+    base.write_text(
+        REFUSING_BASE.replace("{order}", "sparsify-first")
+        .replace("bits: [8, 2, 1]", "bits: [1]")
+        .replace("[float32, float16]", "[float16]")
+    )
+    result = _plan_budget(model, base, str(tmp_path / "plan.yaml"))
+    assert result.exit_code == 2
+    assert not (tmp_path / "plan.yaml").exists()
+    assert result.output.strip() == (
+        f"sparq: error: {model}: table 'emb.weight': the engine refuses every candidate of "
+        "layers[0] (match '*.weight'); the first: 1b dense f16: row 17: scale does not fit "
+        "float16 (use scale_dtype: float32)"
+    )

@@ -32,7 +32,9 @@ import torch
 from sparqcli.engine.blocks import block_grid, fit_blocks
 from sparqcli.engine.pipeline import compress_rows
 from sparqcli.engine.quantize import (
+    decodes_past_message,
     dequantize,
+    may_decode_past,
     mse_qparams,
     qparams_from_range,
     quantize_levels,
@@ -46,7 +48,7 @@ from sparqcli.engine.sparsify import (
     value_norms,
 )
 from sparqcli.engine.stats import row_cosines, row_figures, row_norms
-from sparqcli.errors import TableError
+from sparqcli.errors import TableError, UnfitSettingsError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
 from sparqcli.settings import Order, Quantization, Sparsity
@@ -78,7 +80,9 @@ class Option:
     ||W_hat - W|| / ||W|| (what `sparq compress` reports); `weighted_error`: the same with each
     row's terms weighted by its row weight (equal to `rel_error` without weights);
     `row_cosine_min`: the smallest row cosine over the rows measured; `exact`: measured on the
-    whole table (else estimated on a sample).
+    whole table (else estimated on a sample); `refused`: why the engine refuses this candidate
+    on this table (the TableError it raises, without the table's name; such an option is never
+    chosen), else None.
     """
 
     candidate: Candidate
@@ -87,6 +91,7 @@ class Option:
     weighted_error: float
     row_cosine_min: float
     exact: bool
+    refused: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the option as JSON-able data."""
@@ -115,7 +120,8 @@ def measure_exact(
     """Returns `candidate` measured on the whole table, with the engine as `sparq compress` runs it.
 
     `threads` as for `compress_rows` (`sparq compress` passes its thread count). Raises
-    TableError for NaN/Inf values.
+    TableError for NaN/Inf values, UnfitSettingsError where the engine refuses the candidate on
+    this table.
     """
     table, stats = compress_rows(
         read_rows,
@@ -357,7 +363,7 @@ class _SampledTable:
         done = 0
         for height, sample in self.samples.items():
             mine = self._candidates_of_height(height)
-            groups = _SparsityGroups(sample)
+            groups = _SparsityGroups(sample, self.dtype)
             groups.derive_narrow = self.derive_narrow
             group_of: dict[int, int] = {}
             for index in mine:
@@ -375,16 +381,15 @@ class _SampledTable:
                 wanted = by_quantization[quantization]
                 if wanted:
                     needed = sorted({group_of[i] for i in wanted})
-                    try:
-                        figures = groups.errors(needed, quantization)
-                    except TableError as error:
-                        raise TableError(f"{self.name}: {error}") from None
+                    figures = groups.errors(needed, quantization)
                     for index in wanted:
                         candidate = self.candidates[index]
-                        rel, weighted, cosine = figures[group_of[index]]
+                        rel, weighted, cosine, refused = figures[group_of[index]]
                         kept, prunes = self._kept(candidate)
                         size = self._bytes(candidate, kept, prunes)
-                        options[index] = Option(candidate, size, rel, weighted, cosine, False)
+                        options[index] = Option(
+                            candidate, size, rel, weighted, cosine, False, refused
+                        )
                 done += 1
                 if progress is not None:
                     progress(done / steps)
@@ -416,8 +421,17 @@ class _SampledTable:
                     continue
                 try:
                     scale, zero_point = _engine_qparams(original, quantization, 0)
-                except TableError as error:
-                    raise TableError(f"{self.name}: {error}") from None
+                except UnfitSettingsError as error:  # the first pass refuses every sparsity
+                    row = int(error.row or 0)
+                    table_row = int(sample.rows[row])
+                    why = _unfit_message(original[row], quantization, table_row)
+                    for index in wanted:
+                        kept, prunes = self._kept(self.candidates[index])
+                        size = self._bytes(self.candidates[index], kept, prunes)
+                        options[index] = Option(
+                            self.candidates[index], size, math.inf, math.inf, 0.0, False, why
+                        )
+                    continue
                 bits = quantization.bits
                 seen = dequantize(
                     quantize_levels(original, scale, zero_point, bits), scale, zero_point
@@ -427,7 +441,9 @@ class _SampledTable:
                 )
                 norms: dict[str, torch.Tensor] = {}
                 scores: dict[tuple[Any, ...], torch.Tensor] = {}
-                figures: dict[Sparsity | None, tuple[torch.Tensor, float, int | None]] = {}
+                figures: dict[
+                    Sparsity | None, tuple[torch.Tensor, float, int | None, str | None]
+                ] = {}
                 for index in wanted:
                     candidate = self.candidates[index]
                     _, prunes = self._kept(candidate)
@@ -448,11 +464,15 @@ class _SampledTable:
                         )
                         keep = ChunkKeep(norms[norm], pruned, key).dense()
                         lost = self._sample_lost(candidate, sample, pruned)
-                    squared, cosine = _row_figures(
-                        original, original_norm, decoded.clone() if keep is None else decoded * keep
-                    )
+                    kept_decoded = decoded.clone() if keep is None else decoded * keep
+                    past = _decoding_past(kept_decoded, scale, zero_point, bits, self.dtype)
+                    why = None
+                    if bool(past.any()):
+                        table_row = int(sample.rows[int(past.nonzero()[0, 0])])
+                        why = decodes_past_message(table_row, self.dtype)
+                    squared, cosine = _row_figures(original, original_norm, kept_decoded)
                     low = float(cosine.min()) if cosine.numel() else 1.0
-                    figures[key] = (squared, low, lost)
+                    figures[key] = (squared, low, lost, why)
                 keys = list(figures)
                 estimates = sample.estimate(torch.stack([figures[k][0] for k in keys]))
                 found = dict(zip(keys, estimates, strict=True))
@@ -460,12 +480,12 @@ class _SampledTable:
                     candidate = self.candidates[index]
                     kept, prunes = self._kept(candidate)
                     key = candidate.sparsity if prunes else None
-                    _, low, lost = figures[key]
+                    _, low, lost, why = figures[key]
                     if lost is not None:
                         kept = self.values - lost
                     rel, weighted = found[key]
                     size = self._bytes(candidate, kept, prunes)
-                    options[index] = Option(candidate, size, rel, weighted, low, False)
+                    options[index] = Option(candidate, size, rel, weighted, low, False, why)
                 if progress is not None:
                     progress(done / steps)
         return [option for option in options if option is not None]
@@ -791,8 +811,9 @@ class _SparsityGroups:
     per sampled value and sparsity); rows are quantized in chunks of `_CHUNK_VALUES` values.
     """
 
-    def __init__(self, sample: _Sample) -> None:
+    def __init__(self, sample: _Sample, dtype: torch.dtype) -> None:
         self.sample = sample
+        self.dtype = dtype
         self.keys: dict[Any, int] = {}
         self.keep: list[torch.Tensor | None] = []
         self.original_norm = row_norms(sample.values)
@@ -818,9 +839,10 @@ class _SparsityGroups:
 
     def errors(
         self, groups: list[int], quantization: Quantization
-    ) -> dict[int, tuple[float, float, float]]:
-        """Returns (rel_error, weighted_error, row_cosine_min) of each group under
-        `quantization`, estimated on the sample. Raises TableError where the engine would."""
+    ) -> dict[int, tuple[float, float, float, str | None]]:
+        """Returns (rel_error, weighted_error, row_cosine_min, refused) of each group under
+        `quantization`, estimated on the sample; `refused` is the engine's message for the
+        group's first sampled row it refuses (UnfitSettingsError), else None."""
         rows, cols = self.sample.values.shape
         keep, row_of, index = self.distinct()
         dense = any(self.keep[g] is None for g in groups)
@@ -831,7 +853,7 @@ class _SparsityGroups:
         batches = [("dense", None, torch.arange(rows))] if dense else []
         batches.append(("pruned", keep[:quantized], row_of[:quantized]))
         step = max(1, _CHUNK_VALUES // max(1, cols))
-        squared, cosine = [], []
+        squared, cosine, refusals = [], [], []
         for name, batch_keep, batch_rows in batches:
             for start in range(0, batch_rows.numel(), step):
                 stop = min(start + step, batch_rows.numel())
@@ -841,21 +863,57 @@ class _SparsityGroups:
                 )
                 squared.append(found[0])
                 cosine.append(found[1])
+                refusals.append(found[2])
         emptied = self.original_norm[row_of[quantized:]]
         squared.append(emptied.double().square())
         cosine.append((emptied == 0).float())
+        refusals.append(torch.zeros(emptied.numel(), dtype=torch.int8))
         all_squared = torch.cat(squared) if squared else torch.empty(0, dtype=torch.float64)
         all_cosine = torch.cat(cosine) if cosine else torch.empty(0)
+        all_refusals = torch.cat(refusals)
         # (groups, rows): where each group's sampled rows are in the results
         positions = torch.stack(
             [torch.arange(rows) if self.keep[g] is None else index[g] + dense_rows for g in groups]
         )
         estimates = self.sample.estimate(all_squared[positions])
         lowest = all_cosine[positions].amin(dim=1).tolist() if rows else [1.0] * len(groups)
+        refused = [None] * len(groups)
+        if bool(all_refusals.any()):
+            refused = [
+                self._refusal(line, all_refusals, dense_rows, quantization) for line in positions
+            ]
         return {
-            group: (rel, weighted, low)
-            for group, (rel, weighted), low in zip(groups, estimates, lowest, strict=True)
+            group: (rel, weighted, low, why)
+            for group, (rel, weighted), low, why in zip(
+                groups, estimates, lowest, refused, strict=True
+            )
         }
+
+    def _refusal(
+        self,
+        positions: torch.Tensor,
+        refusals: torch.Tensor,
+        dense_rows: int,
+        quantization: Quantization,
+    ) -> str | None:
+        """Returns the engine's message for the first of a group's sampled rows (`positions` in
+        the results) that it refuses under `quantization` (`refusals`: `_UNFIT` or `_PAST` per
+        result row), or None."""
+        kinds = refusals[positions]
+        if not bool(kinds.any()):
+            return None
+        first = int(kinds.nonzero()[0, 0])
+        position = int(positions[first])
+        if position < dense_rows:
+            row, keep = position, None
+        else:
+            distinct_keep, row_of, _ = self.distinct()
+            row, keep = int(row_of[position - dense_rows]), distinct_keep[position - dense_rows]
+        table_row = int(self.sample.rows[row])
+        if int(kinds[first]) == _PAST:
+            return decodes_past_message(table_row, self.dtype)
+        values = self.sample.values[row]
+        return _unfit_message(values if keep is None else values * keep, quantization, table_row)
 
     def distinct(self) -> tuple[torch.Tensor, ...]:
         """Returns the distinct pruned rows: their keep-masks, their rows in the sample, and for
@@ -898,18 +956,33 @@ class _SparsityGroups:
         row_of: torch.Tensor,
         quantization: Quantization,
         batch: tuple[str, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns each row's squared error (float64) and row cosine: the sampled rows `row_of`
-        with the keep-masks `keep` (None: no mask), pruned values zeroed (as `ChunkKeep.multiply`
-        zeroes them) and quantized as the pipeline does. `batch` names the rows (the same rows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns each row's squared error (float64), row cosine and refusal: the sampled rows
+        `row_of` with the keep-masks `keep` (None: no mask), pruned values zeroed (as
+        `ChunkKeep.multiply` zeroes them) and quantized as the pipeline does. A row the engine
+        refuses (its qparams do not fit: `_UNFIT`; it decodes to ±inf in the table's dtype:
+        `_PAST`; else 0, int8) has meaningless figures. `batch` names the rows (the same rows
         under the same name each time)."""
         original, seen = self._rows(keep, row_of, batch)
-        scale, zero_point = self._qparams(seen, keep, quantization, batch)
+        refusals = torch.zeros(row_of.numel(), dtype=torch.int8)
+        try:
+            scale, zero_point = self._qparams(seen, keep, quantization, batch)
+        except UnfitSettingsError:
+            unfit = _unfit_rows(seen, quantization)
+            if not bool(unfit.any()):
+                raise
+            refusals[unfit] = _UNFIT
+            seen = seen.masked_fill(unfit[:, None], 0.0)  # the rows' figures are discarded
+            scale, zero_point = self._qparams(seen, keep, quantization, batch)
         levels = quantize_levels(seen, scale, zero_point, quantization.bits)
         decoded = dequantize(levels, scale, zero_point, out=levels)
         if keep is not None:
             decoded *= keep
-        return _row_figures(original, self.original_norm[row_of], decoded)
+        refusals[
+            (refusals == 0)
+            & _decoding_past(decoded, scale, zero_point, quantization.bits, self.dtype)
+        ] = _PAST
+        return (*_row_figures(original, self.original_norm[row_of], decoded), refusals)
 
     def _rows(
         self, keep: torch.Tensor | None, row_of: torch.Tensor, batch: tuple[str, int]
@@ -962,6 +1035,47 @@ class _SparsityGroups:
             torch.where(better, scale, minmax_scale),
             torch.where(better, zero_point, minmax_zero_point),
         )
+
+
+_UNFIT, _PAST = 1, 2
+"""Why the engine refuses a sampled row: its qparams do not fit (`row_qparams` raises), or it
+decodes to ±inf in the table's dtype (the pipeline's last check)."""
+
+
+def _unfit_rows(seen: torch.Tensor, quantization: Quantization) -> torch.Tensor:
+    """Returns, per row of `seen` (pruned values zeroed), whether `row_qparams` refuses it: its
+    min/max qparams are not finite once unchecked (`qparams_from_range`). An MSE search raises
+    for the same rows (it starts from min/max's qparams)."""
+    scale, zero_point = qparams_from_range(
+        seen.amin(dim=1), seen.amax(dim=1), quantization, check=False
+    )
+    return ~(torch.isfinite(scale) & torch.isfinite(zero_point))
+
+
+def _unfit_message(row: torch.Tensor, quantization: Quantization, table_row: int) -> str:
+    """Returns the engine's message refusing `row` (its values, pruned ones zeroed), found
+    unfit by `_unfit_rows`, as row `table_row` of the table."""
+    try:
+        row_qparams(row[None], quantization, table_row)
+    except UnfitSettingsError as error:
+        return str(error)
+    raise AssertionError(f"row {table_row} was found unfit but its qparams fit")
+
+
+def _decoding_past(
+    decoded: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Returns, per row of `decoded` (float32, pruned values zeroed), whether a value is ±inf
+    once rounded to the table's `dtype`: the pipeline's last check, on the rows whose extreme
+    codes may decode past it (`may_decode_past`)."""
+    risky = may_decode_past(scale, zero_point, bits, dtype)
+    if bool(risky.any()):
+        risky[risky.clone()] = ~torch.isfinite(decoded[risky].to(dtype)).all(dim=1)
+    return risky
 
 
 def _row_figures(

@@ -65,9 +65,15 @@ class TablePlan:
             return self.options[ordered[position]]
         return None
 
+    @property
+    def refused(self) -> list[Option]:
+        """Returns the options the engine refuses on this table (never chosen)."""
+        return [option for option in self.options if option.refused is not None]
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the table's plan as JSON-able data."""
         cheaper, dearer = self.cheaper, self.dearer
+        refused = self.refused
         return {
             "key": self.key,
             "source": self.source,
@@ -81,6 +87,12 @@ class TablePlan:
             "cheaper": cheaper.to_dict() if cheaper is not None else None,
             "dearer": dearer.to_dict() if dearer is not None else None,
             "frontier": [self.options[i].to_dict() for i in self.frontier],
+            "refused": {
+                "count": len(refused),
+                "first": {"settings": refused[0].candidate.label, "reason": refused[0].refused},
+            }
+            if refused
+            else None,
         }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparqcli.config import Config, Rule, config_files
-from sparqcli.errors import InputError, UsageError
+from sparqcli.errors import InputError, UnfitSettingsError, UsageError
 from sparqcli.parallel import resolve_threads
 from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, model_error
 from sparqcli.planning.search import Allocator
@@ -175,17 +176,23 @@ def plan(
 
     def verify_choice(t: int, index: int) -> Option:
         checkpoint, selected, row_weight = readers[t]
-        with checkpoint.row_reader(selected.key) as read_rows:
-            return measure_exact(
-                read_rows,
-                tables[t].shape,
-                torch_dtype(selected.info.dtype),
-                config.order,
-                tables[t].options[index].candidate,
-                weights=row_weight,
-                name=f"{checkpoint.name}: {selected.key}",
-                threads=threads,
-            )
+        name = f"{checkpoint.name}: {selected.key}"
+        estimate = tables[t].options[index]
+        try:
+            with checkpoint.row_reader(selected.key) as read_rows:
+                return measure_exact(
+                    read_rows,
+                    tables[t].shape,
+                    torch_dtype(selected.info.dtype),
+                    config.order,
+                    estimate.candidate,
+                    weights=row_weight,
+                    name=name,
+                    threads=threads,
+                )
+        except UnfitSettingsError as error:  # a row the sample did not hold: never chosen
+            reason = str(error).removeprefix(f"{name}: ")
+            return replace(estimate, exact=True, refused=reason)
 
     choice = _allocate(tables, allowed, mode, target)
     if verify:
@@ -298,10 +305,12 @@ def _labelled(progress: ProgressCallback, label: str) -> Callable[[float], None]
 
 
 def _allowed(table: TablePlan) -> list[int]:
-    """Returns the indices of the options that pass the table's gates."""
+    """Returns the indices of the options the engine accepts that pass the table's gates."""
     gates = table.rule.gates
     allowed = []
     for index, option in enumerate(table.options):
+        if option.refused is not None:
+            continue
         ratio = option.bytes / table.bytes_before if table.bytes_before else None
         if not gates.failures(option.rel_error, option.row_cosine_min, ratio):
             allowed.append(index)
@@ -309,7 +318,14 @@ def _allowed(table: TablePlan) -> list[int]:
 
 
 def _no_candidate(table: TablePlan) -> str:
-    best = min(table.options, key=lambda o: (o.rel_error, o.bytes))
+    fitting = [option for option in table.options if option.refused is None]
+    if not fitting:
+        return (
+            f"{table.source}: table '{table.key}': the engine refuses every candidate of "
+            f"{table.rule.label}; the first: {table.options[0].candidate.label}: "
+            f"{table.options[0].refused}"
+        )
+    best = min(fitting, key=lambda o: (o.rel_error, o.bytes))
     gates = ", ".join(f"{k} {v:g}" for k, v in table.rule.gates.to_dict().items() if v is not None)
     ratio = best.bytes / table.bytes_before if table.bytes_before else 0.0
     return (
