@@ -238,7 +238,7 @@ class _CompressedLookup(nn.Module):
                 return f"{prefix}{name}: expected a tensor, got {type(value).__name__}"
             # torch's own size check, made before anything is copied (torch would copy the
             # layout even when it refuses a buffer)
-            if name in ("codes", "mask") and value.shape != tensors[name].shape:
+            if value.shape != tensors[name].shape:
                 return (
                     f"size mismatch for {prefix}{name}: copying a param with shape "
                     f"{list(value.shape)}, the shape in current model is "
@@ -618,6 +618,8 @@ class EmbeddingBag(_CompressedLookup):
             )
             return out if self.layout.dtype == torch.float32 else out.to(self.layout.dtype)
         _check_offsets(offsets, input.numel())
+        if offsets.numel() == int(include_last_offset):  # no bags (torch's op crashes on them)
+            return self.qparams.new_zeros((0, self.layout.cols), dtype=self.layout.dtype)
         unique, inverse, table = self._subset(input)
         padding = None
         if self.padding_idx is not None:

@@ -114,6 +114,19 @@ def test_load_state_dict_refuses_a_layout_that_does_not_fit(backend: str) -> Non
         assert torch.equal(module(torch.tensor([0, 99])), four.decode()[[0, 99]])
 
 
+def test_load_state_dict_checks_every_shape_before_copying(backend: str) -> None:
+    first, second = make_table(30, 16, level=0.5, seed=1), make_table(30, 16, level=0.5, seed=2)
+    module, other = EmbeddingBag.from_table(first, mode="sum"), EmbeddingBag.from_table(second)
+    if other.codes.shape != module.codes.shape:
+        pytest.skip("tables of different kept counts")
+    for name in ("scale", "zero_point"):
+        state = other.state_dict()
+        state[name] = state[name].view(30, 1)
+        with pytest.raises(RuntimeError, match=rf"size mismatch for {name}: copying a param"):
+            module.load_state_dict(state)
+        assert torch.equal(module.decoded_weight(), first.decode())
+
+
 def test_copies_and_pickles_after_a_lookup(backend: str) -> None:
     first, second = make_table(50, 8, seed=1), make_table(50, 8, seed=2)
     bag = EmbeddingBag.from_table(first, mode="sum")
@@ -231,6 +244,22 @@ def test_offsets_must_not_decrease_or_overrun(backend: str) -> None:
         F.embedding_bag(
             indices, table.decode(), torch.zeros(0, dtype=torch.long), include_last_offset=True
         )
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_bags_over_some_indices_give_no_rows(
+    backend: str, mode: str, dtype: torch.dtype
+) -> None:
+    # One offset with include_last_offset is zero bags: torch's own op crashes the process on
+    # it with a non-empty input (float64, or mode max), the module returns (0, cols).
+    table = make_table(30, 16, level=0.5, dtype=dtype)
+    bag = EmbeddingBag.from_table(table, mode=mode, include_last_offset=True)
+    out = bag(torch.tensor([1, 2, 3]), torch.tensor([0]))
+    assert out.shape == (0, 16) and out.dtype == dtype
+    weights = torch.ones(3, dtype=torch.float32)
+    if mode == "sum":
+        assert bag(torch.tensor([1, 2, 3]), torch.tensor([0]), weights).shape == (0, 16)
 
 
 def test_per_sample_weights_get_their_gradient(backend: str) -> None:
