@@ -72,6 +72,28 @@ def test_compress_state_dict_refuses_what_is_not_a_tensor(state) -> None:
         sparqcli.compress_state_dict({**state, "step": 3}, PYTHON_CONFIG)  # type: ignore[dict-item]
 
 
+def test_parameters_that_require_a_gradient_compress_as_their_values(tmp_path, state) -> None:
+    # A model's parameters, handed over or saved as they are, hold the same values as the
+    # state dict: the engine must not trip on their autograd flag.
+    parameters = {key: torch.nn.Parameter(value.clone()) for key, value in state.items()}
+    expected = sparqcli.compress_state_dict(state, PYTHON_CONFIG).decode()
+    decoded = sparqcli.compress_state_dict(parameters, PYTHON_CONFIG).decode()
+    assert all(torch.equal(decoded[key], expected[key]) for key in state)
+    torch.save(parameters, tmp_path / "params.pt")
+    report = sparqcli.compress(
+        tmp_path / "params.pt", PYTHON_CONFIG, output=tmp_path / "p.sparq.safetensors"
+    )
+    assert report.gate_failures == []
+    loaded = sparqcli.load(tmp_path / "p.sparq.safetensors")
+    assert all(torch.equal(loaded[key], expected[key]) for key in state)
+    from sparqcli.engine.pipeline import compress_table
+
+    table, _ = compress_table(
+        parameters["emb.weight"], "sparsify-first", sparqcli.Sparsity(), sparqcli.Quantization()
+    )
+    assert not table.codes.requires_grad
+
+
 def test_open_is_a_handle_like_safe_open(tmp_path, state) -> None:
     path = sparqcli.compress_state_dict(state, PYTHON_CONFIG).save(tmp_path / "m.sparq.safetensors")
     dense = sparqcli.load(path)

@@ -93,6 +93,7 @@ def compress_table(
     if table.dim() != 2:
         raise TableError(f"{name}: must be a 2-D table, got shape {list(table.shape)}")
     rows, cols = table.shape
+    table = table.detach()  # a parameter's values, not its graph
     return compress_rows(
         lambda start, stop: table[start:stop],
         (rows, cols),

@@ -62,12 +62,13 @@ class StateDictCheckpoint(Checkpoint):
     def read_rows(
         self, key: str, start: int, stop: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Returns rows `start:stop` of tensor `key` as they are held (`out` is not used)."""
-        return self._state[key][start:stop]
+        """Returns rows `start:stop` of tensor `key` as they are held, detached from autograd
+        (parameters require a gradient; `out` is not used)."""
+        return self._state[key][start:stop].detach()
 
     def tensor(self, key: str) -> torch.Tensor:
-        """Returns tensor `key` as it is held."""
-        return self._state[key]
+        """Returns tensor `key` as it is held, detached from autograd."""
+        return self._state[key].detach()
 
     def storage_groups(self) -> list[tuple[str, ...]]:
         """Returns groups (2 or more keys, in key order) of tensors that are the same view of
