@@ -499,6 +499,27 @@ def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path, config):
     )
 
 
+def test_an_unexpected_exception_is_one_line_and_debug_shows_it(
+    tmp_path, checkpoint, config, monkeypatch
+):
+    import sparqcli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunforeseen")
+
+    monkeypatch.setattr(sparqcli, "compress", broken)
+    out = tmp_path / "out.sparq.safetensors"
+    done = runner.invoke(app, ["compress", str(checkpoint), "-c", str(config), "-o", str(out)])
+    assert (done.exit_code, done.output) == (
+        1,
+        "sparq: error: internal error: RuntimeError: something unforeseen (a bug in sparq; "
+        "--debug shows the traceback)\n",
+    )
+    assert not out.exists()
+    done = runner.invoke(app, ["--debug", "compress", str(checkpoint), "-c", str(config)])
+    assert isinstance(done.exception, RuntimeError)
+
+
 def test_progress_bars_draw_on_a_terminal_and_vanish(checkpoint, config):
     import pty
 

@@ -109,6 +109,17 @@ def run_command(command: F) -> F:
                 raise
             print_error(error.render(flag_spelling))
             raise typer.Exit(error.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # a bug: one line here, the traceback with --debug
+            if _state["debug"]:
+                raise
+            detail = " ".join(str(error).split())[:300]
+            print_error(
+                f"internal error: {type(error).__name__}: {detail} (a bug in sparq; "
+                "--debug shows the traceback)"
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
