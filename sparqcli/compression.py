@@ -106,6 +106,8 @@ def compress(
                 check_output_folder(target, inputs, force)
             else:
                 check_output_path(target, inputs, force)
+            if output is not None:
+                check_output_name(target, output_format, folder=is_model_folder(source))
         if report_path is not None:
             check_report_path(Path(report_path), force, inputs, targets)
         report = CompressReport(config, [], dry_run, device, threads=thread_count)
@@ -204,6 +206,7 @@ class CompressedStateDict:
         from sparqcli.sinks import atomic_output, check_output_path
 
         path = Path(path)
+        check_output_name(path, "sparq")
         check_output_path(path, [], force)
         stats = {table.key: table.stats for table in self.report.tables if table.stats}
         with atomic_output(path) as temp:
@@ -342,6 +345,34 @@ def plan_outputs(
         what = "not a folder" if out_dir.exists() else "no such folder"
         raise UsageError(f"{{opt:out_dir}} {out_dir}: {what}", path=out_dir)
     return outputs
+
+
+def check_output_name(output: Path, output_format: str, *, folder: bool = False) -> None:
+    """Checks that `output`'s name says what is written there: a `.safetensors` file for the
+    sparq format, a torch file (`.pt`, `.pth`, `.bin`, `.ckpt`) for torch-ao, and no such suffix
+    for a folder (`folder`: the input is a model folder). Raises UsageError otherwise (readers,
+    sparq's included, tell the kind by the name)."""
+    from sparqcli.sources import TORCH_SUFFIXES
+
+    suffix = output.suffix.lower()
+    if folder:
+        if suffix in (".safetensors", *TORCH_SUFFIXES):
+            raise UsageError(
+                f"{{opt:output}} {output}: a model folder is written as a folder; give a name "
+                f"without the {suffix} suffix",
+                path=output,
+                option="output",
+            )
+        return
+    wanted = (".safetensors",) if output_format == "sparq" else TORCH_SUFFIXES
+    if suffix not in wanted:
+        names = " or ".join(wanted)
+        raise UsageError(
+            f"{{opt:output}} {output}: the {output_format} format writes a {names} file; "
+            f"end the name with {wanted[0]}",
+            path=output,
+            option="output",
+        )
 
 
 def check_device(device: str) -> None:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
 import sparqcli
 from sparqcli.cli import app
+from sparqcli.errors import UsageError
 
 runner = CliRunner()
 
@@ -140,6 +142,49 @@ def test_output_may_not_be_the_input(checkpoint, config):
         error_line(result)
         == f"sparq: error: {checkpoint}: is an input; sparq never overwrites its input"
     )
+
+
+def test_the_output_name_says_the_format_written(checkpoint, config, tmp_path, state):
+    # readers, sparq's own included, tell a file's kind by its name
+    for output, extra, message in [
+        (
+            "out.pt",
+            [],
+            "the sparq format writes a .safetensors file; end the name with .safetensors",
+        ),
+        (
+            "out.sparq",
+            [],
+            "the sparq format writes a .safetensors file; end the name with .safetensors",
+        ),
+        (
+            "out.safetensors",
+            ["--format", "torch-ao"],
+            "the torch-ao format writes a .pt or .pth or .bin or .ckpt file; end the name with .pt",
+        ),
+    ]:
+        result = run("compress", checkpoint, "-c", config, "-o", tmp_path / output, *extra)
+        assert result.exit_code == 2
+        assert error_line(result) == f"sparq: error: -o/--output {tmp_path / output}: {message}"
+        assert not (tmp_path / output).exists()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    result = run("compress", folder, "-c", config, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: -o/--output {tmp_path / 'm.safetensors'}: a model folder is written as a "
+        "folder; give a name without the .safetensors suffix"
+    )
+    assert (
+        run(
+            "compress", checkpoint, "-c", config, "-o", tmp_path / "a.PT", "--format", "torch-ao"
+        ).exit_code
+        == 0
+    )
+    compressed = sparqcli.compress_state_dict(state, sparqcli.Config.from_yaml(config))
+    with pytest.raises(UsageError, match=r"x\.pt: the sparq format writes a \.safetensors file"):
+        compressed.save(tmp_path / "x.pt")
 
 
 def test_neither_output_nor_report_may_overwrite_an_input_or_each_other(
