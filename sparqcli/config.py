@@ -134,11 +134,13 @@ class Config:
     smaller than this many bytes; a rule naming an exact key or module, or a module type,
     always selects. 0 skips nothing.
 
-    Equal to the same YAML loaded with `Config.from_yaml`. `source` names where it came from
-    (a file path; not compared). Raises ConfigError listing every problem.
+    Equal to the same YAML loaded with `Config.from_yaml`: configs compare by what their rules
+    resolve to (`resolved_rules`), so a rule's section given as a mapping or as a dataclass
+    compares equal where both give the same settings. `source` names where it came from (a
+    file path; not compared). Raises ConfigError listing every problem.
     """
 
-    layers: Sequence[Rule]
+    layers: Sequence[Rule] = field(compare=False)
     version: int = CONFIG_VERSION
     order: Order = "sparsify-first"
     sparsity: Sparsity = field(default_factory=Sparsity)
@@ -148,9 +150,7 @@ class Config:
     gates: Gates = field(default_factory=Gates)
     plan: PlanSpace | None = None
     source: str = field(default="<config>", compare=False)
-    resolved_rules: tuple[ResolvedRule, ...] = field(
-        init=False, repr=False, compare=False, default=()
-    )
+    resolved_rules: tuple[ResolvedRule, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, tuple)):
@@ -160,6 +160,11 @@ class Config:
         problems = _Validator().problems_of(self.to_dict())
         if problems:
             raise ConfigError(self.source, problems)
+        # a rule given as its YAML mapping becomes a Rule, as from_dict makes it
+        rules = tuple(
+            rule if isinstance(rule, Rule) else _rule_from_mapping(rule) for rule in self.layers
+        )
+        object.__setattr__(self, "layers", rules)
         for name, section in SECTIONS.items():
             value = getattr(self, name)
             if not isinstance(value, section):
@@ -202,14 +207,7 @@ class Config:
         found = [*problems, *_Validator().problems_of(data)]
         if found:
             raise ConfigError(source, found)
-        layers = tuple(
-            Rule(
-                match=rule.get("match"),
-                type=rule.get("type"),
-                **{name: _normalized(rule.get(name)) for name in SECTIONS},
-            )
-            for rule in data["layers"]
-        )
+        layers = tuple(_rule_from_mapping(rule) for rule in data["layers"])
         return cls(
             layers=layers,
             version=data.get("version", CONFIG_VERSION),
@@ -271,6 +269,15 @@ def _section_dict(value: object) -> Any:
     if isinstance(value, Mapping):
         return {key: list(item) if isinstance(item, tuple) else item for key, item in value.items()}
     return value
+
+
+def _rule_from_mapping(rule: Mapping[str, Any]) -> Rule:
+    """Returns the Rule a validated `layers:` entry describes."""
+    return Rule(
+        match=rule.get("match"),
+        type=rule.get("type"),
+        **{name: _normalized(rule.get(name)) for name in SECTIONS},
+    )
 
 
 def _normalized(value: object) -> Any:

@@ -661,3 +661,20 @@ def test_a_statistic_that_is_not_a_number_fails_its_gate():
     ]
     assert gates.failures(0.05, 0.95, 0.2) == []
     assert Gates().failures(nan, nan, None) == []  # no gate, nothing to fail
+
+
+def test_rules_given_as_mappings_or_dataclasses_compare_as_their_yaml(tmp_path) -> None:
+    as_python = Config(layers=[Rule(match="a", sparsity={"block_shape": [2, 2]})])
+    as_yaml = Config.from_dict({"layers": [{"match": "a", "sparsity": {"block_shape": [2, 2]}}]})
+    assert as_python == as_yaml
+    assert Config(layers=[{"match": "a", "quantization": {"bits": 4}}]) == Config(
+        layers=[Rule(match="a", quantization={"bits": 4})]
+    )
+    with_dataclass = Config(layers=[Rule(match="a", sparsity=Sparsity(level=0.3))])
+    path = tmp_path / "c.yaml"
+    path.write_text(with_dataclass.to_yaml())
+    assert Config.from_yaml(path) == with_dataclass
+    assert Config(layers=[Rule(match="a")]) != Config(layers=[Rule(match="b")])
+    assert Config(layers=[Rule(match="a")]) != Config(
+        layers=[Rule(match="a", sparsity={"level": 0.9})]
+    )
