@@ -197,6 +197,18 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def finite_number(value: object) -> float | None:
+    """Returns `value` as a float when it is a number (not a bool) that a float holds finitely,
+    else None (an int past float's range included)."""
+    if not is_number(value):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -204,6 +216,9 @@ def _is_int(value: object) -> bool:
 def _show(value: object) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(repr(v) for v in value) + "]"
+    if isinstance(value, int) and abs(value) > 10**30:  # an int of hundreds of digits
+        kind = "a negative integer" if value < 0 else "an integer"
+        return f"{kind} of {len(str(abs(value)))} digits"
     return repr(value)
 
 
@@ -223,16 +238,17 @@ def _choice_problem(value: object, allowed: tuple[str, ...]) -> str | None:
 def sparsity_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one sparsity field's value on its own, or None."""
     if name == "level":
-        if not is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:  # type: ignore[arg-type]
-            return f"must be a number in [0, 1], got {value!r}"
+        level = finite_number(value)
+        if level is None or not 0.0 <= level <= 1.0:
+            return f"must be a number in [0, 1], got {_show(value)}"
     elif name == "block_shape":
         if not _block_shape_ok(value):
             return f"must be two positive integers [rows, columns], got {_show(value)}"
     elif name == "zeros_per_block":
         if value is not None and not _is_int(value):
-            return f"must be an integer or null, got {value!r}"
+            return f"must be an integer or null, got {_show(value)}"
         if value is not None and value < 0:  # type: ignore[operator]
-            return f"must not be negative, got {value}"
+            return f"must not be negative, got {_show(value)}"
     elif name in _SPARSITY_CHOICES:
         return _choice_problem(value, _SPARSITY_CHOICES[name])
     return None
@@ -260,7 +276,7 @@ def sparsity_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
 def quantization_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one quantization field's value, or None."""
     if name == "bits" and (not _is_int(value) or value not in BITS):
-        return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {value!r}"
+        return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {_show(value)}"
     if name in _QUANTIZATION_CHOICES:
         return _choice_problem(value, _QUANTIZATION_CHOICES[name])
     return None
@@ -275,14 +291,13 @@ def gate_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one gate's value, or None (null disables the gate)."""
     if value is None:
         return None
-    number = float(value) if is_number(value) else math.nan  # type: ignore[arg-type]
-    finite = math.isfinite(number)
-    if name == "max_rel_error" and not (finite and number >= 0):
-        return f"must be a number >= 0, got {value!r}"
-    if name == "min_row_cosine" and not (finite and -1 <= number <= 1):
-        return f"must be a number in [-1, 1], got {value!r}"
-    if name == "max_bytes_ratio" and not (finite and number > 0):
-        return f"must be a number > 0, got {value!r}"
+    number = finite_number(value)
+    if name == "max_rel_error" and not (number is not None and number >= 0):
+        return f"must be a number >= 0, got {_show(value)}"
+    if name == "min_row_cosine" and not (number is not None and -1 <= number <= 1):
+        return f"must be a number in [-1, 1], got {_show(value)}"
+    if name == "max_bytes_ratio" and not (number is not None and number > 0):
+        return f"must be a number > 0, got {_show(value)}"
     return None
 
 
@@ -294,7 +309,7 @@ def gates_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
 def min_table_bytes_problem(value: object) -> str | None:
     """Returns what is wrong with a `min_table_bytes` value (a byte count), or None."""
     if not _is_int(value) or value < 0:  # type: ignore[operator]
-        return f"must be an integer >= 0 (bytes; 0 skips no table), got {value!r}"
+        return f"must be an integer >= 0 (bytes; 0 skips no table), got {_show(value)}"
     return None
 
 

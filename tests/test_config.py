@@ -678,3 +678,24 @@ def test_rules_given_as_mappings_or_dataclasses_compare_as_their_yaml(tmp_path) 
     assert Config(layers=[Rule(match="a")]) != Config(
         layers=[Rule(match="a", sparsity={"level": 0.9})]
     )
+
+
+def test_integers_past_float_range_are_config_problems() -> None:
+    huge = 10**400
+    with pytest.raises(SettingError, match=r"level: must be a number in \[0, 1\], got an integer"):
+        Sparsity(level=huge)
+    with pytest.raises(SettingError, match=r"max_rel_error: must be a number >= 0, got an integer"):
+        Gates(max_rel_error=huge)
+    with pytest.raises(ConfigError) as found:
+        Config.from_dict(
+            {
+                "layers": [{"match": "a", "quantization": {"bits": huge}}],
+                "sparsity": {"zeros_per_block": -huge},
+                "gates": {"min_row_cosine": -huge},
+            }
+        )
+    assert found.value.problems == [
+        "sparsity.zeros_per_block: must not be negative, got a negative integer of 401 digits",
+        "gates.min_row_cosine: must be a number in [-1, 1], got a negative integer of 401 digits",
+        "layers[0].quantization.bits: must be an integer from 1 to 8, got an integer of 401 digits",
+    ]

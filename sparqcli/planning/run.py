@@ -16,6 +16,7 @@ from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, model_er
 from sparqcli.planning.search import Allocator
 from sparqcli.planning.space import Candidate, PlanSpace, candidates
 from sparqcli.select import exact_pattern
+from sparqcli.settings import finite_number
 
 if TYPE_CHECKING:
     import torch
@@ -293,11 +294,13 @@ def _target(budget: float | None, max_error: float | None) -> tuple[str, float]:
             option="budget",
         )
     name, value = ("budget", budget) if budget is not None else ("max_error", max_error)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{{opt:{name}}}: must be a finite number, got {value!r}", option=name)
-    if value <= 0:
-        raise UsageError(f"{{opt:{name}}}: must be > 0, got {value:g}", option=name)
-    return name, float(value)
+    number = finite_number(value)
+    if number is None:
+        shown = value if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+        raise UsageError(f"{{opt:{name}}}: must be a finite number, got {shown!r}", option=name)
+    if number <= 0:
+        raise UsageError(f"{{opt:{name}}}: must be > 0, got {number:g}", option=name)
+    return name, number
 
 
 def _labelled(progress: ProgressCallback, label: str) -> Callable[[float], None]:
