@@ -137,6 +137,34 @@ def test_get_rows_reads_any_range_of_any_packing(tmp_path, bits, block_shape) ->
                 assert torch.equal(file.get_rows("t", start, stop), whole[start:stop])
 
 
+def test_a_closed_handle_and_an_absent_device_are_usage_errors(tmp_path, state) -> None:
+    path = sparqcli.compress_state_dict(state, PYTHON_CONFIG).save(tmp_path / "m.sparq.safetensors")
+    file = sparqcli.open(path)
+    file.close()
+    closed = rf"^{path}: the file is closed; open it again to read from it$"
+    for read in (
+        lambda: file.get_tensor("emb.weight"),
+        lambda: file.get_tensor("proj.bias"),
+        lambda: file.get_table("emb.weight"),
+        lambda: file.get_rows("emb.weight", 0, 2),
+        lambda: file.get_rows("proj.weight", 0, 2),
+    ):
+        with pytest.raises(UsageError, match=closed):
+            read()
+    assert file.keys() == sorted(state)  # the header stays known
+    for device, message in [
+        ("bogus", r"^device: 'bogus' is not a device \(cpu, cuda, cuda:N\)$"),
+        ("meta", r"^device: must be cpu or cuda, got 'meta'$"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            sparqcli.open(path, device=device)
+        with pytest.raises(UsageError, match=message):
+            sparqcli.load(path, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match=r"^device 'cuda': this machine has no CUDA device$"):
+            sparqcli.open(path, device="cuda")
+
+
 def test_inspect_and_decompress_return_typed_results(tmp_path, checkpoint, state) -> None:
     inspection = sparqcli.inspect(checkpoint)
     assert [entry.key for entry in inspection.tensors] == list(state)

@@ -27,7 +27,7 @@ from sparqcli.dtypes import (
 )
 from sparqcli.engine.blocks import block_grid
 from sparqcli.engine.table import CompressedTable
-from sparqcli.errors import FormatError, InputError, SettingError, first_line
+from sparqcli.errors import FormatError, InputError, SettingError, UsageError, first_line
 from sparqcli.format.handle import OpenHandle
 from sparqcli.format.packing import padding_is_zero, unpack_bits, unpack_code_range, unpack_codes
 from sparqcli.format.spec import (
@@ -461,13 +461,14 @@ class SparqFile(OpenHandle):
     """An open sparq file (or plain safetensors file), like `safetensors.safe_open`.
 
     The header is read and validated on opening; tensors are read when asked for. Use it as a
-    context manager, or call `close()`. Keys are the original keys: a compressed table `K` is
-    one key, not its stored parts.
+    context manager, or call `close()`; reading a tensor after that raises UsageError. Keys are
+    the original keys: a compressed table `K` is one key, not its stored parts. `device` as
+    `reader_device` takes it.
     """
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
         self.path = str(path)
-        self.device = torch.device(device)
+        self.device = reader_device(device)
         self._context = _opened(path)
         self._handle = self._context.__enter__()
         try:
@@ -481,6 +482,12 @@ class SparqFile(OpenHandle):
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
+
+    def _open_handle(self) -> Any:
+        """Returns the safetensors handle. Raises UsageError once the file is closed."""
+        if self._context is None:
+            raise UsageError(f"{self.path}: the file is closed; open it again to read from it")
+        return self._handle
 
     def keys(self) -> list[str]:
         """Returns the keys of the dense state dict the file decodes to, sorted."""
@@ -509,7 +516,7 @@ class SparqFile(OpenHandle):
         if key in self.info.tables:
             return self.get_table(key).decode()
         if key in self.info.passthrough:
-            return _get_tensor(self._handle, self.path, key).to(self.device)
+            return _get_tensor(self._open_handle(), self.path, key).to(self.device)
         raise _unknown_key(self.path, key, self.keys())
 
     def get_table(self, key: str) -> CompressedTable:
@@ -522,7 +529,7 @@ class SparqFile(OpenHandle):
         key = self.info.aliases.get(key, key)
         if key not in self.info.tables:
             raise _unknown_key(self.path, key, self.tables())
-        return _read_table(self.path, self._handle, self.info.tables[key], self.device)
+        return _read_table(self.path, self._open_handle(), self.info.tables[key], self.device)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Returns rows `start:stop` of tensor `key`, decoded, reading only what they need.
@@ -535,13 +542,32 @@ class SparqFile(OpenHandle):
         if key in self.info.passthrough:
             shape = self.info.passthrough[key].shape
             _check_range(key, start, stop, shape[0] if shape else 0)
-            view = self._handle.get_slice(key)
+            view = self._open_handle().get_slice(key)
             return view[start:stop].to(self.device)
         if key not in self.info.tables:
             raise _unknown_key(self.path, key, self.keys())
         info = self.info.tables[key]
         _check_range(key, start, stop, info.shape[0])
-        return _read_rows(self.path, self._handle, info, start, stop).to(self.device)
+        return _read_rows(self.path, self._open_handle(), info, start, stop).to(self.device)
+
+
+def reader_device(device: torch.device | str) -> torch.device:
+    """Returns `device` as the torch.device a reader puts tensors on. Raises UsageError for a
+    name that is not a device, a kind other than cpu or cuda, or a CUDA device this machine
+    does not have."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device: {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if found.type == "cpu":
+        return found
+    if found.type != "cuda":
+        raise UsageError(f"device: must be cpu or cuda, got {device!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (found.index or 0) >= count:
+        have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device"
+        raise UsageError(f"device {device!r}: this machine has {have}")
+    return found
 
 
 def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile | SparqFolder:
@@ -550,10 +576,12 @@ def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile
     distributed run writes: tables split by rows across shards), which read the same way.
 
     Raises InputError when the file is missing or unreadable (or the folder is not a model
-    folder), FormatError when it is not valid safetensors or its sparq metadata is inconsistent.
+    folder), FormatError when it is not valid safetensors or its sparq metadata is inconsistent,
+    UsageError for a device it cannot read to (`reader_device`).
     """
     from sparqcli.format.sharded import ShardedSparqFile, is_sharded_output
 
+    device = reader_device(device)
     if is_sharded_output(path):
         return ShardedSparqFile(path, device)  # type: ignore[return-value]
     if Path(path).is_dir():
