@@ -299,7 +299,9 @@ def test_state_dict_scales_are_checked() -> None:
     module = Embedding.from_table(make_table(64, 16, level=0.5))
     state = module.state_dict()
     assert state["scale"].is_contiguous() and state["scale"].shape == (64,)
-    with pytest.raises(RuntimeError, match="tensor 'scale' holds 10 values; the layout"):
+    with pytest.raises(
+        RuntimeError, match=r"size mismatch for scale: copying a param with shape \[10\]"
+    ):
         module.load_state_dict({**state, "scale": state["scale"][:10]})
     with pytest.raises(RuntimeError, match="dtype mismatch for zero_point"):
         module.load_state_dict({**state, "zero_point": state["zero_point"].half()})
