@@ -72,16 +72,14 @@ def compress(
     InputError/TableError/OutputError (exit 1) for bad data or failed I/O.
     """
     started = time.perf_counter()
-    sources = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
-    if not sources:
-        raise UsageError("no input checkpoint given")
+    sources = input_paths(inputs)
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(
             f"{{opt:output_format}}: must be sparq or torch-ao, got {output_format!r}",
             option="output_format",
         )
     inputs = [*sources, *config_files(config)]  # never overwritten by an output or the report
-    config = _config(config, overrides, order)
+    config = read_config(config, overrides, order)
     check_device(device)
     thread_count, _ = resolve_threads(threads)
     targets = plan_outputs(
@@ -296,7 +294,33 @@ def _compress_folder(
         )
 
 
-def _config(config: Config | str | Path, overrides: Sequence[str], order: str | None) -> Config:
+def input_paths(inputs: object) -> list[Path]:
+    """Returns the checkpoint paths `inputs` names (a path, or a sequence of them). Raises
+    UsageError for none, and for what is not a path (a state dict in memory is compressed by
+    `compress_state_dict`)."""
+    if isinstance(inputs, Mapping):
+        raise UsageError(
+            "inputs: a state dict in memory, not a checkpoint path; compress it with "
+            "sparqcli.compress_state_dict"
+        )
+    items = [inputs] if isinstance(inputs, (str, Path)) else inputs
+    try:
+        sources = [Path(item) for item in items]  # type: ignore[union-attr]
+    except TypeError:
+        raise UsageError(
+            f"inputs: must be a checkpoint path or a list of them, got {type(inputs).__name__}"
+        ) from None
+    if not sources:
+        raise UsageError("no input checkpoint given")
+    return sources
+
+
+def read_config(
+    config: Config | str | Path, overrides: Sequence[str] = (), order: str | None = None
+) -> Config:
+    """Returns `config` as a Config: read from its YAML path (with `overrides` and `order`), or
+    as given. Raises what `Config.from_yaml` raises, and UsageError for anything else, or for
+    overrides given with a loaded Config."""
     if isinstance(config, (str, Path)):
         return Config.from_yaml(config, overrides, order)
     if not isinstance(config, Config):

@@ -185,6 +185,8 @@ class Config:
         problem of the file, the overrides and the resulting config.
         """
         source = str(path)
+        if isinstance(overrides, str):  # one override, not a sequence of its characters
+            overrides = [overrides]
         data = _read_yaml(Path(path), source)
         if not isinstance(data, Mapping):
             raise ConfigError(source, [_top_level_problem(data)])

@@ -98,9 +98,14 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
 
 
 def selection(
-    config: Config, path: str | Path, *, key: str | None = None, trust_pickle: bool = False
+    config: Config | str | Path,
+    path: str | Path,
+    *,
+    key: str | None = None,
+    trust_pickle: bool = False,
 ) -> Selection:
-    """Returns what each rule of `config` matches in the checkpoint (or model folder) at `path`;
+    """Returns what each rule of `config` (a Config or a YAML path) matches in the checkpoint
+    (or model folder) at `path`;
     each group of aliases (tied tables) is one selected table.
 
     Raises what opening the checkpoint raises, and SelectionError for a rule that matches
@@ -108,10 +113,12 @@ def selection(
     group is selected.
     """
     from sparqcli.aliasing import apply_aliases
+    from sparqcli.compression import read_config
     from sparqcli.select import select_tables
     from sparqcli.sources import open_checkpoint
     from sparqcli.sources.aliases import find_aliases
 
+    config = read_config(config)
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
     chosen = select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
     groups = find_aliases(checkpoint, [table.key for table in chosen.tables])

@@ -16,6 +16,7 @@ import sparqcli
 from sparqcli.cli import app
 from sparqcli.engine.stats import StatsAccumulator
 from sparqcli.errors import GateError, SettingError, UsageError
+from sparqcli.nn import Embedding
 
 runner = CliRunner()
 
@@ -163,6 +164,43 @@ def test_a_closed_handle_and_an_absent_device_are_usage_errors(tmp_path, state) 
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match=r"^device 'cuda': this machine has no CUDA device$"):
             sparqcli.open(path, device="cuda")
+
+
+def test_library_calls_given_the_wrong_kind_of_argument_say_so(
+    tmp_path, state, config, checkpoint
+) -> None:
+    assert sparqcli.selection(config, checkpoint) == sparqcli.selection(
+        sparqcli.Config.from_yaml(config), checkpoint
+    )
+    with pytest.raises(
+        UsageError, match=r"^inputs: a state dict in memory, not a checkpoint path; "
+    ):
+        sparqcli.compress(state, PYTHON_CONFIG)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"^inputs: must be a checkpoint path or a list of them"):
+        sparqcli.plan(3, PYTHON_CONFIG, budget=0.1)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"sample_rows: must be a positive integer, got 2.5$"):
+        sparqcli.plan(tmp_path / "m.pt", PYTHON_CONFIG, budget=0.1, sample_rows=2.5)  # type: ignore[arg-type]
+    # one override given as a string is one override
+    one = sparqcli.Config.from_yaml(config, "sparsity.level=0.7")
+    assert one == sparqcli.Config.from_yaml(config, ["sparsity.level=0.7"])
+    assert one.sparsity.level == 0.7
+    compressed = sparqcli.compress_state_dict(state, PYTHON_CONFIG)
+    with pytest.raises(TypeError, match=r"^from_table takes a CompressedTable .* got Tensor; "):
+        Embedding.from_table(state["emb.weight"])  # type: ignore[arg-type]
+    path = compressed.save(tmp_path / "m.sparq.safetensors")
+    with (
+        sparqcli.open(path) as file,
+        pytest.raises(
+            sparqcli.errors.InputError,
+            match=r"'proj.weight' is not a compressed table \(it is stored as it was\); get_tensor",
+        ),
+    ):
+        file.get_table("proj.weight")
+    with sparqcli.open(path) as file:
+        with pytest.raises(TypeError, match=r"integer start and stop, got 0.0:2.5$"):
+            file.get_rows("emb.weight", 0.0, 2.5)  # type: ignore[arg-type]
+        with pytest.raises(sparqcli.errors.InputError, match=r"keys are strings, got int 3$"):
+            file.get_tensor(3)  # type: ignore[arg-type]
 
 
 def test_inspect_and_decompress_return_typed_results(tmp_path, checkpoint, state) -> None:

@@ -124,7 +124,13 @@ class _Run:
         device: str,
         progress: ProgressCallback | None,
     ) -> CompressReport:
-        from sparqcli.compression import _config, _plan, check_device, input_size, is_model_folder
+        from sparqcli.compression import (
+            _plan,
+            check_device,
+            input_size,
+            is_model_folder,
+            read_config,
+        )
         from sparqcli.digest import BackgroundSha256
         from sparqcli.sinks import check_output_folder, check_report_path, partial_folder
         from sparqcli.sources import open_checkpoint
@@ -132,7 +138,7 @@ class _Run:
         group, source, output = self.group, self.source, self.output
         rank = group.rank
         inputs = [source, *config_files(config)]  # never overwritten by the output or report
-        config = _config(config, overrides, order)
+        config = read_config(config, overrides, order)
         check_device(device)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

@@ -446,6 +446,8 @@ def _read_table(
 
 
 def _unknown_key(where: str, key: str, keys: list[str]) -> InputError:
+    if not isinstance(key, str):
+        return InputError(f"{where}: keys are strings, got {type(key).__name__} {key!r}")
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     if close:
         hint = "did you mean " + ", ".join(f"'{k}'" for k in close) + "?"
@@ -455,6 +457,19 @@ def _unknown_key(where: str, key: str, keys: list[str]) -> InputError:
     else:
         hint = "it holds no tensors"
     return InputError(f"{where}: no tensor '{key}'; {hint}")
+
+
+def _not_a_table(
+    where: str, key: str, passthrough: Mapping[str, Any], tables: list[str]
+) -> InputError:
+    """Returns the error for asking for table `key` of a file that holds it stored as it was
+    (`passthrough`), or not at all (naming close table keys)."""
+    if key in passthrough:
+        return InputError(
+            f"{where}: '{key}' is not a compressed table (it is stored as it was); get_tensor "
+            "reads it"
+        )
+    return _unknown_key(where, key, tables)
 
 
 class SparqFile(OpenHandle):
@@ -528,7 +543,7 @@ class SparqFile(OpenHandle):
         """
         key = self.info.aliases.get(key, key)
         if key not in self.info.tables:
-            raise _unknown_key(self.path, key, self.tables())
+            raise _not_a_table(self.path, key, self.info.passthrough, self.tables())
         return _read_table(self.path, self._open_handle(), self.info.tables[key], self.device)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
@@ -536,7 +551,8 @@ class SparqFile(OpenHandle):
 
         A compressed table reads its mask, scales and zero points, and only the codes of the
         block rows that hold those rows. Raises IndexError for a range outside the tensor,
-        InputError for an unknown key, FormatError for a corrupt table.
+        TypeError for ends that are not ints, InputError for an unknown key, FormatError for a
+        corrupt table.
         """
         key = self.info.aliases.get(key, key)
         if key in self.info.passthrough:
@@ -592,6 +608,10 @@ def open_file(path: str | Path, device: torch.device | str = "cpu") -> SparqFile
 
 
 def _check_range(key: str, start: int, stop: int, rows: int) -> None:
+    if not all(isinstance(end, int) and not isinstance(end, bool) for end in (start, stop)):
+        raise TypeError(
+            f"rows of '{key}' are read by integer start and stop, got {start!r}:{stop!r}"
+        )
     if not (0 <= start <= stop <= rows):
         raise IndexError(f"rows {start}:{stop} of '{key}' are outside its {rows} rows")
 

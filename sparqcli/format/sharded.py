@@ -222,9 +222,9 @@ class ShardedSparqFile(OpenHandle):
 
         key = self.info.aliases.get(key, key)
         if key not in self.shards:
-            from sparqcli.format.reader import _unknown_key
+            from sparqcli.format.reader import _not_a_table
 
-            raise _unknown_key(self.path, key, self.tables())
+            raise _not_a_table(self.path, key, self.info.passthrough, self.tables())
         pieces = [self._files[p.file].get_table(key) for p in self.shards[key]]
         first = pieces[0]
         masks = [piece.keep_mask for piece in pieces]

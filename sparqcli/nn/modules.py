@@ -57,6 +57,12 @@ class _CompressedLookup(nn.Module):
     @classmethod
     def _of_table(cls, table: CompressedTable, **options: Any) -> Any:
         """Returns the module serving an in-memory compressed table (see `from_table`)."""
+        if not isinstance(table, CompressedTable):
+            raise TypeError(
+                f"from_table takes a CompressedTable (what sparq's engine returns), got "
+                f"{type(table).__name__}; torch.nn.{cls.__name__}.from_pretrained serves a dense "
+                "tensor"
+            )
         layout, tensors = pack_table(table)
         return cls(layout, tensors, source="table", **options)
 
@@ -416,7 +422,8 @@ class Embedding(_CompressedLookup):
     ) -> Embedding:
         """Returns the module serving an in-memory compressed table (the engine's result).
 
-        Raises ValueError when the table is inconsistent or `padding_idx` is outside it.
+        Raises TypeError for what is not a CompressedTable, ValueError when the table is
+        inconsistent or `padding_idx` is outside it.
         """
         return cls._of_table(table, padding_idx=padding_idx, device=device)
 
@@ -518,8 +525,8 @@ class EmbeddingBag(_CompressedLookup):
     ) -> EmbeddingBag:
         """Returns the bag module serving an in-memory compressed table (the engine's result).
 
-        Raises ValueError when the table is inconsistent, `mode` unknown or `padding_idx`
-        outside the table.
+        Raises TypeError for what is not a CompressedTable, ValueError when the table is
+        inconsistent, `mode` unknown or `padding_idx` outside the table.
         """
         return cls._of_table(
             table,

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparqcli.compression import input_paths, read_config
 from sparqcli.config import Config, Rule, config_files
 from sparqcli.errors import InputError, UnfitSettingsError, UsageError
 from sparqcli.parallel import resolve_threads
@@ -78,16 +79,13 @@ def plan(
     """
     started = time.perf_counter()
     mode, target = _target(budget, max_error)
-    sources = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
-    if not sources:
-        raise UsageError("no input checkpoint given")
-    if sample_rows is not None and (isinstance(sample_rows, bool) or sample_rows < 1):
+    sources = input_paths(inputs)
+    if sample_rows is not None and (
+        isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1
+    ):
         raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
     inputs = [*sources, *config_files(config)]  # never overwritten by the plan
-    if isinstance(config, (str, Path)):
-        config = Config.from_yaml(config, overrides)
-    elif not isinstance(config, Config):
-        raise UsageError(f"config: must be a Config or a YAML path, got {type(config).__name__}")
+    config = read_config(config, overrides)
     if output is not None:
         from sparqcli.sinks import check_output_path
 
