@@ -827,18 +827,26 @@ def _frontier_table(result: PlanResult, count: int) -> FitTable:
     )
 
 
-def check_plot_path(path: Path, inputs: Sequence[Path] = (), force: bool = False) -> None:
-    """Checks that a plan plot can be written to `path` (not over `inputs`, nor over an existing
-    file unless `force`).
+def check_plot_path(
+    path: Path, inputs: Sequence[Path] = (), force: bool = False, plan_path: Path | None = None
+) -> None:
+    """Checks that a plan plot can be written to `path` (not over `inputs` or the plan's own
+    `plan_path`, nor over an existing file unless `force`).
 
-    Raises UsageError for a suffix other than .png/.svg, an existing file, or when matplotlib
-    is not installed.
+    Raises UsageError for a suffix other than .png/.svg, an existing file, the plan's path, or
+    when matplotlib is not installed.
     """
     from pathlib import Path
 
     from sparqcli.errors import UsageError
     from sparqcli.sinks import check_output_path
 
+    if plan_path is not None and Path(path).resolve() == Path(plan_path).resolve():
+        raise UsageError(
+            f"{{opt:plot}} {path}: is where the plan goes; draw the plot elsewhere",
+            path=path,
+            option="plot",
+        )
     check_output_path(path, [Path(p) for p in inputs], force)
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(

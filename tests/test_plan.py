@@ -643,6 +643,30 @@ def test_force_replaces_the_plot_and_without_it_nothing_is_written(
     assert out.read_text().startswith("# sparq plan for ")
 
 
+def test_the_plot_may_not_overwrite_the_plan_or_an_input(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    weights = tmp_path / "w.safetensors"
+    save_file({k: torch.ones(v.shape[0]) for k, v in mixed_state().items()}, weights)
+    same = tmp_path / "same.svg"
+    for plot, extra, message in [
+        (same, [], f"--plot {same}: is where the plan goes; draw the plot elsewhere"),
+        (base, [], f"{base}: is an input; sparq never overwrites its input"),
+        (weights, ["--row-weights", str(weights)], f"{weights}: is an input;"),
+    ]:
+        before = plot.read_bytes() if plot.exists() else None
+        out = same if plot == same else tmp_path / "plan.yaml"
+        result = _plan_budget(model, base, str(out), "--plot", str(plot), "--force", *extra)
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert (plot.read_bytes() if plot.exists() else None) == before
+    # the plan itself may not overwrite the row weights either
+    result = _plan_budget(model, base, str(weights), "--row-weights", str(weights), "--force")
+    assert result.exit_code == 2
+    assert f"{weights}: is an input; sparq never overwrites its input" in result.output
+
+
 def test_plot_without_matplotlib_says_how_to_install(
     mixed: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

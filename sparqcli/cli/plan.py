@@ -108,7 +108,8 @@ def plan_command(
     from sparqcli.cli.compress import _no_progress, _progress_bars
 
     if plot is not None:
-        render.check_plot_path(plot, inputs=checkpoints, force=force)
+        inputs = [*checkpoints, config, *([row_weights] if row_weights is not None else [])]
+        render.check_plot_path(plot, inputs=inputs, force=force, plan_path=output)
     show_notices(quiet)
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
     with _progress_bars() if show_progress else _no_progress() as progress:

@@ -84,7 +84,8 @@ def plan(
         isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1
     ):
         raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
-    inputs = [*sources, *config_files(config)]  # never overwritten by the plan
+    # never overwritten by the plan
+    inputs = [*sources, *config_files(config), *([Path(row_weights)] if row_weights else [])]
     config = read_config(config, overrides)
     if output is not None:
         from sparqcli.sinks import check_output_path
