@@ -507,6 +507,38 @@ def test_row_weights_problems_name_the_file_and_key(
     )
     with pytest.raises(UsageError, match=r"'heavy\.weight' holds negative, NaN or Inf weights"):
         sparqcli.plan(model, base, budget=0.1, row_weights=weights)
+    save_file(
+        {
+            "tok": torch.ones(800, dtype=torch.bool),
+            "heavy": torch.ones(300),
+            "lowrank": torch.ones(240),
+        },
+        weights,
+    )
+    with pytest.raises(UsageError, match=r"'tok' must hold real numbers, got bool$"):
+        sparqcli.plan(model, base, budget=0.1, row_weights=weights)
+
+
+def test_row_weights_near_float64_largest_plan_as_their_ratios(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, base = mixed
+    shape = {k: v.shape[0] for k, v in mixed_state().items() if k != "proj.weight"}
+    plans = []
+    for scale in (1.0, 1e307):
+        weights = tmp_path / f"w{scale:g}.safetensors"
+        save_file(
+            {
+                key: torch.linspace(1, 3, rows, dtype=torch.float64) * scale * (1 + i)
+                for i, (key, rows) in enumerate(shape.items())
+            },
+            weights,
+        )
+        plans.append(sparqcli.plan(model, base, budget=0.1, row_weights=weights, sample_rows=64))
+    ones, huge = plans
+    assert math.isfinite(huge.error)
+    assert [t.option.candidate for t in huge.tables] == [t.option.candidate for t in ones.tables]
+    assert huge.error == pytest.approx(ones.error, rel=1e-9)
 
 
 def test_infeasible_targets_name_the_best_reachable_value(
@@ -911,4 +943,17 @@ def test_a_table_whose_every_setting_is_refused_is_a_usage_error(tmp_path: Path)
         f"sparq: error: {model}: table 'emb.weight': the engine refuses every candidate of "
         "layers[0] (match '*.weight'); the first: 1b dense f16: row 17: scale does not fit "
         "float16 (use scale_dtype: float32)"
+    )
+
+
+def test_an_unmet_budget_names_refused_settings_not_gates(tmp_path: Path) -> None:
+    table = torch.randn(1000, 16, generator=torch.Generator().manual_seed(1)) * 100
+    table[0, 0], table[1, 1] = 65000.0, -65400.0
+    model, base = tmp_path / "m.pt", tmp_path / "base.yaml"
+    torch.save({"emb.weight": table.half()}, model)
+    base.write_text(REFUSING_BASE.replace("{order}", "sparsify-first"))
+    with pytest.raises(UsageError) as found:
+        sparqcli.plan(model, base, budget=0.1)
+    assert str(found.value).startswith(
+        "budget 0.1 cannot be met: the smallest plan among the settings the engine accepts takes "
     )

@@ -390,9 +390,18 @@ def _allocate(
 
 
 def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
-    """Returns ` within the gates` when the base rules' gates ruled out some options."""
-    limited = any(len(a) < len(t.options) for t, a in zip(tables, allowed, strict=True))
-    return " within the gates" if limited else ""
+    """Returns what ruled options out, where something did: ` within the gates` (the base
+    rules' gates), ` among the settings the engine accepts` (refused ones), or both."""
+    gated = refused = False
+    for table, indices in zip(tables, allowed, strict=True):
+        fitting = sum(option.refused is None for option in table.options)
+        refused = refused or fitting < len(table.options)
+        gated = gated or len(indices) < fitting
+    if gated and refused:
+        return " within the gates, among the settings the engine accepts"
+    if refused:
+        return " among the settings the engine accepts"
+    return " within the gates" if gated else ""
 
 
 def _uniform_choices(
@@ -526,12 +535,10 @@ def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, tor
         rows = table.info.shape[0]
         if tensor.dim() == 2 and tensor.shape[1] == 1:
             tensor = tensor[:, 0]
-        if (
-            tensor.dim() != 1
-            or tensor.shape[0] != rows
-            or tensor.dtype == torch.bool
-            or tensor.is_complex()
-        ):
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise UsageError(f"{path}: '{name}' must hold real numbers, got {dtype}", path=path)
+        if tensor.dim() != 1 or tensor.shape[0] != rows:
             raise UsageError(
                 f"{path}: '{name}' must hold one weight per row of '{table.key}' ({rows}), "
                 f"got shape {list(tensor.shape)}",
@@ -543,4 +550,7 @@ def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, tor
         if not bool((tensor > 0).any()):
             raise UsageError(f"{path}: '{name}': every weight is 0", path=path)
         weights[table.key] = tensor
-    return weights
+    # The plan depends on the weights' ratios only (E and each table's weighted error are
+    # ratios of weighted sums): scaled by their largest, their sums cannot overflow.
+    largest = max(float(tensor.max()) for tensor in weights.values())
+    return {key: tensor / largest for key, tensor in weights.items()}
