@@ -565,6 +565,29 @@ def test_an_unexpected_exception_is_one_line_and_debug_shows_it(
     assert isinstance(done.exception, RuntimeError)
 
 
+def test_a_closed_stdout_ends_quietly_with_sigpipes_code(checkpoint, config, tmp_path):
+    # `sparq compress ... | head -1`: the reader is gone before the summary is written
+    done = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparqcli",
+            "compress",
+            checkpoint,
+            "-c",
+            config,
+            "-o",
+            tmp_path / "out.sparq.safetensors",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    done.stdout.close()
+    stderr = done.stderr.read().decode()
+    assert (done.wait(timeout=120), stderr) == (141, "")
+    assert (tmp_path / "out.sparq.safetensors").exists()  # written before the summary
+
+
 def test_progress_bars_draw_on_a_terminal_and_vanish(checkpoint, config):
     import pty
 

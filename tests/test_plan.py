@@ -957,3 +957,31 @@ def test_an_unmet_budget_names_refused_settings_not_gates(tmp_path: Path) -> Non
     assert str(found.value).startswith(
         "budget 0.1 cannot be met: the smallest plan among the settings the engine accepts takes "
     )
+
+
+def test_tied_tables_are_planned_once_as_compress_stores_them(tmp_path: Path) -> None:
+    tied = zipf_table(3000, 32, seed=4)
+    model, base = tmp_path / "tied.pt", tmp_path / "base.yaml"
+    torch.save(
+        {"emb.tok.weight": tied, "lm_head.weight": tied, "emb.other.weight": torch.randn(600, 16)},
+        model,
+    )
+    rules = '[{match: "emb.*"}, {match: lm_head.weight}]'
+    base.write_text(
+        BASE.replace('  - match: "*.weight"\n', "").replace("layers:", f"layers: {rules}")
+    )
+    result = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    assert [t.key for t in result.tables] == ["emb.tok.weight", "emb.other.weight"]
+    assert result.bytes_before == (3000 * 32 + 600 * 16) * 4
+    report = sparqcli.compress(model, result.config, output=tmp_path / "out.safetensors")
+    assert model_error(report) == (result.bytes, pytest.approx(result.error, rel=1e-6))
+    loaded = sparqcli.load(tmp_path / "out.safetensors")
+    assert loaded["lm_head.weight"] is loaded["emb.tok.weight"]
+    # tied keys selected with different settings are refused, as compress refuses them
+    base.write_text(
+        base.read_text().replace(
+            "{match: lm_head.weight}", "{match: lm_head.weight, quantization: {bits: 4}}"
+        )
+    )
+    with pytest.raises(sparqcli.errors.SelectionError, match=r"lm_head\.weight"):
+        sparqcli.plan(model, base, budget=0.1, sample_rows=64)

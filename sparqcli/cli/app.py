@@ -111,6 +111,10 @@ def run_command(command: F) -> F:
             raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:  # stdout's reader went away (`sparq plan ... | head`)
+            with contextlib.suppress(OSError):  # nothing more reaches it; no flush error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(128 + signal.SIGPIPE) from None
         except Exception as error:  # a bug: one line here, the traceback with --debug
             if _state["debug"]:
                 raise
@@ -179,8 +183,12 @@ def stdout_console() -> Any:
 
     from sparqcli.render import PIPED_WIDTH
 
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError  # rich would exit 1; run_command ends with SIGPIPE's code
+
     width = None if stdout_is_terminal() else PIPED_WIDTH
-    return Console(width=width, soft_wrap=False)
+    return StdoutConsole(width=width, soft_wrap=False)
 
 
 WideOption = Annotated[
