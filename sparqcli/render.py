@@ -778,7 +778,9 @@ def plan_totals(result: PlanResult) -> str:
     if best is None:
         lines.append("no uniform setting meets the target")
     else:
-        if result.mode == "budget":
+        if (best.bytes, best.error) == (result.bytes, result.error):
+            compare = "the plan gives the same bytes and error"
+        elif result.mode == "budget":
             gain = 1 - result.error / best.error if best.error else 0.0
             compare = _compared(gain, "less error", "more error")
         else:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 import sparqcli
 from sparqcli.cli import app
-from sparqcli.config import Config
+from sparqcli.config import Config, Rule
 from sparqcli.errors import ConfigError, UsageError
 from sparqcli.planning.measure import measure_exact, measure_table
 from sparqcli.planning.search import Allocator, lower_hull, pareto
@@ -809,6 +809,9 @@ def test_totals_say_which_way_the_best_uniform_estimate_compares(
     result.best_uniform = replace(result.best_uniform, error=result.error * 0.98, exact=False)
     line = plan_totals(result).splitlines()[1]
     assert "(estimated); the plan has 2.0% more error" in line
+    # where the plan is the best uniform setting's figures, no "0.0% less error"
+    result.best_uniform = replace(result.best_uniform, bytes=result.bytes, error=result.error)
+    assert plan_totals(result).endswith("; the plan gives the same bytes and error")
 
 
 # --------------------------------------------------------------------------------------------
@@ -985,3 +988,44 @@ def test_tied_tables_are_planned_once_as_compress_stores_them(tmp_path: Path) ->
     )
     with pytest.raises(sparqcli.errors.SelectionError, match=r"lm_head\.weight"):
         sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+
+
+def test_an_error_target_plan_is_never_larger_than_the_best_uniform_setting(
+    tmp_path: Path,
+) -> None:
+    # Here the samples' estimates of the Zipf table's pruned options are too low, and the
+    # verification chases one after another; the plan still never takes more bytes than the
+    # best uniform setting that meets the target, measured whole.
+    generator = torch.Generator().manual_seed(0)
+    tok = torch.randn(6000, 64, generator=generator)
+    tok /= torch.arange(1, 6001).float()[:, None] ** 0.8
+    tok[100:150] = 0
+    low = torch.randn(4000, 6, generator=generator) @ torch.randn(6, 50, generator=generator)
+    model, base = tmp_path / "m.pt", tmp_path / "base.yaml"
+    torch.save({"emb.tok.weight": tok, "emb.low.weight": low}, model)
+    base.write_text(
+        "version: 1\nsparsity: {level: 0.5, block_shape: [1, 4]}\nquantization: {bits: 8}\n"
+        'layers: [{match: "emb.*"}]\nmin_table_bytes: 0\n'
+    )
+    for target in (0.02, 0.05):
+        result = sparqcli.plan(model, base, max_error=target)
+        assert result.error <= target
+        best = result.best_uniform
+        assert best is not None
+        first = next(o for o in result.tables[0].options if o.candidate.label == best.label)
+        key = first.candidate.uniform_key
+        rules = []
+        for table in result.tables:
+            candidate = next(o for o in table.options if o.candidate.uniform_key == key).candidate
+            rules.append(
+                Rule(
+                    match=table.key,
+                    sparsity=candidate.sparsity.to_dict(),
+                    quantization=candidate.quantization.to_dict(),
+                )
+            )
+        uniform = Config(layers=rules, min_table_bytes=0)
+        report = sparqcli.compress(model, uniform, output=tmp_path / "u.safetensors", force=True)
+        uniform_bytes, uniform_error = model_error(report)
+        if uniform_error <= target:  # the best uniform setting meets the target, measured whole
+            assert result.bytes <= uniform_bytes, (target, result.bytes, uniform_bytes)

@@ -262,6 +262,11 @@ def _verified_choice(
         for t, indices in zip(tables, allowed, strict=True)
     ]
     _verify(tables, extremes, verify_choice)
+    # and the best uniform setting by the estimates: the plan is never worse than its figures
+    allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
+    seed = _uniform_seed(tables, allowed, allocator, mode, target)
+    if seed is not None:
+        _verify(tables, [allowed[t][p] for t, p in enumerate(seed)], verify_choice)
     exact = [[i for i in _allowed(t) if t.options[i].exact] for t in tables]
     for table, indices in zip(tables, exact, strict=True):
         if not indices:
@@ -361,14 +366,13 @@ def _allocate(
     naming the best reachable value `within` the options given (default: `_within`'s words)."""
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
     scope = within if within is not None else _within(tables, allowed)
-    uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
     total_weight = sum(t.weight for t in tables)
+    # the best uniform setting that meets the target starts a local search too: never worse
+    seed = _uniform_seed(tables, allowed, allocator, mode, target)
+    seeds = [] if seed is None else [seed]
     if mode == "budget":
         before = sum(t.bytes_before for t in tables)
         limit = math.floor(target * before)
-        fitting = [s for s in uniform if allocator.totals(s)[0] <= limit]
-        # the best uniform setting that fits starts a local search too: never worse than it
-        seeds = [min(fitting, key=lambda s: allocator.totals(s)[::-1])] if fitting else []
         found = allocator.for_budget(limit, seeds)
         if found is None:
             smallest = allocator.totals(allocator.cheapest())[0]
@@ -379,8 +383,6 @@ def _allocate(
             )
     else:
         max_cost = target * target * total_weight
-        fitting = [s for s in uniform if allocator.totals(s)[1] <= max_cost]
-        seeds = [min(fitting, key=lambda s: allocator.totals(s))] if fitting else []
         found = allocator.for_cost(max_cost, seeds)
         if found is None:
             lowest = allocator.totals(allocator.most_accurate())[1]
@@ -392,6 +394,25 @@ def _allocate(
                 option="max_error",
             )
     return [allowed[t][i] for t, i in enumerate(found)]
+
+
+def _uniform_seed(
+    tables: list[TablePlan],
+    allowed: list[list[int]],
+    allocator: Allocator,
+    mode: str,
+    target: float,
+) -> list[int] | None:
+    """Returns the best uniform setting that meets the target by `allocator`'s figures (fewest
+    bytes for an error target, least error for a budget) as positions in `allowed`, or None."""
+    uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
+    if mode == "budget":
+        limit = math.floor(target * sum(t.bytes_before for t in tables))
+        fitting = [s for s in uniform if allocator.totals(s)[0] <= limit]
+        return min(fitting, key=lambda s: allocator.totals(s)[::-1]) if fitting else None
+    max_cost = target * target * sum(t.weight for t in tables)
+    fitting = [s for s in uniform if allocator.totals(s)[1] <= max_cost]
+    return min(fitting, key=lambda s: allocator.totals(s)) if fitting else None
 
 
 def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
