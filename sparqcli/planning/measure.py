@@ -281,11 +281,15 @@ class _SampledTable:
         mass_w = torch.nn.functional.pad(weighted, (0, pad)).view(units, height).sum(dim=1)
         mass_u = torch.nn.functional.pad(row_norms, (0, pad)).view(units, height).sum(dim=1)
         total_w, total_u = float(mass_w.sum()), float(mass_u.sum())
+        # A block row's importance: its share of the error's denominator (weighted and not),
+        # plus its share of the denominator's square roots, which keeps strata for the
+        # low-norm rows where table-scope pruning puts its error (Zipf tables: the largest
+        # miss at a 128-row sample 24.6 % -> 8.3 %; docs/PLAN.md).
         importance = torch.zeros(units, dtype=torch.float64)
-        if total_w > 0:
-            importance += mass_w / total_w
-        if total_u > 0:
-            importance += mass_u / total_u
+        for mass, total in ((mass_w, total_w), (mass_u, total_u)):
+            if total > 0:
+                roots = mass.sqrt()
+                importance += mass / total + roots / float(roots.sum())
         order = torch.sort(-importance, stable=True).indices
         order = order[importance[order] > 0]
         share = importance[order]
