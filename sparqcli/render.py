@@ -743,6 +743,13 @@ def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = 
     sampled = [f"{row.key} ({row.sampled_rows} rows)" for row in result.tables if row.sampled_rows]
     if sampled:
         after.append(["errors of the other options estimated on row samples", *sampled])
+    if len({str(table.source) for table in result.tables}) > 1:
+        after.append(
+            [
+                "the plan names tables of several files: `sparq compress` checks every rule "
+                "against each input, so use it for these files only as one model folder"
+            ]
+        )
     for table in result.tables:
         if table.refused:
             first = table.refused[0]

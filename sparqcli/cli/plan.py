@@ -29,7 +29,11 @@ def plan_command(
         list[Path],
         typer.Argument(
             metavar="CKPT...",
-            help="Checkpoints to plan for (their tables together).",
+            help=(
+                "Checkpoints to plan for, their tables together (one budget). The plan names "
+                "every table, so compress several files with it only as one model folder; "
+                "plan separate files one by one."
+            ),
             show_default=False,
         ),
     ],

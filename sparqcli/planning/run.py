@@ -343,7 +343,7 @@ def _no_candidate(table: TablePlan) -> str:
     return (
         f"{table.source}: table '{table.key}': no candidate passes the gates of "
         f"{table.rule.label} ({gates}); the most accurate ({best.candidate.label}) gives "
-        f"rel_error {best.rel_error:.4g}, row_cosine_min {best.row_cosine_min:.4g}, "
+        f"rel_error {best.rel_error:.4g}, row_cosine_min {best.row_cosine_min:.6g}, "
         f"bytes_ratio {ratio:.4g}"
     )
 
