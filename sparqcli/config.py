@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,9 @@ class Config:
     resolved_rules: tuple[ResolvedRule, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (list, tuple)):
+        if not isinstance(self.layers, (str, bytes, Mapping)) and isinstance(
+            self.layers, Iterable
+        ):  # a list, a tuple, a generator: the rules, kept (a string is not a list of rules)
             object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.exclude, (list, tuple)):
             object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -230,7 +232,9 @@ class Config:
             "version": self.version,
             "order": self.order,
             **{name: _section_dict(getattr(self, name)) for name in ("sparsity", "quantization")},
-            "layers": [rule.to_dict() if isinstance(rule, Rule) else rule for rule in self.layers],
+            "layers": [rule.to_dict() if isinstance(rule, Rule) else rule for rule in self.layers]
+            if isinstance(self.layers, tuple)
+            else self.layers,
             "exclude": list(self.exclude)
             if isinstance(self.exclude, (list, tuple))
             else self.exclude,

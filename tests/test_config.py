@@ -699,3 +699,13 @@ def test_integers_past_float_range_are_config_problems() -> None:
         "gates.min_row_cosine: must be a number in [-1, 1], got a negative integer of 401 digits",
         "layers[0].quantization.bits: must be an integer from 1 to 8, got an integer of 401 digits",
     ]
+
+
+def test_layers_must_be_a_list_of_rules_and_any_iterable_of_rules_is_kept() -> None:
+    for layers, got in [("ab", "string"), ({"match": "a"}, "mapping"), (3, "integer")]:
+        with pytest.raises(ConfigError) as found:
+            Config(layers=layers)  # type: ignore[arg-type]
+        assert found.value.problems == [f"layers: must be a non-empty list of rules, got {got}"]
+    from_generator = Config(layers=(Rule(match=key) for key in ("x", "y")))
+    assert from_generator == Config(layers=[Rule(match="x"), Rule(match="y")])
+    assert [rule.match for rule in from_generator.resolved_rules] == ["x", "y"]
