@@ -239,6 +239,11 @@ def compress_state_dict(
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise UsageError(f"state dict entry '{key}' is not a tensor ({type(value).__name__})")
+        if value.is_meta:
+            raise UsageError(
+                f"state dict entry '{key}' is a meta tensor: it holds no values (load the "
+                "model's weights first)"
+            )
     check_device(device)
     checkpoint = StateDictCheckpoint(None, "state_dict", state_dict)
     input_bytes = sum(info.nbytes for info in checkpoint.tensors.values())

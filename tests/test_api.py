@@ -71,6 +71,9 @@ def test_compress_state_dict_decodes_to_what_the_cli_writes(tmp_path, checkpoint
 def test_compress_state_dict_refuses_what_is_not_a_tensor(state) -> None:
     with pytest.raises(UsageError, match=r"^state dict entry 'step' is not a tensor \(int\)$"):
         sparqcli.compress_state_dict({**state, "step": 3}, PYTHON_CONFIG)  # type: ignore[dict-item]
+    meta = {**state, "emb.weight": torch.empty(64, 32, device="meta")}
+    with pytest.raises(UsageError, match=r"^state dict entry 'emb.weight' is a meta tensor: "):
+        sparqcli.compress_state_dict(meta, PYTHON_CONFIG)
 
 
 def test_parameters_that_require_a_gradient_compress_as_their_values(tmp_path, state) -> None:
