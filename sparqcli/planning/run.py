@@ -263,6 +263,7 @@ def _verified_choice(
     ]
     _verify(tables, extremes, verify_choice)
     # and the best uniform setting by the estimates: the plan is never worse than its figures
+    allowed = _allowed_everywhere(tables)  # the extremes' measurements may refuse or gate them
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
     seed = _uniform_seed(tables, allowed, allocator, mode, target)
     if seed is not None:

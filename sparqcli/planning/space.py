@@ -31,6 +31,10 @@ from sparqcli.settings import FIELD_RULES, Problem, Quantization, Sparsity
 DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(10))
 
 
+_SCALE_LABELS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+"""How a candidate's label names its scale dtype."""
+
+
 @dataclass(frozen=True)
 class Axis:
     """One candidate axis: the plan key (`bits`), the section and field it sets
@@ -142,7 +146,7 @@ class Candidate:
         value_range = getattr(self.quantization, "range", None)
         if value_range not in (None, "minmax"):
             parts.append(str(value_range))
-        parts.append("f16" if self.quantization.scale_dtype == "float16" else "f32")
+        parts.append(_SCALE_LABELS[self.quantization.scale_dtype])
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
