@@ -983,6 +983,11 @@ def test_tied_tables_are_planned_once_as_compress_stores_them(tmp_path: Path) ->
     assert model_error(report) == (result.bytes, pytest.approx(result.error, rel=1e-6))
     loaded = sparqcli.load(tmp_path / "out.safetensors")
     assert loaded["lm_head.weight"] is loaded["emb.tok.weight"]
+    # a tied table's row weights may be given under any of its keys
+    weights = tmp_path / "w.safetensors"
+    save_file({"lm_head.weight": torch.ones(3000), "emb.other.weight": torch.ones(600)}, weights)
+    weighted = sparqcli.plan(model, base, budget=0.1, sample_rows=64, row_weights=weights)
+    assert weighted.bytes == result.bytes and weighted.error == pytest.approx(result.error)
     # tied keys selected with different settings are refused, as compress refuses them
     base.write_text(
         base.read_text().replace(

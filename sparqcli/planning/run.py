@@ -102,6 +102,7 @@ def plan(
     space = config.plan or PlanSpace({})
     opened = []
     seen: dict[str, Path] = {}
+    aliases: dict[str, tuple[str, ...]] = {}  # a tied table: its other keys
     for source in sources:
         checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
         if checkpoint.is_sparq:
@@ -114,7 +115,8 @@ def plan(
         )
         # tied tables are one table, compressed and stored once, as compress stores them
         groups = find_aliases(checkpoint, [table.key for table in selection.tables])
-        selection = apply_aliases(selection, groups, config, checkpoint.name)[0]
+        selection, table_aliases = apply_aliases(selection, groups, config, checkpoint.name)
+        aliases.update(table_aliases)
         for selected in selection.tables:
             if selected.key in seen:
                 raise UsageError(
@@ -124,7 +126,7 @@ def plan(
                 )
             seen[selected.key] = source
         opened.append((checkpoint, selection))
-    weights = _load_weights(row_weights, [t for _, s in opened for t in s.tables])
+    weights = _load_weights(row_weights, [t for _, s in opened for t in s.tables], aliases)
 
     tables: list[TablePlan] = []
     measured: list[list[Option]] = []
@@ -522,8 +524,13 @@ def _as_rule_section(values: dict[str, Any]) -> dict[str, Any]:
     return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
 
 
-def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, torch.Tensor]:
+def _load_weights(
+    path: str | Path | None, selected: list[Any], aliases: dict[str, tuple[str, ...]]
+) -> dict[str, torch.Tensor]:
     """Returns each selected table's row weights from a safetensors file (empty without one).
+
+    A table's weights are under its key or its module's name; a tied table's (`aliases`: its
+    other keys) under any of its keys, the first of them in that order.
 
     Raises InputError for an unreadable file and UsageError for missing, misshapen, negative or
     non-finite weights, naming the file and the key.
@@ -541,10 +548,9 @@ def _load_weights(path: str | Path | None, selected: list[Any]) -> dict[str, tor
             available = list(file.keys())
             found = {}
             for table in selected:
-                name = table.key if table.key in available else None
-                if name is None:
-                    module = table.key.rpartition(".")[0]
-                    name = module if module in available else None
+                keys = (table.key, *aliases.get(table.key, ()))
+                names = [n for k in keys for n in (k, k.rpartition(".")[0]) if n in available]
+                name = names[0] if names else None
                 if name is None:
                     raise UsageError(
                         f"{path}: no row weights for table '{table.key}' "
