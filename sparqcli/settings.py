@@ -213,7 +213,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
+    """Returns `value` as a message shows it: lists in brackets, an int of hundreds of digits
+    by its length."""
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(repr(v) for v in value) + "]"
     if isinstance(value, int) and abs(value) > 10**30:  # an int of hundreds of digits
@@ -240,15 +242,15 @@ def sparsity_field_problem(name: str, value: object) -> str | None:
     if name == "level":
         level = finite_number(value)
         if level is None or not 0.0 <= level <= 1.0:
-            return f"must be a number in [0, 1], got {_show(value)}"
+            return f"must be a number in [0, 1], got {show_value(value)}"
     elif name == "block_shape":
         if not _block_shape_ok(value):
-            return f"must be two positive integers [rows, columns], got {_show(value)}"
+            return f"must be two positive integers [rows, columns], got {show_value(value)}"
     elif name == "zeros_per_block":
         if value is not None and not _is_int(value):
-            return f"must be an integer or null, got {_show(value)}"
+            return f"must be an integer or null, got {show_value(value)}"
         if value is not None and value < 0:  # type: ignore[operator]
-            return f"must not be negative, got {_show(value)}"
+            return f"must not be negative, got {show_value(value)}"
     elif name in _SPARSITY_CHOICES:
         return _choice_problem(value, _SPARSITY_CHOICES[name])
     return None
@@ -267,7 +269,7 @@ def sparsity_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
             problems.append(
                 (
                     f"{path}.zeros_per_block",
-                    f"must be in [0, {size}] for block shape {_show(shape)}, got {zeros}",
+                    f"must be in [0, {size}] for block shape {show_value(shape)}, got {zeros}",
                 )
             )
     return problems
@@ -276,7 +278,7 @@ def sparsity_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
 def quantization_field_problem(name: str, value: object) -> str | None:
     """Returns what is wrong with one quantization field's value, or None."""
     if name == "bits" and (not _is_int(value) or value not in BITS):
-        return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {_show(value)}"
+        return f"must be an integer from {BITS[0]} to {BITS[-1]}, got {show_value(value)}"
     if name in _QUANTIZATION_CHOICES:
         return _choice_problem(value, _QUANTIZATION_CHOICES[name])
     return None
@@ -293,11 +295,11 @@ def gate_field_problem(name: str, value: object) -> str | None:
         return None
     number = finite_number(value)
     if name == "max_rel_error" and not (number is not None and number >= 0):
-        return f"must be a number >= 0, got {_show(value)}"
+        return f"must be a number >= 0, got {show_value(value)}"
     if name == "min_row_cosine" and not (number is not None and -1 <= number <= 1):
-        return f"must be a number in [-1, 1], got {_show(value)}"
+        return f"must be a number in [-1, 1], got {show_value(value)}"
     if name == "max_bytes_ratio" and not (number is not None and number > 0):
-        return f"must be a number > 0, got {_show(value)}"
+        return f"must be a number > 0, got {show_value(value)}"
     return None
 
 
@@ -309,7 +311,7 @@ def gates_problems(values: Mapping[str, Any], path: str) -> list[Problem]:
 def min_table_bytes_problem(value: object) -> str | None:
     """Returns what is wrong with a `min_table_bytes` value (a byte count), or None."""
     if not _is_int(value) or value < 0:  # type: ignore[operator]
-        return f"must be an integer >= 0 (bytes; 0 skips no table), got {_show(value)}"
+        return f"must be an integer >= 0 (bytes; 0 skips no table), got {show_value(value)}"
     return None
 
 

@@ -574,15 +574,17 @@ def reader_device(device: torch.device | str) -> torch.device:
     try:
         found = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UsageError(f"device: {device!r} is not a device (cpu, cuda, cuda:N)") from None
+        raise UsageError(
+            f"{{opt:device}}: {device!r} is not a device (cpu, cuda, cuda:N)", option="device"
+        ) from None
     if found.type == "cpu":
         return found
     if found.type != "cuda":
-        raise UsageError(f"device: must be cpu or cuda, got {device!r}")
+        raise UsageError(f"{{opt:device}}: must be cpu or cuda, got {device!r}", option="device")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if (found.index or 0) >= count:
         have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device"
-        raise UsageError(f"device {device!r}: this machine has {have}")
+        raise UsageError(f"{{opt:device}} {device!r}: this machine has {have}", option="device")
     return found
 
 

@@ -17,7 +17,7 @@ from sparqcli.planning.result import ModelPoint, PlanResult, TablePlan, model_er
 from sparqcli.planning.search import Allocator
 from sparqcli.planning.space import Candidate, PlanSpace, candidates
 from sparqcli.select import exact_pattern
-from sparqcli.settings import finite_number
+from sparqcli.settings import finite_number, show_value
 
 if TYPE_CHECKING:
     import torch
@@ -308,8 +308,9 @@ def _target(budget: float | None, max_error: float | None) -> tuple[str, float]:
     name, value = ("budget", budget) if budget is not None else ("max_error", max_error)
     number = finite_number(value)
     if number is None:
-        shown = value if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
-        raise UsageError(f"{{opt:{name}}}: must be a finite number, got {shown!r}", option=name)
+        raise UsageError(
+            f"{{opt:{name}}}: must be a finite number, got {show_value(value)}", option=name
+        )
     if number <= 0:
         raise UsageError(f"{{opt:{name}}}: must be > 0, got {number:g}", option=name)
     return name, number
