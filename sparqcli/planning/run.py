@@ -374,10 +374,10 @@ def _allocate(
     # the best uniform setting that meets the target starts a local search too: never worse
     seed = _uniform_seed(tables, allowed, allocator, mode, target)
     seeds = [] if seed is None else [seed]
+    limit = _limit(tables, mode, target)
     if mode == "budget":
         before = sum(t.bytes_before for t in tables)
-        limit = math.floor(target * before)
-        found = allocator.for_budget(limit, seeds)
+        found = allocator.for_budget(int(limit), seeds)
         if found is None:
             smallest = allocator.totals(allocator.cheapest())[0]
             raise UsageError(
@@ -386,8 +386,7 @@ def _allocate(
                 option="budget",
             )
     else:
-        max_cost = target * target * total_weight
-        found = allocator.for_cost(max_cost, seeds)
+        found = allocator.for_cost(limit, seeds)
         if found is None:
             lowest = allocator.totals(allocator.most_accurate())[1]
             best = math.sqrt(lowest / total_weight) if total_weight else 0.0
@@ -410,13 +409,20 @@ def _uniform_seed(
     """Returns the best uniform setting that meets the target by `allocator`'s figures (fewest
     bytes for an error target, least error for a budget) as positions in `allowed`, or None."""
     uniform = [seed for _, seed in _uniform_choices(tables, allowed)]
+    limit = _limit(tables, mode, target)
     if mode == "budget":
-        limit = math.floor(target * sum(t.bytes_before for t in tables))
         fitting = [s for s in uniform if allocator.totals(s)[0] <= limit]
         return min(fitting, key=lambda s: allocator.totals(s)[::-1]) if fitting else None
-    max_cost = target * target * sum(t.weight for t in tables)
-    fitting = [s for s in uniform if allocator.totals(s)[1] <= max_cost]
+    fitting = [s for s in uniform if allocator.totals(s)[1] <= limit]
     return min(fitting, key=lambda s: allocator.totals(s)) if fitting else None
+
+
+def _limit(tables: list[TablePlan], mode: str, target: float) -> float:
+    """Returns the target in the allocator's terms: the most bytes for a budget, the most cost
+    (Σ weight · error², E² times the total weight) for an error target."""
+    if mode == "budget":
+        return math.floor(target * sum(t.bytes_before for t in tables))
+    return target * target * sum(t.weight for t in tables)
 
 
 def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
