@@ -963,6 +963,29 @@ def test_an_unmet_budget_names_refused_settings_not_gates(tmp_path: Path) -> Non
     assert str(found.value).startswith(
         "budget 0.1 cannot be met: the smallest plan among the settings the engine accepts takes "
     )
+    base.write_text(base.read_text() + "gates: {max_rel_error: 0.02}\n")
+    with pytest.raises(UsageError) as found:
+        sparqcli.plan(model, base, budget=0.1)
+    assert str(found.value).startswith(
+        "budget 0.1 cannot be met: the smallest plan within the gates, among the settings the "
+        "engine accepts takes "
+    )
+    with pytest.raises(
+        UsageError, match=r"^budget: must be a finite number, got an integer of 401"
+    ):
+        sparqcli.plan(model, base, budget=10**400)
+
+
+def test_a_plan_over_several_files_says_how_to_use_it(tmp_path: Path) -> None:
+    first, second, base = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "base.yaml"
+    torch.save({"a.weight": zipf_table(500, 16, seed=1)}, first)
+    torch.save({"b.weight": zipf_table(400, 16, seed=2)}, second)
+    base.write_text(BASE)
+    result = sparqcli.plan([first, second], base, budget=0.2)
+    assert "the plan names tables of several files: `sparq compress` checks every rule" in (
+        plan_text(result)
+    )
+    assert "several files" not in plan_text(sparqcli.plan(first, base, budget=0.2))
 
 
 def test_tied_tables_are_planned_once_as_compress_stores_them(tmp_path: Path) -> None:

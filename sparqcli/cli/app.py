@@ -114,7 +114,12 @@ def run_command(command: F) -> F:
         except BrokenPipeError:  # stdout's reader went away (`sparq plan ... | head`)
             with contextlib.suppress(OSError):  # nothing more reaches it; no flush error
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(128 + signal.SIGPIPE) from None
+            raise typer.Exit(128 + getattr(signal, "SIGPIPE", 13)) from None
+        except MemoryError:
+            if _state["debug"]:
+                raise
+            print_error("out of memory")
+            raise typer.Exit(1) from None
         except Exception as error:  # a bug: one line here, the traceback with --debug
             if _state["debug"]:
                 raise
