@@ -616,6 +616,7 @@ def test_plan_is_deterministic_and_yaml_round_trips(
     path = tmp_path / "p.yaml"
     first.save(path)
     assert Config.from_yaml(path) == first.config
+    assert Config.from_yaml(path).to_dict() == first.config.to_dict()
     with pytest.raises(UsageError, match="already exists"):
         first.save(path)
 

@@ -390,7 +390,10 @@ class _SampledTable:
                 wanted = by_quantization[quantization]
                 if wanted:
                     needed = sorted({group_of[i] for i in wanted})
-                    figures = groups.errors(needed, quantization)
+                    try:
+                        figures = groups.errors(needed, quantization)
+                    except UnfitSettingsError as error:  # one its refusal checks did not place
+                        raise UnfitSettingsError(f"{self.name}: {error}", row=error.row) from None
                     for index in wanted:
                         candidate = self.candidates[index]
                         rel, weighted, cosine, refused = figures[group_of[index]]
