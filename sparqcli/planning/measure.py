@@ -392,7 +392,7 @@ class _SampledTable:
                     needed = sorted({group_of[i] for i in wanted})
                     try:
                         figures = groups.errors(needed, quantization)
-                    except UnfitSettingsError as error:  # one its refusal checks did not place
+                    except UnfitSettingsError as error:  # one that its refusal checks did not place
                         raise UnfitSettingsError(f"{self.name}: {error}", row=error.row) from None
                     for index in wanted:
                         candidate = self.candidates[index]
