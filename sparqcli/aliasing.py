@@ -13,10 +13,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sparqcli.config import Config
 from sparqcli.errors import SelectionError
-from sparqcli.select import Selection, module_name, pattern_matches
+from sparqcli.select import Selection, module_name, pattern_matches, select_tables
+
+if TYPE_CHECKING:
+    from sparqcli.sources import Checkpoint
+
+
+def select_with_aliases(
+    config: Config, checkpoint: Checkpoint, source: str
+) -> tuple[Selection, dict[str, tuple[str, ...]]]:
+    """Returns the tables `config` selects in `checkpoint` (named `source` in messages), each
+    alias group as one table, and the aliases (`apply_aliases`).
+
+    Raises SelectionError for a selection problem (`select_tables`, `apply_aliases`), InputError
+    when a tensor compared for aliases cannot be read.
+    """
+    from sparqcli.sources.aliases import find_aliases
+
+    selection = select_tables(config, checkpoint.tensors, source, checkpoint.module_types)
+    groups = find_aliases(checkpoint, [table.key for table in selection.tables])
+    return apply_aliases(selection, groups, config, source)
 
 
 def apply_aliases(

@@ -483,13 +483,9 @@ def plan_tables(
     Raises SelectionError for a selection problem (see `select_tables` and `apply_aliases`),
     InputError when a tensor compared for aliases cannot be read.
     """
-    from sparqcli.aliasing import apply_aliases
-    from sparqcli.select import select_tables
-    from sparqcli.sources.aliases import find_aliases
+    from sparqcli.aliasing import select_with_aliases
 
-    selection = select_tables(config, checkpoint.tensors, checkpoint.name, checkpoint.module_types)
-    groups = find_aliases(checkpoint, [table.key for table in selection.tables])
-    selection, aliases = apply_aliases(selection, groups, config, checkpoint.name)
+    selection, aliases = select_with_aliases(config, checkpoint, checkpoint.name)
     tables = [
         TableReport(
             key=selected.key,

@@ -112,17 +112,13 @@ def selection(
     nothing, a selected tensor that is not a table, or an alias excluded while another key of its
     group is selected.
     """
-    from sparqcli.aliasing import apply_aliases
+    from sparqcli.aliasing import select_with_aliases
     from sparqcli.compression import read_config
-    from sparqcli.select import select_tables
     from sparqcli.sources import open_checkpoint
-    from sparqcli.sources.aliases import find_aliases
 
     config = read_config(config)
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
-    chosen = select_tables(config, checkpoint.tensors, str(path), checkpoint.module_types)
-    groups = find_aliases(checkpoint, [table.key for table in chosen.tables])
-    return apply_aliases(chosen, groups, config, str(path))[0]
+    return select_with_aliases(config, checkpoint, str(path))[0]
 
 
 @dataclass(frozen=True)

@@ -92,12 +92,10 @@ def plan(
 
         check_output_path(Path(output), inputs, force)
 
-    from sparqcli.aliasing import apply_aliases
+    from sparqcli.aliasing import select_with_aliases
     from sparqcli.dtypes import torch_dtype
     from sparqcli.planning.measure import measure_exact, measure_table
-    from sparqcli.select import select_tables
     from sparqcli.sources import open_checkpoint
-    from sparqcli.sources.aliases import find_aliases
 
     space = config.plan or PlanSpace({})
     opened = []
@@ -110,12 +108,8 @@ def plan(
                 f"{source}: is already compressed by sparq; plan on the original checkpoint",
                 path=source,
             )
-        selection = select_tables(
-            config, checkpoint.tensors, checkpoint.name, checkpoint.module_types
-        )
         # tied tables are one table, compressed and stored once, as compress stores them
-        groups = find_aliases(checkpoint, [table.key for table in selection.tables])
-        selection, table_aliases = apply_aliases(selection, groups, config, checkpoint.name)
+        selection, table_aliases = select_with_aliases(config, checkpoint, checkpoint.name)
         aliases.update(table_aliases)
         for selected in selection.tables:
             if selected.key in seen:
