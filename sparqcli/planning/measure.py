@@ -451,6 +451,7 @@ class _SampledTable:
                 decoded = dequantize(
                     quantize_levels(seen, scale, zero_point, bits), scale, zero_point
                 )
+                risky = may_decode_past(scale, zero_point, bits, self.dtype)  # every sparsity's
                 norms: dict[str, torch.Tensor] = {}
                 scores: dict[tuple[Any, ...], torch.Tensor] = {}
                 figures: dict[
@@ -477,7 +478,7 @@ class _SampledTable:
                         keep = ChunkKeep(norms[norm], pruned, key).dense()
                         lost = self._sample_lost(candidate, sample, pruned)
                     kept_decoded = decoded.clone() if keep is None else decoded * keep
-                    past = _decoding_past(kept_decoded, scale, zero_point, bits, self.dtype)
+                    past = _decoding_past(kept_decoded, risky, self.dtype)
                     why = None
                     if bool(past.any()):
                         table_row = int(sample.rows[int(past.nonzero()[0, 0])])
@@ -990,10 +991,8 @@ class _SparsityGroups:
         decoded = dequantize(levels, scale, zero_point, out=levels)
         if keep is not None:
             decoded *= keep
-        refusals[
-            (refusals == 0)
-            & _decoding_past(decoded, scale, zero_point, quantization.bits, self.dtype)
-        ] = _PAST
+        risky = may_decode_past(scale, zero_point, quantization.bits, self.dtype)
+        refusals[(refusals == 0) & _decoding_past(decoded, risky, self.dtype)] = _PAST
         return (*_row_figures(original, self.original_norm[row_of], decoded), refusals)
 
     def _rows(
@@ -1074,20 +1073,14 @@ def _unfit_message(row: torch.Tensor, quantization: Quantization, table_row: int
     raise AssertionError(f"row {table_row} was found unfit but its qparams fit")
 
 
-def _decoding_past(
-    decoded: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def _decoding_past(decoded: torch.Tensor, risky: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Returns, per row of `decoded` (float32, pruned values zeroed), whether a value is ±inf
     once rounded to the table's `dtype`: the pipeline's last check, on the rows whose extreme
-    codes may decode past it (`may_decode_past`)."""
-    risky = may_decode_past(scale, zero_point, bits, dtype)
+    codes may decode past it (`risky`, from `may_decode_past` of the rows' qparams)."""
+    past = risky.clone()
     if bool(risky.any()):
-        risky[risky.clone()] = ~torch.isfinite(decoded[risky].to(dtype)).all(dim=1)
-    return risky
+        past[risky] = ~torch.isfinite(decoded[risky].to(dtype)).all(dim=1)
+    return past
 
 
 def _row_figures(
