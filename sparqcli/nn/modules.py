@@ -170,8 +170,9 @@ class _CompressedLookup(nn.Module):
         storage (load_state_dict checks the layout and the buffers together before this).
         """
         layout = layout_from_state(state)
-        if (layout.mask == "none") != (self.mask is None):
-            raise ValueError(f"layout with mask '{layout.mask}' does not fit this module's storage")
+        misfit = self._storage_misfit(layout)
+        if misfit is not None:
+            raise ValueError(misfit)
         self.layout = layout
 
     def _save_to_state_dict(
@@ -214,6 +215,13 @@ class _CompressedLookup(nn.Module):
             self.row_index = checked.to(self.codes.device)
             self._forget_cache()
 
+    def _storage_misfit(self, layout: Layout) -> str | None:
+        """Returns why this module's buffers cannot hold a table of `layout` (a mask where it
+        has none, or none where it has one), else None."""
+        if (layout.mask == "none") != (self.mask is None):
+            return f"layout with mask '{layout.mask}' does not fit this module's storage"
+        return None
+
     def _check_incoming(self, state_dict: dict[str, Any], prefix: str) -> torch.Tensor | str:
         """Returns the row index of the table that loading `state_dict` would give (its layout,
         codes, mask, scales and zero points, each from `state_dict` where it has them), or the
@@ -231,10 +239,9 @@ class _CompressedLookup(nn.Module):
                 f"size mismatch for {state_key}: copying a table of {layout.rows} x {layout.cols}, "
                 f"the shape in current model is {self.layout.rows} x {self.layout.cols}."
             )
-        if (layout.mask == "none") != (self.mask is None):
-            return (
-                f"{state_key}: layout with mask '{layout.mask}' does not fit this module's storage"
-            )
+        misfit = self._storage_misfit(layout)
+        if misfit is not None:
+            return f"{state_key}: {misfit}"
         tensors = self._tensors()
         for name in tensors:
             value = state_dict.get(prefix + name)
