@@ -112,7 +112,9 @@ def plan_command(
     from sparqcli.cli.compress import _no_progress, _progress_bars
 
     if plot is not None:
-        inputs = [*checkpoints, config, *([row_weights] if row_weights is not None else [])]
+        from sparqcli.planning.run import plan_inputs
+
+        inputs = plan_inputs(checkpoints, config, row_weights)
         render.check_plot_path(plot, inputs=inputs, force=force, plan_path=output)
     show_notices(quiet)
     show_progress = not (quiet or as_json) and sys.stderr.isatty()

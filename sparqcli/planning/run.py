@@ -84,8 +84,7 @@ def plan(
         isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1
     ):
         raise UsageError(f"{{opt:sample_rows}}: must be a positive integer, got {sample_rows!r}")
-    # never overwritten by the plan
-    inputs = [*sources, *config_files(config), *([Path(row_weights)] if row_weights else [])]
+    inputs = plan_inputs(sources, config, row_weights)
     config = read_config(config, overrides)
     if output is not None:
         from sparqcli.sinks import check_output_path
@@ -221,6 +220,14 @@ def plan(
     if output is not None:
         result.save(output, force=force)
     return result
+
+
+def plan_inputs(
+    sources: Sequence[Path], config: Config | str | Path, row_weights: str | Path | None
+) -> list[Path]:
+    """Returns the files a plan reads (its checkpoints, its config's YAML file, its row
+    weights): no output of the plan, nor its plot, may overwrite them."""
+    return [*sources, *config_files(config), *([Path(row_weights)] if row_weights else [])]
 
 
 def _verified_choice(
