@@ -267,6 +267,23 @@ def test_kth_values_select_what_the_engine_selects() -> None:
         assert equal == int((flat == value).sum())
 
 
+@pytest.mark.parametrize(
+    ("rows", "columns", "high"), [(0, 2, 3), (1, 3, 3), (400, 2, 3), (300, 3, 2), (200, 1, 1 << 62)]
+)
+def test_distinct_rows_number_rows_as_torch_unique_does(rows: int, columns: int, high: int) -> None:
+    from sparqcli.planning.measure import _distinct_rows
+
+    generator = torch.Generator().manual_seed(rows + columns)
+    keys = torch.randint(0, high, (rows, columns), generator=generator)
+    inverse, first = _distinct_rows(keys)
+    _, expected = torch.unique(keys, dim=0, return_inverse=True)
+    assert torch.equal(inverse, expected.view(-1))
+    assert first.tolist() == [
+        min(i for i in range(rows) if expected[i] == group) for group in range(first.numel())
+    ]
+    assert first.numel() == (int(expected.max()) + 1 if rows else 0)
+
+
 @pytest.mark.parametrize("sample_rows", [None, 40])
 def test_nan_values_are_refused_naming_the_row(sample_rows: int | None) -> None:
     from sparqcli.errors import TableError

@@ -950,9 +950,7 @@ class _SparsityGroups:
             bits = torch.nn.functional.pad(keep, (0, pad)).view(keep.shape[0], -1, 62).long()
             packed = (bits << torch.arange(62)).sum(dim=2)
             keys = torch.cat([row_ids[:, None], packed], dim=1)
-            _, inverse = torch.unique(keys, dim=0, return_inverse=True)
-            first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.long)
-            first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), "amin")
+            inverse, first = _distinct_rows(keys)
             # the rows that keep something first, then those that keep nothing
             order = torch.sort(~keep[first].any(dim=1), stable=True).indices
             self._quantized_rows = int(keep[first].any(dim=1).sum())
@@ -1096,6 +1094,26 @@ def _row_figures(
         cosine[again.rows] = again.cosine
         squared[again.rows] = again.error_sq
     return squared, cosine
+
+
+def _distinct_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns, for an int64 matrix `keys`, each row's index among its distinct rows in
+    ascending lexicographic order (`torch.unique(keys, dim=0, return_inverse=True)`'s inverse)
+    and, per distinct row, the first row that holds it.
+
+    One stable sort per column, last column first, orders the rows lexicographically (equal
+    rows stay in row order); torch's `unique(dim=0)` compares rows one pair at a time, which
+    cost a fifth of a small model's plan.
+    """
+    order = torch.arange(keys.shape[0])
+    for column in reversed(range(keys.shape[1])):
+        order = order[torch.sort(keys[order, column], stable=True).indices]
+    ordered = keys[order]
+    starts = torch.ones(keys.shape[0], dtype=torch.bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.cumsum(starts, 0) - 1
+    return inverse, order[starts]
 
 
 def _kth_values(flat: torch.Tensor, ks: list[int]) -> list[tuple[float, int, int]]:
