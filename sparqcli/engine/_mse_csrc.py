@@ -11,9 +11,6 @@ from __future__ import annotations
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/BFloat16-math.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <climits>
@@ -28,6 +25,9 @@ SOURCE = r"""
 #else
 #define SPARQ_CLONES
 #endif
+// Vector helpers are always inlined: an out-of-line copy would pass its vectors in memory
+// under the baseline ABI, unlike the clones that call it.
+#define SPARQ_INLINE __attribute__((always_inline))
 
 namespace sparq_mse {
 
@@ -51,7 +51,7 @@ static inline v8i splat_int(int32_t x) { return v8i{} + x; }
 
 // float(c10::Half(x)) per lane: rounded to the nearest float16 value, ties to even; beyond
 // float16's range infinite; NaN stays NaN.
-static inline v8f round_to_float16(v8f x) {
+SPARQ_INLINE static inline v8f round_to_float16(v8f x) {
   const v8i bits = (v8i)x;
   const v8i sign = bits & splat_int(INT32_MIN);
   const v8i magnitude = bits & splat_int(INT32_MAX);
@@ -65,37 +65,55 @@ static inline v8f round_to_float16(v8f x) {
   return (v8f)(rounded | sign);
 }
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+// float(c10::BFloat16(x)) per lane: rounded to the nearest bfloat16 value, ties to even (a
+// carry past the largest gives infinity); NaN stays NaN.
+SPARQ_INLINE static inline v8f round_to_bfloat16(v8f x) {
+  const v8u bits = (v8u)x;
+  const v8u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & ~0xffffu;
+  return (v8i)(bits & 0x7fffffffu) > splat_int(0x7f800000) ? x : (v8f)rounded;
+}
+
+// The next value above each lane's finite, non-negative float16 (narrow 1) or bfloat16 (2)
+// value, as float32: std::nextafter towards +inf in that dtype (past the largest: infinity).
+SPARQ_INLINE static inline v8f next_up(v8f x, int narrow) {
+  const v8u bits = (v8u)x;
+  if (narrow == 2) return (v8f)(bits + 0x10000u);
+  // float16's spacing at x: 2^-24 below 2^-14 (subnormals), else 2^(exponent - 10)
+  const v8i exponent = (v8i)(bits >> 23);
+  const v8i spacing = exponent < splat_int(113) ? splat_int(103 << 23) : (exponent - 10) << 23;
+  return round_to_float16(x + (v8f)spacing);  // exact; 65504 + 32 becomes infinity
+}
+
 // Narrow scale dtypes: 0 float32, 1 float16, 2 bfloat16.
-static inline float to_narrow(float x, int narrow) {
-  if (narrow == 1) return static_cast<float>(static_cast<c10::Half>(x));
-  if (narrow == 2) return static_cast<float>(static_cast<c10::BFloat16>(x));
-  return x;
+SPARQ_INLINE static inline v8f to_narrow(v8f x, int narrow) {
+  return narrow == 1 ? round_to_float16(x) : narrow == 2 ? round_to_bfloat16(x) : x;
 }
 
-// The next value of the narrow dtype above `x` (a value of that dtype), as float32.
-static inline float next_up(float x, int narrow) {
-  if (narrow == 1) {
-    c10::Half h = static_cast<c10::Half>(x);
-    return static_cast<float>(std::nextafter(h, c10::Half(std::numeric_limits<float>::infinity())));
-  }
-  c10::BFloat16 b = static_cast<c10::BFloat16>(x);
-  return static_cast<float>(
-      std::nextafter(b, c10::BFloat16(std::numeric_limits<float>::infinity())));
-}
-
-// qparams_from_range(low, high, check=False) of quantize.py, for one row.
-static inline void qparams(float low, float high, float quant_max, int narrow, float& scale,
-                           float& zero_point) {
-  float s = (high - low) / quant_max;
-  s = s > std::numeric_limits<float>::epsilon() ? s : 1.0f;
+// qparams_from_range(low, high, check=False) of quantize.py, for eight rows.
+SPARQ_INLINE static inline void qparams(v8f low, v8f high, float quant_max, int narrow, v8f& scale,
+                           v8f& zero_point) {
+  v8f s = (high - low) / splat(quant_max);
+  s = s > splat(std::numeric_limits<float>::epsilon()) ? s : splat(1.0f);
   if (narrow) {
-    float n = to_narrow(s, narrow);
+    const v8f n = to_narrow(s, narrow);
     s = n < s ? next_up(n, narrow) : n;
   }
-  float z = (-1.0f * low) / s;
-  if (narrow) z = to_narrow(z, narrow);
+  zero_point = to_narrow((splat(-1.0f) * low) / s, narrow);
   scale = s;
-  zero_point = z;
+}
+
+// qparams for eight lanes held in arrays (callers outside the clones).
+SPARQ_CLONES
+static void lane_qparams(const float* low, const float* high, float quant_max, int narrow,
+                         float* scale, float* zero_point) {
+  v8f lo, hi, s, z;
+  std::memcpy(&lo, low, sizeof(lo));
+  std::memcpy(&hi, high, sizeof(hi));
+  qparams(lo, hi, quant_max, narrow, s, z);
+  std::memcpy(scale, &s, sizeof(s));
+  std::memcpy(zero_point, &z, sizeof(z));
 }
 
 struct Group {
@@ -445,9 +463,8 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
         for (int l = 0; l < kLanes; ++l) {
           cand_hi[l] = cand_hi[l] < cand_lo[l] ? cand_lo[l] : cand_hi[l];  // torch.maximum
           if (std::isnan(cand_lo[l])) cand_hi[l] = cand_lo[l];
-          qparams(cand_lo[l], cand_hi[l], quant_max, static_cast<int>(narrow), cand_s[l],
-                  cand_z[l]);
         }
+        lane_qparams(cand_lo, cand_hi, quant_max, static_cast<int>(narrow), cand_s, cand_z);
         errors(g, cand_s, cand_z, quant_max, e);
         for (int l = 0; l < kLanes; ++l) {
           if (e[l] < best_e[l]) {
@@ -532,7 +549,28 @@ at::Tensor round_to_float16_values(at::Tensor values) {
   return padded.narrow(0, 0, n).reshape(values.sizes());
 }
 
+// qparams_from_range(low, high, check=False) for every row, through the kernel's qparams (for
+// tests): low and high float32 (rows,), returns (scale, zero_point).
+std::vector<at::Tensor> range_qparams(at::Tensor low, at::Tensor high, int64_t bits,
+                                      int64_t narrow) {
+  using namespace sparq_mse;
+  const int64_t n = low.numel();
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  at::Tensor lows = at::zeros({padded}, at::kFloat), highs = at::zeros({padded}, at::kFloat);
+  lows.narrow(0, 0, n).copy_(low.to(at::kFloat).reshape({-1}));
+  highs.narrow(0, 0, n).copy_(high.to(at::kFloat).reshape({-1}));
+  at::Tensor scale = at::empty({padded}, at::kFloat), zero_point = at::empty({padded}, at::kFloat);
+  const float quant_max = static_cast<float>((1 << bits) - 1);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    lane_qparams(lows.data_ptr<float>() + i, highs.data_ptr<float>() + i, quant_max,
+                 static_cast<int>(narrow), scale.data_ptr<float>() + i,
+                 zero_point.data_ptr<float>() + i);
+  }
+  return {scale.narrow(0, 0, n), zero_point.narrow(0, 0, n)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("range_qparams", &range_qparams);
   m.def("round_to_float16", &round_to_float16_values);
   m.def("mse_search", &mse_search);
   m.def("greedy_ranges", &greedy_ranges);

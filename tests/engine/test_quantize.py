@@ -427,6 +427,35 @@ def test_the_kernels_float16_rounding_is_torchs():
             assert torch.isnan(rounded[~number]).all()
 
 
+@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize(
+    ("scale_dtype", "narrow"), [("float32", 0), ("float16", 1), ("bfloat16", 2)]
+)
+def test_the_kernels_qparams_are_qparams_from_range(bits, scale_dtype, narrow):
+    # Eight rows at a time, float16 and bfloat16 rounded (scales upwards) in vector lanes.
+    with _mse_kernel(True):
+        module = MSE_KERNEL.load()
+    generator = torch.Generator().manual_seed(bits)
+    patterns = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=generator)
+    spread = torch.randn(200_000, generator=generator)
+    spread *= torch.exp(torch.randn(200_000, generator=generator) * 8)
+    edges = torch.tensor(
+        [0.0, -0.0, 1e-40, 2.0**-24, 2.0**-25, 2.0**-14, 65504.0, 65519.0, 65520.0, 1e5,
+         3.3e38, -3.3e38, float("inf"), -float("inf"), float("nan"), 1.0, -1.0]
+    )  # fmt: skip
+    low = torch.cat([patterns.to(torch.int32).view(torch.float32), spread, edges.repeat(17)])
+    high = torch.cat(
+        [low[:200_000].flip(0), spread.flip(0) + spread.abs() * 3, edges.repeat_interleave(17)]
+    )
+    high = torch.where(torch.isnan(low), low, torch.maximum(high, low))
+    settings_ = Quantization(bits, scale_dtype)
+    expected = qparams_from_range(low, high, settings_, check=False)
+    for found, wanted in zip(module.range_qparams(low, high, bits, narrow), expected, strict=True):
+        number = ~torch.isnan(wanted)
+        assert torch.equal(_bits(found[number]), _bits(wanted[number]))
+        assert torch.isnan(found[~number]).all()
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "zipf"])
 @pytest.mark.parametrize("bits", [5, 6, 7, 8])
 def test_the_replay_ends_early_only_where_the_walk_cannot_change_its_answer(kind, bits):
