@@ -49,6 +49,18 @@ static inline v8f splat(float x) { return v8f{} + x; }
 
 static inline v8i splat_int(int32_t x) { return v8i{} + x; }
 
+// max(q, +0.0) of rounded levels q, as `q > 0 ? q : 0` gives it: compared as int32, a
+// negative float or -0.0 is below zero (and becomes +0.0) and a positive one keeps its order,
+// so one integer max does it, where the float comparison compiles to a compare and an and.
+// (A NaN level may come out as +0.0 or NaN; its row's sum is NaN either way, as the level's
+// value x is NaN or infinite.)
+SPARQ_INLINE static inline v8f at_least_zero(v8f q) {
+  const v8i bits = (v8i)q;
+  v8i most;
+  for (int l = 0; l < kLanes; ++l) most[l] = std::max(bits[l], 0);  // vpmaxsd once vectorized
+  return (v8f)most;
+}
+
 // float(c10::Half(x)) per lane: rounded to the nearest float16 value, ties to even; beyond
 // float16's range infinite; NaN stays NaN.
 SPARQ_INLINE static inline v8f round_to_float16(v8f x) {
@@ -147,7 +159,7 @@ static inline v8f error_sums(const Group& g, v8f s, v8f z, v8f inv, float quant_
     v8f x;
     std::memcpy(&x, g.xt + c * kLanes, sizeof(x));
     v8f q = round_even(x * inv + z);
-    q = q < zero ? zero : q;
+    q = at_least_zero(q);
     q = q > top ? top : q;
     const v8f d = (q - z) * s - x;
     acc = add_kept<Masked>(acc, d * d, g.kt + c * kLanes);
@@ -187,8 +199,8 @@ __attribute__((always_inline)) static inline void torch_sums(const Group& g, flo
     v8f qb = round_even((x - minb) * invb);
     qa = top < qa ? top : qa;  // std::min<float>(q, qmax)
     qb = top < qb ? top : qb;
-    qa = qa > zero ? qa : zero;  // std::max(0.0f, q)
-    qb = qb > zero ? qb : zero;
+    qa = at_least_zero(qa);  // std::max(0.0f, q)
+    qb = at_least_zero(qb);
     const v8f da = x - (qa * sa + mina);
     const v8f db = x - (qb * sb + minb);
     acca = add_kept<Masked>(acca, da * da, g.kt + col * kLanes);
