@@ -185,10 +185,11 @@ static void errors(const Group& g, const float* scale, const float* zero_point, 
   }
 }
 
-// The sums of torch's loss for two (xmin, scale, 1 / scale) per lane.
-template <bool Masked>
-__attribute__((always_inline)) static inline void torch_sums(const Group& g, float qmax, v8f mina, v8f sa, v8f inva, v8f minb,
-                              v8f sb, v8f invb, v8f& acca, v8f& accb) {
+// The sums of torch's loss for two (xmin, scale, 1 / scale) per lane (one: `Pair` false).
+template <bool Masked, bool Pair>
+__attribute__((always_inline)) static inline void torch_sums(const Group& g, float qmax, v8f mina,
+                                                             v8f sa, v8f inva, v8f minb, v8f sb,
+                                                             v8f invb, v8f& acca, v8f& accb) {
   const v8f top = splat(qmax);
   const v8f zero = splat(0.0f);
   acca = zero, accb = zero;
@@ -196,21 +197,24 @@ __attribute__((always_inline)) static inline void torch_sums(const Group& g, flo
     v8f x;
     std::memcpy(&x, g.xt + col * kLanes, sizeof(x));
     v8f qa = round_even((x - mina) * inva);
-    v8f qb = round_even((x - minb) * invb);
     qa = top < qa ? top : qa;  // std::min<float>(q, qmax)
-    qb = top < qb ? top : qb;
-    qa = at_least_zero(qa);  // std::max(0.0f, q)
-    qb = at_least_zero(qb);
+    qa = at_least_zero(qa);    // std::max(0.0f, q)
     const v8f da = x - (qa * sa + mina);
-    const v8f db = x - (qb * sb + minb);
     acca = add_kept<Masked>(acca, da * da, g.kt + col * kLanes);
-    accb = add_kept<Masked>(accb, db * db, g.kt + col * kLanes);
+    if constexpr (Pair) {
+      v8f qb = round_even((x - minb) * invb);
+      qb = top < qb ? top : qb;
+      qb = at_least_zero(qb);
+      const v8f db = x - (qb * sb + minb);
+      accb = add_kept<Masked>(accb, db * db, g.kt + col * kLanes);
+    }
   }
 }
 
 // torch's loss (calculate_quant_loss) of the ranges [lows_a, highs_a] and [lows_b, highs_b] of
-// every lane, in one pass over the columns.
+// every lane, in one pass over the columns (`Pair` false: the first range's only, in la).
 // Inlined into greedy's clones (an out-of-line copy would be compiled without AVX).
+template <bool Pair>
 __attribute__((always_inline)) static inline void torch_losses(
     const Group& g, float qmax, const v8f& lows_a, const v8f& highs_a, const v8f& lows_b,
     const v8f& highs_b, v8f& la, v8f& lb) {
@@ -228,9 +232,9 @@ __attribute__((always_inline)) static inline void torch_losses(
   const v8f invb = sb == zero ? one : one / sb;
   v8f acca, accb;
   if (g.masked) {
-    torch_sums<true>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
+    torch_sums<true, Pair>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
   } else {
-    torch_sums<false>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
+    torch_sums<false, Pair>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
   }
   for (int l = 0; l < kLanes; ++l) {
     la[l] = std::sqrt(acca[l]);
@@ -315,7 +319,7 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
                      : 0;
   }
   v8f cur_loss, unused;
-  torch_losses(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
+  torch_losses<false>(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
   v8f best_loss = cur_loss;
   for (;;) {
     const v8i active = walking & (cur_min + thr < cur_max);
@@ -323,7 +327,7 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
     const v8f left_min = cur_min + step;
     const v8f right_max = cur_max - step;
     v8f loss1, loss2;
-    torch_losses(g, qmax, left_min, cur_max, cur_min, right_max, loss1, loss2);
+    torch_losses<true>(g, qmax, left_min, cur_max, cur_min, right_max, loss1, loss2);
     // A local minimum below the best so far is recorded.
     const v8i better = active & (cur_loss < loss1) & (cur_loss < loss2) & (cur_loss < best_loss);
     best_loss = better ? cur_loss : best_loss;
