@@ -212,6 +212,11 @@ class _CompressedLookup(nn.Module):
             elif strict:
                 missing_keys.append(key)
         if len(error_msgs) == errors_before:
+            # load_state_dict(assign=True) keeps the given tensors: the kernel reads them as
+            # flat arrays, so views come back as contiguous copies.
+            for name, buffer in self._buffers.items():
+                if buffer is not None and not buffer.is_contiguous():
+                    self._buffers[name] = buffer.contiguous()
             self.row_index = checked.to(self.codes.device)
             self._forget_cache()
 
@@ -309,9 +314,14 @@ class _CompressedLookup(nn.Module):
     def _fast_call(self, name: str) -> Any:
         """Returns the kernel's entry `name` with this module's storage bound, or None.
 
-        None when the kernel does not serve this module (not on CPU, float64, no kernel).
+        None when the kernel does not serve this module (not on CPU, float64, no kernel) or
+        a `torch.jit.trace` is recording.
         Cached until the buffers change; a closure call keeps the per-lookup Python work small.
         """
+        if torch.jit.is_tracing():
+            # A trace records tensor ops only: the kernel's writes would be lost (the traced
+            # graph would return its uninitialised output), the fallback's ops are recorded.
+            return None
         call = self.__dict__.get("_call")
         if call is None:
             args = self._kernel_args()
@@ -464,7 +474,8 @@ class EmbeddingBag(_CompressedLookup):
     offsets (bag starts; with `include_last_offset` also the end) or 2-D input (one bag per row).
     Results equal `F.embedding_bag` over the decoded table: `max` bit for bit, `sum` and `mean`
     within float32 rounding of the summation order. Entries equal to `padding_idx` are skipped
-    (`mean` divides by the others); empty bags give zeros.
+    (`mean` divides by the others); empty bags give zeros. With `include_last_offset`, indices
+    past the last offset are in no bag (torch's own `max` and `mean` count them in the last).
     """
 
     def __init__(
@@ -634,6 +645,13 @@ class EmbeddingBag(_CompressedLookup):
         _check_offsets(offsets, input.numel())
         if offsets.numel() == int(include_last_offset):  # no bags (torch's op crashes on them)
             return self.qparams.new_zeros((0, self.layout.cols), dtype=self.layout.dtype)
+        if include_last_offset and int(offsets[-1]) < input.numel():
+            # The last bag ends at the last offset, as in the kernel and torch's `sum`; torch's
+            # `max` would also take the indices past it, and its `mean` divide by them.
+            end = int(offsets[-1])
+            input = input[:end]
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights[:end]
         unique, inverse, table = self._subset(input)
         padding = None
         if self.padding_idx is not None:

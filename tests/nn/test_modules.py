@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,57 @@ def test_state_dict_scales_are_checked() -> None:
         module.load_state_dict({**state, "zero_point": state["zero_point"].half()})
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_state_dict({k: v for k, v in state.items() if k != "scale"})
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_indices_past_the_last_offset_are_in_no_bag(backend: str, mode: str) -> None:
+    # torch's max takes them into the last bag and its mean divides by them; its sum stops at
+    # the last offset, as both of sparq's paths do in every mode.
+    table = make_table(10, 4, level=0.0)
+    decoded = table.decode()
+    bag = EmbeddingBag.from_table(table, mode=mode, include_last_offset=True)
+    indices, offsets = torch.arange(10), torch.tensor([0, 2, 5, 7])
+    expected = F.embedding_bag(indices[:7], decoded, offsets, mode=mode, include_last_offset=True)
+    assert torch.allclose(bag(indices, offsets), expected, rtol=1e-6, atol=0)
+    if mode == "sum":
+        weights = torch.rand(10)
+        expected = F.embedding_bag(
+            indices[:7], decoded, offsets, mode="sum", per_sample_weights=weights[:7],
+            include_last_offset=True,
+        )  # fmt: skip
+        assert torch.allclose(bag(indices, offsets, weights), expected, rtol=1e-5, atol=0)
+
+
+def test_a_trace_records_lookups_that_serve_other_indices(backend: str) -> None:
+    table = make_table(100, 16, level=0.5)
+    decoded = table.decode()
+    bag = EmbeddingBag.from_table(table, mode="sum")
+    embedding = Embedding.from_table(table)
+    offsets = torch.arange(0, 40, 4)
+    generator = torch.Generator().manual_seed(3)
+    traced_indices = torch.randint(0, 100, (40,), generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced_bag = torch.jit.trace(bag, (traced_indices, offsets), check_trace=False)
+        traced_embedding = torch.jit.trace(embedding, (traced_indices,), check_trace=False)
+    for indices in (traced_indices, torch.randint(0, 100, (40,), generator=generator)):
+        assert torch.equal(traced_embedding(indices), F.embedding(indices, decoded))
+        assert torch.allclose(
+            traced_bag(indices, offsets),
+            F.embedding_bag(indices, decoded, offsets, mode="sum"),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_assigned_views_are_stored_contiguous(backend: str) -> None:
+    table = make_table(100, 16, level=0.5)
+    bag = EmbeddingBag.from_table(table, mode="sum")
+    indices, offsets = torch.tensor([1, 2, 3, 50]), torch.tensor([0, 2])
+    expected = bag(indices, offsets)
+    state = bag.state_dict()
+    state["codes"] = torch.stack([state["codes"], state["codes"]], 1)[:, 0]
+    assert not state["codes"].is_contiguous()
+    bag.load_state_dict(state, assign=True)
+    assert bag.codes.is_contiguous()
+    assert torch.equal(bag(indices, offsets), expected)
