@@ -5,7 +5,9 @@ it cannot be used, and then callers run their tensor-op fallback, with the same 
 build runs `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja) into
 `$SPARQ_KERNEL_CACHE`, else `$XDG_CACHE_HOME/sparq/kernels`, else `~/.cache/sparq/kernels`, in a
 folder named by a hash of the source, the flags, torch's version and the Python ABI, so a cache
-shared by machines or versions never loads a stale build. The sources compile for the x86-64
+shared by machines or versions never loads a stale build. One process builds at a time (an
+`flock` the system drops when its holder dies); a finished build is marked, and later runs
+import its library directly. The sources compile for the x86-64
 baseline with AVX2 clones picked at run time, so a build is valid on any x86-64 CPU.
 
 Each kernel has an environment switch (`off`, `0`, `false`, `no` or `torch` skip the build and
@@ -23,6 +25,8 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -124,17 +128,31 @@ class Kernel:
         self._module.clear()
 
     def _build(self) -> ModuleType:
-        from torch.utils import cpp_extension
-
         name = self.build_name()
         folder = cache_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{name}.so").exists():
+        built = folder / _BUILT_MARK
+        library = folder / f"{name}.so"
+        if built.exists() and library.exists():
+            return _import_built(name, library)
+        with _build_lock(folder):
+            if built.exists() and library.exists():  # built by another process meanwhile
+                return _import_built(name, library)
+            # torch's own lock file, left by a build that was killed (only builders holding the
+            # lock above create it): load_inline would wait for it forever.
+            (folder / "lock").unlink(missing_ok=True)
             logger.info(
                 "compiling the %s kernel: first use, up to a minute; cached in %s for later runs",
                 self.title,
                 folder.parent,
             )
+            module = self._compile(name, folder)
+            built.touch()
+            return module
+
+    def _compile(self, name: str, folder: Path) -> ModuleType:
+        from torch.utils import cpp_extension
+
         flags = self.flags()
         return cpp_extension.load_inline(
             name=name,
@@ -145,3 +163,39 @@ class Kernel:
             build_directory=str(folder),
             verbose=False,
         )
+
+
+_BUILT_MARK = "built"
+"""Written into a kernel's folder once its build has loaded: later runs import the library
+directly, without torch's build lock (a file that a killed build leaves behind)."""
+
+
+def _import_built(name: str, library: Path) -> ModuleType:
+    """Returns the extension `name`, imported from its built `library`."""
+    import importlib.util
+
+    import torch  # noqa: F401  (the library links against torch's, loaded first)
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` while one process builds there (others wait). An
+    advisory `flock`, which the system releases when its holder dies, however it dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file is the only guard
+        yield
+        return
+    with open(folder / "build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 import warnings
 
 import pytest
 
+from sparqcli import native
 from sparqcli.native import Kernel, KernelWarning, cache_dir
 
 
@@ -90,5 +93,50 @@ def test_a_build_that_compiles_is_announced_once_cached_builds_are_not(
         ]
         name = kernel.build_name()
         (tmp_path / name / f"{name}.so").write_bytes(b"")  # what the build leaves behind
-        assert Kernel("sparq_new", "int f();\n", "test", "tests", "SPARQ_X").load() == "module"
+        monkeypatch.setattr(native, "_import_built", lambda name, library: "imported")
+        assert Kernel("sparq_new", "int f();\n", "test", "tests", "SPARQ_X").load() == "imported"
         assert len(caplog.messages) == 1
+
+
+def test_a_build_killed_while_it_held_the_locks_does_not_block_later_ones(tmp_path, monkeypatch):
+    # A killed build leaves torch's lock file (load_inline would wait for it forever); its
+    # flock dies with it.
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("SPARQ_KERNEL_CACHE", str(tmp_path))
+    kernel = Kernel("sparq_killed", "int f();\n", "test", "tests", "SPARQ_X")
+    folder = tmp_path / kernel.build_name()
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    (folder / "lock").write_text("")  # torch's FileBaton, left behind
+    holder.kill()
+    holder.wait()
+    seen = []
+
+    def load_inline(**options: object) -> str:
+        seen.append((folder / "lock").exists())
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load_inline", load_inline)
+    started = time.monotonic()
+    assert kernel.load() == "module"
+    assert seen == [False] and time.monotonic() - started < 10
+    assert (folder / "built").exists()
+    # Once marked, the library is imported without load_inline (and its lock).
+    (folder / f"{kernel.build_name()}.so").write_bytes(b"")
+    monkeypatch.setattr(native, "_import_built", lambda name, library: "imported")
+    assert Kernel("sparq_killed", "int f();\n", "test", "tests", "SPARQ_X").load() == "imported"
+    assert seen == [False]
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from sparqcli.native import _build_lock
+with _build_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
