@@ -153,7 +153,7 @@ def compress(
                 continue
             tables = _compress_tables(checkpoint, file, device, progress, options)
             if not file.gate_failures:
-                _write(checkpoint, file, tables, digests)
+                _write(checkpoint, file, tables, digests, replace=force)
             file.seconds = time.perf_counter() - file_started
     finally:
         if digests is not None:
@@ -161,7 +161,7 @@ def compress(
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = peak_memory_bytes()
     if report_path is not None and not dry_run:  # a dry run writes nothing (its path is checked)
-        report.save_json(report_path, force=True)
+        report.save_json(report_path, force=force)
     return report
 
 
@@ -207,7 +207,7 @@ class CompressedStateDict:
         check_output_name(path, "sparq")
         check_output_path(path, [], force)
         stats = {table.key: table.stats for table in self.report.tables if table.stats}
-        with atomic_output(path) as temp:
+        with atomic_output(path, replace=force) as temp:
             write_compressed(temp, self.passthrough, self.tables, stats, aliases=self.aliases)
         return path
 
@@ -643,6 +643,8 @@ def _write(
     file: FileReport,
     compressed: dict[str, CompressedTable],
     digests: BackgroundSha256 | None,
+    *,
+    replace: bool,
 ) -> None:
     from sparqcli.sinks import atomic_output
 
@@ -655,7 +657,7 @@ def _write(
         for key in checkpoint.tensors
         if key not in compressed and key not in skipped
     }
-    with atomic_output(file.output) as temp:
+    with atomic_output(file.output, replace=replace) as temp:
         if file.format == "sparq":
             from sparqcli.format.writer import SourceInfo, write_compressed
 

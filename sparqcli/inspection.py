@@ -90,10 +90,10 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
         )
     state = load(src)
     if dst.suffix.lower() == ".safetensors":
-        with atomic_output(dst) as temp:
+        with atomic_output(dst, replace=force) as temp:
             save_safetensors(temp, state, None)
     else:
-        write_torch(dst, state)
+        write_torch(dst, state, replace=force)
     return DecompressResult(src, dst, len(state), dst.stat().st_size)
 
 
@@ -159,7 +159,7 @@ def suggest_config(
             path=path,
         )
     config, text = starter_config(found)
-    with atomic_output(output) as temp:
+    with atomic_output(output, replace=force) as temp:
         temp.write_text(text)
     return SuggestedConfig(config, text, output, found)
 

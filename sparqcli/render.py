@@ -944,6 +944,6 @@ def plan_plot(result: PlanResult, path: Path, force: bool = False) -> Path:
         figure.tight_layout()
         suffix = path.suffix.lower()[1:]
         metadata = {"Date": None} if suffix == "svg" else {"Software": None}
-        with atomic_output(path) as temp:
+        with atomic_output(path, replace=force) as temp:
             figure.savefig(temp, format=suffix, metadata=metadata)
     return path

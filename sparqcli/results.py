@@ -259,7 +259,7 @@ class CompressReport:
         inputs = [file.input for file in self.files if file.input is not None]
         outputs = [file.output for file in self.files if file.output is not None]
         check_report_path(Path(path), force, inputs, outputs)
-        with atomic_output(path) as temp:
+        with atomic_output(path, replace=force) as temp:
             temp.write_text(to_json(self.to_dict()) + "\n")
 
     def to_dict(self) -> dict[str, Any]:

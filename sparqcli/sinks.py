@@ -127,11 +127,13 @@ def check_report_path(
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside `path`; on success it is synced and renamed to `path`.
 
-    On any failure, or an interrupt, the temporary file is removed and `path` is untouched.
-    Raises OutputError when the folder is not writable or the write fails.
+    Without `replace`, a file that appeared at `path` meanwhile (another job's) is kept and the
+    write fails: the new file is linked in only where nothing is. On any failure, or an
+    interrupt, the temporary file is removed and `path` is untouched. Raises OutputError when
+    the folder is not writable, the write fails or (without `replace`) `path` exists.
     """
     path = Path(path)
     folder = path.parent
@@ -143,7 +145,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.close(handle)
         return Path(name)
 
-    with _temporary(path, make, lambda temp: _finish(temp, path)) as temp:
+    with _temporary(path, make, lambda temp: _finish(temp, path, replace)) as temp:
         yield temp
 
 
@@ -180,19 +182,38 @@ def _temporary(
         _PARTIAL.pop(temp, None)
 
 
-def _finish(temp: Path, path: Path) -> None:
+def _finish(temp: Path, path: Path, replace: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)
     with open(temp, "rb+") as file:
         os.fsync(file.fileno())
-    os.replace(temp, path)
+    if replace:
+        os.replace(temp, path)
+    else:
+        _link_new(temp, path)
     with contextlib.suppress(OSError):
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _link_new(temp: Path, path: Path) -> None:
+    """Puts the file `temp` at `path` only where nothing is there (a hard link fails on an
+    existing name, where a rename would replace it), then removes `temp`. Raises OutputError
+    when `path` exists."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: cannot write: it already exists") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists() or path.is_symlink():
+            raise OutputError(f"{path}: cannot write: it already exists") from None
+        os.replace(temp, path)
+        return
+    _remove_quietly(temp)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -376,9 +397,16 @@ def replace_folder(temp: Path, path: Path) -> None:
             _remove_quietly(old)
 
 
-def write_torch(path: Path, obj: Any, write: Callable[[Any, Path], None] | None = None) -> None:
-    """Writes `obj` with torch.save to `path` atomically. Raises OutputError on failure."""
-    with atomic_output(path) as temp:
+def write_torch(
+    path: Path,
+    obj: Any,
+    write: Callable[[Any, Path], None] | None = None,
+    *,
+    replace: bool = True,
+) -> None:
+    """Writes `obj` with torch.save to `path` atomically (without `replace`, only where no file
+    is: see `atomic_output`). Raises OutputError on failure."""
+    with atomic_output(path, replace=replace) as temp:
         (write or save_torch_file)(obj, temp)
 
 

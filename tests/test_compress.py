@@ -36,6 +36,46 @@ def test_report_and_output_match_the_engine(checkpoint, config, state):
     assert report.peak_memory_bytes > 0
 
 
+def test_an_output_another_job_wrote_meanwhile_is_kept_without_force(
+    checkpoint, config, monkeypatch
+):
+    # The path is checked before any work; a job writing the same path finished first.
+    from sparqcli import compression
+    from sparqcli.errors import OutputError
+
+    output = checkpoint.with_name("out.sparq.safetensors")
+    report_path = checkpoint.with_name("report.json")
+    real = compression._compress_tables
+
+    def meanwhile(*args, **kwargs):
+        output.write_bytes(b"the other job's output")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "_compress_tables", meanwhile)
+    with pytest.raises(
+        OutputError, match=r"out\.sparq\.safetensors: cannot write: it already exists$"
+    ):
+        compress(checkpoint, config, output=output, report_path=report_path)
+    assert output.read_bytes() == b"the other job's output"
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [
+        "cfg.yaml", "model.pt", "out.sparq.safetensors",
+    ]  # fmt: skip
+    output.unlink()
+    real_save = compression.CompressReport.save_json
+
+    def report_meanwhile(self, path, **kwargs):
+        Path(path).write_text("the other job's report")
+        return real_save(self, path, **kwargs)
+
+    monkeypatch.setattr(compression, "_compress_tables", real)
+    monkeypatch.setattr(compression.CompressReport, "save_json", report_meanwhile)
+    with pytest.raises(UsageError, match=r"report\.json: already exists"):
+        compress(checkpoint, config, output=output, report_path=report_path)
+    assert report_path.read_text() == "the other job's report"
+    compress(checkpoint, config, output=output, report_path=report_path, force=True)
+    assert json.loads(report_path.read_text())["files"][0]["output"] == str(output)
+
+
 def test_safetensors_and_pt_inputs_give_the_same_tables(tmp_path, config, state):
     torch.save(state, tmp_path / "a.pt")
     save_file(state, tmp_path / "b.safetensors")

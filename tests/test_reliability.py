@@ -757,6 +757,8 @@ def test_write_errors_leave_nothing_behind(inputs, tmp_path, monkeypatch, failur
                 _disk_full_writers(patch)
             else:
                 patch.setattr(os, failure, failing)
+                if failure == "replace":  # an output put where nothing is: a hard link
+                    patch.setattr(os, "link", failing)
             result = invoke(*command)
         line = assert_one_line_error(result, codes=(1,))
         assert line.startswith(f"sparq: error: {output}: cannot write: "), line

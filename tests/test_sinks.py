@@ -26,6 +26,38 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_failure(tmp_path):
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_without_replace_a_file_that_appeared_meanwhile_is_kept(tmp_path, monkeypatch):
+    # Another job wrote the output after this one checked the path: a rename would replace it.
+    target = tmp_path / "out.bin"
+    with (
+        pytest.raises(OutputError, match=r"^.*out\.bin: cannot write: it already exists$"),
+        atomic_output(target, replace=False) as temp,
+    ):
+        temp.write_bytes(b"mine")
+        target.write_bytes(b"theirs")
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    fresh = tmp_path / "fresh.bin"
+    with atomic_output(fresh, replace=False) as temp:
+        temp.write_bytes(b"mine")
+    assert fresh.read_bytes() == b"mine" and fresh.stat().st_nlink == 1
+    assert oct(fresh.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.bin", "out.bin"]
+    # Where the file system has no hard links: checked, then renamed.
+    monkeypatch.setattr(os, "link", _no_links)
+    other = tmp_path / "other.bin"
+    with atomic_output(other, replace=False) as temp:
+        temp.write_bytes(b"mine")
+    assert other.read_bytes() == b"mine"
+    with pytest.raises(OutputError, match="already exists"), atomic_output(other, replace=False):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.bin", "other.bin", "out.bin"]
+
+
+def _no_links(source: object, target: object) -> None:
+    raise PermissionError(1, "Operation not permitted")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -207,7 +207,7 @@ class PlanResult:
         path = Path(path)
         check_output_path(path, list(self.inputs), force)
         text = self.to_yaml()
-        with atomic_output(path) as temp:
+        with atomic_output(path, replace=force) as temp:
             temp.write_text(text)
         return path
 
