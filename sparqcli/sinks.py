@@ -374,6 +374,23 @@ def partial_folder(path: Path, output: Path) -> Iterator[Path]:
         _PARTIAL.pop(path, None)
 
 
+@contextlib.contextmanager
+def new_partial_folder(output: Path) -> Iterator[Path]:
+    """Makes a temporary folder beside `output` (which it becomes) and registers it, from the
+    moment it exists, for `discard_partial_outputs` while the block runs; its mode is the one
+    the umask gives a folder. Removing it on other failures is the caller's business."""
+    with _signals_held():
+        path = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        _PARTIAL[path] = output
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0o700 is for secrets
+        yield path
+    finally:
+        _PARTIAL.pop(path, None)
+
+
 def replace_folder(temp: Path, path: Path) -> None:
     """Renames the complete folder `temp` to `path`, replacing an existing folder `path`.
 

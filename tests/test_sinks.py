@@ -129,3 +129,26 @@ def test_partial_outputs_name_what_the_user_asked_for(tmp_path):
     ):
         assert partial_outputs() == [tmp_path / "out", tmp_path / "report.json"]
     assert partial_outputs() == []
+
+
+def test_a_new_partial_folder_is_registered_from_the_moment_it_exists(tmp_path, monkeypatch):
+    # A distributed run's rank 0 makes the output's folder before the other ranks hear of it:
+    # an interrupt in between must find it registered (and remove it).
+    from sparqcli import sinks
+
+    made = []
+    real = sinks.tempfile.mkdtemp
+
+    def mkdtemp(**options: object) -> str:
+        made.append(real(**options))
+        assert sinks._PARTIAL == {}  # not yet: registered with signals held, right after
+        return made[-1]
+
+    monkeypatch.setattr(sinks.tempfile, "mkdtemp", mkdtemp)
+    output = tmp_path / "model.sparq"
+    with sinks.new_partial_folder(output) as folder:
+        assert [str(folder)] == made and {folder: output} == sinks._PARTIAL
+        assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+        assert folder.parent == tmp_path and folder.name.startswith(".model.sparq.")
+        assert sinks.discard_partial_outputs() == [folder]
+    assert sinks._PARTIAL == {} and not folder.exists()

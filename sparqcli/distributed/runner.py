@@ -13,9 +13,9 @@ left behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -132,7 +132,12 @@ class _Run:
             read_config,
         )
         from sparqcli.digest import BackgroundSha256
-        from sparqcli.sinks import check_output_folder, check_report_path, partial_folder
+        from sparqcli.sinks import (
+            check_output_folder,
+            check_report_path,
+            new_partial_folder,
+            partial_folder,
+        )
         from sparqcli.sources import open_checkpoint
 
         group, source, output = self.group, self.source, self.output
@@ -161,17 +166,14 @@ class _Run:
         file = _plan(checkpoint, config, "sparq", output, input_size(source))
         digests = BackgroundSha256([source]) if rank == 0 else None
         try:
-            temp_name = ""
-            if rank == 0:
-                temp_name = tempfile.mkdtemp(
-                    prefix=f".{output.name}.", suffix=".tmp", dir=output.parent
-                )
-                self.temp = Path(temp_name)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self.temp, 0o777 & ~umask)  # mkdtemp's 0o700 is for secrets
-            self.temp = Path(group.broadcast_text(temp_name))
-            with partial_folder(self.temp, output):  # a signal handler removes it
+            with contextlib.ExitStack() as registered:  # a signal handler removes the folder
+                temp_name = ""
+                if rank == 0:
+                    self.temp = registered.enter_context(new_partial_folder(output))
+                    temp_name = str(self.temp)
+                self.temp = Path(group.broadcast_text(temp_name))
+                if rank != 0:
+                    registered.enter_context(partial_folder(self.temp, output))
                 name, extra, sha256 = self._write_shard(
                     checkpoint, file, group, digests, progress, device
                 )
