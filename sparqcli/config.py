@@ -122,8 +122,8 @@ class ResolvedRule:
     def label(self) -> str:
         """Returns the rule as messages name it, e.g. `layers[1] (match 'sparse.bags.*')`."""
         if self.match is not None:
-            return f"layers[{self.index}] (match {self.match!r})"
-        return f"layers[{self.index}] (type {self.type!r})"
+            return f"layers[{self.index}] (match '{self.match}')"  # as written: no escapes
+        return f"layers[{self.index}] (type '{self.type}')"
 
 
 @dataclass(frozen=True, kw_only=True)

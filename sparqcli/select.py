@@ -144,6 +144,10 @@ def select_tables(
             elif key in winners:
                 shadowed.append(key)
             elif not tensors[key].is_table:
+                if tensors[key].nbytes < threshold:
+                    # a pattern's small non-table (a LayerNorm bias beside `*embedding*` tables):
+                    # below the size a pattern compresses, it is no candidate at all
+                    continue
                 dense = "" if tensors[key].layout == "strided" else "dense "
                 raise SelectionError(
                     f"{source}: {rule.label} matches {key!r}, which is not a {dense}2-D floating "

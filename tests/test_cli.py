@@ -96,12 +96,19 @@ def test_rule_that_matches_nothing(checkpoint, tmp_path):
 
 def test_match_that_is_not_a_2d_float_tensor(checkpoint, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("layers: [{match: 'proj.*'}]\n")
+    cfg.write_text("min_table_bytes: 0\nlayers: [{match: 'proj.*'}]\n")
     result = run("compress", checkpoint, "--config", cfg)
     assert result.exit_code == 2
     assert error_line(result) == (
         f"sparq: error: {checkpoint}: layers[0] (match 'proj.*') matches 'proj.bias', "
         "which is not a 2-D floating tensor (shape [4], float32)"
+    )
+    # Below min_table_bytes a pattern passes over it (and over the small proj.weight).
+    cfg.write_text("layers: [{match: 'proj.*'}]\n")
+    assert error_line(run("compress", checkpoint, "--config", cfg)) == (
+        f"sparq: error: {checkpoint}: the config selects no table; 1 matched table(s) are "
+        "smaller than min_table_bytes (64 KiB): proj.weight (name them exactly, or lower "
+        "min_table_bytes)"
     )
 
 

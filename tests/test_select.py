@@ -326,7 +326,7 @@ def test_glob_and_regex_rules_skip_tables_under_min_table_bytes() -> None:
         selection = select([{"match": pattern}], min_table_bytes=threshold)
         assert keys(selection) == ["bags.0.weight"]  # 250 KiB; bags.1 is 31.2 KiB
         assert [(t.key, t.rule) for t in selection.skipped] == [
-            ("bags.1.weight", f"layers[0] (match {pattern!r})")
+            ("bags.1.weight", f"layers[0] (match '{pattern}')")
         ]
         assert selection.matches[0].skipped == ("bags.1.weight",)
 
@@ -368,3 +368,28 @@ def test_min_table_bytes_is_validated(value: object, message: str) -> None:
     assert info.value.problems == [message]
     with pytest.raises(ConfigError):
         Config(layers=[], min_table_bytes=-1)
+
+
+def test_a_pattern_passes_over_small_tensors_that_are_not_tables() -> None:
+    # The README's `*embedding*` on a BERT checkpoint also matches embeddings.LayerNorm.bias.
+    bert = {
+        "embeddings.word_embeddings.weight": TensorInfo((30522, 64), "float32"),
+        "embeddings.LayerNorm.bias": TensorInfo((64,), "float32"),
+        "embeddings.position_ids": TensorInfo((1, 512), "int64"),
+    }
+    found = select([{"match": "*embedding*"}], bert, min_table_bytes=65536)
+    assert keys(found) == ["embeddings.word_embeddings.weight"]
+    # A large one, or any named exactly (or with no size floor), is still an error.
+    big = {**bert, "embeddings.LayerNorm.bias": TensorInfo((40000,), "float32")}
+    assert "matches 'embeddings.LayerNorm.bias', which is not a 2-D floating tensor" in error(
+        [{"match": "*embedding*"}], big, min_table_bytes=65536
+    )
+    assert "which is not a 2-D floating tensor" in error([{"match": "*embedding*"}], bert)
+    assert "which is not a 2-D floating tensor" in error(
+        [{"match": "embeddings.LayerNorm.bias"}], bert, min_table_bytes=65536
+    )
+
+
+def test_rules_show_patterns_as_written() -> None:
+    message = error([{"match": r"re:.*\.nothing"}])
+    assert r"layers[0] (match 're:.*\.nothing') matches no tensor" in message
