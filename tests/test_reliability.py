@@ -1160,7 +1160,7 @@ def test_compressing_a_torch_ao_output_is_refused(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     quantized = tmp_path / "model.torchao.pt"
     config = tmp_path / "all.yaml"
-    config.write_text("version: 1\nlayers: [{match: 're:.*emb.*'}]\n")
+    config.write_text("version: 1\nmin_table_bytes: 0\nlayers: [{match: 're:.*emb.*'}]\n")
     line = assert_one_line_error(invoke("compress", quantized, "--config", config), codes=(2,))
     assert "not a 2-D floating tensor" in line and "quint8" in line
     # inspect lists its packed tables (it raised KeyError: 'quint8' before)
