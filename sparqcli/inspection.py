@@ -108,9 +108,9 @@ def selection(
     (or model folder) at `path`;
     each group of aliases (tied tables) is one selected table.
 
-    Raises what opening the checkpoint raises, and SelectionError for a rule that matches
-    nothing, a selected tensor that is not a table, or an alias excluded while another key of its
-    group is selected.
+    Raises what opening the checkpoint raises; UsageError for a file sparq already compressed;
+    SelectionError for a rule that matches nothing, a selected tensor that is not a table, or an
+    alias excluded while another key of its group is selected.
     """
     from sparqcli.aliasing import select_with_aliases
     from sparqcli.compression import read_config
@@ -118,6 +118,12 @@ def selection(
 
     config = read_config(config)
     checkpoint = open_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq:  # its tensors are codes and scales, which no rule should select
+        raise UsageError(
+            f"{path}: is already compressed by sparq; check the config against the original "
+            "checkpoint",
+            path=Path(path),
+        )
     return select_with_aliases(config, checkpoint, str(path))[0]
 
 

@@ -437,6 +437,17 @@ def test_validate_config_and_matches(checkpoint, config, tmp_path):
     )
 
 
+def test_validate_against_a_compressed_file_says_so(checkpoint, config, tmp_path):
+    output = tmp_path / "out.sparq.safetensors"
+    assert run("compress", checkpoint, "--config", config, "-o", output, "-q").exit_code == 0
+    result = run("validate", config, output)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {output}: is already compressed by sparq; check the config against the "
+        "original checkpoint"
+    )
+
+
 def test_version_and_help():
     assert run("--version").stdout == f"sparq {sparqcli.__version__}\n"
     for command in ("compress", "inspect", "decompress", "validate"):
