@@ -183,9 +183,7 @@ def _temporary(
 
 
 def _finish(temp: Path, path: Path, replace: bool) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)
+    os.chmod(temp, 0o666 & ~_umask())
     with open(temp, "rb+") as file:
         os.fsync(file.fileno())
     if replace:
@@ -214,6 +212,19 @@ def _link_new(temp: Path, path: Path) -> None:
         os.replace(temp, path)
         return
     _remove_quietly(temp)
+
+
+def _umask() -> int:
+    """Returns the process's umask (reading it sets it: it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _folder_beside(path: Path, suffix: str) -> Path:
+    """Returns a new, hidden folder (mode 0o700) beside `path`, named after it, ending in
+    `suffix`."""
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
 
 
 def _remove_quietly(path: Path) -> None:
@@ -296,15 +307,14 @@ def atomic_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
         raise OutputError(f"{path}: cannot write: folder {parent} does not exist")
 
     def make() -> Path:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        return _folder_beside(path, ".tmp")
 
     with _temporary(path, make, lambda temp: _finish_folder(temp, path, replace)) as temp:
         yield temp
 
 
 def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for folder, _, names in os.walk(temp):
         for name in names:
             file_path = os.path.join(folder, name)
@@ -317,7 +327,7 @@ def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
         if not replace:
             raise OutputError(f"{path}: cannot write: it already exists")
         # Not registered as partial: a signal between the two renames must not remove it.
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old = _folder_beside(path, ".old")
         os.replace(path, old / path.name)
     try:
         os.rename(temp, path)
@@ -380,12 +390,10 @@ def new_partial_folder(output: Path) -> Iterator[Path]:
     moment it exists, for `discard_partial_outputs` while the block runs; its mode is the one
     the umask gives a folder. Removing it on other failures is the caller's business."""
     with _signals_held():
-        path = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        path = _folder_beside(output, ".tmp")
         _PARTIAL[path] = output
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0o700 is for secrets
+        os.chmod(path, 0o777 & ~_umask())  # mkdtemp's 0o700 is for secrets
         yield path
     finally:
         _PARTIAL.pop(path, None)
@@ -402,7 +410,7 @@ def replace_folder(temp: Path, path: Path) -> None:
         if path.exists():
             if not path.is_dir():
                 raise OutputError(f"{path}: exists and is not a folder")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = _folder_beside(path, ".old")
             os.replace(path, old / "previous")
         os.replace(temp, path)
     except OSError as error:
