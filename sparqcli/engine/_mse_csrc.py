@@ -148,97 +148,126 @@ static inline v8f add_kept(v8f acc, v8f term, const int32_t* keep) {
   }
 }
 
+// The most candidates scored in one pass over a group's columns.
+constexpr int kBatch = 6;
+
 // Each lane's sequential float32 sum over its kept values of the squared error of the decode
-// (quantize_levels, dequantize, minus the value); +inf where the qparams are not finite.
-template <bool Masked>
-static inline v8f error_sums(const Group& g, v8f s, v8f z, v8f inv, float quant_max) {
+// (quantize_levels, dequantize, minus the value) under each of N qparams, in one pass over the
+// columns (each candidate's sum in its own accumulator, so the sums are those of N passes).
+template <bool Masked, int N>
+SPARQ_INLINE static inline void error_sums(const Group& g, const v8f* s, const v8f* z,
+                                           const v8f* inv, float quant_max, v8f* acc) {
   const v8f top = splat(quant_max);
-  const v8f zero = splat(0.0f);
-  v8f acc = zero;
+  for (int n = 0; n < N; ++n) acc[n] = splat(0.0f);
   for (int64_t c = 0; c < g.cols; ++c) {
     v8f x;
     std::memcpy(&x, g.xt + c * kLanes, sizeof(x));
-    v8f q = round_even(x * inv + z);
-    q = at_least_zero(q);
-    q = q > top ? top : q;
-    const v8f d = (q - z) * s - x;
-    acc = add_kept<Masked>(acc, d * d, g.kt + c * kLanes);
-  }
-  return acc;
-}
-
-SPARQ_CLONES
-static void errors(const Group& g, const float* scale, const float* zero_point, float quant_max,
-                   float* out) {
-  v8f s, z, inv;
-  for (int l = 0; l < kLanes; ++l) {
-    s[l] = scale[l];
-    z[l] = zero_point[l];
-    inv[l] = 1.0f / scale[l];
-  }
-  const v8f acc = g.masked ? error_sums<true>(g, s, z, inv, quant_max)
-                           : error_sums<false>(g, s, z, inv, quant_max);
-  for (int l = 0; l < kLanes; ++l) {
-    const bool finite = std::isfinite(scale[l]) && std::isfinite(zero_point[l]);
-    const float e = acc[l];
-    out[l] = finite && !std::isnan(e) ? e : std::numeric_limits<float>::infinity();
-  }
-}
-
-// The sums of torch's loss for two (xmin, scale, 1 / scale) per lane (one: `Pair` false).
-template <bool Masked, bool Pair>
-__attribute__((always_inline)) static inline void torch_sums(const Group& g, float qmax, v8f mina,
-                                                             v8f sa, v8f inva, v8f minb, v8f sb,
-                                                             v8f invb, v8f& acca, v8f& accb) {
-  const v8f top = splat(qmax);
-  const v8f zero = splat(0.0f);
-  acca = zero, accb = zero;
-  for (int64_t col = 0; col < g.cols; ++col) {
-    v8f x;
-    std::memcpy(&x, g.xt + col * kLanes, sizeof(x));
-    v8f qa = round_even((x - mina) * inva);
-    qa = top < qa ? top : qa;  // std::min<float>(q, qmax)
-    qa = at_least_zero(qa);    // std::max(0.0f, q)
-    const v8f da = x - (qa * sa + mina);
-    acca = add_kept<Masked>(acca, da * da, g.kt + col * kLanes);
-    if constexpr (Pair) {
-      v8f qb = round_even((x - minb) * invb);
-      qb = top < qb ? top : qb;
-      qb = at_least_zero(qb);
-      const v8f db = x - (qb * sb + minb);
-      accb = add_kept<Masked>(accb, db * db, g.kt + col * kLanes);
+#pragma GCC unroll 8
+    for (int n = 0; n < N; ++n) {
+      v8f q = round_even(x * inv[n] + z[n]);
+      q = at_least_zero(q);
+      q = q > top ? top : q;
+      const v8f d = (q - z[n]) * s[n] - x;
+      acc[n] = add_kept<Masked>(acc[n], d * d, g.kt + c * kLanes);
     }
   }
 }
 
-// torch's loss (calculate_quant_loss) of the ranges [lows_a, highs_a] and [lows_b, highs_b] of
-// every lane, in one pass over the columns (`Pair` false: the first range's only, in la).
-// Inlined into greedy's clones (an out-of-line copy would be compiled without AVX).
-template <bool Pair>
-__attribute__((always_inline)) static inline void torch_losses(
-    const Group& g, float qmax, const v8f& lows_a, const v8f& highs_a, const v8f& lows_b,
-    const v8f& highs_b, v8f& la, v8f& lb) {
+template <int N>
+SPARQ_INLINE static inline void error_pass(const Group& g, const v8f* s, const v8f* z,
+                                           const v8f* inv, float quant_max, v8f* acc) {
+  if (g.masked) {
+    error_sums<true, N>(g, s, z, inv, quant_max, acc);
+  } else {
+    error_sums<false, N>(g, s, z, inv, quant_max, acc);
+  }
+}
+
+// The error sums of `count` (1 to kBatch) candidates' qparams per lane, scale[n * 8 + lane]
+// and zero_point[n * 8 + lane], into out[n * 8 + lane]: +inf where the qparams are not finite
+// or the sum is NaN.
+SPARQ_CLONES
+static void errors(const Group& g, int count, const float* scale, const float* zero_point,
+                   float quant_max, float* out) {
+  v8f s[kBatch], z[kBatch], inv[kBatch], acc[kBatch];
+  for (int n = 0; n < count; ++n) {
+    for (int l = 0; l < kLanes; ++l) {
+      s[n][l] = scale[n * kLanes + l];
+      z[n][l] = zero_point[n * kLanes + l];
+      inv[n][l] = 1.0f / scale[n * kLanes + l];
+    }
+  }
+  switch (count) {
+    case 1: error_pass<1>(g, s, z, inv, quant_max, acc); break;
+    case 2: error_pass<2>(g, s, z, inv, quant_max, acc); break;
+    case 3: error_pass<3>(g, s, z, inv, quant_max, acc); break;
+    case 4: error_pass<4>(g, s, z, inv, quant_max, acc); break;
+    case 5: error_pass<5>(g, s, z, inv, quant_max, acc); break;
+    default: error_pass<6>(g, s, z, inv, quant_max, acc); break;
+  }
+  for (int n = 0; n < count; ++n) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int i = n * kLanes + l;
+      const bool finite = std::isfinite(scale[i]) && std::isfinite(zero_point[i]);
+      const float e = acc[n][l];
+      out[i] = finite && !std::isnan(e) ? e : std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+// q * s + m for levels q (whole numbers up to 255) and float16 values s (or 1): the product
+// needs at most 8 + 11 significant bits, so it is exact in float32 and one fused multiply-add
+// rounds the sum exactly as the separate multiply and add do (a vfmadd in the AVX2 clones).
+SPARQ_INLINE static inline v8f exact_product_plus(v8f q, v8f s, v8f m) {
+  v8f r;
+  for (int l = 0; l < kLanes; ++l) r[l] = __builtin_fmaf(q[l], s[l], m[l]);
+  return r;
+}
+
+// The sums of torch's loss for N (xmin, scale, 1 / scale) per lane, in one pass.
+template <bool Masked, int N>
+SPARQ_INLINE static inline void torch_sums(const Group& g, float qmax, const v8f* mins,
+                                           const v8f* s, const v8f* inv, v8f* acc) {
+  const v8f top = splat(qmax);
+  for (int n = 0; n < N; ++n) acc[n] = splat(0.0f);
+  for (int64_t col = 0; col < g.cols; ++col) {
+    v8f x;
+    std::memcpy(&x, g.xt + col * kLanes, sizeof(x));
+#pragma GCC unroll 4
+    for (int n = 0; n < N; ++n) {
+      v8f q = round_even((x - mins[n]) * inv[n]);
+      q = top < q ? top : q;  // std::min<float>(q, qmax)
+      q = at_least_zero(q);   // std::max(0.0f, q)
+      const v8f d = x - exact_product_plus(q, s[n], mins[n]);
+      acc[n] = add_kept<Masked>(acc[n], d * d, g.kt + col * kLanes);
+    }
+  }
+}
+
+// torch's loss (calculate_quant_loss) of N ranges [lows[n], highs[n]] of every lane, in one
+// pass over the columns, into loss[n]. Inlined into greedy's clones (an out-of-line copy would
+// be compiled without AVX).
+template <int N>
+SPARQ_INLINE static inline void torch_losses(const Group& g, float qmax, const v8f* lows,
+                                             const v8f* highs, v8f* loss) {
   const v8f one = splat(1.0f);
   const v8f zero = splat(0.0f);
   const v8f top = splat(qmax);
   // xmin = Half(xmin); scale = range == 0 ? 1 : Half(range / qmax); inverse = 1 / scale or 1
-  const v8f mina = round_to_float16(lows_a);
-  const v8f minb = round_to_float16(lows_b);
-  const v8f range_a = highs_a - mina;
-  const v8f range_b = highs_b - minb;
-  const v8f sa = range_a == zero ? one : round_to_float16(range_a / top);
-  const v8f sb = range_b == zero ? one : round_to_float16(range_b / top);
-  const v8f inva = sa == zero ? one : one / sa;
-  const v8f invb = sb == zero ? one : one / sb;
-  v8f acca, accb;
-  if (g.masked) {
-    torch_sums<true, Pair>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
-  } else {
-    torch_sums<false, Pair>(g, qmax, mina, sa, inva, minb, sb, invb, acca, accb);
+  v8f mins[N], s[N], inv[N], acc[N];
+  for (int n = 0; n < N; ++n) {
+    mins[n] = round_to_float16(lows[n]);
+    const v8f range = highs[n] - mins[n];
+    s[n] = range == zero ? one : round_to_float16(range / top);
+    inv[n] = s[n] == zero ? one : one / s[n];
   }
-  for (int l = 0; l < kLanes; ++l) {
-    la[l] = std::sqrt(acca[l]);
-    lb[l] = std::sqrt(accb[l]);
+  if (g.masked) {
+    torch_sums<true, N>(g, qmax, mins, s, inv, acc);
+  } else {
+    torch_sums<false, N>(g, qmax, mins, s, inv, acc);
+  }
+  for (int n = 0; n < N; ++n) {
+    for (int l = 0; l < kLanes; ++l) loss[n][l] = std::sqrt(acc[n][l]);
   }
 }
 
@@ -318,16 +347,26 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
                      ? -1
                      : 0;
   }
-  v8f cur_loss, unused;
-  torch_losses<false>(g, qmax, cur_min, cur_max, cur_min, cur_max, cur_loss, unused);
-  v8f best_loss = cur_loss;
+  v8f cur_loss = splat(0.0f), best_loss = cur_loss;  // set by the first move's pass
+  bool first = true;
   for (;;) {
     const v8i active = walking & (cur_min + thr < cur_max);
     if (!any_lane(active)) break;
     const v8f left_min = cur_min + step;
     const v8f right_max = cur_max - step;
     v8f loss1, loss2;
-    torch_losses<true>(g, qmax, left_min, cur_max, cur_min, right_max, loss1, loss2);
+    if (first) {  // the start's loss too, in the same pass
+      const v8f lows[3] = {left_min, cur_min, cur_min}, highs[3] = {cur_max, right_max, cur_max};
+      v8f losses[3];
+      torch_losses<3>(g, qmax, lows, highs, losses);
+      loss1 = losses[0], loss2 = losses[1], cur_loss = losses[2], best_loss = cur_loss;
+      first = false;
+    } else {
+      const v8f lows[2] = {left_min, cur_min}, highs[2] = {cur_max, right_max};
+      v8f losses[2];
+      torch_losses<2>(g, qmax, lows, highs, losses);
+      loss1 = losses[0], loss2 = losses[1];
+    }
     // A local minimum below the best so far is recorded.
     const v8i better = active & (cur_loss < loss1) & (cur_loss < loss2) & (cur_loss < best_loss);
     best_loss = better ? cur_loss : best_loss;
@@ -456,6 +495,8 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
   at::Tensor scale = minmax_scale.to(at::kFloat).contiguous().clone();
   at::Tensor zero_point = minmax_zero_point.to(at::kFloat).contiguous().clone();
   const int64_t k_starts = starts.size(1) / 2;
+  TORCH_CHECK(k_starts >= 1 && k_starts < kBatch, "mse_search: 1 to ", kBatch - 1,
+              " start ranges");
   const float* xv = values.data_ptr<float>();
   const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
   const float* sv = starts.data_ptr<float>();
@@ -468,51 +509,64 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
                                        const float* row_min, const float* row_max,
                                        const bool* any) {
       float best_s[kLanes], best_z[kLanes], best_lo[kLanes], best_hi[kLanes], best_e[kLanes];
-      float cand_s[kLanes], cand_z[kLanes], cand_lo[kLanes], cand_hi[kLanes], e[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t r = l < lanes ? r0 + l : r0;
-        best_s[l] = out_s[r], best_z[l] = out_z[r];
-        best_lo[l] = sv[r * 2 * k_starts], best_hi[l] = sv[r * 2 * k_starts + 1];
-      }
-      errors(g, best_s, best_z, quant_max, best_e);
-      auto consider = [&]() {
-        for (int l = 0; l < kLanes; ++l) {
-          cand_hi[l] = cand_hi[l] < cand_lo[l] ? cand_lo[l] : cand_hi[l];  // torch.maximum
-          if (std::isnan(cand_lo[l])) cand_hi[l] = cand_lo[l];
+      // Up to kBatch candidates, [n * 8 + lane], scored in one pass; each lane then takes them
+      // in order, keeping the smallest error (the earliest on ties), as one at a time would.
+      float cand_s[kBatch * kLanes], cand_z[kBatch * kLanes], e[kBatch * kLanes];
+      float cand_lo[kBatch * kLanes], cand_hi[kBatch * kLanes];
+      // Scores candidates 0 .. count - 1, those from `first` on made from their ranges.
+      auto score = [&](int first, int count) {
+        for (int i = first * kLanes; i < count * kLanes; ++i) {
+          cand_hi[i] = cand_hi[i] < cand_lo[i] ? cand_lo[i] : cand_hi[i];  // torch.maximum
+          if (std::isnan(cand_lo[i])) cand_hi[i] = cand_lo[i];
         }
-        lane_qparams(cand_lo, cand_hi, quant_max, static_cast<int>(narrow), cand_s, cand_z);
-        errors(g, cand_s, cand_z, quant_max, e);
-        for (int l = 0; l < kLanes; ++l) {
-          if (e[l] < best_e[l]) {
-            best_e[l] = e[l], best_s[l] = cand_s[l], best_z[l] = cand_z[l];
-            best_lo[l] = cand_lo[l], best_hi[l] = cand_hi[l];
+        for (int n = first; n < count; ++n) {
+          lane_qparams(cand_lo + n * kLanes, cand_hi + n * kLanes, quant_max,
+                       static_cast<int>(narrow), cand_s + n * kLanes, cand_z + n * kLanes);
+        }
+        errors(g, count, cand_s, cand_z, quant_max, e);
+      };
+      auto take = [&](int first, int count) {
+        for (int n = first; n < count; ++n) {
+          for (int l = 0; l < kLanes; ++l) {
+            const int i = n * kLanes + l;
+            if (e[i] < best_e[l]) {
+              best_e[l] = e[i], best_s[l] = cand_s[i], best_z[l] = cand_z[i];
+              best_lo[l] = cand_lo[i], best_hi[l] = cand_hi[i];
+            }
           }
         }
       };
-      // The other start ranges (the first is min/max, evaluated from its exact qparams).
-      for (int64_t j = 1; j < k_starts; ++j) {
+      // One pass scores the min/max qparams (as given), the other start ranges and the range
+      // torch's greedy search picks: none depends on another's score.
+      for (int64_t j = 0; j < k_starts; ++j) {
         for (int l = 0; l < kLanes; ++l) {
           const int64_t r = l < lanes ? r0 + l : r0;
-          cand_lo[l] = sv[r * 2 * k_starts + 2 * j];
-          cand_hi[l] = sv[r * 2 * k_starts + 2 * j + 1];
+          cand_lo[j * kLanes + l] = sv[r * 2 * k_starts + 2 * j];
+          cand_hi[j * kLanes + l] = sv[r * 2 * k_starts + 2 * j + 1];
+          if (j == 0) cand_s[l] = out_s[r], cand_z[l] = out_z[r];
         }
-        consider();
       }
-      greedy(g, row_min, row_max, any, static_cast<int>(bits), cand_lo, cand_hi);
-      consider();
+      const int count = static_cast<int>(k_starts) + 1;
+      greedy(g, row_min, row_max, any, static_cast<int>(bits), cand_lo + k_starts * kLanes,
+             cand_hi + k_starts * kLanes);
+      score(1, count);
+      for (int l = 0; l < kLanes; ++l) {
+        best_e[l] = e[l], best_s[l] = cand_s[l], best_z[l] = cand_z[l];
+        best_lo[l] = cand_lo[l], best_hi[l] = cand_hi[l];
+      }
+      take(1, count);
+      // The pattern moves of one step size all start from the best range before them.
       for (double fraction : steps) {
         const float f = static_cast<float>(fraction / quant_max);
-        float lo[kLanes], hi[kLanes], move[kLanes];
         for (int l = 0; l < kLanes; ++l) {
-          lo[l] = best_lo[l], hi[l] = best_hi[l], move[l] = (hi[l] - lo[l]) * f;
-        }
-        for (int m = 0; m < 4; ++m) {
-          for (int l = 0; l < kLanes; ++l) {
-            cand_lo[l] = m == 0 ? lo[l] - move[l] : m == 1 ? lo[l] + move[l] : lo[l];
-            cand_hi[l] = m == 2 ? hi[l] - move[l] : m == 3 ? hi[l] + move[l] : hi[l];
+          const float lo = best_lo[l], hi = best_hi[l], move = (hi - lo) * f;
+          for (int m = 0; m < 4; ++m) {
+            cand_lo[m * kLanes + l] = m == 0 ? lo - move : m == 1 ? lo + move : lo;
+            cand_hi[m * kLanes + l] = m == 2 ? hi - move : m == 3 ? hi + move : hi;
           }
-          consider();
         }
+        score(0, 4);
+        take(0, 4);
       }
       for (int l = 0; l < lanes; ++l) {
         out_s[r0 + l] = best_s[l], out_z[r0 + l] = best_z[l];
