@@ -196,7 +196,17 @@ class Config:
         problems = apply_overrides(data, overrides, _load_yaml)
         if order is not None:
             data["order"] = order
-        return cls.from_dict(data, source, problems)
+        try:
+            return cls.from_dict(data, source, problems)
+        except ConfigError as error:
+            # `order` replaces whatever an override set there
+            credit = [
+                o for o in overrides if order is None or o.partition("=")[0].strip() != "order"
+            ]
+            if not credit:
+                raise
+            credited = [_credit_override(line, credit) for line in error.problem_templates]
+            raise ConfigError(source, credited) from None
 
     @classmethod
     def from_dict(
@@ -544,6 +554,18 @@ def _load_yaml(text: str) -> object:
         raise ValueError(f"invalid YAML at {where}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ValueError("invalid YAML: " + " ".join(str(err).split())) from None
+
+
+def _credit_override(problem: str, overrides: Sequence[str]) -> str:
+    """Returns config problem line `problem` naming the override that set its key, if one did:
+    a problem at `sparsity.level` after `sparsity.level=2` is the override's, not the file's.
+    The last override of a key wins, as when they are applied."""
+    path = problem.partition(":")[0]
+    for override in reversed(overrides):
+        key = override.partition("=")[0].strip()
+        if key and (path == key or path.startswith((f"{key}.", f"{key}["))):
+            return f"{problem} (from {{opt:overrides}} {override.strip()})"
+    return problem
 
 
 def _read_yaml(path: Path, source: str) -> object:

@@ -283,6 +283,15 @@ def test_set_and_order_override_the_config(checkpoint, config):
     assert [t["order"] for t in tables] == ["quantize-first", "quantize-first"]
 
 
+def test_a_bad_set_value_is_blamed_on_the_set_option(checkpoint, config):
+    result = run("compress", checkpoint, "-c", config, "--set", "quantization.bitz=4")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {config}: 1 problem: quantization.bitz: unknown key; did you mean "
+        "'bits'? (from --set quantization.bitz=4)"
+    )
+
+
 def test_out_dir_with_several_inputs(tmp_path, config, state):
     first, second = tmp_path / "a.pt", tmp_path / "b.safetensors"
     torch.save(state, first)

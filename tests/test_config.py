@@ -541,8 +541,9 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
         "or layers[1].quantization.bits",
         "override sparsity.block_shape: cannot read value '[1, 2': "
         "invalid YAML at line 1, column 6: expected ',' or ']', but got '<stream end>'",
-        "sparsity.levle: unknown key; did you mean 'level'?",
-        "quantization.bits: must be an integer from 1 to 8, got 0",
+        "sparsity.levle: unknown key; did you mean 'level'? (from override sparsity.levle=0.3)",
+        "quantization.bits: must be an integer from 1 to 8, got 0 (from override "
+        "quantization.bits=0)",
     ]
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(
@@ -560,6 +561,20 @@ def test_set_problems_are_reported_with_the_config_problems(tmp_path: Path) -> N
             ],
         )
     assert info.value.problems == problems
+
+
+def test_set_problems_name_the_override_not_only_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "quantization: {scale_dtype: float64}\n")
+    assert message_of(
+        path, "quantization.bits=3", "quantization.bits=9", "layers[1].sparsity={level: 7}"
+    ) == (
+        f"{path}: 3 problems: "
+        "quantization.scale_dtype: must be one of float32, float16, bfloat16, got 'float64'; "
+        "quantization.bits: must be an integer from 1 to 8, got 9 (from override "
+        "quantization.bits=9); "
+        "layers[1].sparsity.level: must be a number in [0, 1], got 7 (from override "
+        "layers[1].sparsity={level: 7})"
+    )
 
 
 def test_set_refuses_aliases(tmp_path: Path) -> None:
