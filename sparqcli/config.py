@@ -540,6 +540,15 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads a number with an exponent but no point, `1e-3`, as a string; YAML 1.2
+# and every other reader take it as a float, and so do sparq's configs.
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _load_yaml(text: str) -> object:
     """Returns the YAML document `text`; raises ValueError with a one-line reason."""
     try:

@@ -577,6 +577,22 @@ def test_set_problems_name_the_override_not_only_the_file(tmp_path: Path) -> Non
     )
 
 
+def test_numbers_with_an_exponent_and_no_point_are_numbers(tmp_path: Path) -> None:
+    # PyYAML alone reads `1e-1` as the string '1e-1' (YAML 1.1); a quoted one stays a string.
+    path = write(
+        tmp_path,
+        'sparsity: {level: 5e-1}\ngates: {max_rel_error: 1E-2}\nlayers: [{match: "*"}, {match: x}]\n',
+    )
+    config = Config.from_yaml(path, ["layers[1].sparsity.level=+9e-1"])
+    assert config.sparsity.level == 0.5
+    assert config.gates.max_rel_error == 0.01
+    assert config.resolved_rules[1].sparsity.level == 0.9
+    assert message_of(path, "sparsity.level='5e-1'") == (
+        f"{path}: 1 problem: sparsity.level: must be a number in [0, 1], got '5e-1' "
+        "(from override sparsity.level='5e-1')"
+    )
+
+
 def test_set_refuses_aliases(tmp_path: Path) -> None:
     assert message_of(write(tmp_path, BASE), "sparsity.level=*x") == (
         f"{tmp_path / 'cfg.yaml'}: 1 problem: override sparsity.level: cannot read value '*x': "
