@@ -68,6 +68,21 @@ def test_explicit_key_and_missing_key(tmp_path, state):
         open_checkpoint(path, key="ema.nope")
 
 
+def test_several_state_dicts_need_a_key(tmp_path, state):
+    path = tmp_path / "train.pt"
+    ema = {name: tensor + 1 for name, tensor in state.items()}
+    torch.save({"model": state, "ema": ema, "optimizer": {"state": {}}, "step": 3}, path)
+    with pytest.raises(
+        UsageError,
+        match=r"train\.pt: holds several state dicts \(model, ema\); pass key='NAME' to choose one$",
+    ):
+        open_checkpoint(path)
+    checkpoint = open_checkpoint(path, key="ema")
+    assert checkpoint.container_key == "ema"
+    assert torch.equal(checkpoint.tensor("emb.weight"), ema["emb.weight"])
+    assert set(checkpoint.extra) == {"model", "optimizer", "step"}
+
+
 def test_no_state_dict_found(tmp_path):
     path = tmp_path / "odd.pt"
     torch.save({"a": 1, "b": [1, 2]}, path)

@@ -340,6 +340,15 @@ def _find_state_dict(
                     path=path,
                 )
         else:
+            # {"model": ..., "ema": ...}: which one is meant cannot be guessed, and the other
+            # would be carried over uncompressed
+            holding = [str(name) for name, value in loaded.items() if _is_tensor_dict(value)]
+            if len(holding) > 1:
+                raise UsageError(
+                    f"{path}: holds several state dicts ({', '.join(holding)}); "
+                    "pass {opt:key=NAME} to choose one",
+                    path=path,
+                )
             container_key = found[0]
             node = loaded[container_key]
     state = {name: value for name, value in node.items() if isinstance(value, torch.Tensor)}
