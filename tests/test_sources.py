@@ -81,6 +81,13 @@ def test_several_state_dicts_need_a_key(tmp_path, state):
     assert checkpoint.container_key == "ema"
     assert torch.equal(checkpoint.tensor("emb.weight"), ema["emb.weight"])
     assert set(checkpoint.extra) == {"model", "optimizer", "step"}
+    # an averaged copy under other names (same shapes) is another copy too; other tensors are not
+    renamed = {f"module.{name}": tensor for name, tensor in state.items()}
+    torch.save({"state_dict": state, "swa": renamed, "optimizer": {"step": torch.ones(1)}}, path)
+    with pytest.raises(UsageError, match=r"several state dicts \(state_dict, swa\)"):
+        open_checkpoint(path)
+    torch.save({"state_dict": state, "optimizer": {"step": torch.ones(1)}}, path)
+    assert open_checkpoint(path).container_key == "state_dict"
 
 
 def test_no_state_dict_found(tmp_path):

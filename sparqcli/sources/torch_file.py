@@ -307,6 +307,20 @@ def _is_tensor_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
+def _same_model(value: Any, state: Mapping[str, Any]) -> bool:
+    """Returns whether `value` is another state dict of the model `state` holds (an EMA or
+    averaged copy): the same names, or tensors of the same shapes under other names."""
+    if not _is_tensor_dict(value):
+        return False
+    if any(name in state for name in value):
+        return True
+
+    def shapes(mapping: Mapping[str, Any]) -> list[tuple[int, ...]]:
+        return sorted(tuple(v.shape) for v in mapping.values() if isinstance(v, torch.Tensor))
+
+    return shapes(value) == shapes(state)
+
+
 def _find_state_dict(
     path: Path, loaded: Any, key: str | None
 ) -> tuple[str | None, dict[str, torch.Tensor], dict[str, Any]]:
@@ -340,9 +354,13 @@ def _find_state_dict(
                     path=path,
                 )
         else:
-            # {"model": ..., "ema": ...}: which one is meant cannot be guessed, and the other
+            # {"model": ..., "ema": ...}: which copy is meant cannot be guessed, and the other
             # would be carried over uncompressed
-            holding = [str(name) for name, value in loaded.items() if _is_tensor_dict(value)]
+            holding = [found[0]] + [
+                str(name)
+                for name, value in loaded.items()
+                if name != found[0] and _same_model(value, loaded[found[0]])
+            ]
             if len(holding) > 1:
                 raise UsageError(
                     f"{path}: holds several state dicts ({', '.join(holding)}); "
