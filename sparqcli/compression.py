@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sparqcli.config import Config, config_files
 from sparqcli.digest import BackgroundSha256, sha256_file
-from sparqcli.errors import OutputError, TableError, UsageError
+from sparqcli.errors import OutputError, SparqError, TableError, UsageError
 from sparqcli.parallel import resolve_threads
 from sparqcli.results import CompressReport, FileReport, SkippedTable, TableReport
 
@@ -95,7 +95,6 @@ def compress(
     try:
         from sparqcli.engine.options import EngineOptions
         from sparqcli.sinks import check_output_folder, check_output_path, check_report_path
-        from sparqcli.sources import open_checkpoint
 
         options = replace(options or EngineOptions.from_environment(), threads=thread_count)
         check_settings(config, output_format)  # beside the hashing started above
@@ -109,52 +108,28 @@ def compress(
         if report_path is not None:
             check_report_path(Path(report_path), force, inputs, targets)
         report = CompressReport(config, [], dry_run, device, threads=thread_count)
+        written: list[Path] = []
         for source, target in zip(sources, targets, strict=True):
-            if is_model_folder(source):
-                if key is not None:
-                    raise UsageError(
-                        f"{source}: {{opt:key}} applies to .pt files; a model folder's shards "
-                        "are flat",
-                        path=source,
-                    )
-                _compress_folder(
+            try:
+                if _compress_input(
                     source,
                     target,
                     config,
                     report,
+                    key,
                     trust_pickle,
                     output_format,
                     force,
                     progress,
                     options,
-                )
-                continue
-            file_started = time.perf_counter()
-            checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
-            if checkpoint.is_sparq:
-                raise UsageError(
-                    f"{source}: is already compressed by sparq; compress the original checkpoint",
-                    path=source,
-                )
-            file = _plan(
-                checkpoint,
-                config,
-                output_format,
-                target,
-                input_size(source),
-                torch_ao_possible=True,
-            )
-            from sparqcli.folder_compression import tied_head_notes
-
-            # A model file inside its Hugging Face folder: config.json may say the head is tied.
-            file.notes += [note for note, _ in tied_head_notes(source.parent, file.tables)]
-            report.files.append(file)
-            if dry_run:
-                continue
-            tables = _compress_tables(checkpoint, file, device, progress, options)
-            if not file.gate_failures:
-                _write(checkpoint, file, tables, digests, replace=force)
-            file.seconds = time.perf_counter() - file_started
+                    digests,
+                ):
+                    written.append(target)
+            except SparqError as error:
+                if written:  # the error stops the run, and these outputs stay
+                    names = ", ".join(str(path) for path in written)
+                    error.append(f"; written before this error: {names}")
+                raise
     finally:
         if digests is not None:
             digests.cancel()
@@ -163,6 +138,57 @@ def compress(
     if report_path is not None and not dry_run:  # a dry run writes nothing (its path is checked)
         report.save_json(report_path, force=force)
     return report
+
+
+def _compress_input(
+    source: Path,
+    target: Path,
+    config: Config,
+    report: CompressReport,
+    key: str | None,
+    trust_pickle: bool,
+    output_format: OutputFormat,
+    force: bool,
+    progress: ProgressCallback | None,
+    options: EngineOptions,
+    digests: BackgroundSha256 | None,
+) -> bool:
+    """Compresses one input of `compress` into `target`, adding its results to `report`;
+    returns whether `target` was written (not in a dry run, nor when a gate failed)."""
+    from sparqcli.sources import open_checkpoint
+
+    if is_model_folder(source):
+        if key is not None:
+            raise UsageError(
+                f"{source}: {{opt:key}} applies to .pt files; a model folder's shards are flat",
+                path=source,
+            )
+        _compress_folder(
+            source, target, config, report, trust_pickle, output_format, force, progress, options
+        )
+        return not report.dry_run and not report.folders[-1].gate_failures
+    file_started = time.perf_counter()
+    checkpoint = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
+    if checkpoint.is_sparq:
+        raise UsageError(
+            f"{source}: is already compressed by sparq; compress the original checkpoint",
+            path=source,
+        )
+    file = _plan(
+        checkpoint, config, output_format, target, input_size(source), torch_ao_possible=True
+    )
+    from sparqcli.folder_compression import tied_head_notes
+
+    # A model file inside its Hugging Face folder: config.json may say the head is tied.
+    file.notes += [note for note, _ in tied_head_notes(source.parent, file.tables)]
+    report.files.append(file)
+    if report.dry_run:
+        return False
+    tables = _compress_tables(checkpoint, file, report.device, progress, options)
+    if not file.gate_failures:
+        _write(checkpoint, file, tables, digests, replace=force)
+    file.seconds = time.perf_counter() - file_started
+    return not file.gate_failures
 
 
 class CompressedStateDict:

@@ -64,6 +64,11 @@ class SparqError(Exception):
         """Returns the message with its options written by `spell(option, value)`."""
         return render_options(self.template, spell)
 
+    def append(self, text: str) -> None:
+        """Adds `text` (a template, like the message's) to the end of the message."""
+        self.template += text
+        self.args = (self.render(python_spelling),)
+
 
 class UsageError(SparqError):
     """The command, an option or a setting is wrong (exit 2)."""

@@ -319,6 +319,30 @@ def test_out_dir_with_several_inputs(tmp_path, config, state):
         assert error_line(result) == f"sparq: error: --out-dir {where}: {what}"
 
 
+def test_a_failing_input_names_the_outputs_written_before_it(tmp_path, config, state):
+    first, broken, third = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.save(state, first)
+    broken.write_bytes(b"not a checkpoint")
+    torch.save(state, third)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = tmp_path / "report.json"
+    result = run(
+        "compress", first, broken, third, "-c", config, "--out-dir", out, "--report", report
+    )
+    assert result.exit_code == 1
+    assert error_line(result) == (
+        f"sparq: error: {broken}: not a PyTorch checkpoint (neither torch.save's zip archive nor "
+        f"a pickle); written before this error: {out / 'a.sparq.safetensors'}"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["a.sparq.safetensors"]
+    assert not report.exists()
+    # the first input failing: nothing was written, nothing more to say
+    result = run("compress", broken, third, "-c", config, "--out-dir", out)
+    assert result.exit_code == 1
+    assert error_line(result).endswith("nor a pickle)")
+
+
 def test_torch_ao_format(checkpoint, config):
     result = run("compress", checkpoint, "--config", config, "--format", "torch-ao", "--quiet")
     assert result.exit_code == 0, result.output
