@@ -195,7 +195,8 @@ def _columns(columns: Sequence[Column[T]], wide: bool) -> list[Column[T]]:
 class FitTable:
     """A rich renderable: a title, a table laid out for the console width, and lines after it.
 
-    `rows` are (cells, style) pairs: a style colours the row's first cell (a failed gate).
+    A title given as pieces (input, `→ output`) is broken between them where it is wider than
+    the console, as the lines after the table are. `rows` are (cells, style) pairs: a style colours the row's first cell (a failed gate).
     `after` holds lines printed below the table (totals, skipped tables); each is a list of
     clauses, put on one line when they fit and broken between clauses when they do not, or a
     function of the width giving the line.
@@ -203,7 +204,7 @@ class FitTable:
 
     def __init__(
         self,
-        title: str,
+        title: str | Sequence[str],
         columns: Sequence[Column[Any]],
         rows: Sequence[tuple[Sequence[Cell], str]],
         after: Sequence[Sequence[str] | Text | Callable[[int], str]] = (),
@@ -218,7 +219,8 @@ class FitTable:
 
     def lines(self, width: int) -> list[Text]:
         """Returns the rendered lines for a console `width` cells wide."""
-        lines = [_line(self.title)] if self.title else []
+        pieces = [self.title] if isinstance(self.title, str) else list(self.title)
+        lines = [_line(text) for text in _clauses([p for p in pieces if p], width, " ")]
         if self.rows:
             lines.extend(_table_lines(self.columns, self.rows, width))
         for clauses in self.after:
@@ -235,15 +237,16 @@ def _line(text: str, style: str = "") -> Text:
     return Text(text, style=style, no_wrap=True, overflow="ignore", end="\n")
 
 
-def _clauses(clauses: Sequence[str], width: int) -> list[str]:
-    """Returns `clauses` joined by `, ` on as few lines as fit `width`; lines after the first
-    are indented by two spaces. A clause is never broken."""
+def _clauses(clauses: Sequence[str], width: int, separator: str = ", ") -> list[str]:
+    """Returns `clauses` joined by `separator` on as few lines as fit `width` (a broken line
+    ends with the separator's mark, `,`); lines after the first are indented by two spaces. A
+    clause is never broken."""
     lines: list[str] = []
     current = ""
     for clause in clauses:
-        candidate = f"{current}, {clause}" if current else clause
+        candidate = f"{current}{separator}{clause}" if current else clause
         if current and cell_len(candidate) > width:
-            lines.append(current + ",")
+            lines.append(current + separator.rstrip())
             current = "  " + clause
         else:
             current = candidate
@@ -450,7 +453,7 @@ def _file_table(file: FileReport, wide: bool) -> FitTable:
     tables = [row for row in file.tables if row.stats is not None]
     rows = _rows(columns, tables, lambda row: "bold red" if row.gate_failures else "")
     return FitTable(
-        f"{file.input} → {file.output}",
+        [str(file.input), f"→ {file.output}"],
         columns,
         rows,
         [_file_totals(file), *_skipped_lines(file.skipped)],
@@ -461,7 +464,7 @@ def _plan_table(file: FileReport, wide: bool) -> FitTable:
     columns = _columns(PLAN_COLUMNS, wide)
     total = human_bytes(sum(t.bytes_before for t in file.tables))
     return FitTable(
-        f"{file.input} → {file.output} (dry run: nothing written)",
+        [str(file.input), f"→ {file.output}", "(dry run: nothing written)"],
         columns,
         _rows(columns, file.tables),
         [
@@ -592,7 +595,11 @@ CHECKPOINT_COLUMNS: list[Column[Any]] = [
 def checkpoint_table(inspection: CheckpointInspection, *, wide: bool = False) -> FitTable:
     """Returns the inspection of a plain checkpoint: every tensor, candidates marked with why."""
     candidates = sum(1 for entry in inspection.tensors if entry.candidate.is_candidate)
-    title = f"{inspection.path}: {len(inspection.tensors)} tensors, {candidates} candidate table(s)"
+    title = [
+        f"{inspection.path}:",
+        f"{len(inspection.tensors)} tensors,",
+        f"{candidates} candidate table(s)",
+    ]
     columns = _columns(CHECKPOINT_COLUMNS, wide)
     return FitTable(title, columns, _rows(columns, inspection.tensors))
 
@@ -633,10 +640,12 @@ def compressed_table(file: CompressedFileInfo, *, wide: bool = False) -> FitTabl
     """Returns the inspection of a compressed file: its tables with settings, sparsity and bytes."""
     info = file.to_dict()
     tables = info["tables"]
-    title = (
-        f"{file.path}: sparq format {info['format_version']}, {len(tables)} compressed "
-        f"table(s), {human_bytes(file.file_bytes)}"
-    )
+    title = [
+        f"{file.path}:",
+        f"sparq format {info['format_version']},",
+        f"{len(tables)} compressed table(s),",
+        human_bytes(file.file_bytes),
+    ]
     columns = _columns(COMPRESSED_COLUMNS, wide)
     return FitTable(title, columns, _rows(columns, tables.items()))
 
@@ -677,9 +686,9 @@ def selection_table(selection: Selection, source: str) -> FitTable:
         )
         label = f"layers[{match.rule.index}]"
         items.extend((key, label, human_bytes(sizes.get(key)), what) for key, what in outcomes)
-    title = f"{source}: {len(selection.tables)} table(s) selected"
+    title = [f"{source}:", f"{len(selection.tables)} table(s) selected"]
     if selection.skipped:
-        title += f", {len(selection.skipped)} skipped"
+        title[-1] += f", {len(selection.skipped)} skipped"
     legend = [
         "rules: " + match.rule.label if n == 0 else match.rule.label
         for n, match in enumerate(selection.matches)
@@ -738,8 +747,8 @@ def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = 
     goal = (
         f"budget {result.target:g}x" if result.mode == "budget" else f"error E ≤ {result.target:g}"
     )
-    title = f"{', '.join(str(p) for p in result.inputs)}: plan for {goal}"
-    after: list[Any] = [[line] for line in plan_totals(result).split("\n")]
+    title = [f"{', '.join(str(p) for p in result.inputs)}:", f"plan for {goal}"]
+    after: list[Any] = list(_plan_total_clauses(result))
     sampled = [f"{row.key} ({row.sampled_rows} rows)" for row in result.tables if row.sampled_rows]
     if sampled:
         after.append(["errors of the other options estimated on row samples", *sampled])
@@ -775,15 +784,22 @@ def _compared(gain: float, better: str, worse: str) -> str:
 
 def plan_totals(result: PlanResult) -> str:
     """Returns the plan's totals and how it compares with the best uniform setting, one line each."""
+    return "\n".join(", ".join(clauses) for clauses in _plan_total_clauses(result))
+
+
+def _plan_total_clauses(result: PlanResult) -> list[list[str]]:
+    """Returns the lines of `plan_totals`, each as the clauses a narrow console breaks it at."""
     kind = "row-weighted error E" if result.weighted else "error E"
     how = "measured on the whole tables" if result.verified else "estimated"
     lines = [
-        f"plan: {result.bytes:,} bytes of {result.bytes_before:,} ({result.ratio:.4f}x), "
-        f"{kind} {result.error:.4f} ({how})"
+        [
+            f"plan: {result.bytes:,} bytes of {result.bytes_before:,} ({result.ratio:.4f}x)",
+            f"{kind} {result.error:.4f} ({how})",
+        ]
     ]
     best = result.best_uniform
     if best is None:
-        lines.append("no uniform setting meets the target")
+        lines.append(["no uniform setting meets the target"])
     else:
         if (best.bytes, best.error) == (result.bytes, result.error):
             compare = "the plan gives the same bytes and error"
@@ -796,11 +812,13 @@ def plan_totals(result: PlanResult) -> str:
         # a uniform setting's error is the samples' estimate unless every table measured it
         estimated = " (estimated)" if result.verified and not best.exact else ""
         lines.append(
-            f"best uniform setting: {best.label}: {best.bytes:,} bytes "
-            f"({best.bytes / result.bytes_before:.4f}x), {kind} {best.error:.4f}{estimated}; "
-            f"{compare}"
+            [
+                f"best uniform setting: {best.label}: {best.bytes:,} bytes "
+                f"({best.bytes / result.bytes_before:.4f}x)",
+                f"{kind} {best.error:.4f}{estimated}; {compare}",
+            ]
         )
-    return "\n".join(lines)
+    return lines
 
 
 FRONTIER_COLUMNS: list[Column[tuple[int, float, float | None, str]]] = [
@@ -829,8 +847,11 @@ def _frontier_table(result: PlanResult, count: int) -> FitTable:
     ]
     rows = _rows(FRONTIER_COLUMNS, items, lambda item: "bold" if item[3] else "")
     return FitTable(
-        "the model's frontier (convex hull of the per-table choices), the plan and the best "
-        "uniform setting:",
+        [
+            "the model's frontier",
+            "(convex hull of the per-table choices),",
+            "the plan and the best uniform setting:",
+        ],
         FRONTIER_COLUMNS,
         rows,
     )

@@ -805,6 +805,25 @@ def test_a_20000_row_model_with_the_scaled_sample(tmp_path: Path) -> None:
     assert result.best_uniform is not None and result.error <= result.best_uniform.error
 
 
+def test_the_summary_fits_80_columns(mixed: tuple[Path, Path]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from sparqcli.render import plan_summary, plan_totals, print_report
+
+    model, base = mixed
+    result = sparqcli.plan(model, base, budget=0.1, sample_rows=64)
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    print_report(console, plan_summary(result))
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    # the totals break between clauses, and read as plan_totals' lines once joined
+    first = lines.index(next(line for line in lines if line.startswith("plan: ")))
+    assert lines[first].endswith(",") and lines[first + 1].startswith("  error E ")
+    assert f"{lines[first]} {lines[first + 1].strip()}" == plan_totals(result).splitlines()[0]
+
+
 def test_totals_say_which_way_the_best_uniform_estimate_compares(
     mixed: tuple[Path, Path],
 ) -> None:

@@ -237,6 +237,22 @@ def test_compact_tables_fit_and_keep_one_line_per_table(output: str, width: int)
         ), line
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_long_title_breaks_between_input_and_output(dry_run: bool) -> None:
+    report = _bert_report(dry_run=dry_run)
+    source = Path("checkpoints/2026-11-28/encoder-base-uncased-finetuned-step-120000.pt")
+    target = Path("release/encoder-base-uncased-finetuned-step-120000.sparq.safetensors")
+    report.files[0].input, report.files[0].output = source, target
+    lines = _lines(_render(compress_summary(report), 80)).splitlines()
+    tail = " (dry run: nothing written)" if dry_run else ""
+    title = [str(source), f"  → {target}"] + (["  (dry run: nothing written)"] if dry_run else [])
+    assert lines[: len(title)] == title
+    assert max(len(line) for line in lines) <= 80
+    assert _render(compress_summary(report), PIPED_WIDTH).splitlines()[0] == (
+        f"{source} → {target}{tail}"
+    )
+
+
 @pytest.mark.parametrize("output", list(OUTPUTS))
 def test_piped_output_has_whole_keys(output: str) -> None:
     text = _render(OUTPUTS[output](), PIPED_WIDTH)
