@@ -112,27 +112,28 @@ def select_tables(
     `module_types` maps module names to class names (`Embedding`, `EmbeddingBag`); it is known
     only for a pickled nn.Module and is needed by `type` rules.
     A glob or regex rule skips the tables smaller than `config.min_table_bytes`.
-    Raises SelectionError, naming `source`, for the first problem in rule order: a type rule
-    without module types, a rule that matches no tensor, a selected tensor that is not a 2-D
-    floating tensor; or when nothing at all is selected.
+    Raises SelectionError, naming `source`, listing the problems in rule order (one per rule:
+    a type rule without module types, a rule that matches no tensor, a selected tensor that is
+    not a 2-D floating tensor); or when nothing at all is selected.
     """
     keys = list(tensors)
     excluded = {key for key in keys if any(_matches(p, key) for p in config.exclude)}
     winners: dict[str, ResolvedRule] = {}
     small: dict[str, ResolvedRule] = {}  # skipped for their size, by the first rule that did
     matches: list[RuleMatch] = []
+    problems: list[str] = []
     for rule in config.resolved_rules:
         if rule.type is not None and module_types is None:
-            raise SelectionError(
-                f"{source}: {rule.label} needs module types; this checkpoint is a state dict "
-                "(type rules work only on a pickled nn.Module loaded with {opt:trust_pickle})",
-                path=source,
+            problems.append(
+                f"{rule.label} needs module types; this checkpoint is a state dict "
+                "(type rules work only on a pickled nn.Module loaded with {opt:trust_pickle})"
             )
+            continue
         matched = [key for key in keys if _rule_matches(rule, key, module_types)]
         if not matched:
-            raise SelectionError(
-                f"{source}: {rule.label} matches no tensor; {_hint(rule, keys, module_types)}"
-            )
+            problems.append(f"{rule.label} matches no tensor; {_hint(rule, keys, module_types)}")
+            continue
+        problem = None
         won: list[str] = []
         shadowed: list[str] = []
         lost_to_exclude: list[str] = []
@@ -149,8 +150,8 @@ def select_tables(
                     # below the size a pattern compresses, it is no candidate at all
                     continue
                 dense = "" if tensors[key].layout == "strided" else "dense "
-                raise SelectionError(
-                    f"{source}: {rule.label} matches {key!r}, which is not a {dense}2-D floating "
+                problem = problem or (
+                    f"{rule.label} matches {key!r}, which is not a {dense}2-D floating "
                     f"tensor ({tensors[key].describe()})"
                 )
             elif tensors[key].nbytes < threshold:
@@ -159,9 +160,16 @@ def select_tables(
             else:
                 winners[key] = rule
                 won.append(key)
+        if problem is not None:
+            problems.append(problem)
         matches.append(
             RuleMatch(rule, tuple(won), tuple(shadowed), tuple(lost_to_exclude), tuple(too_small))
         )
+    if len(problems) == 1:
+        raise SelectionError(f"{source}: {problems[0]}", path=source)
+    if problems:
+        listed = "; ".join(f"({n}) {problem}" for n, problem in enumerate(problems, 1))
+        raise SelectionError(f"{source}: {len(problems)} rules fail: {listed}", path=source)
     skipped = tuple(
         _skipped(key, tensors[key], small[key], config.min_table_bytes)
         for key in keys

@@ -244,9 +244,16 @@ def test_nothing_selected() -> None:
     )
 
 
-def test_errors_come_in_rule_order() -> None:
-    assert error([{"match": "proj"}, {"match": "nothing"}]).startswith(
-        "model.pt: layers[0] (match 'proj') matches 'proj.bias'"
+def test_every_failing_rule_is_listed_in_rule_order() -> None:
+    assert error([{"match": "proj"}, {"match": "*emb*"}, {"match": "nothing"}]) == (
+        "model.pt: 2 rules fail: (1) layers[0] (match 'proj') matches 'proj.bias', which is not "
+        "a 2-D floating tensor (shape [8], float32); (2) layers[2] (match 'nothing') matches no "
+        "tensor; no key is close; the checkpoint has 5 tensors: token_embedding.weight, "
+        "bags.0.weight, bags.1.weight, ..."
+    )
+    # one failing rule: its message alone
+    assert error([{"match": "*emb*"}, {"match": "nothing"}]).startswith(
+        "model.pt: layers[1] (match 'nothing') matches no tensor;"
     )
 
 
