@@ -86,8 +86,18 @@ def test_several_state_dicts_need_a_key(tmp_path, state):
     torch.save({"state_dict": state, "swa": renamed, "optimizer": {"step": torch.ones(1)}}, path)
     with pytest.raises(UsageError, match=r"several state dicts \(state_dict, swa\)"):
         open_checkpoint(path)
-    torch.save({"state_dict": state, "optimizer": {"step": torch.ones(1)}}, path)
-    assert open_checkpoint(path).container_key == "state_dict"
+    # one model beside other tensors is no ambiguity: the same dict saved twice, pruning masks,
+    # DeepSpeed's flattened fragments of frozen parameters, an optimizer's step
+    masks = {name: torch.ones_like(tensor, dtype=torch.bool) for name, tensor in state.items()}
+    fragments = {"emb.weight": state["emb.weight"].flatten()[:10]}
+    for others in (
+        {"model": state},
+        {"masks": masks},
+        {"frozen_param_fragments": fragments},
+        {"optimizer": {"step": torch.ones(1)}},
+    ):
+        torch.save({"state_dict": state, **others}, path)
+        assert open_checkpoint(path).container_key == "state_dict"
 
 
 def test_no_state_dict_found(tmp_path):

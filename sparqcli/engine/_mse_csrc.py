@@ -581,6 +581,7 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
 std::vector<at::Tensor> greedy_ranges(at::Tensor values, at::Tensor keep, int64_t bits) {
   using namespace sparq_mse;
   const bool masked = check_rows(values, keep);
+  TORCH_CHECK(bits >= 1 && bits <= 8, "greedy_ranges: bits must be 1 to 8");
   const int64_t rows = values.size(0), cols = values.size(1);
   at::Tensor low = at::zeros({rows}, at::kFloat);
   at::Tensor high = at::zeros({rows}, at::kFloat);

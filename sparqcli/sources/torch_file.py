@@ -309,16 +309,28 @@ def _is_tensor_dict(value: Any) -> bool:
 
 def _same_model(value: Any, state: Mapping[str, Any]) -> bool:
     """Returns whether `value` is another state dict of the model `state` holds (an EMA or
-    averaged copy): the same names, or tensors of the same shapes under other names."""
-    if not _is_tensor_dict(value):
+    averaged copy): most of the model's floating tensors under the same names and shapes, or all
+    of their shapes under other names. Not the same dict saved twice, masks (bool), nor
+    flattened fragments (DeepSpeed's frozen parameters)."""
+    if value is state or not _is_tensor_dict(value):
         return False
-    if any(name in state for name in value):
+
+    def floating(mapping: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {
+            name: tensor
+            for name, tensor in mapping.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        }
+
+    mine, theirs = floating(state), floating(value)
+    if not mine or not theirs:
+        return False
+    same = sum(1 for name, t in theirs.items() if name in mine and mine[name].shape == t.shape)
+    if 2 * same > len(mine):
         return True
-
-    def shapes(mapping: Mapping[str, Any]) -> list[tuple[int, ...]]:
-        return sorted(tuple(v.shape) for v in mapping.values() if isinstance(v, torch.Tensor))
-
-    return shapes(value) == shapes(state)
+    return sorted(tuple(t.shape) for t in theirs.values()) == sorted(
+        tuple(t.shape) for t in mine.values()
+    )
 
 
 def _find_state_dict(
