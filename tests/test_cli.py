@@ -479,6 +479,22 @@ def test_validate_against_a_compressed_file_says_so(checkpoint, config, tmp_path
         f"sparq: error: {output}: is already compressed by sparq; check the config against the "
         "original checkpoint"
     )
+    assert result.stdout == ""  # not "valid", then an error
+
+
+def test_validate_lists_every_failing_rule_and_does_not_say_valid(checkpoint, tmp_path):
+    config = tmp_path / "rules.yaml"
+    config.write_text('layers:\n  - match: "nope*"\n  - match: "*emb*"\n  - match: proj.bias\n')
+    result = run("validate", config, checkpoint)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert error_line(result).startswith(
+        f"sparq: error: {checkpoint}: 2 rules fail: (1) layers[0] (match 'nope*') matches no "
+        "tensor;"
+    )
+    assert "; (2) layers[2] (match 'proj.bias') matches 'proj.bias', which is not a 2-D" in (
+        result.stderr
+    )
 
 
 def test_version_and_help():

@@ -45,9 +45,13 @@ def validate_command(
     from sparqcli import render
 
     loaded = sparqcli.Config.from_yaml(config, overrides or (), order.value if order else None)
+    # against a checkpoint, "valid" only once its rules select (else just the error)
+    selection = (
+        None
+        if checkpoint is None
+        else sparqcli.selection(loaded, checkpoint, key=key, trust_pickle=trust_pickle)
+    )
     rules = len(loaded.layers)
     typer.echo(f"{config}: valid ({rules} rule{'s' if rules != 1 else ''}, order {loaded.order})")
-    if checkpoint is None:
-        return
-    selection = sparqcli.selection(loaded, checkpoint, key=key, trust_pickle=trust_pickle)
-    render.print_report(stdout_console(), render.selection_table(selection, str(checkpoint)))
+    if selection is not None:
+        render.print_report(stdout_console(), render.selection_table(selection, str(checkpoint)))
