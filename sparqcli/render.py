@@ -237,6 +237,26 @@ def _line(text: str, style: str = "") -> Text:
     return Text(text, style=style, no_wrap=True, overflow="ignore", end="\n")
 
 
+class _Prose:
+    """Lines of prose (notes, totals) broken between words to the console's width, lines after
+    a break indented by two spaces; a word (a path) is never broken. Piped, each stays whole."""
+
+    def __init__(self, text: str, style: str = "") -> None:
+        self.text = text
+        self.style = style
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in self.text.split("\n"):
+            words = line.lstrip(" ")
+            if not words:
+                yield _line(line, self.style)
+                continue
+            indent = line[: len(line) - len(words)]
+            width = options.max_width - len(indent)
+            for part in _clauses(words.split(" "), width, " "):
+                yield _line(indent + part, self.style)
+
+
 def _clauses(clauses: Sequence[str], width: int, separator: str = ", ") -> list[str]:
     """Returns `clauses` joined by `separator` on as few lines as fit `width` (a broken line
     ends with the separator's mark, `,`); lines after the first are indented by two spaces. A
@@ -415,7 +435,7 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
         if file.tables:
             parts.append(_plan_table(file, wide) if report.dry_run else _file_table(file, wide))
         elif file.output is None:  # a shard of a folder that held only aliases
-            parts.append(_line(f"{file.input}: no shard written"))
+            parts.append(_Prose(f"{file.input}: no shard written"))
         else:  # a shard of a folder with no selected table
             line = f"{file.input} → {file.output}: no table selected here"
             if file.written:
@@ -423,8 +443,8 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
                     f"; file {human_bytes(file.input_bytes)} → {human_bytes(file.output_bytes)}, "
                     f"tensors passed through, {file.seconds:.2f} s"
                 )
-            parts.append(_line(line))
-        parts.extend(_line(note) for note in _table_notes(file))
+            parts.append(_Prose(line))
+        parts.extend(_Prose(note) for note in _table_notes(file))
         if id(file) in last_shard:
             parts.append(_folder_totals(last_shard[id(file)], report.dry_run))
     outputs = len(report.files) - sum(len(f.shards) - 1 for f in report.folders if f.shards)
@@ -435,7 +455,7 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
         after = sum(f.output_bytes or 0 for f in singles)
         after += sum(f.output_bytes or 0 for f in report.folders)
         parts.append(
-            _line(
+            _Prose(
                 f"all files: {human_bytes(before)} → {human_bytes(after)} in {report.seconds:.2f} s"
             )
         )
@@ -543,24 +563,24 @@ def _table_notes(file: FileReport) -> list[str]:
     return lines + list(file.notes)
 
 
-def _folder_totals(folder: FolderReport, dry_run: bool) -> Text:
+def _folder_totals(folder: FolderReport, dry_run: bool) -> _Prose:
     tables = len(folder.tables)
     head = (
         f"folder {folder.input} → {folder.output}: {len(folder.shards)} shard(s), {tables} table(s)"
     )
     notes = "".join(f"\n{note}" for note in folder.notes if note not in _shard_notes(folder))
     if dry_run:
-        return _line(
+        return _Prose(
             f"{head}, {len(folder.copied)} file(s) to copy (dry run: nothing written){notes}"
         )
     if not folder.written:
-        return _line(
+        return _Prose(
             f"{head}: not written, {len(folder.gate_failures)} gate(s) failed{notes}",
             style="bold red",
         )
     facts = folder.to_dict()
     bits = facts["bits_per_weight"]
-    return _line(
+    return _Prose(
         f"{head}, {len(folder.copied)} file(s) copied: {human_bytes(folder.input_bytes)} → "
         f"{human_bytes(folder.output_bytes)} ({facts['ratio']:.3f}x)"
         + (f", {bits:.2f} bits/weight over its tables" if bits is not None else "")

@@ -253,6 +253,23 @@ def test_a_long_title_breaks_between_input_and_output(dry_run: bool) -> None:
     )
 
 
+def test_notes_break_between_words_on_a_narrow_console() -> None:
+    report = _bert_report()
+    note = (
+        "bert.embeddings.word_embeddings.weight: config.json says the output head is tied to it "
+        "(tie_word_embeddings); the head is stored once, as an alias of the compressed table"
+    )
+    report.files[0].notes.append(note)
+    lines = _lines(_render(compress_summary(report), 80)).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("bert.embeddings.word_em")))
+    end = next((i for i in range(at + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+    broken = lines[at:end]
+    assert len(broken) == 3
+    assert all(len(line) <= 80 for line in lines)
+    assert " ".join(line.strip() for line in broken) == note
+    assert note in _render(compress_summary(report), PIPED_WIDTH).splitlines()
+
+
 @pytest.mark.parametrize("output", list(OUTPUTS))
 def test_piped_output_has_whole_keys(output: str) -> None:
     text = _render(OUTPUTS[output](), PIPED_WIDTH)
