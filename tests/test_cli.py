@@ -343,6 +343,24 @@ def test_a_failing_input_names_the_outputs_written_before_it(tmp_path, config, s
     assert error_line(result).endswith("nor a pickle)")
 
 
+def test_progress_labels_keep_both_ends_and_room_for_the_bar(monkeypatch):
+    from sparqcli.cli.compress import _progress_bars
+
+    monkeypatch.setenv("COLUMNS", "80")
+    label = "checkpoints/2026-11-28/a-rather-long-checkpoint-name.pt: model.embed_tokens.weight"
+    bars = _progress_bars()
+    update = bars.__enter__()
+    try:
+        update(label, 0.5)
+        update(label, 0.75)  # the same task, found by its full label
+        [task] = bars.progress.tasks
+    finally:
+        bars.__exit__(None, None, None)
+    assert len(task.description) == 40
+    assert task.description == "checkpoints/2026-11….embed_tokens.weight"
+    assert task.completed == 0.75
+
+
 def test_torch_ao_format(checkpoint, config):
     result = run("compress", checkpoint, "--config", config, "--format", "torch-ao", "--quiet")
     assert result.exit_code == 0, result.output

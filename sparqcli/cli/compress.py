@@ -207,20 +207,26 @@ class _progress_bars:
             TimeElapsedColumn,
         )
 
+        from sparqcli.render import shorten
+
+        console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
         )
         self.progress.start()
         self.tasks: dict[str, Any] = {}
+        # a long "file: table" label keeps both ends and leaves room for the bar, the percentage
+        # and the time (about 40 columns)
+        room = max(20, console.width - 40)
 
         def update(label: str, fraction: float) -> None:
             if label not in self.tasks:
-                self.tasks[label] = self.progress.add_task(label, total=1.0)
+                self.tasks[label] = self.progress.add_task(shorten(label, room), total=1.0)
             self.progress.update(self.tasks[label], completed=fraction)
 
         return update
