@@ -24,8 +24,12 @@ from sparqcli.dtypes import TensorInfo
 
 EMBEDDING_TYPES = frozenset({"Embedding", "EmbeddingBag"})
 """Module classes whose `weight` is an embedding table."""
-POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = ("*position_embedding*", "*embed_positions*")
-"""Learned position embeddings (BERT and CLIP, BART and OPT): candidates, but small and
+POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = (
+    "*position_embedding*",
+    "*embed_positions*",
+    "*wpe*",
+)
+"""Learned position embeddings (BERT and CLIP, BART and OPT, GPT-2): candidates, but small and
 sensitive, so `configs/default.yaml` excludes them and starter configs leave them dense."""
 
 EMBEDDING_WORDS = frozenset(

@@ -138,6 +138,30 @@ def test_bert_embedding_tables_are_the_only_candidates(bert: Path, name: str) ->
     assert query["why"] == "name says projection (attention, query, self)"
 
 
+def test_suggest_config_leaves_gpt2_positions_dense(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "gpt2.pt"
+    generator = torch.Generator().manual_seed(0)
+    torch.save(
+        {
+            "transformer.wte.weight": torch.randn(2000, 64, generator=generator),
+            "transformer.wpe.weight": torch.randn(1024, 64, generator=generator),
+            "transformer.h.0.attn.c_attn.weight": torch.randn(64, 192, generator=generator),
+            "lm_head.weight": torch.randn(2000, 64, generator=generator),
+        },
+        checkpoint,
+    )
+    target = tmp_path / "starter.yaml"
+    assert run("inspect", checkpoint, "--suggest-config", target).exit_code == 0
+    text = target.read_text()
+    assert "#   transformer.wpe.weight: 1024x64 float32, 256 KiB" in text
+    assert "transformer.wpe.weight" not in [rule.match for rule in Config.from_yaml(target).layers]
+    assert "transformer.wte.weight" in [rule.match for rule in Config.from_yaml(target).layers]
+    # and the shipped default config keeps it dense too
+    default = Path(__file__).parent.parent / "configs" / "default.yaml"
+    plan = sparqcli.compress(checkpoint, default, dry_run=True)
+    assert [table.key for table in plan.files[0].tables] == ["transformer.wte.weight"]
+
+
 def test_suggest_config_selects_the_candidates(bert: Path, tmp_path: Path) -> None:
     checkpoint = bert.with_suffix(".pt")
     target = tmp_path / "starter.yaml"
