@@ -112,7 +112,15 @@ SPARQ_INLINE static inline void qparams(v8f low, v8f high, float quant_max, int 
     const v8f n = to_narrow(s, narrow);
     s = n < s ? next_up(n, narrow) : n;
   }
-  zero_point = to_narrow((splat(-1.0f) * low) / s, narrow);
+  const v8f exact = (splat(-1.0f) * low) / s;
+  zero_point = to_narrow(exact, narrow);
+  if (narrow) {  // rounded by more than a level: refused (+inf), as in qparams_from_range
+    const v8f shift = zero_point - exact;
+    const v8i magnitude = (v8i)shift & splat_int(INT32_MAX);
+    const v8i shifted =
+        (magnitude > splat_int(0x3f800000)) & (magnitude <= splat_int(0x7f800000));  // (1, inf]
+    zero_point = (v8f)(shifted ? splat_int(0x7f800000) : (v8i)zero_point);
+  }
   scale = s;
 }
 

@@ -85,13 +85,26 @@ def qparams_from_range(
             )
     zero_point = -1 * row_min / scale
     if narrow is not None:
-        zero_point = zero_point.to(narrow).float()
+        exact = zero_point
+        zero_point = exact.to(narrow).float()
         if check:
             _check_finite(
                 zero_point,
                 f"zero point does not fit {settings.scale_dtype} (use scale_dtype: float32)",
                 first_row,
             )
+        # Codes follow the rounded zero point: rounded by more than a level, it shifts the grid
+        # off the row's values, and the end beyond it is clamped (a row far from 0 against its
+        # spread: |zero point| >= 2^11 levels in float16, 2^8 in bfloat16).
+        shifted = (zero_point - exact).abs() > 1
+        if check:
+            _check_finite(
+                torch.where(shifted, float("inf"), zero_point),
+                f"zero point loses precision in {settings.scale_dtype}: the row's values lie far "
+                "from 0 against their spread (use scale_dtype: float32)",
+                first_row,
+            )
+        zero_point = zero_point.masked_fill(shifted, float("inf"))
     return scale, zero_point
 
 

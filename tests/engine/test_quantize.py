@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,6 +124,47 @@ def test_float16_overflow_names_the_row():
         TableError, match=r"^row 2: scale does not fit float16 \(use scale_dtype: float32\)$"
     ):
         row_qparams(table, Quantization(8, "float16"))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_a_zero_point_rounded_off_the_grid_is_refused(scale_dtype: str):
+    # Codes follow the stored (rounded) zero point; rounded by more than a level it moves the
+    # grid off a row far from 0, and the row would decode to a few clamped values.
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(4, 64, generator=generator)
+    table[2] = 100 + 0.01 * torch.randn(64, generator=generator)  # float16: |zp| ~ 5e5 / 2e3
+    settings = Quantization(8, scale_dtype)
+    message = (
+        f"row 2: zero point loses precision in {scale_dtype}: the row's values lie far from 0 "
+        "against their spread (use scale_dtype: float32)"
+    )
+    if scale_dtype == "float16":  # beyond float16's range first
+        message = "row 2: zero point does not fit float16 (use scale_dtype: float32)"
+    with pytest.raises(TableError, match=f"^{re.escape(message)}$"):
+        row_qparams(table, settings)
+    low, high = table.amin(dim=1), table.amax(dim=1)
+    _, zero_point = qparams_from_range(low, high, settings, check=False)
+    assert torch.isinf(zero_point[2]) and torch.isfinite(zero_point[[0, 1, 3]]).all()
+    row_qparams(table, Quantization(8))  # float32 holds it
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_accepted_narrow_qparams_decode_within_a_step_and_a_half(scale_dtype: str, bits: int):
+    generator = torch.Generator().manual_seed(bits)
+    rows = 4000
+    spread = torch.rand(rows, 1, generator=generator) * 2 + 1e-3
+    offset = (torch.rand(rows, 1, generator=generator) - 0.5) * 10 ** (
+        torch.rand(rows, 1, generator=generator) * 4
+    )
+    table = offset + spread * torch.rand(rows, 32, generator=generator)
+    settings = Quantization(bits, scale_dtype)
+    scale, zero_point = qparams_from_range(table.amin(1), table.amax(1), settings, check=False)
+    accepted = torch.isfinite(zero_point) & torch.isfinite(scale)
+    assert 0 < int(accepted.sum()) < rows  # both kinds occur
+    decoded = dequantize(quantize(table, scale, zero_point, bits).float(), scale, zero_point)
+    error = (decoded - table).abs().amax(dim=1) / scale
+    assert float(error[accepted].max()) <= 1.5 + 1e-3
 
 
 # --- quantization.range: mse ------------------------------------------------------------------
