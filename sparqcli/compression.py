@@ -589,6 +589,11 @@ def _compress_tables(
         rows, cols = table.shape
         result, stats = compress_planned_table(checkpoint, table, device, progress, options)
         compressed[table.key] = result.to("cpu")
+        if file.format == "torch-ao":  # its figures, and gates, are those of the file written
+            from sparqcli.format.torch_ao import torch_ao_stats
+
+            with checkpoint.row_reader(table.key) as reader:
+                stats = torch_ao_stats(compressed[table.key], reader, stats.kept)
         table.stats = stats
         table.bytes_after = (
             table_file_bytes(result)

@@ -167,6 +167,43 @@ def test_torch_ao_widths_are_refused_before_any_work(tmp_path, checkpoint, confi
     assert not output.exists()
 
 
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+def test_torch_ao_figures_and_gates_are_those_of_the_file_written(
+    tmp_path, checkpoint, config, state, order
+):
+    output = tmp_path / "out.torchao.pt"
+    report = compress(checkpoint, config, output=output, output_format="torch-ao", order=order)
+    written = torch.load(output, weights_only=True)
+    for table in report.files[0].tables:
+        module = table.key.removesuffix("weight")
+        decoded = written[f"{module}_packed_params._packed_weight"].dequantize()
+        original = state[table.key].float()
+        # what torch.ao's dequantize gives: pruned values decode to (round(zp) - zp) * scale
+        rel_error = float((decoded - original).double().norm() / original.double().norm())
+        assert table.stats.rel_error == pytest.approx(rel_error, rel=1e-6)
+        cosine = torch.nn.functional.cosine_similarity(decoded.double(), original.double(), dim=1)
+        assert table.stats.row_cosine_min == pytest.approx(float(cosine.min()), abs=1e-6)
+        zeros = float((decoded == 0).double().mean())
+        assert table.stats.zero_fraction == pytest.approx(zeros)
+        assert table.stats.zero_fraction < table.stats.pruned_fraction  # not sparq's exact zeros
+    # a gate between the sparq decode's error and the file's: the file's decides
+    sparq = compress(checkpoint, config, output=tmp_path / "s.safetensors", order=order)
+    first = report.files[0].tables[0]
+    assert sparq.files[0].tables[0].stats.rel_error < first.stats.rel_error
+    between = (sparq.files[0].tables[0].stats.rel_error + first.stats.rel_error) / 2
+    gated = compress(
+        checkpoint,
+        config,
+        output=tmp_path / "gated.torchao.pt",
+        output_format="torch-ao",
+        order=order,
+        overrides=[f"layers[0].gates.max_rel_error={between}"],
+        force=True,
+    )
+    assert gated.files[0].tables[0].gate_failures
+    assert not (tmp_path / "gated.torchao.pt").exists()
+
+
 def test_new_options_run_and_are_reported(checkpoint, config, state):
     report = compress(
         checkpoint,

@@ -6,14 +6,17 @@ torch core functions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sparqcli.engine.table import CompressedTable
 from sparqcli.errors import OutputError, UsageError
 from sparqcli.format.packing import pack_codes
+
+if TYPE_CHECKING:
+    from sparqcli.engine.stats import TableStats
 
 
 def _module_prefix(key: str) -> str:
@@ -127,3 +130,33 @@ def torch_ao_state_dict(
         state[names[0]] = weight
         state[names[1]] = dtype
     return state
+
+
+_STATS_CHUNK_VALUES = 1 << 20
+"""Values `torch_ao_stats` decodes at a time."""
+
+
+def torch_ao_stats(
+    table: CompressedTable,
+    read_rows: Callable[[int, int], torch.Tensor],
+    kept: int,
+) -> TableStats:
+    """Returns the statistics of `table` as the torch-ao output decodes it: pruned values hold the
+    code of 0.0 and decode to `(round(zp) - zp) * scale`, not to exactly 0.0 as the sparq format
+    decodes them. `read_rows(start, stop)` gives the original rows; `kept` is the kept-value
+    count (the sparsity's, unchanged)."""
+    from sparqcli.engine.quantize import dequantize
+    from sparqcli.engine.stats import StatsAccumulator
+
+    rows, cols = table.shape
+    codes = table.dense_codes().cpu()
+    scale = table.scale.float().cpu()
+    zero_point = table.zero_point.float().cpu()
+    accumulator = StatsAccumulator(rows, cols, torch.device("cpu"))
+    step = max(1, _STATS_CHUNK_VALUES // max(1, cols))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        original = read_rows(start, stop).to("cpu", torch.float32)
+        decoded = dequantize(codes[start:stop], scale[start:stop], zero_point[start:stop])
+        accumulator.add(start, original, decoded)
+    return accumulator.finish(scale, zero_point, kept)
