@@ -495,6 +495,15 @@ def _plan(
     in-memory result, `target` None, whose `save` says what it cannot write).
     `torch_ao_possible`: whether the torch-ao format could be written instead (a torch file)."""
     tables, skipped = plan_tables(checkpoint, config)
+    if output_format == "torch-ao":
+        from sparqcli.select import rule_selects
+
+        # torch.ao converts the embeddings it is given: a tied alias no rule selects (a model's
+        # output head) keeps its dense weight, as in the reference's state dict
+        for table in tables:
+            table.aliases = [
+                key for key in table.aliases if rule_selects(config, key, checkpoint.module_types)
+            ]
     if target is not None:
         check_plan(checkpoint.tensors, tables, output_format, target, torch_ao_possible)
     return FileReport(checkpoint.path, target, output_format, input_bytes, tables, skipped=skipped)

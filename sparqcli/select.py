@@ -214,6 +214,14 @@ def _bytes(count: int) -> str:
     return f"{count} bytes"
 
 
+def rule_selects(config: Config, key: str, module_types: Mapping[str, str] | None) -> bool:
+    """Returns whether a rule of `config` matches `key` and no exclude pattern does (whatever
+    its size or shape)."""
+    if any(_matches(pattern, key) for pattern in config.exclude):
+        return False
+    return any(_rule_matches(rule, key, module_types) for rule in config.resolved_rules)
+
+
 def _matches(pattern: str, key: str) -> bool:
     return pattern_matches(pattern, key) or pattern_matches(pattern, module_name(key))
 

@@ -204,6 +204,40 @@ def test_torch_ao_figures_and_gates_are_those_of_the_file_written(
     assert not (tmp_path / "gated.torchao.pt").exists()
 
 
+def test_torch_ao_keeps_an_unselected_tied_head_dense(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(64, 8, generator=generator)
+    path = tmp_path / "lm.pt"
+    torch.save({"embed.weight": table, "head.weight": table, "norm.weight": torch.ones(8)}, path)
+    output = tmp_path / "lm.torchao.pt"
+    base = {"quantization": {"bits": 8}, "min_table_bytes": 0}
+    report = compress(
+        path,
+        Config.from_dict({**base, "layers": [{"match": "embed.weight"}]}),
+        output=output,
+        output_format="torch-ao",
+    )
+    assert report.files[0].tables[0].aliases == []  # torch.ao converts only the embedding
+    written = torch.load(output, weights_only=True)
+    assert "embed._packed_params._packed_weight" in written
+    assert "head._packed_params._packed_weight" not in written
+    assert torch.equal(written["head.weight"], table)
+    # the sparq format stores the tied head once, with the table
+    sparq = compress(path, Config.from_dict({**base, "layers": [{"match": "embed.weight"}]}))
+    assert sparq.files[0].tables[0].aliases == ["head.weight"]
+    # a head the rules select too is converted like the table
+    both = compress(
+        path,
+        Config.from_dict({**base, "layers": [{"match": "*.weight"}], "exclude": ["norm*"]}),
+        output=output,
+        output_format="torch-ao",
+        force=True,
+    )
+    assert both.files[0].tables[0].aliases == ["head.weight"]
+    written = torch.load(output, weights_only=True)
+    assert "head._packed_params._packed_weight" in written and "head.weight" not in written
+
+
 def test_new_options_run_and_are_reported(checkpoint, config, state):
     report = compress(
         checkpoint,
