@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparqcli.errors import UsageError
+from sparqcli.errors import InputError, UsageError
 from sparqcli.results import CheckpointInspection, DecompressResult, TensorEntry
 
 if TYPE_CHECKING:
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from sparqcli.format.reader import CompressedFileInfo
     from sparqcli.select import Selection
 
-DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+DENSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def inspect(
@@ -74,6 +74,8 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
     from sparqcli.sources import open_checkpoint
 
     src, dst = Path(src), Path(dst)
+    if not src.exists():  # before anything about the output
+        raise InputError(f"{src}: no such file", path=src)
     if src.is_dir() and not is_sharded_output(src):
         if dst.suffix.lower() in DENSE_SUFFIXES:
             raise UsageError(
@@ -81,9 +83,14 @@ def decompress(src: str | Path, dst: str | Path, *, force: bool = False) -> Deco
             )
         return decompress_folder(src, dst, force=force)
     if dst.suffix.lower() not in DENSE_SUFFIXES:
-        raise UsageError(f"{dst}: output must end in .safetensors, .pt, .pth or .bin", path=dst)
+        raise UsageError(
+            f"{dst}: output must end in .safetensors, .pt, .pth, .bin or .ckpt", path=dst
+        )
     check_output_path(dst, [src], force)
-    if not is_sharded_output(src) and not open_checkpoint(src).is_sparq:
+    # sparq files are safetensors: a torch file is not one, whatever it holds
+    if not is_sharded_output(src) and (
+        src.suffix.lower() != ".safetensors" or not open_checkpoint(src).is_sparq
+    ):
         raise UsageError(
             f"{src}: not a sparq-compressed file (no sparq metadata); nothing to decompress",
             path=src,

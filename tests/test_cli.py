@@ -435,14 +435,14 @@ def test_inspect_plain_and_compressed(checkpoint, config):
     assert as_json["tables"]["bags.0.weight"]["bits"] == 4
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".ckpt"])
 def test_decompress_round_trip(checkpoint, config, suffix):
     run("compress", checkpoint, "--config", config, "--quiet")
     compressed = checkpoint.with_name("model.sparq.safetensors")
     output = checkpoint.with_name("dense" + suffix)
     result = run("decompress", compressed, "-o", output)
     assert result.exit_code == 0, result.output
-    if suffix == ".pt":
+    if suffix != ".safetensors":
         dense = torch.load(output, weights_only=True)
     else:
         from safetensors.torch import load_file
@@ -468,6 +468,24 @@ def test_decompress_refuses_a_plain_checkpoint(checkpoint, tmp_path):
     assert (
         error_line(result)
         == f"sparq: error: {plain}: not a sparq-compressed file (no sparq metadata); nothing to decompress"
+    )
+
+
+def test_decompress_says_what_is_wrong_with_its_input_first(tmp_path, state):
+    existing = tmp_path / "o.safetensors"
+    existing.write_bytes(b"")
+    missing = tmp_path / "missing.sparq.safetensors"
+    result = run("decompress", missing, "-o", existing)
+    assert result.exit_code == 1
+    assert error_line(result) == f"sparq: error: {missing}: no such file"
+    # a torch file is no sparq file, even one that would need a key to read
+    two = tmp_path / "two.pt"
+    torch.save({"model": state, "ema": {k: v + 1 for k, v in state.items()}}, two)
+    result = run("decompress", two, "-o", tmp_path / "d.pt")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"sparq: error: {two}: not a sparq-compressed file (no sparq metadata); nothing to "
+        "decompress"
     )
 
 
