@@ -1,7 +1,8 @@
 """`KEY=VALUE` overrides of a config's raw mapping (the CLI's `--set`).
 
 KEY is a dotted path into the mapping (`sparsity.level`, `layers[1].quantization.bits`); VALUE
-is read as YAML (`0.7`, `[2, 2]`, `null`). Problems are returned as config problem lines, so
+is read as YAML (`0.7`, `[2, 2]`, `null`), except that one starting with `*` is a string (a
+glob such as `*emb*`, which YAML would read as an alias). Problems are returned as config problem lines, so
 they are reported together with the config's own.
 
 Importing this module does not import torch.
@@ -43,10 +44,14 @@ def _apply(data: dict[Any, Any], override: str, read_value: Callable[[str], obje
             f"{_OPTION} {key}: invalid key; write a dotted path such as sparsity.level "
             "or layers[1].quantization.bits"
         )
-    try:
-        value = read_value(text)
-    except ValueError as err:
-        return f"{_OPTION} {key}: cannot read value {text!r}: {err}"
+    if text.strip().startswith("*"):
+        # YAML would read `*emb*` as an alias, which configs refuse: a glob is meant
+        value: object = text.strip()
+    else:
+        try:
+            value = read_value(text)
+        except ValueError as err:
+            return f"{_OPTION} {key}: cannot read value {text!r}: {err}"
     steps: list[str | int] = [
         name if name else int(index) for name, index in _KEY_STEP.findall(key)
     ]
