@@ -300,6 +300,19 @@ def test_nan_values_are_refused_naming_the_row(sample_rows: int | None) -> None:
             found,
             sample_rows=sample_rows,
         )
+    wide = table.double()
+    wide[123, 7] = 1e300
+    with pytest.raises(
+        TableError, match=r"row 123 holds a value beyond float32's range \(1e\+300\)"
+    ):
+        measure_table(
+            lambda a, b: wide[a:b],
+            (300, 16),
+            torch.float64,
+            "sparsify-first",
+            found,
+            sample_rows=sample_rows,
+        )
 
 
 def test_exact_measure_is_what_compress_reports(mixed: tuple[Path, Path], tmp_path: Path) -> None:

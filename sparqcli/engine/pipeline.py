@@ -72,6 +72,19 @@ CPU_SCORE_BUDGET_BYTES = 512 << 20
 CUDA_SCORE_BUDGET_BYTES = 2 << 30
 
 
+def non_finite_row_error(name: str, row: int, values: torch.Tensor) -> TableError:
+    """Returns the error refusing row `row` of table `name`, whose values (`values`, in the
+    table's dtype) are not all finite once float32: NaN or Inf, or (float64) beyond float32."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        largest = float(values.abs().max())
+        return TableError(
+            f"{name}: row {row} holds a value beyond float32's range ({largest:.3g}); sparq "
+            "computes in float32, so scale the table down"
+        )
+    return TableError(f"{name}: row {row} holds NaN or Inf values")
+
+
 def compress_table(
     table: torch.Tensor,
     order: Order,
@@ -460,7 +473,7 @@ class _TableJob:
         finite_rows = torch.isfinite(values).all(dim=1)
         if not bool(finite_rows.all()):
             row = start + int((~finite_rows).nonzero()[0, 0].item())
-            raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
+            raise non_finite_row_error(self.name, row, self.read_rows(row, row + 1)[0])
 
     def _second_pass(
         self,

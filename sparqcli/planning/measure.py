@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
-from sparqcli.engine.pipeline import compress_rows
+from sparqcli.engine.pipeline import compress_rows, non_finite_row_error
 from sparqcli.engine.quantize import (
     decodes_past_message,
     dequantize,
@@ -48,7 +48,7 @@ from sparqcli.engine.sparsify import (
     value_norms,
 )
 from sparqcli.engine.stats import row_cosines, row_figures, row_norms
-from sparqcli.errors import TableError, UnfitSettingsError
+from sparqcli.errors import UnfitSettingsError
 from sparqcli.format.spec import file_bytes, part_sizes, table_file_bytes
 from sparqcli.planning.space import Candidate
 from sparqcli.settings import Order, Quantization, Sparsity
@@ -266,7 +266,7 @@ class _SampledTable:
                 bad = ~torch.isfinite(values).all(dim=1)
                 if bool(bad.any()):
                     row = start + int(bad.nonzero()[0, 0])
-                    raise TableError(f"{self.name}: row {row} holds NaN or Inf values")
+                    raise non_finite_row_error(self.name, row, self.read_rows(row, row + 1)[0])
             row_norms[start:stop] = norms
             for key, candidate in score_keys.items():
                 norms = value_norms(values, candidate.sparsity.norm)

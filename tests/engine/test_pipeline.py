@@ -281,6 +281,21 @@ def test_non_finite_values_name_the_first_bad_row(bad):
         )
 
 
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+def test_float64_values_beyond_float32_are_named_as_such(order):
+    table = torch.randn(50, 4, dtype=torch.float64)
+    table[17, 2] = -1e300
+    message = (
+        r"^emb\.weight: row 17 holds a value beyond float32's range \(1e\+300\); sparq computes in "
+        r"float32, so scale the table down$"
+    )
+    with pytest.raises(TableError, match=message):
+        compress_table(table, order, Sparsity(0.0), Quantization(8), name="emb.weight")
+    table[17, 1] = float("nan")  # NaN or Inf first, whatever else the row holds
+    with pytest.raises(TableError, match=r"^emb\.weight: row 17 holds NaN or Inf values$"):
+        compress_table(table, order, Sparsity(0.0), Quantization(8), name="emb.weight")
+
+
 def test_huge_finite_values_are_not_mistaken_for_inf():
     table = torch.full((3, 4), 3e38)
     table[:, 0] = 1.0
