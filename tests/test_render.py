@@ -312,6 +312,18 @@ def test_failed_gate_says_not_written():
     assert text.splitlines()[-1] == "not written: 1 gate(s) failed"
 
 
+def test_the_total_of_several_files_counts_the_written_ones():
+    report = _report()
+    stopped = _report(written=False).files[0]
+    stopped.input = Path("other.pt")
+    report.files.append(stopped)
+    last = _lines(_render(compress_summary(report))).splitlines()[-1]
+    assert last == "all files: 508 KiB → 58.6 KiB in 0.30 s (1 not written, not counted)"
+    report.files[1] = _report().files[0]
+    last = _lines(_render(compress_summary(report))).splitlines()[-1]
+    assert last == "all files: 0.992 MiB → 117 KiB in 0.30 s"
+
+
 def test_report_json_has_the_facts():
     data = json.loads(to_json(_report().to_dict()))
     assert data["sparq_version"] == "0.1.0"
