@@ -180,7 +180,14 @@ def _compress_input(
     from sparqcli.folder_compression import tied_head_notes
 
     # A model file inside its Hugging Face folder: config.json may say the head is tied.
-    file.notes += [note for note, _ in tied_head_notes(source.parent, file.tables)]
+    for note, table in tied_head_notes(source.parent, file.tables):
+        if output_format == "torch-ao" and not table.aliases:
+            note = (
+                f"{table.key}: config.json ties the word embeddings (tie_word_embeddings: true); "
+                "torch-ao output converts this embedding only, and the output head keeps its "
+                "dense weights, as in torch.ao's converted model"
+            )
+        file.notes.append(note)
     report.files.append(file)
     if report.dry_run:
         return False
@@ -502,7 +509,9 @@ def _plan(
         # output head) keeps its dense weight, as in the reference's state dict
         for table in tables:
             table.aliases = [
-                key for key in table.aliases if rule_selects(config, key, checkpoint.module_types)
+                key
+                for key in table.aliases
+                if rule_selects(config, key, table.bytes_before, checkpoint.module_types)
             ]
     if target is not None:
         check_plan(checkpoint.tensors, tables, output_format, target, torch_ao_possible)

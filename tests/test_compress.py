@@ -236,6 +236,22 @@ def test_torch_ao_keeps_an_unselected_tied_head_dense(tmp_path):
     assert both.files[0].tables[0].aliases == ["head.weight"]
     written = torch.load(output, weights_only=True)
     assert "head._packed_params._packed_weight" in written and "head.weight" not in written
+    # a rule that matches the head but skips it for its size does not select it
+    small = compress(
+        path,
+        Config.from_dict(
+            {
+                "quantization": {"bits": 8},
+                "min_table_bytes": 1 << 20,
+                "layers": [{"match": "embed.weight"}, {"match": "*head*"}],
+            }
+        ),
+        output=output,
+        output_format="torch-ao",
+        force=True,
+    )
+    assert small.files[0].tables[0].aliases == []
+    assert torch.equal(torch.load(output, weights_only=True)["head.weight"], table)
 
 
 def test_new_options_run_and_are_reported(checkpoint, config, state):

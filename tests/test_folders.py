@@ -484,6 +484,24 @@ def test_the_tied_head_note_needs_a_model_with_a_head(
     assert any("the output head is this table" in note for note in notes) is noted
 
 
+def test_the_tied_head_note_says_torch_ao_keeps_the_head_dense(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"tie_word_embeddings": True, "vocab_size": 300, "architectures": ["X"]})
+    )
+    torch.save({"embeddings.word_embeddings.weight": torch.randn(300, 64)}, folder / "model.pt")
+    config_one = sparqcli.Config(min_table_bytes=0, layers=[sparqcli.Rule(match="*emb*")])
+    report = sparqcli.compress(
+        folder / "model.pt", config_one, dry_run=True, output_format="torch-ao"
+    )
+    assert report.files[0].notes == [
+        "embeddings.word_embeddings.weight: config.json ties the word embeddings "
+        "(tie_word_embeddings: true); torch-ao output converts this embedding only, and the "
+        "output head keeps its dense weights, as in torch.ao's converted model"
+    ]
+
+
 def test_a_tensor_the_shards_cannot_hold_is_refused_without_a_torch_ao_hint(tmp_path: Path) -> None:
     # a model folder is written in the sparq format only: the only way out is leaving it out
     folder = tmp_path / "bins"

@@ -103,7 +103,8 @@ SPARQ_INLINE static inline v8f to_narrow(v8f x, int narrow) {
   return narrow == 1 ? round_to_float16(x) : narrow == 2 ? round_to_bfloat16(x) : x;
 }
 
-// qparams_from_range(low, high, check=False) of quantize.py, for eight rows.
+// qparams_from_range(low, high, check=False, refuse_off_grid=False) of quantize.py, for eight
+// rows (a search's candidates: an off-grid zero point is scored by its real error).
 SPARQ_INLINE static inline void qparams(v8f low, v8f high, float quant_max, int narrow, v8f& scale,
                            v8f& zero_point) {
   v8f s = (high - low) / splat(quant_max);
@@ -112,15 +113,7 @@ SPARQ_INLINE static inline void qparams(v8f low, v8f high, float quant_max, int 
     const v8f n = to_narrow(s, narrow);
     s = n < s ? next_up(n, narrow) : n;
   }
-  const v8f exact = (splat(-1.0f) * low) / s;
-  zero_point = to_narrow(exact, narrow);
-  if (narrow) {  // rounded by more than a level: refused (+inf), as in qparams_from_range
-    const v8f shift = zero_point - exact;
-    const v8i magnitude = (v8i)shift & splat_int(INT32_MAX);
-    const v8i shifted =
-        (magnitude > splat_int(0x3f800000)) & (magnitude <= splat_int(0x7f800000));  // (1, inf]
-    zero_point = (v8f)(shifted ? splat_int(0x7f800000) : (v8i)zero_point);
-  }
+  zero_point = to_narrow((splat(-1.0f) * low) / s, narrow);
   scale = s;
 }
 
@@ -628,8 +621,8 @@ at::Tensor round_to_float16_values(at::Tensor values) {
   return padded.narrow(0, 0, n).reshape(values.sizes());
 }
 
-// qparams_from_range(low, high, check=False) for every row, through the kernel's qparams (for
-// tests): low and high float32 (rows,), returns (scale, zero_point).
+// qparams_from_range(low, high, check=False, refuse_off_grid=False) for every row, through the
+// kernel's qparams (for tests): low and high float32 (rows,), returns (scale, zero_point).
 std::vector<at::Tensor> range_qparams(at::Tensor low, at::Tensor high, int64_t bits,
                                       int64_t narrow) {
   using namespace sparq_mse;

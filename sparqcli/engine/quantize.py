@@ -63,10 +63,13 @@ def qparams_from_range(
     first_row: int = 0,
     *,
     check: bool = True,
+    refuse_off_grid: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns `(scale, zero_point)` from each row's float32 min and max; see `row_qparams`.
 
     With `check` False nothing is raised: a row that would raise gets non-finite qparams.
+    `refuse_off_grid` False keeps a float16/bfloat16 zero point rounded by more than a level
+    (a search's candidate, scored by the error it really gives) instead of refusing it.
     """
     # Divided by a tensor, not a Python float: CUDA multiplies by the float's reciprocal instead,
     # which differs from the division (and from the CPU) in the last bit.
@@ -95,8 +98,10 @@ def qparams_from_range(
             )
         # Codes follow the rounded zero point: rounded by more than a level, it shifts the grid
         # off the row's values, and the end beyond it is clamped (a row far from 0 against its
-        # spread: |zero point| >= 2^11 levels in float16, 2^8 in bfloat16).
+        # spread: |zero point| above 2^12 levels in float16, 2^9 in bfloat16).
         shifted = (zero_point - exact).abs() > 1
+        if not refuse_off_grid:
+            return scale, zero_point
         if check:
             _check_finite(
                 torch.where(shifted, float("inf"), zero_point),
@@ -347,7 +352,9 @@ def _search(
 
     def consider(low: torch.Tensor, high: torch.Tensor) -> None:
         high = torch.maximum(high, low)
-        scale, zero_point = qparams_from_range(low, high, settings, check=False)
+        scale, zero_point = qparams_from_range(
+            low, high, settings, check=False, refuse_off_grid=False
+        )
         error = sequential_errors(values, keep, scale, zero_point, bits)
         better = error < best_error
         for best, new in (

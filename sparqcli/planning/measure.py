@@ -1032,7 +1032,10 @@ class _SparsityGroups:
             return scale, zero_point
         low = -1 * zero_point * scale
         high = low + scale * float(quantization.quant_max)
-        scale, zero_point = qparams_from_range(low, high, quantization, check=False)
+        # a candidate of the search (scored by its error), as the kernel makes them
+        scale, zero_point = qparams_from_range(
+            low, high, quantization, check=False, refuse_off_grid=False
+        )
         # As in the search, a row keeps min/max's qparams where they do better (rows whose
         # float16 rounding dominates: near-zero rows); min/max's raise where the engine would.
         minmax_scale, minmax_zero_point = row_qparams(seen, quantization)

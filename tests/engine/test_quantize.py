@@ -148,6 +148,29 @@ def test_a_zero_point_rounded_off_the_grid_is_refused(scale_dtype: str):
     row_qparams(table, Quantization(8))  # float32 holds it
 
 
+def test_an_off_grid_zero_point_stays_a_candidate_of_the_mse_search():
+    # Only min/max's qparams are refused off the grid (the row itself is); a candidate of the
+    # search is scored by the error it really gives, so it is kept, finite.
+    low, high = torch.tensor([0.0, 600.0]), torch.tensor([1.0, 601.0])
+    settings = Quantization(8, "bfloat16")
+    kept = qparams_from_range(low, high, settings, check=False, refuse_off_grid=False)
+    refused = qparams_from_range(low, high, settings, check=False)
+    assert torch.equal(kept[0], refused[0])
+    assert torch.isfinite(kept[1]).all() and torch.isinf(refused[1][1])
+    assert kept[1][0] == refused[1][0]
+    # rows keeping their 4 largest values: the search may pick such ranges, never worse than
+    # min/max on any row
+    generator = torch.Generator().manual_seed(3)
+    table = torch.randn(2000, 64, generator=generator)
+    keep = torch.zeros_like(table, dtype=torch.bool)
+    keep.scatter_(1, table.topk(4, dim=1).indices, True)
+    values = table * keep
+    scale, zero_point = mse_qparams(values, Quantization(8, "bfloat16", range="mse"), keep)
+    errors = row_errors(values, keep.float(), scale, zero_point, 8)
+    minmax = row_errors(values, keep.float(), *row_qparams(values, settings), 8)
+    assert bool((errors <= minmax).all())
+
+
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_accepted_narrow_qparams_decode_within_a_step_and_a_half(scale_dtype: str, bits: int):
@@ -491,7 +514,7 @@ def test_the_kernels_qparams_are_qparams_from_range(bits, scale_dtype, narrow):
     )
     high = torch.where(torch.isnan(low), low, torch.maximum(high, low))
     settings_ = Quantization(bits, scale_dtype)
-    expected = qparams_from_range(low, high, settings_, check=False)
+    expected = qparams_from_range(low, high, settings_, check=False, refuse_off_grid=False)
     for found, wanted in zip(module.range_qparams(low, high, bits, narrow), expected, strict=True):
         number = ~torch.isnan(wanted)
         assert torch.equal(_bits(found[number]), _bits(wanted[number]))
