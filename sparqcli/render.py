@@ -196,7 +196,8 @@ class FitTable:
     """A rich renderable: a title, a table laid out for the console width, and lines after it.
 
     A title given as pieces (input, `→ output`) is broken between them where it is wider than
-    the console, as the lines after the table are. `rows` are (cells, style) pairs: a style colours the row's first cell (a failed gate).
+    the console, as the lines after the table are. `rows` are (cells, style) pairs: a style
+    colours the row's first cell (a failed gate).
     `after` holds lines printed below the table (totals, skipped tables); each is a list of
     clauses, put on one line when they fit and broken between clauses when they do not, or a
     function of the width giving the line.
@@ -234,7 +235,22 @@ class FitTable:
 
 
 def _line(text: str, style: str = "") -> Text:
-    return Text(text, style=style, no_wrap=True, overflow="ignore", end="\n")
+    return Text(_printable(text), style=style, no_wrap=True, overflow="ignore", end="\n")
+
+
+# Control characters in a key or a path (a newline, a terminal escape) are shown escaped: they
+# would break a row or drive the terminal.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(32), 127)},
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def _printable(text: str) -> str:
+    """Returns `text` with its control characters escaped (`\\n`, `\\x1b`)."""
+    return text.translate(_ESCAPES)
 
 
 class _Prose:
@@ -468,7 +484,13 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
 def _rows(
     columns: Sequence[Column[T]], items: Iterable[T], style: Callable[[T], str] = lambda _: ""
 ) -> list[tuple[list[Cell], str]]:
-    return [([column.cell(item) for column in columns], style(item)) for item in items]
+    return [
+        ([_printable_cell(column.cell(item)) for column in columns], style(item)) for item in items
+    ]
+
+
+def _printable_cell(cell: Cell) -> Cell:
+    return _printable(cell) if isinstance(cell, str) else tuple(_printable(p) for p in cell)
 
 
 def _file_table(file: FileReport, wide: bool) -> FitTable:

@@ -324,6 +324,20 @@ def test_the_total_of_several_files_counts_the_written_ones():
     assert last == "all files: 0.992 MiB → 117 KiB in 0.30 s"
 
 
+def test_control_characters_in_keys_are_shown_escaped():
+    report = _report()
+    report.files[0].tables[0].key = "emb\n\x1b[2Jweight"
+    report.files[0].notes.append("emb\tweight: a note")
+    lines = _lines(_render(compress_summary(report), 200)).splitlines()
+    row = next(line for line in lines if line.startswith("emb"))
+    assert row.startswith("emb\\n\\x1b[2Jweight ")
+    assert "emb\\tweight: a note" in lines
+    assert (
+        "\x1b" not in "".join(lines)
+        and len(lines) == len(_lines(_render(compress_summary(_report()), 200)).splitlines()) + 1
+    )
+
+
 def test_report_json_has_the_facts():
     data = json.loads(to_json(_report().to_dict()))
     assert data["sparq_version"] == "0.1.0"
