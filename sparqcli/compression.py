@@ -501,28 +501,23 @@ def _plan(
     write time (so that a dry run fails where the real run would, before any work; none for an
     in-memory result, `target` None, whose `save` says what it cannot write).
     `torch_ao_possible`: whether the torch-ao format could be written instead (a torch file)."""
-    tables, skipped = plan_tables(checkpoint, config)
-    if output_format == "torch-ao":
-        from sparqcli.select import rule_selects
-
-        # torch.ao converts the embeddings it is given: a tied alias no rule selects (a model's
-        # output head) keeps its dense weight, as in the reference's state dict
-        for table in tables:
-            table.aliases = [
-                key
-                for key in table.aliases
-                if rule_selects(config, key, table.bytes_before, checkpoint.module_types)
-            ]
+    # torch.ao converts the embeddings it is given: a tied alias no rule selects (a model's
+    # output head) keeps its dense weight, as in the reference's state dict
+    tables, skipped = plan_tables(
+        checkpoint, config, selected_aliases_only=output_format == "torch-ao"
+    )
     if target is not None:
         check_plan(checkpoint.tensors, tables, output_format, target, torch_ao_possible)
     return FileReport(checkpoint.path, target, output_format, input_bytes, tables, skipped=skipped)
 
 
 def plan_tables(
-    checkpoint: Checkpoint, config: Config
+    checkpoint: Checkpoint, config: Config, *, selected_aliases_only: bool = False
 ) -> tuple[list[TableReport], list[SkippedTable]]:
     """Returns the tables `config` selects in `checkpoint`, each alias group as one table, and
-    the tables its glob and regex rules skipped as too small.
+    the tables its glob and regex rules skipped as too small. With `selected_aliases_only`, a
+    table's aliases are only the keys that rules select themselves (the others stay tensors of
+    their own).
 
     Raises SelectionError for a selection problem (see `select_tables` and `apply_aliases`),
     InputError when a tensor compared for aliases cannot be read.
@@ -530,6 +525,9 @@ def plan_tables(
     from sparqcli.aliasing import select_with_aliases
 
     selection, aliases = select_with_aliases(config, checkpoint, checkpoint.name)
+    if selected_aliases_only:
+        won = {key for match in selection.matches for key in match.won}
+        aliases = {table: tuple(k for k in keys if k in won) for table, keys in aliases.items()}
     tables = [
         TableReport(
             key=selected.key,

@@ -214,21 +214,6 @@ def _bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def rule_selects(
-    config: Config, key: str, nbytes: int, module_types: Mapping[str, str] | None
-) -> bool:
-    """Returns whether a rule of `config` selects table `key` of `nbytes` bytes: one matches it,
-    and is not a glob or regex rule skipping it as smaller than `min_table_bytes`; and no
-    exclude pattern matches it."""
-    if any(_matches(pattern, key) for pattern in config.exclude):
-        return False
-    return any(
-        _rule_matches(rule, key, module_types)
-        and not (_skips_small(rule) and nbytes < config.min_table_bytes)
-        for rule in config.resolved_rules
-    )
-
-
 def _matches(pattern: str, key: str) -> bool:
     return pattern_matches(pattern, key) or pattern_matches(pattern, module_name(key))
 
