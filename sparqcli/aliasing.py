@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sparqcli.config import Config
 from sparqcli.errors import SelectionError
-from sparqcli.select import Selection, module_name, pattern_matches, select_tables
+from sparqcli.select import Selection, is_excluded, select_tables
 
 if TYPE_CHECKING:
     from sparqcli.sources import Checkpoint
@@ -61,7 +61,7 @@ def apply_aliases(
         for key in group:
             if key in selected:
                 continue
-            if _excluded(config, key):
+            if is_excluded(config, key):
                 raise SelectionError(
                     f"{source}: '{key}' is excluded, but it holds the same values as selected "
                     f"table '{primary.key}' (tied weights, stored once); exclude both or neither",
@@ -84,13 +84,6 @@ def apply_aliases(
 
 def _settings(rule: object) -> tuple[object, ...]:
     return (rule.sparsity, rule.quantization, rule.gates)  # type: ignore[attr-defined]
-
-
-def _excluded(config: Config, key: str) -> bool:
-    return any(
-        pattern_matches(pattern, key) or pattern_matches(pattern, module_name(key))
-        for pattern in config.exclude
-    )
 
 
 def alias_keys(aliases: Mapping[str, Sequence[str]]) -> set[str]:

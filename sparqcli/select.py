@@ -117,7 +117,7 @@ def select_tables(
     not a 2-D floating tensor); or when nothing at all is selected.
     """
     keys = list(tensors)
-    excluded = {key for key in keys if any(_matches(p, key) for p in config.exclude)}
+    excluded = {key for key in keys if is_excluded(config, key)}
     winners: dict[str, ResolvedRule] = {}
     small: dict[str, ResolvedRule] = {}  # skipped for their size, by the first rule that did
     matches: list[RuleMatch] = []
@@ -212,6 +212,11 @@ def _bytes(count: int) -> str:
         if count and count % size == 0:
             return f"{count // size} {unit}"
     return f"{count} bytes"
+
+
+def is_excluded(config: Config, key: str) -> bool:
+    """Returns whether an `exclude` pattern of `config` matches `key` or its module name."""
+    return any(_matches(pattern, key) for pattern in config.exclude)
 
 
 def _matches(pattern: str, key: str) -> bool:
