@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from sparqcli.errors import ConfigError, InputError
-from sparqcli.overrides import apply_overrides
+from sparqcli.overrides import apply_overrides, credit_override, override_key
 from sparqcli.planning.space import PLAN_KEYS, PlanSpace, plan_problems
 from sparqcli.settings import (
     DEFAULT_MIN_TABLE_BYTES,
@@ -200,12 +200,10 @@ class Config:
             return cls.from_dict(data, source, problems)
         except ConfigError as error:
             # `order` replaces whatever an override set there
-            credit = [
-                o for o in overrides if order is None or o.partition("=")[0].strip() != "order"
-            ]
+            credit = [o for o in overrides if order is None or override_key(o) != "order"]
             if not credit:
                 raise
-            credited = [_credit_override(line, credit) for line in error.problem_templates]
+            credited = [credit_override(line, credit) for line in error.problem_templates]
             raise ConfigError(source, credited) from None
 
     @classmethod
@@ -563,18 +561,6 @@ def _load_yaml(text: str) -> object:
         raise ValueError(f"invalid YAML at {where}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ValueError("invalid YAML: " + " ".join(str(err).split())) from None
-
-
-def _credit_override(problem: str, overrides: Sequence[str]) -> str:
-    """Returns config problem line `problem` naming the override that set its key, if one did:
-    a problem at `sparsity.level` after `sparsity.level=2` is the override's, not the file's.
-    The last override of a key wins, as when they are applied."""
-    path = problem.partition(":")[0]
-    for override in reversed(overrides):
-        key = override.partition("=")[0].strip()
-        if key and (path == key or path.startswith((f"{key}.", f"{key}["))):
-            return f"{problem} (from {{opt:overrides}} {override.strip()})"
-    return problem
 
 
 def _read_yaml(path: Path, source: str) -> object:

@@ -2,8 +2,9 @@
 
 KEY is a dotted path into the mapping (`sparsity.level`, `layers[1].quantization.bits`); VALUE
 is read as YAML (`0.7`, `[2, 2]`, `null`), except that one starting with `*` is a string (a
-glob such as `*emb*`, which YAML would read as an alias). Problems are returned as config problem lines, so
-they are reported together with the config's own.
+glob such as `*emb*`, which YAML would read as an alias). Problems are returned as config
+problem lines, so they are reported together with the config's own; a problem of the config at
+a key an override set names that override (`credit_override`).
 
 Importing this module does not import torch.
 """
@@ -34,9 +35,26 @@ def apply_overrides(
     return problems
 
 
+def override_key(override: str) -> str:
+    """Returns the KEY of a `KEY=VALUE` override ('' for none)."""
+    return override.partition("=")[0].strip()
+
+
+def credit_override(problem: str, overrides: Sequence[str]) -> str:
+    """Returns config problem line `problem` naming the override that set its key, if one did:
+    a problem at `sparsity.level` after `sparsity.level=2` is the override's, not the file's.
+    The last override of a key wins, as when they are applied."""
+    path = problem.partition(":")[0]
+    for override in reversed(overrides):
+        key = override_key(override)
+        if key and (path == key or path.startswith((f"{key}.", f"{key}["))):
+            return f"{problem} (from {_OPTION} {override.strip()})"
+    return problem
+
+
 def _apply(data: dict[Any, Any], override: str, read_value: Callable[[str], object]) -> str | None:
-    key, sep, text = override.partition("=")
-    key = key.strip()
+    key = override_key(override)
+    _, sep, text = override.partition("=")
     if not sep or not key:
         return f"{_OPTION} {override}: expected KEY=VALUE"
     if not _KEY_PATH.fullmatch(key):
