@@ -72,17 +72,24 @@ CPU_SCORE_BUDGET_BYTES = 512 << 20
 CUDA_SCORE_BUDGET_BYTES = 2 << 30
 
 
-def non_finite_row_error(name: str, row: int, values: torch.Tensor) -> TableError:
-    """Returns the error refusing row `row` of table `name`, whose values (`values`, in the
-    table's dtype) are not all finite once float32: NaN or Inf, or (float64) beyond float32."""
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        largest = float(values.abs().max())
-        return TableError(
+def check_rows_finite(
+    name: str, values: torch.Tensor, start: int, read_rows: Callable[[int, int], torch.Tensor]
+) -> None:
+    """Raises TableError naming the first row of float32 `values` (rows `start:` of table
+    `name`) that holds a non-finite value: NaN or Inf, or, in its own dtype (`read_rows`), a
+    float64 value beyond float32's range."""
+    finite_rows = torch.isfinite(values).all(dim=1)
+    if bool(finite_rows.all()):
+        return
+    row = start + int((~finite_rows).nonzero()[0, 0].item())
+    original = read_rows(row, row + 1)[0]
+    if bool(torch.isfinite(original).all()):
+        largest = float(original.abs().max())
+        raise TableError(
             f"{name}: row {row} holds a value beyond float32's range ({largest:.3g}); sparq "
             "computes in float32, so scale the table down"
         )
-    return TableError(f"{name}: row {row} holds NaN or Inf values")
+    raise TableError(f"{name}: row {row} holds NaN or Inf values")
 
 
 def compress_table(
@@ -468,12 +475,8 @@ class _TableJob:
     def _check_finite(self, values: torch.Tensor, start: int) -> None:
         # A row sum is finite whenever every value is (bar overflow), and costs one fused read;
         # only a chunk with a non-finite sum is checked value by value.
-        if bool(torch.isfinite(values.sum(dim=1)).all()):
-            return
-        finite_rows = torch.isfinite(values).all(dim=1)
-        if not bool(finite_rows.all()):
-            row = start + int((~finite_rows).nonzero()[0, 0].item())
-            raise non_finite_row_error(self.name, row, self.read_rows(row, row + 1)[0])
+        if not bool(torch.isfinite(values.sum(dim=1)).all()):
+            check_rows_finite(self.name, values, start, self.read_rows)
 
     def _second_pass(
         self,

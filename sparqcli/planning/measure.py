@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sparqcli.engine.blocks import block_grid, fit_blocks
-from sparqcli.engine.pipeline import compress_rows, non_finite_row_error
+from sparqcli.engine.pipeline import check_rows_finite, compress_rows
 from sparqcli.engine.quantize import (
     decodes_past_message,
     dequantize,
@@ -263,10 +263,7 @@ class _SampledTable:
             values = self.read_rows(start, stop).to(torch.float32)
             norms = values.double().square().sum(dim=1)
             if not bool(torch.isfinite(norms).all()):  # as the engine's first pass refuses them
-                bad = ~torch.isfinite(values).all(dim=1)
-                if bool(bad.any()):
-                    row = start + int(bad.nonzero()[0, 0])
-                    raise non_finite_row_error(self.name, row, self.read_rows(row, row + 1)[0])
+                check_rows_finite(self.name, values, start, self.read_rows)
             row_norms[start:stop] = norms
             for key, candidate in score_keys.items():
                 norms = value_norms(values, candidate.sparsity.norm)
