@@ -96,20 +96,18 @@ def qparams_from_range(
                 f"zero point does not fit {settings.scale_dtype} (use scale_dtype: float32)",
                 first_row,
             )
-        # Codes follow the rounded zero point: rounded by more than a level, it shifts the grid
-        # off the row's values, and the end beyond it is clamped (a row far from 0 against its
-        # spread: |zero point| above 2^12 levels in float16, 2^9 in bfloat16).
-        shifted = (zero_point - exact).abs() > 1
-        if not refuse_off_grid:
-            return scale, zero_point
-        if check:
-            _check_finite(
-                torch.where(shifted, float("inf"), zero_point),
-                f"zero point loses precision in {settings.scale_dtype}: the row's values lie far "
-                "from 0 against their spread (use scale_dtype: float32)",
-                first_row,
-            )
-        zero_point = zero_point.masked_fill(shifted, float("inf"))
+        if refuse_off_grid:
+            # Codes follow the rounded zero point: rounded by more than a level, it shifts the
+            # grid off the row's values, and the end beyond it is clamped (a row far from 0
+            # against its spread: |zero point| above 2^12 levels in float16, 2^9 in bfloat16).
+            zero_point = zero_point.masked_fill((zero_point - exact).abs() > 1, float("inf"))
+            if check:  # every zero point was finite before: an infinite one is off the grid
+                _check_finite(
+                    zero_point,
+                    f"zero point loses precision in {settings.scale_dtype}: the row's values lie "
+                    "far from 0 against their spread (use scale_dtype: float32)",
+                    first_row,
+                )
     return scale, zero_point
 
 
