@@ -466,14 +466,12 @@ def compress_summary(report: CompressReport, *, wide: bool = False) -> Group:
     outputs = len(report.files) - sum(len(f.shards) - 1 for f in report.folders if f.shards)
     if outputs > 1 and not report.dry_run:
         in_folders = {id(shard) for folder in report.folders for shard in folder.shards}
+        singles = [f for f in report.files if id(f) not in in_folders]
         # the outputs written (a file a gate stopped has no output to weigh against its input)
-        singles = [f for f in report.files if id(f) not in in_folders and f.written]
-        folders = [f for f in report.folders if f.written]
-        before = sum(f.input_bytes for f in singles) + sum(f.input_bytes for f in folders)
-        after = sum(f.output_bytes or 0 for f in singles)
-        after += sum(f.output_bytes or 0 for f in folders)
-        unwritten = len(report.files) - len(singles) - sum(len(f.shards) for f in report.folders)
-        unwritten += len(report.folders) - len(folders)
+        written = [f for f in (*singles, *report.folders) if f.written]
+        before = sum(f.input_bytes for f in written)
+        after = sum(f.output_bytes or 0 for f in written)
+        unwritten = len(singles) + len(report.folders) - len(written)
         total = f"all files: {human_bytes(before)} → {human_bytes(after)} in {report.seconds:.2f} s"
         if unwritten:
             total += f" ({unwritten} not written, not counted)"
