@@ -49,6 +49,16 @@ def discard_partial_outputs() -> list[Path]:
     return removed
 
 
+def _exists_without_force(output: Path) -> UsageError:
+    """Returns the error for an output that exists before the run, without `force`."""
+    return UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
+
+
+def _taken_meanwhile(output: Path) -> OutputError:
+    """Returns the error for an output that another job wrote while this one ran."""
+    return OutputError(f"{output}: cannot write: it already exists")
+
+
 def check_output_path(output: Path, inputs: Sequence[Path], force: bool) -> None:
     """Checks that the file `output` may be written. Raises UsageError when it is an input or
     lies inside an input folder, is a folder, or exists (without `force`), or when its folder is
@@ -57,7 +67,7 @@ def check_output_path(output: Path, inputs: Sequence[Path], force: bool) -> None
     if output.is_dir():  # even with force: a folder is never replaced by a file
         raise UsageError(f"{output}: is a directory", path=output)
     if output.exists() and not force:
-        raise UsageError(f"{output}: already exists; pass {{opt:force}} to replace it", path=output)
+        raise _exists_without_force(output)
     check_parent_folder(output)
 
 
@@ -205,10 +215,10 @@ def _link_new(temp: Path, path: Path) -> None:
     try:
         os.link(temp, path)
     except FileExistsError:
-        raise OutputError(f"{path}: cannot write: it already exists") from None
+        raise _taken_meanwhile(path) from None
     except OSError:  # a file system without hard links: check, then rename
         if path.exists() or path.is_symlink():
-            raise OutputError(f"{path}: cannot write: it already exists") from None
+            raise _taken_meanwhile(path) from None
         os.replace(temp, path)
         return
     _remove_quietly(temp)
@@ -261,9 +271,7 @@ def check_output_folder(output: Path, inputs: list[Path], force: bool) -> None:
             )
     if output.exists() or output.is_symlink():
         if not force:
-            raise UsageError(
-                f"{output}: already exists; pass {{opt:force}} to replace it", path=output
-            )
+            raise _exists_without_force(output)
         if not output.is_dir() or output.is_symlink():
             raise UsageError(f"{output}: exists and is not a folder", path=output)
         check_replaceable_folder(output)
@@ -325,7 +333,7 @@ def _finish_folder(temp: Path, path: Path, replace: bool) -> None:
     old: Path | None = None
     if path.exists() or path.is_symlink():
         if not replace:
-            raise OutputError(f"{path}: cannot write: it already exists")
+            raise _taken_meanwhile(path)
         # Not registered as partial: a signal between the two renames must not remove it.
         old = _folder_beside(path, ".old")
         os.replace(path, old / path.name)
