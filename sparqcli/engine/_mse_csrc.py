@@ -404,43 +404,63 @@ static void greedy(const Group& g, const float* row_min, const float* row_max,
 // Rows r0 .. r0 + lanes - 1 of values (and keep) into g: each lane's kept values in column
 // order, then zeros (missing lanes: nothing kept); each lane's kept min and max, the first of
 // equal ones in column order as std::min_element and std::max_element pick them; any: whether
-// the lane keeps a value.
+// the lane keeps a value. The ends are taken lane-wise over the transposed columns, in column
+// order with the scalar rule (`v < min`), so ties, signed zeros and NaNs come out as one row at
+// a time would give them.
+SPARQ_CLONES
 static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, int64_t cols,
                       Group& g, float* xt, int32_t* kt, float* row_min, float* row_max,
                       bool* any) {
   int64_t most = 0;
-  int64_t count[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    row_min[l] = 0.0f, row_max[l] = 0.0f, any[l] = false;
     int64_t n = 0;
     if (l < lanes) {
       const float* x = xv + (r0 + l) * cols;
-      const bool* k = kv ? kv + (r0 + l) * cols : nullptr;
-      for (int64_t c = 0; c < cols; ++c) {
-        if (k && !k[c]) continue;
-        const float v = x[c];
-        if (n == 0 || v < row_min[l]) row_min[l] = v;
-        if (n == 0 || row_max[l] < v) row_max[l] = v;
-        xt[n * kLanes + l] = v;
-        ++n;
+      if (kv) {
+        // Each value goes to the next free place, which only a kept one then takes.
+        const bool* k = kv + (r0 + l) * cols;
+        for (int64_t c = 0; c < cols; ++c) {
+          xt[n * kLanes + l] = x[c];
+          n += k[c];
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) xt[c * kLanes + l] = x[c];
+        n = cols;
       }
     }
+    g.count[l] = n;
     any[l] = n > 0;
-    count[l] = n;
     most = std::max(most, n);
   }
   bool masked = false;
   for (int l = 0; l < kLanes; ++l) {
+    for (int64_t j = g.count[l]; j < most; ++j) xt[j * kLanes + l] = 0.0f;
+    masked = masked || (l < lanes && g.count[l] < most);
+  }
+  if (masked) {
     for (int64_t j = 0; j < most; ++j) {
-      const bool kept = j < count[l];
-      if (!kept) xt[j * kLanes + l] = 0.0f;
-      kt[j * kLanes + l] = kept ? -1 : 0;
+      for (int l = 0; l < kLanes; ++l) kt[j * kLanes + l] = j < g.count[l] ? -1 : 0;
     }
-    masked = masked || (l < lanes && count[l] < most);
   }
   g.cols = most;
   g.masked = masked;
-  for (int l = 0; l < kLanes; ++l) g.count[l] = count[l];
+  v8f low = splat(0.0f);
+  if (most > 0) std::memcpy(&low, xt, sizeof(low));  // each lane's first kept value, or 0
+  v8f high = low;
+  for (int64_t j = 1; j < most; ++j) {
+    v8f x;
+    std::memcpy(&x, xt + j * kLanes, sizeof(x));
+    v8i below = x < low, above = high < x;
+    if (masked) {
+      v8i k;
+      std::memcpy(&k, kt + j * kLanes, sizeof(k));
+      below &= k, above &= k;
+    }
+    low = below ? x : low;
+    high = above ? x : high;
+  }
+  std::memcpy(row_min, &low, sizeof(low));
+  std::memcpy(row_max, &high, sizeof(high));
 }
 
 // Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0, on
