@@ -463,6 +463,48 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
   std::memcpy(row_max, &high, sizeof(high));
 }
 
+typedef double v4d __attribute__((vector_size(32)));
+
+// The start ranges of a search after min/max's (quantize.py: _start_ranges, the same float64
+// operations) for each lane of g, into lows[j * 8 + lane] and highs[j * 8 + lane]; returns how
+// many. `kept_ends`: whether the kept values' own min and max are one of them (when a keep mask
+// is given). Each lane's sum and sum of squares run in float64 over its kept values in column
+// order (the zeros after them add nothing).
+SPARQ_CLONES
+static int start_ranges(const Group& g, const float* low, const float* high, bool kept_ends,
+                        double half_width, float* lows, float* highs) {
+  v4d total[2] = {}, squares[2] = {};
+  for (int64_t c = 0; c < g.cols; ++c) {
+    for (int half = 0; half < 2; ++half) {
+      v4d x;
+      for (int i = 0; i < 4; ++i) x[i] = g.xt[c * kLanes + half * 4 + i];
+      total[half] += x;
+      squares[half] += x * x;
+    }
+  }
+  int k = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    const double sum = total[l / 4][l % 4], sum_squares = squares[l / 4][l % 4];
+    const double count = std::max(static_cast<double>(g.count[l]), 1.0);
+    const double others = std::max(static_cast<double>(g.count[l]) - 1.0, 1.0);
+    const double mean = sum / count;
+    // sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (no worse).
+    const double variance = sum_squares / count - mean * mean;
+    const double width = half_width * std::sqrt(std::max(variance, 0.0));
+    k = 0;
+    auto add = [&](double a, double b) {
+      lows[k * kLanes + l] = static_cast<float>(a);
+      highs[k * kLanes + l] = static_cast<float>(b);
+      ++k;
+    };
+    if (kept_ends) add(low[l], high[l]);
+    add(mean - width, mean + width);
+    add(low[l], (sum - low[l]) / others);
+    add((sum - high[l]) / others, high[l]);
+  }
+  return k;
+}
+
 // Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0, on
 // torch's intra-op threads (one where the caller runs torch with one thread, as the engine's
 // chunk workers do). Groups are independent and f writes only its own rows, so the results are
@@ -500,27 +542,30 @@ static bool check_rows(const at::Tensor& values, const at::Tensor& keep) {
 }  // namespace sparq_mse
 
 // See quantize.py: mse_qparams. values (rows, cols) float32; keep (rows, cols) bool or empty;
-// starts (rows, 2 * K) float32: K candidate ranges [low, high] per row, in order; minmax_scale
-// and minmax_zero_point (rows,): the first candidate, as qparams; bits; narrow (0 float32, 1
-// float16, 2 bfloat16); steps: the pattern fractions. Returns (scale, zero_point).
-std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tensor starts,
-                                   at::Tensor minmax_scale, at::Tensor minmax_zero_point,
-                                   int64_t bits, int64_t narrow, std::vector<double> steps) {
+// minmax_low, minmax_high, minmax_scale and minmax_zero_point (rows,): the first candidate, as
+// a range and as qparams; bits; narrow (0 float32, 1 float16, 2 bfloat16); steps: the pattern
+// fractions; half_width: the Gaussian-optimal half-width in standard deviations. Returns
+// (scale, zero_point).
+std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tensor minmax_low,
+                                   at::Tensor minmax_high, at::Tensor minmax_scale,
+                                   at::Tensor minmax_zero_point, int64_t bits, int64_t narrow,
+                                   std::vector<double> steps, double half_width) {
   using namespace sparq_mse;
   const bool masked = check_rows(values, keep);
   const int64_t rows = values.size(0), cols = values.size(1);
-  TORCH_CHECK(starts.scalar_type() == at::kFloat && starts.is_contiguous() && starts.dim() == 2 &&
-                  starts.size(0) == rows && starts.size(1) % 2 == 0,
-              "mse_search: starts must be (rows, 2 * K) float32");
+  for (const at::Tensor* t : {&minmax_low, &minmax_high, &minmax_scale, &minmax_zero_point}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows,
+                "mse_search: the min/max candidate must be one value per row");
+  }
   TORCH_CHECK(bits >= 1 && bits <= 8 && narrow >= 0 && narrow <= 2, "mse_search: bad settings");
   at::Tensor scale = minmax_scale.to(at::kFloat).contiguous().clone();
   at::Tensor zero_point = minmax_zero_point.to(at::kFloat).contiguous().clone();
-  const int64_t k_starts = starts.size(1) / 2;
-  TORCH_CHECK(k_starts >= 1 && k_starts < kBatch, "mse_search: 1 to ", kBatch - 1,
-              " start ranges");
+  const at::Tensor ends_low = minmax_low.to(at::kFloat).contiguous();
+  const at::Tensor ends_high = minmax_high.to(at::kFloat).contiguous();
   const float* xv = values.data_ptr<float>();
   const bool* kv = masked ? keep.data_ptr<bool>() : nullptr;
-  const float* sv = starts.data_ptr<float>();
+  const float* minmax_lo = ends_low.data_ptr<float>();
+  const float* minmax_hi = ends_high.data_ptr<float>();
   float* out_s = scale.data_ptr<float>();
   float* out_z = zero_point.data_ptr<float>();
   const float quant_max = static_cast<float>((1 << bits) - 1);
@@ -559,15 +604,14 @@ std::vector<at::Tensor> mse_search(at::Tensor values, at::Tensor keep, at::Tenso
       };
       // One pass scores the min/max qparams (as given), the other start ranges and the range
       // torch's greedy search picks: none depends on another's score.
-      for (int64_t j = 0; j < k_starts; ++j) {
-        for (int l = 0; l < kLanes; ++l) {
-          const int64_t r = l < lanes ? r0 + l : r0;
-          cand_lo[j * kLanes + l] = sv[r * 2 * k_starts + 2 * j];
-          cand_hi[j * kLanes + l] = sv[r * 2 * k_starts + 2 * j + 1];
-          if (j == 0) cand_s[l] = out_s[r], cand_z[l] = out_z[r];
-        }
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t r = l < lanes ? r0 + l : r0;
+        cand_lo[l] = minmax_lo[r], cand_hi[l] = minmax_hi[r];
+        cand_s[l] = out_s[r], cand_z[l] = out_z[r];
       }
-      const int count = static_cast<int>(k_starts) + 1;
+      const int k_starts = 1 + start_ranges(g, row_min, row_max, masked, half_width,
+                                             cand_lo + kLanes, cand_hi + kLanes);
+      const int count = k_starts + 1;
       greedy(g, row_min, row_max, any, static_cast<int>(bits), cand_lo + k_starts * kLanes,
              cand_hi + k_starts * kLanes);
       score(1, count);

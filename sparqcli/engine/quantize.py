@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from sparqcli.engine._mse_csrc import SOURCE as MSE_SOURCE
-from sparqcli.engine.stats import row_norms, row_sums
+from sparqcli.engine.stats import row_norms
 from sparqcli.errors import UnfitSettingsError
 from sparqcli.native import Kernel
 from sparqcli.settings import Quantization
@@ -275,54 +275,51 @@ def mse_qparams(
     # Exactly row_qparams (amin, amax, the observer's zero), from the reductions computed here.
     row_min = exact_zero_minimums(all_low.clone(), lambda chosen: values[chosen])
     scale, zero_point = qparams_from_range(row_min, all_high, settings, first_row)
-    starts = _start_ranges(values, keep, settings.bits, all_low, all_high)
     module = MSE_KERNEL.load()
     if module is not None:
         empty = torch.empty(0, dtype=torch.bool)
         scale, zero_point = module.mse_search(
             values,
             empty if keep is None else keep,
-            starts,
+            all_low,
+            all_high,
             scale,
             zero_point,
             settings.bits,
             _NARROW_CODES[settings.scale_dtype],
             list(MSE_PATTERN_STEPS),
+            _GAUSSIAN_HALF_WIDTH[settings.bits],
         )
     else:
+        minmax = torch.stack([all_low, all_high], dim=1)
+        starts = torch.cat([minmax, _start_ranges(values, keep, settings.bits)], dim=1)
         scale, zero_point = _search(values, keep, starts, scale, zero_point, settings)
     return scale.to(device), zero_point.to(device)
 
 
-def _start_ranges(
-    values: torch.Tensor,
-    keep: torch.Tensor | None,
-    bits: int,
-    all_low: torch.Tensor,
-    all_high: torch.Tensor,
-) -> torch.Tensor:
-    """Returns the starting ranges of `mse_qparams` as (rows, 2 * K) float32: low, high, ...
+def _start_ranges(values: torch.Tensor, keep: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Returns the starting ranges of `mse_qparams` after min/max's, as (rows, 2 * K) float32:
+    low, high, ... (the compiled kernel's `start_ranges`, bit for bit).
 
-    The first is min/max (its qparams are evaluated as `row_qparams` makes them).
+    The kept values' own min and max (when `keep` is given; 0 for a row that keeps none), the
+    mean -+ the Gaussian-optimal half-width, the min with the mean of the other values, and the
+    mean of the others with the max. Sums run in float64 over the kept values in column order.
     """
-    rows, cols = values.shape
-    ranges = [all_low, all_high]
+    low, high = _kept_ends(values, keep)
     if keep is None:
-        count = torch.full((rows,), float(cols), dtype=torch.float64)
-        low, high = all_low, all_high
+        count = torch.full((values.shape[0],), float(values.shape[1]), dtype=torch.float64)
+        kept = values.double()
     else:
-        count = row_sums(keep.to(values.dtype)).double()
-        empty = count == 0
-        low = values.masked_fill(~keep, float("inf")).amin(dim=1).masked_fill_(empty, 0.0)
-        high = values.masked_fill(~keep, float("-inf")).amax(dim=1).masked_fill_(empty, 0.0)
-        ranges += [low, high]
-    count = count.clamp(min=1.0)
-    total = row_sums(values).double()
-    mean = total / count
+        count = keep.sum(dim=1).double()
+        low, high = low.masked_fill(count == 0, 0.0), high.masked_fill(count == 0, 0.0)
+        kept = torch.where(keep, values, torch.zeros((), dtype=values.dtype)).double()
+    total, squares = _sums_in_column_order(kept), _sums_in_column_order(kept * kept)
+    mean = total / count.clamp(min=1.0)
     # sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (nothing worse).
-    variance = row_norms(values).double().square() / count - mean.square()
+    variance = squares / count.clamp(min=1.0) - mean * mean
     half_width = _GAUSSIAN_HALF_WIDTH[bits] * variance.clamp(min=0.0).sqrt()
     others = (count - 1).clamp(min=1.0)
+    ranges = [low, high] if keep is not None else []
     ranges += [
         mean - half_width,
         mean + half_width,
@@ -404,10 +401,10 @@ def sequential_errors(
 
 
 def _sums_in_column_order(terms: torch.Tensor) -> torch.Tensor:
-    """Returns each row's float32 sum of `terms` (rows, cols), added one column after the other:
-    the sequential order of torch's loss and of the compiled kernel, which a reduction would
-    not keep."""
-    total = torch.zeros(terms.shape[0], dtype=torch.float32)
+    """Returns each row's sum of `terms` (rows, cols), in their dtype, added one column after
+    the other: the sequential order of torch's loss and of the compiled kernel, which a
+    reduction would not keep."""
+    total = torch.zeros(terms.shape[0], dtype=terms.dtype)
     for column in terms.t():
         total = total + column
     return total
