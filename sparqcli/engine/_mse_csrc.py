@@ -49,16 +49,16 @@ static inline v8f splat(float x) { return v8f{} + x; }
 
 static inline v8i splat_int(int32_t x) { return v8i{} + x; }
 
-// max(q, +0.0) of rounded levels q, as `q > 0 ? q : 0` gives it: compared as int32, a
-// negative float or -0.0 is below zero (and becomes +0.0) and a positive one keeps its order,
-// so one integer max does it, where the float comparison compiles to a compare and an and.
-// (A NaN level may come out as +0.0 or NaN; its row's sum is NaN either way, as the level's
-// value x is NaN or infinite.)
-SPARQ_INLINE static inline v8f at_least_zero(v8f q) {
-  const v8i bits = (v8i)q;
-  v8i most;
-  for (int l = 0; l < kLanes; ++l) most[l] = std::max(bits[l], 0);  // vpmaxsd once vectorized
-  return (v8f)most;
+// Rounded levels q clamped to [+0.0, top], as torch's clamps give them in either order
+// (min(q, top) then max(+0.0, q), or the other way), in two integer operations: compared as
+// int32, a negative float or -0.0 is below +0.0 (and becomes it) and non-negative floats,
+// +inf included, keep their order; the float comparisons run on the ports the error terms'
+// additions need. A NaN level comes out as +0.0 or top, where the clamps give NaN or +0.0:
+// each caller says why its error term is NaN then whatever the level.
+SPARQ_INLINE static inline v8f clamp_levels(v8f q, float top) {
+  const v8i bits = (v8i)q, zero = v8i{}, top_bits = (v8i)splat(top);
+  const v8i at_least_zero = bits > zero ? bits : zero;  // vpmaxsd
+  return (v8f)(at_least_zero < top_bits ? at_least_zero : top_bits);  // vpminsd
 }
 
 // float(c10::Half(x)) per lane: rounded to the nearest float16 value, ties to even; beyond
@@ -158,16 +158,14 @@ constexpr int kBatch = 6;
 template <bool Masked, int N>
 SPARQ_INLINE static inline void error_sums(const Group& g, const v8f* s, const v8f* z,
                                            const v8f* inv, float quant_max, v8f* acc) {
-  const v8f top = splat(quant_max);
   for (int n = 0; n < N; ++n) acc[n] = splat(0.0f);
   for (int64_t c = 0; c < g.cols; ++c) {
     v8f x;
     std::memcpy(&x, g.xt + c * kLanes, sizeof(x));
 #pragma GCC unroll 8
     for (int n = 0; n < N; ++n) {
-      v8f q = round_even(x * inv[n] + z[n]);
-      q = at_least_zero(q);
-      q = q > top ? top : q;
+      // With finite qparams a level is NaN only where x is, and so is d.
+      const v8f q = clamp_levels(round_even(x * inv[n] + z[n]), quant_max);
       const v8f d = (q - z[n]) * s[n] - x;
       acc[n] = add_kept<Masked>(acc[n], d * d, g.kt + c * kLanes);
     }
@@ -229,16 +227,16 @@ SPARQ_INLINE static inline v8f exact_product_plus(v8f q, v8f s, v8f m) {
 template <bool Masked, int N>
 SPARQ_INLINE static inline void torch_sums(const Group& g, float qmax, const v8f* mins,
                                            const v8f* s, const v8f* inv, v8f* acc) {
-  const v8f top = splat(qmax);
   for (int n = 0; n < N; ++n) acc[n] = splat(0.0f);
   for (int64_t col = 0; col < g.cols; ++col) {
     v8f x;
     std::memcpy(&x, g.xt + col * kLanes, sizeof(x));
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
-      v8f q = round_even((x - mins[n]) * inv[n]);
-      q = top < q ? top : q;  // std::min<float>(q, qmax)
-      q = at_least_zero(q);   // std::max(0.0f, q)
+      // std::max(0.0f, std::min<float>(q, qmax)). A level is NaN only where x or xmin is NaN,
+      // or where xmin is infinite (its range and scale then too, the inverse +-0): the decode
+      // q * scale + xmin is then NaN for every level (0 * inf, or inf - inf), and so is d.
+      const v8f q = clamp_levels(round_even((x - mins[n]) * inv[n]), qmax);
       const v8f d = x - exact_product_plus(q, s[n], mins[n]);
       acc[n] = add_kept<Masked>(acc[n], d * d, g.kt + col * kLanes);
     }
