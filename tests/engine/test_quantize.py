@@ -371,6 +371,27 @@ def test_the_tensor_op_walk_replays_choose_qparams_optimized_bit_for_bit(
     assert torch.equal(_bits(high), _bits(oracle_high))
 
 
+@pytest.mark.parametrize("pruned", [False, True])
+def test_zero_ends_keep_the_sign_of_the_first_zero_as_torch_does(pruned):
+    # Rows whose min (or max) is a zero held as both +0.0 and -0.0: std::min_element keeps the
+    # first of equal values, so the sign of torch's end is that of the first zero; 9 rows put
+    # one of them in a second row group, past the eight lanes of the first.
+    orders = ([0.0, -0.0], [-0.0, 0.0])
+    rows = [[*zeros, 0.5, 1.0, 0.25, 2.0] for zeros in orders]  # min a zero
+    rows += [[*zeros, -0.5, -1.0, -0.25, -2.0] for zeros in orders]  # max a zero
+    table = torch.tensor((rows * 3)[:9])
+    keep = torch.ones(table.shape, dtype=torch.bool)
+    if pruned:  # a pruned value before the zeros: the kernel packs the kept ones first
+        table = torch.cat([torch.full((9, 1), -0.0), table], dim=1)
+        keep = torch.cat([torch.zeros(9, 1, dtype=torch.bool), keep], dim=1)
+    for bits in (2, 4, 8):
+        with _mse_kernel(True):
+            low, high = greedy_ranges(table, keep if pruned else None, bits)
+        oracle_low, oracle_high = _greedy_oracle(table, keep if pruned else None, bits)
+        assert torch.equal(_bits(low), _bits(oracle_low))
+        assert torch.equal(_bits(high), _bits(oracle_high))
+
+
 _NARROW_ROWS = """
 import torch
 from sparqcli.engine.quantize import greedy_ranges, mse_qparams
