@@ -63,7 +63,11 @@ def compress(
     resolves and checks everything that could fail later and writes nothing. A file whose
     tables fail a quality gate is not written: the report says so (`report.gate_failures`,
     `report.raise_for_gates()`). With `report_path`, the report is also written there as JSON
-    (checked before any work; replaced only with `force`; not in a dry run). `threads` is how
+    (checked before any work; replaced only with `force`; not in a dry run). With several
+    inputs, each is opened and its tables selected before the first is compressed, so an
+    unreadable input or a rule that matches nothing in one writes nothing; an error while
+    compressing (a table with NaN values) stops the run and names the outputs already written
+    (they stay). `threads` is how
     many threads compress on the CPU; None: SPARQ_NUM_THREADS, else OMP_NUM_THREADS, else the
     CPUs this process may use (CPU affinity and cgroup quota; see sparqcli.parallel); while a
     table is compressed on the CPU, torch's process-wide thread count is 1 (each worker runs
@@ -107,6 +111,25 @@ def compress(
                 check_output_name(target, output_format, folder=is_model_folder(source))
         if report_path is not None:
             check_report_path(Path(report_path), force, inputs, targets)
+        if len(sources) > 1 and not dry_run:
+            # Every input is opened and its tables selected (a dry run of each) before the first
+            # is compressed: an unreadable input or a rule that matches nothing in it stops the
+            # run before any output is written.
+            preflight = CompressReport(config, [], True, device, threads=thread_count)
+            for source, target in zip(sources, targets, strict=True):
+                _compress_input(
+                    source,
+                    target,
+                    config,
+                    preflight,
+                    key,
+                    trust_pickle,
+                    output_format,
+                    force,
+                    None,
+                    options,
+                    None,
+                )
         report = CompressReport(config, [], dry_run, device, threads=thread_count)
         written: list[Path] = []
         for source, target in zip(sources, targets, strict=True):

@@ -319,7 +319,7 @@ def test_out_dir_with_several_inputs(tmp_path, config, state):
         assert error_line(result) == f"sparq: error: --out-dir {where}: {what}"
 
 
-def test_a_failing_input_names_the_outputs_written_before_it(tmp_path, config, state):
+def test_an_unreadable_input_stops_the_run_before_any_output_is_written(tmp_path, config, state):
     first, broken, third = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
     torch.save(state, first)
     broken.write_bytes(b"not a checkpoint")
@@ -333,14 +333,36 @@ def test_a_failing_input_names_the_outputs_written_before_it(tmp_path, config, s
     assert result.exit_code == 1
     assert error_line(result) == (
         f"sparq: error: {broken}: not a PyTorch checkpoint (neither torch.save's zip archive nor "
-        f"a pickle); written before this error: {out / 'a.sparq.safetensors'}"
+        "a pickle)"
+    )
+    assert list(out.iterdir()) == [] and not report.exists()
+    # a rule that matches nothing in the last input: exit 2, nothing written either
+    renamed = {f"other.{key}": tensor for key, tensor in state.items()}
+    torch.save(renamed, third)
+    result = run("compress", first, third, "-c", config, "--out-dir", out)
+    assert result.exit_code == 2
+    assert error_line(result).startswith(
+        f"sparq: error: {third}: 2 rules fail: (1) layers[0] (match 'emb') matches no tensor"
+    )
+    assert list(out.iterdir()) == []
+
+
+def test_a_table_failing_while_compressed_names_the_outputs_written_before_it(
+    tmp_path, config, state
+):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(state, first)
+    state["emb.weight"][3, 1] = float("nan")  # found only when the table is compressed
+    torch.save(state, second)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("compress", first, second, "-c", config, "--out-dir", out)
+    assert result.exit_code == 1
+    assert error_line(result) == (
+        f"sparq: error: {second}: emb.weight: row 3 holds NaN or Inf values; written before "
+        f"this error: {out / 'a.sparq.safetensors'}"
     )
     assert sorted(p.name for p in out.iterdir()) == ["a.sparq.safetensors"]
-    assert not report.exists()
-    # the first input failing: nothing was written, nothing more to say
-    result = run("compress", broken, third, "-c", config, "--out-dir", out)
-    assert result.exit_code == 1
-    assert error_line(result).endswith("nor a pickle)")
 
 
 def test_progress_labels_keep_both_ends_and_room_for_the_bar(monkeypatch):
