@@ -131,9 +131,10 @@ static void lane_qparams(const float* low, const float* high, float quant_max, i
 
 struct Group {
   const float* xt;    // (cols, 8): each lane's kept values in column order, then zeros
-  const int32_t* kt;  // (cols, 8): -1 where xt holds a kept value, else 0
+  const int32_t* kt;  // (cols, 8): -1 where xt holds a kept value, else 0; set only if masked
   int64_t cols;       // the most kept values of a lane
-  bool masked;        // whether some lane has fewer than `cols` kept values
+  bool masked;        // whether some row's lane has fewer than `cols` kept values (the lanes
+                      // past the last row hold zeros, summed as if kept: their sums are unused)
   int64_t count[kLanes];  // each lane's kept values
 };
 
@@ -234,8 +235,9 @@ SPARQ_INLINE static inline void torch_sums(const Group& g, float qmax, const v8f
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       // std::max(0.0f, std::min<float>(q, qmax)). A level is NaN only where x or xmin is NaN,
-      // or where xmin is infinite (its range and scale then too, the inverse +-0): the decode
-      // q * scale + xmin is then NaN for every level (0 * inf, or inf - inf), and so is d.
+      // or where an infinite x or xmin makes the range, so the scale, infinite (the inverse
+      // +-0): torch's decode q * scale + xmin is then NaN (0 * inf), and with any other level
+      // NaN or an infinity of x's sign, so d is NaN whatever the level.
       const v8f q = clamp_levels(round_even((x - mins[n]) * inv[n]), qmax);
       const v8f d = x - exact_product_plus(q, s[n], mins[n]);
       acc[n] = add_kept<Masked>(acc[n], d * d, g.kt + col * kLanes);
@@ -415,11 +417,12 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
     if (l < lanes) {
       const float* x = xv + (r0 + l) * cols;
       if (kv) {
-        // Each value goes to the next free place, which only a kept one then takes.
-        const bool* k = kv + (r0 + l) * cols;
+        // Each value goes to the next free place, which only a kept one then takes. The mask
+        // is read as bytes, any non-zero one kept (a bool tensor made by a view may hold 2).
+        const uint8_t* k = reinterpret_cast<const uint8_t*>(kv) + (r0 + l) * cols;
         for (int64_t c = 0; c < cols; ++c) {
           xt[n * kLanes + l] = x[c];
-          n += k[c];
+          n += k[c] != 0;
         }
       } else {
         for (int64_t c = 0; c < cols; ++c) xt[c * kLanes + l] = x[c];
@@ -463,6 +466,11 @@ static void transpose(const float* xv, const bool* kv, int64_t r0, int lanes, in
 
 typedef double v4d __attribute__((vector_size(32)));
 
+// The most start ranges `start_ranges` gives (with the kept ends); one pass scores them with
+// min/max's candidate and torch's pick.
+constexpr int kMaxStarts = 4;
+static_assert(1 + kMaxStarts + 1 <= kBatch, "min/max, the starts and torch's pick: one pass");
+
 // The start ranges of a search after min/max's (quantize.py: _start_ranges, the same float64
 // operations) for each lane of g, into lows[j * 8 + lane] and highs[j * 8 + lane]; returns how
 // many. `kept_ends`: whether the kept values' own min and max are one of them (when a keep mask
@@ -480,7 +488,6 @@ static int start_ranges(const Group& g, const float* low, const float* high, boo
       squares[half] += x * x;
     }
   }
-  int k = 0;
   for (int l = 0; l < kLanes; ++l) {
     const double sum = total[l / 4][l % 4], sum_squares = squares[l / 4][l % 4];
     const double count = std::max(static_cast<double>(g.count[l]), 1.0);
@@ -489,18 +496,18 @@ static int start_ranges(const Group& g, const float* low, const float* high, boo
     // sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (no worse).
     const double variance = sum_squares / count - mean * mean;
     const double width = half_width * std::sqrt(std::max(variance, 0.0));
-    k = 0;
+    int j = 0;
     auto add = [&](double a, double b) {
-      lows[k * kLanes + l] = static_cast<float>(a);
-      highs[k * kLanes + l] = static_cast<float>(b);
-      ++k;
+      lows[j * kLanes + l] = static_cast<float>(a);
+      highs[j * kLanes + l] = static_cast<float>(b);
+      ++j;
     };
     if (kept_ends) add(low[l], high[l]);
     add(mean - width, mean + width);
     add(low[l], (sum - low[l]) / others);
     add((sum - high[l]) / others, high[l]);
   }
-  return k;
+  return kept_ends ? kMaxStarts : kMaxStarts - 1;
 }
 
 // Calls f(r0, lanes, group, row_min, row_max, any) for each group of up to 8 rows from r0, on

@@ -371,6 +371,24 @@ def test_the_tensor_op_walk_replays_choose_qparams_optimized_bit_for_bit(
     assert torch.equal(_bits(high), _bits(oracle_high))
 
 
+@pytest.mark.parametrize("byte", [2, 255])
+def test_a_keep_mask_holding_other_bytes_than_one_counts_them_as_kept(byte):
+    # A bool tensor viewed from uint8 may hold any non-zero byte: the kernel packs by it
+    # (it once added the byte itself, writing past its buffer).
+    table = torch.linspace(-1, 1, 1024).reshape(16, 64).contiguous()
+    ones = torch.zeros(16, 64, dtype=torch.uint8)
+    ones[:, ::3] = 1
+    other = ones * byte
+    settings_ = Quantization(4, range="mse")
+    with _mse_kernel(True):
+        expected = greedy_ranges(table, ones.view(torch.bool), 4)
+        found = greedy_ranges(table, other.view(torch.bool), 4)
+        expected_qparams = mse_qparams(table, settings_, ones.view(torch.bool))
+        found_qparams = mse_qparams(table, settings_, other.view(torch.bool))
+    for a, b in zip((*expected, *expected_qparams), (*found, *found_qparams), strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("pruned", [False, True])
 def test_zero_ends_keep_the_sign_of_the_first_zero_as_torch_does(pruned):
     # Rows whose min (or max) is a zero held as both +0.0 and -0.0: std::min_element keeps the
