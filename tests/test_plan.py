@@ -129,6 +129,26 @@ def test_sampled_bytes_are_exact_with_partial_blocks_and_ties(
     assert sampled.rel_error == pytest.approx(exact.rel_error, rel=0.35)  # 40 rows only
 
 
+@pytest.mark.parametrize("order", ["sparsify-first", "quantize-first"])
+def test_sampled_errors_hold_where_float32_squares_overflow(order: str) -> None:
+    # Values of 1e19: a row's squared norm passes float32's range. An estimate once turned NaN
+    # there and read as 0 error, so the planner chose to prune every block.
+    table = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0)) * 1e19
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    found = [
+        Candidate(Sparsity(level=0.9, block_shape=(1, 4), scope="row"), Quantization(bits=4)),
+        Candidate(Sparsity(level=0.0), Quantization(bits=8)),
+    ]
+    sampled = measure_table(read, (3000, 16), torch.float32, order, found, sample_rows=128)  # type: ignore[arg-type]
+    for candidate, option in zip(found, sampled, strict=True):
+        exact = measure_exact(read, (3000, 16), torch.float32, order, candidate)  # type: ignore[arg-type]
+        assert option.rel_error == pytest.approx(exact.rel_error, rel=0.1), candidate.label
+    assert sampled[0].rel_error == pytest.approx(1.0)  # every block pruned
+
+
 def _assert_sample_close_to_exact(table: torch.Tensor, order: str, found: list) -> None:
     """Each candidate measured on a 600-row sample has the engine's exact bytes on the whole
     table, and its error within 10 % of the engine's."""

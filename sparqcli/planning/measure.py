@@ -794,17 +794,14 @@ class _Sample:
         num_u = (squared @ self.factor_u).tolist()
         num_w = (squared @ self.factor_w).tolist()
         return [
-            (
-                math.sqrt(max(0.0, u) / self.total_u) if self.total_u > 0 else 0.0,
-                math.sqrt(max(0.0, w) / self.total_w) if self.total_w > 0 else 0.0,
-            )
+            (_relative(u, self.total_u), _relative(w, self.total_w))
             for u, w in zip(num_u, num_w, strict=True)
         ]
 
     def errors(self, decoded: torch.Tensor) -> tuple[float, float, float]:
         """Returns the estimated (rel_error, weighted_error) and the sample's smallest row cosine."""
         original = self.values
-        squared = (decoded - original).square_().sum(dim=1, dtype=torch.float64)
+        squared = (decoded.double() - original.double()).square_().sum(dim=1)
         [(rel, weighted)] = self.estimate(squared[None])
         return rel, weighted, _row_cosine_min(original, decoded)
 
@@ -827,6 +824,8 @@ class _SparsityGroups:
         self.keys: dict[Any, int] = {}
         self.keep: list[torch.Tensor | None] = []
         self.original_norm = row_norms(sample.values)
+        # float64: a float32 row's squared norm overflows float32 from values of about 1e19
+        self.original_squared = sample.values.double().square().sum(dim=1)
         self._distinct: tuple[torch.Tensor, ...] | None = None
         self._quantized_rows = 0
         self.derive_narrow = False
@@ -874,8 +873,8 @@ class _SparsityGroups:
                 squared.append(found[0])
                 cosine.append(found[1])
                 refusals.append(found[2])
-        emptied = self.original_norm[row_of[quantized:]]
-        squared.append(emptied.double().square())
+        emptied = self.original_squared[row_of[quantized:]]
+        squared.append(emptied)
         cosine.append((emptied == 0).float())
         refusals.append(torch.zeros(emptied.numel(), dtype=torch.int8))
         all_squared = torch.cat(squared) if squared else torch.empty(0, dtype=torch.float64)
@@ -1223,6 +1222,14 @@ def _weighted_error(read_rows: RowReader, table: Any, weights: torch.Tensor) -> 
         num += float(((decoded - original).square().sum(dim=1) * w).sum())
         den += float((original.square().sum(dim=1) * w).sum())
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _relative(error_sum: float, total: float) -> float:
+    """Returns sqrt(error_sum / total), 0 for a zero table; +inf where the error sum is not a
+    number (an overflow), so that such an estimate is never chosen."""
+    if math.isnan(error_sum):
+        return math.inf
+    return math.sqrt(max(0.0, error_sum) / total) if total > 0 else 0.0
 
 
 def _finite_or_zero(value: float) -> float:
