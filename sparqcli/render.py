@@ -25,6 +25,7 @@ from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.text import Text
 
+from sparqcli.planning.result import error_text
 from sparqcli.results import CheckpointInspection
 from sparqcli.results import to_json as to_json  # the one JSON writer, for the CLI
 
@@ -837,7 +838,7 @@ def _plan_total_clauses(result: PlanResult) -> list[list[str]]:
     lines = [
         [
             f"plan: {result.bytes:,} bytes of {result.bytes_before:,} ({result.ratio:.4f}x)",
-            f"{kind} {result.error:.4f} ({how})",
+            f"{kind} {error_text(result.error)} ({how})",
         ]
     ]
     best = result.best_uniform
@@ -858,7 +859,7 @@ def _plan_total_clauses(result: PlanResult) -> list[list[str]]:
             [
                 f"best uniform setting: {best.label}: {best.bytes:,} bytes "
                 f"({best.bytes / result.bytes_before:.4f}x)",
-                f"{kind} {best.error:.4f}{estimated}; {compare}",
+                f"{kind} {error_text(best.error)}{estimated}; {compare}",
             ]
         )
     return lines
@@ -867,7 +868,7 @@ def _plan_total_clauses(result: PlanResult) -> list[list[str]]:
 FRONTIER_COLUMNS: list[Column[tuple[int, float, float | None, str]]] = [
     Column("bytes", lambda item: f"{item[0]:,}"),
     Column("ratio", lambda item: "-" if item[2] is None else f"{item[2]:.4f}x"),
-    Column("error E", lambda item: f"{item[1]:.4f}"),
+    Column("error E", lambda item: error_text(item[1])),
     Column("", lambda item: item[3], "left"),
 ]
 """The columns of the model's frontier under a plan."""
@@ -991,7 +992,7 @@ def plan_plot(result: PlanResult, path: Path, force: bool = False) -> Path:
             marker="*",
             s=160,
             color="tab:red",
-            label=f"plan: {result.ratio:.3f}x, E {result.error:.3f}",
+            label=f"plan: {result.ratio:.3f}x, E {error_text(result.error)}",
             zorder=4,
         )
         if result.mode == "budget":

@@ -1123,3 +1123,16 @@ def test_an_error_target_plan_is_never_larger_than_the_best_uniform_setting(
         uniform_bytes, uniform_error = model_error(report)
         if uniform_error <= target:  # the best uniform setting meets the target, measured whole
             assert result.bytes <= uniform_bytes, (target, result.bytes, uniform_bytes)
+
+
+def test_errors_keep_their_comparable_digits_when_small() -> None:
+    from sparqcli.planning.result import error_text
+
+    assert [error_text(e) for e in (0.21634, 0.0270, 0.01, 0.0012646, 5.4021e-06, 0.0)] == [
+        "0.2163",
+        "0.0270",
+        "0.0100",
+        "0.001265",
+        "5.402e-06",
+        "0.0000",
+    ]

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from sparqcli.planning.measure import Option
 
 
+def error_text(error: float) -> str:
+    """Returns an error as plans print it: 4 decimals from 0.01 up (`0.2163`), else 4
+    significant digits (`0.001265`, `5.402e-06`), so a small E keeps the digits that compare."""
+    return f"{error:.4f}" if error >= 0.01 or error == 0 else f"{error:.4g}"
+
+
 @dataclass
 class TablePlan:
     """One table of a plan: its measured options, its frontier and the chosen option.
@@ -179,20 +185,23 @@ class PlanResult:
             f"# sparq plan for {names} (base config {self.base.source}), sparq {__version__}",
             f"# {goal}",
             f"# predicted: {self.bytes:,} bytes of tables ({self.ratio:.4f}x), "
-            f"error E {self.error:.4f}"
-            + (f" (row-weighted; unweighted {self.rel_error:.4f})" if self.weighted else ""),
+            f"error E {error_text(self.error)}"
+            + (
+                f" (row-weighted; unweighted {error_text(self.rel_error)})" if self.weighted else ""
+            ),
             "# E = sqrt(sum_t n_t * e_t^2 / sum_t n_t), e_t = ||W_hat - W|| / ||W|| of table t.",
         ]
         if self.best_uniform is not None:
             best = self.best_uniform
             lines.append(
-                f"# best uniform setting ({best.label}): {best.bytes:,} bytes, error E {best.error:.4f}"
+                f"# best uniform setting ({best.label}): {best.bytes:,} bytes, "
+                f"error E {error_text(best.error)}"
             )
         for table in self.tables:
             option = table.option
             lines.append(
                 f"#   {table.key}: {option.candidate.label}, {option.bytes:,} bytes, "
-                f"rel. error {option.rel_error:.4f}"
+                f"rel. error {error_text(option.rel_error)}"
             )
         return "\n".join(lines) + "\n" + self.config.to_yaml()
 
