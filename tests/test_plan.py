@@ -20,6 +20,7 @@ from sparqcli.cli import app
 from sparqcli.config import Config, Rule
 from sparqcli.errors import ConfigError, UsageError
 from sparqcli.planning.measure import measure_exact, measure_table
+from sparqcli.planning.run import _rounded_up
 from sparqcli.planning.search import Allocator, lower_hull, pareto
 from sparqcli.planning.space import Candidate, PlanSpace, candidates
 from sparqcli.settings import Quantization, Sparsity
@@ -595,18 +596,32 @@ def test_infeasible_targets_name_the_best_reachable_value(
     assert result.exit_code == 2
     cheapest = sparqcli.plan(model, base, budget=1.0, verify=False).frontier[0]
     before = sum(math.prod(v.shape) * 4 for k, v in mixed_state().items() if k != "proj.weight")
+    ratio = _rounded_up(cheapest.bytes / before)  # a budget of the printed ratio is met
     assert result.output.strip() == (
-        f"sparq: error: --budget 0.001 cannot be met: the smallest plan takes "
-        f"{cheapest.bytes:,} bytes, {cheapest.bytes / before:.4g}x of the tables' {before:,} bytes"
+        "sparq: error: --budget 0.001 cannot be met: the smallest plan, measured on the whole "
+        f"tables, takes {cheapest.bytes:,} bytes, {ratio}x of the tables' {before:,} bytes"
     )
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--budget", ratio, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    out.unlink()
     result = runner.invoke(
         app, ["plan", str(model), "-c", str(base), "--max-error", "1e-6", "-o", str(out)]
     )
     assert result.exit_code == 2
-    assert result.output.startswith(
-        "sparq: error: --max-error 1e-06 cannot be reached: the lowest error any plan reaches is "
+    head = (
+        "sparq: error: --max-error 1e-06 cannot be reached: the lowest error any plan, measured "
+        "on the whole tables, reaches is "
     )
-    assert result.output.strip().endswith("(every table at its most accurate setting)")
+    tail = " (every table at its most accurate setting)"
+    assert result.output.startswith(head) and result.output.strip().endswith(tail)
+    lowest = result.output.strip()[len(head) : -len(tail)]  # exact, rounded up: it is reached
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--max-error", lowest, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    out.unlink()
     with pytest.raises(UsageError, match=r"^max_error 1e-06 cannot be reached"):
         sparqcli.plan(model, base, max_error=1e-6)
     assert not out.exists()
@@ -1024,14 +1039,15 @@ def test_an_unmet_budget_names_refused_settings_not_gates(tmp_path: Path) -> Non
     with pytest.raises(UsageError) as found:
         sparqcli.plan(model, base, budget=0.1)
     assert str(found.value).startswith(
-        "budget 0.1 cannot be met: the smallest plan among the settings the engine accepts takes "
+        "budget 0.1 cannot be met: the smallest plan among the settings the engine accepts, "
+        "measured on the whole tables, takes "
     )
     base.write_text(base.read_text() + "gates: {max_rel_error: 0.02}\n")
     with pytest.raises(UsageError) as found:
         sparqcli.plan(model, base, budget=0.1)
     assert str(found.value).startswith(
         "budget 0.1 cannot be met: the smallest plan within the gates, among the settings the "
-        "engine accepts takes "
+        "engine accepts, measured on the whole tables, takes "
     )
     with pytest.raises(
         UsageError, match=r"^budget: must be a finite number, got an integer of 401"

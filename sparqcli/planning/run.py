@@ -194,7 +194,14 @@ def plan(
             reason = str(error).removeprefix(f"{name}: ")
             return replace(estimate, exact=True, refused=reason)
 
-    choice = _allocate(tables, allowed, mode, target)
+    try:
+        choice = _allocate(tables, allowed, mode, target)
+    except _UnreachableTarget:
+        if not verify:
+            raise
+        # The samples' estimates reach no plan: the value the error names is measured exactly
+        # (and a plan the estimates missed is found).
+        choice = _exact_choice(tables, mode, target, verify_choice)
     if verify:
         choice = _verified_choice(tables, choice, mode, target, verify_choice)
         allowed = [_allowed(table) for table in tables]
@@ -254,6 +261,19 @@ def _verified_choice(
             return choice
         choice = new_choice
     _verify(tables, choice, verify_choice)
+    return _exact_choice(tables, mode, target, verify_choice)
+
+
+def _exact_choice(
+    tables: list[TablePlan],
+    mode: str,
+    target: float,
+    verify_choice: Callable[[int, int], Option],
+) -> list[int]:
+    """Returns a choice among the options measured on their whole tables, after measuring each
+    table's option that the target needs most (its fewest bytes for a budget, its least error
+    for an error target) and the best uniform setting's. Raises UsageError where, with what is
+    known, a table has no option within its gates or no plan meets the target."""
     allowed = _allowed_everywhere(tables)
 
     def need(option: Option) -> tuple[float, float]:
@@ -279,7 +299,8 @@ def _verified_choice(
                 f"whole table passes the gates of {table.rule.label} (the samples' estimates of "
                 "others do); plan with a larger sample"
             )
-    return _allocate(tables, exact, mode, target, within=" among the settings measured exactly")
+    scope = f"{_within(tables, _allowed_everywhere(tables))}, measured on the whole tables,"
+    return _allocate(tables, exact, mode, target, within=scope)
 
 
 def _verify(
@@ -360,6 +381,20 @@ def _points(table: TablePlan, indices: list[int]) -> list[tuple[int, float]]:
     ]
 
 
+class _UnreachableTarget(UsageError):
+    """No plan among the options given meets the target (the message names the best value)."""
+
+
+def _rounded_up(value: float) -> str:
+    """Returns a positive `value` with 4 significant digits, rounded up: a target set to the
+    printed value is met."""
+    text = f"{value:.4g}"
+    if not math.isfinite(value) or value <= 0 or float(text) >= value:
+        return text
+    unit = 10.0 ** (math.floor(math.log10(value)) - 3)
+    return f"{math.ceil(value / unit) * unit:.4g}"
+
+
 def _allocate(
     tables: list[TablePlan],
     allowed: list[list[int]],
@@ -381,9 +416,10 @@ def _allocate(
         found = allocator.for_budget(int(limit), seeds)
         if found is None:
             smallest = allocator.totals(allocator.cheapest())[0]
-            raise UsageError(
+            raise _UnreachableTarget(
                 f"{{opt:budget}} {target:g} cannot be met: the smallest plan{scope} "
-                f"takes {smallest:,} bytes, {smallest / before:.4g}x of the tables' {before:,} bytes",
+                f"takes {smallest:,} bytes, {_rounded_up(smallest / before)}x of the tables' "
+                f"{before:,} bytes",
                 option="budget",
             )
     else:
@@ -391,9 +427,9 @@ def _allocate(
         if found is None:
             lowest = allocator.totals(allocator.most_accurate())[1]
             best = math.sqrt(lowest / total_weight) if total_weight else 0.0
-            raise UsageError(
+            raise _UnreachableTarget(
                 f"{{opt:max_error}} {target:g} cannot be reached: the lowest error any plan"
-                f"{scope} reaches is {best:.4g} (every table at its most "
+                f"{scope} reaches is {_rounded_up(best)} (every table at its most "
                 "accurate setting)",
                 option="max_error",
             )
