@@ -1152,3 +1152,27 @@ def test_errors_keep_their_comparable_digits_when_small() -> None:
         "5.402e-06",
         "0.0000",
     ]
+
+
+def test_tables_a_sparq_file_cannot_hold_together_are_refused_before_planning(
+    tmp_path: Path,
+) -> None:
+    # `emb.weight` owns the keys `emb.weight.*` in a sparq file: compress refuses this
+    # selection when it writes, so the plan refuses it first instead of writing an unusable plan.
+    model, base, out = tmp_path / "keys.pt", tmp_path / "base.yaml", tmp_path / "plan.yaml"
+    tables = {
+        "emb.weight": zipf_table(600, 16, seed=1),
+        "emb.weight.weight": zipf_table(600, 16, seed=2),
+    }
+    torch.save(tables, model)
+    base.write_text('version: 1\nmin_table_bytes: 0\nlayers:\n  - match: "*"\n')
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--budget", "0.3", "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"sparq: error: {model}: a sparq file cannot hold the selected tables: key "
+        "'emb.weight.weight' collides with compressed table 'emb.weight' (keys 'emb.weight' and "
+        "'emb.weight.*' are reserved for its parts); leave one out of the selection"
+    )
+    assert not out.exists()

@@ -118,6 +118,7 @@ def plan(
                     path=source,
                 )
             seen[selected.key] = source
+        _check_keys(source, checkpoint.tensors, selection.tables, table_aliases)
         opened.append((checkpoint, selection))
     weights = _load_weights(row_weights, [t for _, s in opened for t in s.tables], aliases)
 
@@ -379,6 +380,29 @@ def _points(table: TablePlan, indices: list[int]) -> list[tuple[int, float]]:
         (table.options[i].bytes, table.weight * table.options[i].weighted_error ** 2)
         for i in indices
     ]
+
+
+def _check_keys(
+    source: Path,
+    tensors: Any,
+    selected: Sequence[Any],
+    aliases: dict[str, tuple[str, ...]],
+) -> None:
+    """Raises UsageError where a sparq file cannot hold the selected tables beside the
+    checkpoint's other keys (`format.spec.key_collision`, as `sparq compress` checks it): a plan
+    of them could not be compressed."""
+    from sparqcli.format.spec import key_collision
+
+    table_keys = {table.key: table for table in selected}
+    alias_keys = {alias for table in selected for alias in aliases.get(table.key, ())}
+    passthrough = [key for key in tensors if key not in table_keys and key not in alias_keys]
+    collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
+    if collision is not None:
+        raise UsageError(
+            f"{source}: a sparq file cannot hold the selected tables: {collision}; leave one "
+            "out of the selection",
+            path=source,
+        )
 
 
 class _UnreachableTarget(UsageError):
