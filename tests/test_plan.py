@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 import sparqcli
 from sparqcli.cli import app
 from sparqcli.config import Config, Rule
-from sparqcli.errors import ConfigError, UsageError
+from sparqcli.errors import ConfigError, UnfitSettingsError, UsageError
 from sparqcli.planning.measure import measure_exact, measure_table
 from sparqcli.planning.run import _rounded_up
 from sparqcli.planning.search import Allocator, lower_hull, pareto
@@ -1176,3 +1176,37 @@ def test_tables_a_sparq_file_cannot_hold_together_are_refused_before_planning(
         "'emb.weight.*' are reserved for its parts); leave one out of the selection"
     )
     assert not out.exists()
+
+
+def test_a_float16_sample_sees_the_rows_that_may_decode_past_float16() -> None:
+    # 80 of 6,000 rows hold +-65504: MSE ranges at some levels decode one of them to inf, which
+    # the engine refuses. The sample adds the rows of largest magnitude, so the estimates refuse
+    # those settings too (without them, 4 of these 12 were offered and compress refused them).
+    generator = torch.Generator().manual_seed(0)
+    table = (torch.randn(6000, 16, generator=generator) * 8000).clamp(-65000, 65000)
+    table[torch.randint(0, 6000, (40,), generator=generator), 3] = 65504.0
+    table[torch.randint(0, 6000, (40,), generator=generator), 5] = -65504.0
+    table = table.half()
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return table[start:stop]
+
+    found = [
+        Candidate(Sparsity(level=level, block_shape=(1, 4)), Quantization(bits, "float16", range=r))
+        for level in (0.0, 0.6, 0.8)
+        for bits in (2, 4)
+        for r in ("minmax", "mse")
+    ]
+    sampled = measure_table(
+        read, (6000, 16), torch.float16, "sparsify-first", found, sample_rows=128
+    )
+    refused = 0
+    for candidate, option in zip(found, sampled, strict=True):
+        try:
+            measure_exact(read, (6000, 16), torch.float16, "sparsify-first", candidate)
+        except UnfitSettingsError:
+            assert option.refused is not None, candidate.label
+            refused += 1
+        else:
+            assert option.refused is None, candidate.label
+    assert refused >= 4

@@ -60,6 +60,9 @@ STRATA = 32
 """Strata of a row sample (of equal importance)."""
 LOW_NORM_UNITS = 64
 """Block rows of smallest norm added to a sample to check the row-cosine gate (not estimated)."""
+PEAK_UNITS = 64
+"""float16 tables: block rows of largest magnitude added to a sample (not estimated), where a
+setting may decode past float16's range, a refusal the sample must see."""
 _CHUNK_VALUES = 1 << 20
 _CDF_SHIFT = 12
 """quantize-first thresholds: the float scores' distribution function is counted in bins of
@@ -226,6 +229,7 @@ class _SampledTable:
         self.lost: dict[tuple[Any, ...], tuple[int, bool]] = {}
         self.row_ranks: dict[tuple[Any, ...], torch.Tensor] = {}
         self.kth: dict[tuple[Any, ...], tuple[float, int, int]] = {}
+        self.row_peaks: torch.Tensor | None = None  # float16 tables: each row's largest |value|
         self.samples: dict[int, _Sample] = {}
         self.cuts: dict[tuple[Any, ...], tuple[torch.Tensor, dict[int, int]]] = {}
         self.cdf: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -255,6 +259,8 @@ class _SampledTable:
 
     def _first_pass(self, score_keys: dict[tuple[Any, ...], Candidate]) -> torch.Tensor:
         row_norms = torch.empty(self.rows, dtype=torch.float64)
+        if self.dtype == torch.float16:
+            self.row_peaks = torch.empty(self.rows, dtype=torch.float32)
         for key, candidate in score_keys.items():
             grid = block_grid(self.shape, candidate.sparsity.block_shape)
             self.scores[key] = torch.empty(grid, dtype=torch.float32)
@@ -265,6 +271,8 @@ class _SampledTable:
             if not bool(torch.isfinite(norms).all()):  # as the engine's first pass refuses them
                 check_rows_finite(self.name, values, start, self.read_rows)
             row_norms[start:stop] = norms
+            if self.row_peaks is not None:
+                self.row_peaks[start:stop] = values.abs().amax(dim=1)
             for key, candidate in score_keys.items():
                 norms = value_norms(values, candidate.sparsity.norm)
                 bh = fit_blocks(self.shape, candidate.sparsity.block_shape)[0]
@@ -318,7 +326,11 @@ class _SampledTable:
         else:
             # The block rows of smallest norm: where pruning may empty a row (row-cosine gate).
             low = torch.sort(mass_u, stable=True).indices[:LOW_NORM_UNITS]
-            all_units = torch.unique(torch.cat([estimated, low]))  # sorted: the table's row order
+            extra = [estimated, low]
+            if self.row_peaks is not None:
+                peaks = torch.nn.functional.pad(self.row_peaks, (0, pad)).view(units, height)
+                extra.append(torch.sort(-peaks.amax(dim=1), stable=True).indices[:PEAK_UNITS])
+            all_units = torch.unique(torch.cat(extra))  # sorted: the table's row order
         return _Sample(height, all_units, strata, total_w, total_u, drawn[all_units])
 
     def _gather(self) -> None:
