@@ -1090,6 +1090,21 @@ def test_tied_tables_are_planned_once_as_compress_stores_them(tmp_path: Path) ->
     save_file({"lm_head.weight": torch.ones(3000), "emb.other.weight": torch.ones(600)}, weights)
     weighted = sparqcli.plan(model, base, budget=0.1, sample_rows=64, row_weights=weights)
     assert weighted.bytes == result.bytes and weighted.error == pytest.approx(result.error)
+    # under several of its keys, the same weights (different ones: which would count?)
+    same = {"emb.tok.weight": torch.ones(3000), "lm_head.weight": torch.ones(3000)}
+    save_file({**same, "emb.other.weight": torch.ones(600)}, weights)
+    again = sparqcli.plan(model, base, budget=0.1, sample_rows=64, row_weights=weights)
+    assert (again.bytes, again.error) == (weighted.bytes, weighted.error)
+    save_file(
+        {**same, "lm_head.weight": torch.arange(3000.0), "emb.other.weight": torch.ones(600)},
+        weights,
+    )
+    with pytest.raises(UsageError) as found:
+        sparqcli.plan(model, base, budget=0.1, sample_rows=64, row_weights=weights)
+    assert str(found.value) == (
+        f"{weights}: 'emb.tok.weight' and 'lm_head.weight' hold different row weights for one "
+        "tied table ('emb.tok.weight'); keep one of them"
+    )
     # tied keys selected with different settings are refused, as compress refuses them
     base.write_text(
         base.read_text().replace(

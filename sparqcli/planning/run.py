@@ -598,7 +598,8 @@ def _load_weights(
     """Returns each selected table's row weights from a safetensors file (empty without one).
 
     A table's weights are under its key or its module's name; a tied table's (`aliases`: its
-    other keys) under any of its keys, the first of them in that order.
+    other keys) under any of its keys, the first of them in that order (the others, if present,
+    must hold the same weights).
 
     Raises InputError for an unreadable file and UsageError for missing, misshapen, negative or
     non-finite weights, naming the file and the key.
@@ -625,7 +626,15 @@ def _load_weights(
                         f"(the file holds {', '.join(available[:5]) or 'no tensors'})",
                         path=path,
                     )
-                found[table.key] = (name, file.get_tensor(name))
+                tensor = file.get_tensor(name)
+                for other in dict.fromkeys(names[1:]):  # a tied table's other keys
+                    if not torch.equal(file.get_tensor(other), tensor):
+                        raise UsageError(
+                            f"{path}: '{name}' and '{other}' hold different row weights for one "
+                            f"tied table ('{table.key}'); keep one of them",
+                            path=path,
+                        )
+                found[table.key] = (name, tensor)
     except UsageError:
         raise
     except Exception as error:  # safetensors raises several kinds for a corrupt file
