@@ -804,6 +804,13 @@ def plan_summary(result: PlanResult, frontier_points: int = 12, *, wide: bool = 
             ]
         )
     for table in result.tables:
+        if table.option.rel_error >= 1.0:
+            after.append(
+                [
+                    f"{table.key}: relative error {error_text(table.option.rel_error)} with the "
+                    "chosen setting, no better than decoding the table to zeros"
+                ]
+            )
         if table.refused:
             first = table.refused[0]
             after.append(

@@ -1225,3 +1225,24 @@ def test_a_float16_sample_sees_the_rows_that_may_decode_past_float16() -> None:
         else:
             assert option.refused is None, candidate.label
     assert refused >= 4
+
+
+def test_a_table_planned_to_no_better_than_zeros_is_pointed_out(tmp_path: Path) -> None:
+    # float16 values up to +-65504 in 16 columns: within 0.2x the engine accepts only settings
+    # that prune every block (float16 scales overflow or decode past 65504), so the plan's error
+    # for the table is 1; the summary says so instead of passing it silently.
+    generator = torch.Generator().manual_seed(0)
+    table = (torch.randn(6000, 16, generator=generator) * 8000).clamp(-65000, 65000)
+    table[torch.randint(0, 6000, (40,), generator=generator), 3] = 65504.0
+    table[torch.randint(0, 6000, (40,), generator=generator), 5] = -65504.0
+    model, base, out = tmp_path / "m.pt", tmp_path / "base.yaml", tmp_path / "plan.yaml"
+    torch.save({"emb.weight": table.half()}, model)
+    base.write_text('version: 1\nmin_table_bytes: 0\nlayers:\n  - match: "*"\n')
+    result = runner.invoke(
+        app, ["plan", str(model), "-c", str(base), "--budget", "0.2", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "emb.weight: relative error 1.0000 with the chosen setting, no better than decoding the "
+        "table to zeros"
+    ) in " ".join(result.output.split())
