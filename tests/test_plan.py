@@ -1246,3 +1246,31 @@ def test_a_table_planned_to_no_better_than_zeros_is_pointed_out(tmp_path: Path) 
         "emb.weight: relative error 1.0000 with the chosen setting, no better than decoding the "
         "table to zeros"
     ) in " ".join(result.output.split())
+
+
+def test_a_rounded_up_value_is_never_below_the_value() -> None:
+    values = [0.221726, 0.2217, 0.07483000000000001, math.nextafter(0.1234, 1.0), 9.9999e-5]
+    assert [_rounded_up(v) for v in values] == ["0.2218", "0.2217", "0.07484", "0.1235", "0.0001"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        value = rng.uniform(1e-4, 1.0) if rng.random() < 0.5 else rng.randint(1, 9999) / 10_000
+        assert float(_rounded_up(value)) >= value
+    # a budget of an exact 4-digit ratio is met despite the product's rounding (342 / 1200)
+    from sparqcli.planning.run import _limit
+
+    class Table:
+        bytes_before = 1200
+
+    assert _limit([Table()], "budget", 0.285) == 342  # type: ignore[list-item]
+
+
+def test_row_weights_under_a_key_and_its_module_name_need_not_agree(tmp_path: Path) -> None:
+    model, base, weights = tmp_path / "m.pt", tmp_path / "base.yaml", tmp_path / "w.safetensors"
+    torch.save({"emb.weight": zipf_table(600, 16, seed=1)}, model)
+    base.write_text(BASE)
+    # not a tied table: the key's own weights count (the module name's are another model's)
+    save_file({"emb.weight": torch.ones(600, 1), "emb": torch.arange(600.0)}, weights)
+    keyed = sparqcli.plan(model, base, budget=0.2, row_weights=weights)
+    save_file({"emb.weight": torch.ones(600)}, weights)
+    alone = sparqcli.plan(model, base, budget=0.2, row_weights=weights)
+    assert (keyed.bytes, keyed.error) == (alone.bytes, alone.error)

@@ -265,6 +265,10 @@ def _verified_choice(
     return _exact_choice(tables, mode, target, verify_choice)
 
 
+_EXACT_EXTREMES = 3
+"""How many of each table's options the target needs most `_exact_choice` measures."""
+
+
 def _exact_choice(
     tables: list[TablePlan],
     mode: str,
@@ -272,8 +276,8 @@ def _exact_choice(
     verify_choice: Callable[[int, int], Option],
 ) -> list[int]:
     """Returns a choice among the options measured on their whole tables, after measuring each
-    table's option that the target needs most (its fewest bytes for a budget, its least error
-    for an error target) and the best uniform setting's. Raises UsageError where, with what is
+    table's `_EXACT_EXTREMES` options that the target needs most (the fewest bytes for a budget,
+    the least error for an error target, by the estimates) and the best uniform setting's. Raises UsageError where, with what is
     known, a table has no option within its gates or no plan meets the target."""
     allowed = _allowed_everywhere(tables)
 
@@ -281,11 +285,14 @@ def _exact_choice(
         figures = (option.bytes, option.weighted_error)
         return figures if mode == "budget" else figures[::-1]
 
+    # each table's few options the target needs most: their estimates tie or miss (three
+    # options estimated alike can measure 0.0032 and 0.0045), so one is not enough
     extremes = [
-        min(indices, key=lambda i, t=t: need(t.options[i]))
+        sorted(indices, key=lambda i, t=t: need(t.options[i]))[:_EXACT_EXTREMES]
         for t, indices in zip(tables, allowed, strict=True)
     ]
-    _verify(tables, extremes, verify_choice)
+    for rank in range(_EXACT_EXTREMES):
+        _verify(tables, [most[min(rank, len(most) - 1)] for most in extremes], verify_choice)
     # and the best uniform setting by the estimates: the plan is never worse than its figures
     allowed = _allowed_everywhere(tables)  # the extremes' measurements may refuse or gate them
     allocator = Allocator([_points(t, a) for t, a in zip(tables, allowed, strict=True)])
@@ -415,8 +422,11 @@ def _rounded_up(value: float) -> str:
     text = f"{value:.4g}"
     if not math.isfinite(value) or value <= 0 or float(text) >= value:
         return text
-    unit = 10.0 ** (math.floor(math.log10(value)) - 3)
-    return f"{math.ceil(value / unit) * unit:.4g}"
+    digits = 3 - math.floor(math.log10(value))  # decimals of the 4th significant digit
+    rounded = math.ceil(value * 10.0**digits) / 10.0**digits
+    while float(f"{rounded:.4g}") < value:  # value * 10**digits rounded to a whole number
+        rounded += 10.0**-digits
+    return f"{rounded:.4g}"
 
 
 def _allocate(
@@ -481,9 +491,11 @@ def _uniform_seed(
 def _limit(tables: list[TablePlan], mode: str, target: float) -> float:
     """Returns the target in the allocator's terms: the most bytes for a budget, the most cost
     (Σ weight · error², E² times the total weight) for an error target."""
+    # (1 + 1e-12): a target printed from an exact ratio or error (`_rounded_up`) is met, where
+    # the product's rounding would put it an ulp below
     if mode == "budget":
-        return math.floor(target * sum(t.bytes_before for t in tables))
-    return target * target * sum(t.weight for t in tables)
+        return math.floor(target * sum(t.bytes_before for t in tables) * (1 + 1e-12))
+    return target * target * sum(t.weight for t in tables) * (1 + 1e-12)
 
 
 def _within(tables: list[TablePlan], allowed: list[list[int]]) -> str:
@@ -592,14 +604,19 @@ def _as_rule_section(values: dict[str, Any]) -> dict[str, Any]:
     return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
 
 
+def _one_per_row(weights: torch.Tensor) -> torch.Tensor:
+    """Returns row weights saved as a (rows, 1) column as (rows,); others unchanged."""
+    return weights[:, 0] if weights.dim() == 2 and weights.shape[1] == 1 else weights
+
+
 def _load_weights(
     path: str | Path | None, selected: list[Any], aliases: dict[str, tuple[str, ...]]
 ) -> dict[str, torch.Tensor]:
     """Returns each selected table's row weights from a safetensors file (empty without one).
 
     A table's weights are under its key or its module's name; a tied table's (`aliases`: its
-    other keys) under any of its keys, the first of them in that order (the others, if present,
-    must hold the same weights).
+    other keys) under any of its keys, the first of them in that order (its other keys, if
+    present, must hold the same weights).
 
     Raises InputError for an unreadable file and UsageError for missing, misshapen, negative or
     non-finite weights, naming the file and the key.
@@ -627,8 +644,9 @@ def _load_weights(
                         path=path,
                     )
                 tensor = file.get_tensor(name)
-                for other in dict.fromkeys(names[1:]):  # a tied table's other keys
-                    if not torch.equal(file.get_tensor(other), tensor):
+                # a tied table's weights under several of its keys (not module names) must agree
+                for other in (k for k in keys if k in available and k != name):
+                    if not torch.equal(_one_per_row(file.get_tensor(other)), _one_per_row(tensor)):
                         raise UsageError(
                             f"{path}: '{name}' and '{other}' hold different row weights for one "
                             f"tied table ('{table.key}'); keep one of them",
@@ -643,8 +661,7 @@ def _load_weights(
     for table in selected:
         name, tensor = found[table.key]
         rows = table.info.shape[0]
-        if tensor.dim() == 2 and tensor.shape[1] == 1:
-            tensor = tensor[:, 0]
+        tensor = _one_per_row(tensor)
         if tensor.dtype == torch.bool or tensor.is_complex():
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise UsageError(f"{path}: '{name}' must hold real numbers, got {dtype}", path=path)
