@@ -397,7 +397,8 @@ def _check_keys(
 ) -> None:
     """Raises UsageError where a sparq file cannot hold the selected tables beside the
     checkpoint's other keys (`format.spec.key_collision`, as `sparq compress` checks it): a plan
-    of them could not be compressed."""
+    of them could not be compressed to the sparq format (the torch-ao format could hold them,
+    but a plan is made for either)."""
     from sparqcli.format.spec import key_collision
 
     table_keys = {table.key: table for table in selected}
