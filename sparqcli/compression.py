@@ -578,7 +578,7 @@ def check_plan(
     format cannot hold or a tensor a sparq file cannot (a quantized, complex128 or sparse one;
     the message names the torch-ao format where `torch_ao_possible`)."""
     from sparqcli.dtypes import BY_NAME
-    from sparqcli.format.spec import key_collision
+    from sparqcli.format.spec import checkpoint_collision
 
     table_keys = {table.key: table for table in tables}
     alias_keys = {alias for table in tables for alias in table.aliases}
@@ -598,7 +598,7 @@ def check_plan(
                         table=table.key,
                     )
     else:
-        collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
+        collision = checkpoint_collision(tensors, table_keys, alias_keys)
         if collision is not None:
             raise OutputError(f"{target}: cannot write: {collision}", path=target)
         for key in passthrough:

@@ -108,6 +108,17 @@ def reserved_owner(key: str, tables: Mapping[str, Any], *, itself: bool = True) 
     return key if itself and key in tables else None
 
 
+def checkpoint_collision(
+    keys: Iterable[str], tables: Mapping[str, Any], aliases: Iterable[str]
+) -> str | None:
+    """Returns why a sparq file cannot hold a checkpoint of `keys` whose `tables` are compressed
+    and whose `aliases` (other keys of tied tables) are stored as references, or None: the
+    `key_collision` of every other key and the aliases."""
+    alias_keys = set(aliases)
+    passthrough = [key for key in keys if key not in tables and key not in alias_keys]
+    return key_collision([*passthrough, *sorted(alias_keys)], tables)
+
+
 def key_collision(passthrough: Iterable[str], tables: Mapping[str, Any]) -> str | None:
     """Returns why a sparq file cannot hold these keys, or None.
 

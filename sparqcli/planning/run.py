@@ -277,8 +277,9 @@ def _exact_choice(
 ) -> list[int]:
     """Returns a choice among the options measured on their whole tables, after measuring each
     table's `_EXACT_EXTREMES` options that the target needs most (the fewest bytes for a budget,
-    the least error for an error target, by the estimates) and the best uniform setting's. Raises UsageError where, with what is
-    known, a table has no option within its gates or no plan meets the target."""
+    the least error for an error target, by the estimates) and the best uniform setting's.
+    Raises UsageError where, with what is known, a table has no option within its gates or no
+    plan meets the target."""
     allowed = _allowed_everywhere(tables)
 
     def need(option: Option) -> tuple[float, float]:
@@ -396,15 +397,14 @@ def _check_keys(
     aliases: dict[str, tuple[str, ...]],
 ) -> None:
     """Raises UsageError where a sparq file cannot hold the selected tables beside the
-    checkpoint's other keys (`format.spec.key_collision`, as `sparq compress` checks it): a plan
-    of them could not be compressed to the sparq format (the torch-ao format could hold them,
-    but a plan is made for either)."""
-    from sparqcli.format.spec import key_collision
+    checkpoint's other keys (`format.spec.checkpoint_collision`, as `sparq compress` checks it):
+    a plan of them could not be compressed to the sparq format (the torch-ao format could hold
+    them, but a plan is made for either)."""
+    from sparqcli.format.spec import checkpoint_collision
 
     table_keys = {table.key: table for table in selected}
     alias_keys = {alias for table in selected for alias in aliases.get(table.key, ())}
-    passthrough = [key for key in tensors if key not in table_keys and key not in alias_keys]
-    collision = key_collision([*passthrough, *sorted(alias_keys)], table_keys)
+    collision = checkpoint_collision(tensors, table_keys, alias_keys)
     if collision is not None:
         raise UsageError(
             f"{source}: a sparq file cannot hold the selected tables: {collision}; leave one "
