@@ -314,9 +314,10 @@ def _start_ranges(values: torch.Tensor, keep: torch.Tensor | None, bits: int) ->
         low, high = low.masked_fill(count == 0, 0.0), high.masked_fill(count == 0, 0.0)
         kept = torch.where(keep, values, torch.zeros((), dtype=values.dtype)).double()
     total, squares = _sums_in_column_order(kept), _sums_in_column_order(kept * kept)
-    mean = total / count.clamp(min=1.0)
+    divisor = count.clamp(min=1.0)  # a row that keeps nothing: sums of 0
+    mean = total / divisor
     # sum(x^2)/n - mean^2: cancels for rows far from zero, which then start poorly (nothing worse).
-    variance = squares / count.clamp(min=1.0) - mean * mean
+    variance = squares / divisor - mean * mean
     half_width = _GAUSSIAN_HALF_WIDTH[bits] * variance.clamp(min=0.0).sqrt()
     others = (count - 1).clamp(min=1.0)
     ranges = [low, high] if keep is not None else []
