@@ -34,9 +34,16 @@ def row_qparams(
     rows, cols = values.shape
     if cols == 0:
         return values.new_ones(rows), values.new_zeros(rows)
+    return qparams_from_range(*row_range(values), settings, first_row)
+
+
+def row_range(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns each row's min and max of a float32 (rows, cols) tensor, cols > 0, as the
+    reference's observer finds them (a zero min carries aminmax's sign): `row_qparams`' range,
+    the same for every width and scale dtype."""
     # amin and amax are ~10x faster than aminmax over short rows (see exact_zero_minimums).
     row_min = exact_zero_minimums(values.amin(dim=1), lambda chosen: values[chosen])
-    return qparams_from_range(row_min, values.amax(dim=1), settings, first_row)
+    return row_min, values.amax(dim=1)
 
 
 def exact_zero_minimums(
@@ -133,13 +140,24 @@ def _check_finite(values: torch.Tensor, problem: str, first_row: int) -> None:
 
 
 def may_decode_past(
-    scale: torch.Tensor, zero_point: torch.Tensor, bits: int, dtype: torch.dtype
+    scale: torch.Tensor, zero_point: torch.Tensor, bits: int | torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Returns, per row, whether some code decodes to a value `dtype` cannot hold (±inf once
-    rounded to it): decoded values grow with the code, so its lowest and highest codes tell."""
-    ends = torch.tensor([0.0, float((1 << bits) - 1)], device=scale.device)
-    decoded = dequantize(ends.expand(scale.shape[0], 2), scale, zero_point).to(dtype)
+    rounded to it): decoded values grow with the code, so its lowest and highest codes tell.
+    `bits` is the width, or each row's (`quantize_levels`)."""
+    if isinstance(bits, int):
+        ends = torch.tensor([0.0, float((1 << bits) - 1)], device=scale.device)
+        ends = ends.expand(scale.shape[0], 2)
+    else:
+        top = _top_levels(bits)
+        ends = torch.cat([torch.zeros_like(top), top], dim=1)
+    decoded = dequantize(ends, scale, zero_point).to(dtype)
     return ~torch.isfinite(decoded).all(dim=1)
+
+
+def _top_levels(bits: torch.Tensor) -> torch.Tensor:
+    """Returns each row's largest code, 2^bits - 1, as a float32 (rows, 1) column."""
+    return ((1 << bits) - 1).to(torch.float32)[:, None]
 
 
 def decodes_past_message(row: int, dtype: torch.dtype) -> str:
@@ -179,18 +197,23 @@ def quantize_levels(
     values: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor,
-    bits: int,
+    bits: int | torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns the codes of a float32 (rows, cols) tensor as float32 whole numbers.
 
     The same numbers `quantize` returns, without the slow float-to-uint8 conversion; written
-    into `out` (float32, the shape of `values`; may be `values` itself) when given.
+    into `out` (float32, the shape of `values`; may be `values` itself) when given. `bits` is
+    the width, or each row's (an integer tensor of `rows`: rows of several widths stacked give
+    each row the codes of its own width).
     """
     inverse_scale = 1.0 / scale
     scaled = torch.mul(values, inverse_scale[:, None], out=out)
     scaled += zero_point[:, None]
-    return scaled.round_().clamp_(0, (1 << bits) - 1)
+    if isinstance(bits, int):
+        return scaled.round_().clamp_(0, (1 << bits) - 1)
+    # clamp(x, 0, top) is min(max(x, 0), top): the same two steps with a top per row
+    return scaled.round_().clamp_(min=0).clamp_(max=_top_levels(bits))
 
 
 def dequantize(

@@ -19,9 +19,11 @@ from sparqcli.engine.quantize import (
     _replayed_walk,
     dequantize,
     greedy_ranges,
+    may_decode_past,
     mse_qparams,
     qparams_from_range,
     quantize,
+    quantize_levels,
     row_errors,
     row_qparams,
     sequential_errors,
@@ -82,6 +84,37 @@ def test_constant_rows_use_scale_one():
     scale, zero_point = row_qparams(torch.tensor([[3.0, 3.0], [0.0, 0.0]]), Quantization(8))
     assert scale.tolist() == [1.0, 1.0]
     assert zero_point.tolist() == [-3.0, 0.0]
+
+
+def test_rows_of_several_widths_stacked_get_each_its_own_widths_codes():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(64, 19, generator=generator) * 40
+    values[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    scale = torch.rand(64, generator=generator) + 1e-3
+    zero_point = torch.randn(64, generator=generator) * 100
+    scale[1] = 3e38  # its highest code decodes past float16 (and float32) at some widths
+    bits = torch.randint(1, 9, (64,), generator=generator)
+    stacked = quantize_levels(values, scale, zero_point, bits)
+    one_by_one = torch.cat(
+        [
+            quantize_levels(values[i : i + 1], scale[i : i + 1], zero_point[i : i + 1], int(b))
+            for i, b in enumerate(bits.tolist())
+        ]
+    )
+    assert torch.equal(stacked.nan_to_num(-1.0), one_by_one.nan_to_num(-1.0))
+    assert int(stacked.nan_to_num(0.0).max()) == 255
+    for dtype in (torch.float16, torch.float32):
+        past = may_decode_past(scale, zero_point, bits, dtype)
+        assert bool(past[1])
+        assert torch.equal(
+            past,
+            torch.cat(
+                [
+                    may_decode_past(scale[i : i + 1], zero_point[i : i + 1], int(b), dtype)
+                    for i, b in enumerate(bits.tolist())
+                ]
+            ),
+        )
 
 
 @settings(max_examples=80, deadline=None)
