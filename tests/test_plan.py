@@ -273,6 +273,41 @@ def test_batched_sample_is_the_engine_on_every_axis(
         assert option.row_cosine_min == pytest.approx(exact.row_cosine_min, abs=cosine)
 
 
+@pytest.mark.parametrize("sample_rows", [64, 3000])
+def test_decoding_several_quantizations_stacked_changes_no_figure(
+    monkeypatch: pytest.MonkeyPatch, sample_rows: int
+) -> None:
+    # Rows of several quantizations (widths, ranges, scale dtypes) are decoded as one stack,
+    # each with its own qparams and width: every figure and refusal is the one each part gives
+    # decoded alone, bit for bit (a float16 table with rows the engine refuses included).
+    import sparqcli.planning.measure as measure
+
+    table = float16_extremes()["emb.weight"]
+    weights = torch.rand(table.shape[0], generator=torch.Generator().manual_seed(2))
+    space = PlanSpace({"bits": [1, 2, 5, 8], "levels": [0, 0.5], "scopes": ["table", "row"]})
+    found = candidates(space, Sparsity(block_shape=(1, 4)), Quantization())
+
+    def measured() -> list[tuple]:
+        options = measure._SampledTable(
+            lambda a, b: table[a:b],
+            tuple(table.shape),
+            table.dtype,
+            "sparsify-first",
+            found,
+            weights,
+            sample_rows,
+            "t",
+        ).run(None)
+        return [
+            (o.bytes, o.rel_error, o.weighted_error, o.row_cosine_min, o.refused) for o in options
+        ]
+
+    stacked = measured()
+    assert any(refused for *_, refused in stacked)
+    monkeypatch.setattr(measure, "_STACK_VALUES", 1)
+    assert measured() == stacked
+
+
 def test_kth_values_select_what_the_engine_selects() -> None:
     from sparqcli.engine.sparsify import kth_smallest
     from sparqcli.planning.measure import _kth_values
