@@ -8,6 +8,10 @@ each is kept, as it is less disturbed by other load on a shared machine than wal
 the ratio plan / compress (the target is <= 10), the plan's bytes and E, the best uniform
 setting's, and the machine's load (load average, `/proc/pressure/cpu`) before and after.
 
+Then the same two as a user runs them, `sparq compress` and `sparq plan` as commands (process
+start, `import torch`, reading the checkpoint, writing the output included), best of `--repeat`
+wall and CPU times each: on a small model most of either command is what both share.
+
     python benchmarks/bench_plan.py [--rows 200000] [--budget 0.1] [--repeat 2]
                                     [--order sparsify-first|quantize-first]
 """
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _measure import SPARQ, run_command
 
 import sparqcli
 
@@ -96,6 +101,27 @@ def main() -> None:
         compress()  # warm-up: imports, page cache
         compress_times = [cpu_seconds(compress) for _ in range(args.repeat)]
         plan_times = [cpu_seconds(plan) for _ in range(args.repeat)]
+        commands = {
+            "compress": [*SPARQ, "compress", str(model), "-c", str(base), "-o", str(out)],
+            "plan": [
+                *SPARQ,
+                "plan",
+                str(model),
+                "-c",
+                str(base),
+                "--budget",
+                str(args.budget),
+                "-o",
+                str(Path(folder) / "plan.yaml"),
+            ],
+        }
+        as_commands: dict[str, list[dict]] = {name: [] for name in commands}
+        for _ in range(args.repeat):
+            for name, argv in commands.items():
+                done = run_command([*argv, "--force", "--quiet"])
+                if done["returncode"] != 0:
+                    raise SystemExit(f"sparq {name} failed:\n{done['stderr'][-2000:]}")
+                as_commands[name].append(done)
     ratio = min(plan_times) / min(compress_times)
     print(
         f"model: {args.rows} x 64 + 2 x {max(1, args.rows // 10)} rows, budget {args.budget}, {args.order}"
@@ -104,6 +130,14 @@ def main() -> None:
     print(f"compress CPU s: {', '.join(f'{t:.2f}' for t in compress_times)}")
     print(f"plan CPU s:     {', '.join(f'{t:.2f}' for t in plan_times)}")
     print(f"plan / compress: {ratio:.1f}x (target <= {TARGET:g}x)")
+    wall = {name: min(run["seconds"] for run in runs) for name, runs in as_commands.items()}
+    cpu = {name: min(run["cpu_seconds"] for run in runs) for name, runs in as_commands.items()}
+    print(
+        f"as commands (best of {args.repeat}): compress {wall['compress']:.2f} s wall, "
+        f"{cpu['compress']:.2f} s CPU; plan {wall['plan']:.2f} s wall, {cpu['plan']:.2f} s CPU; "
+        f"plan / compress {wall['plan'] / wall['compress']:.1f}x wall, "
+        f"{cpu['plan'] / cpu['compress']:.1f}x CPU"
+    )
     assert result is not None
     print(f"plan: {result.bytes:,} bytes ({result.ratio:.4f}x), E {result.error:.4f}")
     if result.best_uniform is not None:
