@@ -212,8 +212,11 @@ def quantize_levels(
     scaled += zero_point[:, None]
     if isinstance(bits, int):
         return scaled.round_().clamp_(0, (1 << bits) - 1)
-    # clamp(x, 0, top) is min(max(x, 0), top): the same two steps with a top per row
-    return scaled.round_().clamp_(min=0).clamp_(max=_top_levels(bits))
+    # clamp(x, 0, top) is min(max(x, 0), top), NaN kept as it is: the same two steps with a top
+    # per row (a clamp by a tensor would write every NaN as one bit pattern)
+    levels = scaled.round_().clamp_(min=0)
+    top = _top_levels(bits)
+    return torch.where(levels > top, top, levels, out=levels)
 
 
 def dequantize(
