@@ -308,6 +308,47 @@ def test_decoding_several_quantizations_stacked_changes_no_figure(
     assert measured() == stacked
 
 
+def test_a_row_one_quantization_refuses_is_refused_by_the_next_of_its_width_too() -> None:
+    # A float32 table with a row whose range overflows float32, sampled (float16/bfloat16 MSE
+    # ranges derived from the float32 search): a narrow-scale candidate that meets the row first
+    # must not leave the search of its zeroed rows behind for the float32 candidate of the same
+    # width, which the engine refuses (it did: the float32 MSE candidate was accepted).
+    from sparqcli.engine.pipeline import compress_rows
+    from sparqcli.errors import UnfitSettingsError
+    from sparqcli.planning.measure import measure_table
+
+    table = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    table[0, 0], table[0, 1] = 3e38, -3e38
+    space = PlanSpace(
+        {
+            "bits": [2, 8],
+            "levels": [0, 0.5],
+            "ranges": ["mse", "minmax"],
+            "scale_dtypes": ["bfloat16", "float16", "float32"],
+        }
+    )
+    found = candidates(space, Sparsity(block_shape=(1, 4)), Quantization())
+    options = measure_table(
+        lambda a, b: table[a:b], (200, 8), table.dtype, "sparsify-first", found, sample_rows=8
+    )
+    for option in options:
+        candidate = option.candidate
+        try:
+            compress_rows(
+                lambda a, b: table[a:b],
+                (200, 8),
+                table.dtype,
+                "sparsify-first",
+                candidate.sparsity,
+                candidate.quantization,
+            )
+            refused = None
+        except UnfitSettingsError as error:
+            refused = str(error).removeprefix("table: ")
+        assert option.refused == refused, candidate.label
+    assert all(option.refused for option in options)
+
+
 def test_kth_values_select_what_the_engine_selects() -> None:
     from sparqcli.engine.sparsify import kth_smallest
     from sparqcli.planning.measure import _kth_values

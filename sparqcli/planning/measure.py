@@ -376,10 +376,11 @@ class _SampledTable:
 
         Per sample, each distinct sparsity gives the sample's keep-mask (the whole table's
         pruned blocks on the sampled block rows) and its pruned values; then each distinct
-        quantization quantizes the pruned values of every sparsity at once, rows stacked (the
-        qparams, codes and decoded values of a row depend on that row only). Every step is the
-        engine's own function, as `compress_rows` calls it, so each sampled row decodes exactly
-        as in the real run.
+        quantization finds the qparams of the pruned values of every sparsity at once, rows
+        stacked (the qparams, codes and decoded values of a row depend on that row only), and
+        the rows of several quantizations are decoded in one stack (`_SparsityGroups.errors`).
+        Every step is the engine's own function, as `compress_rows` calls it, so each sampled
+        row decodes exactly as in the real run.
         """
         options: list[Option | None] = [None] * len(self.candidates)
         quantizations = list(dict.fromkeys(c.quantization for c in self.candidates))
@@ -410,6 +411,7 @@ class _SampledTable:
                 key = (needed, quantization.range, quantization.scale_dtype)
                 together.setdefault(key, []).append(quantization)
             for (needed, *_), measured in together.items():
+                figures = {}  # no candidate of these quantizations is this sample's
                 if needed:
                     try:
                         figures = groups.errors(list(needed), measured)
@@ -842,14 +844,12 @@ class _Chunk:
     batch: tuple[str, int]
     keep: torch.Tensor | None
     rows: torch.Tensor
-    _keep_values: torch.Tensor | None = None
 
     def keep_values(self) -> torch.Tensor:
-        """Returns the keep-masks as float32 0/1: a float product is ~10x faster than one by a
-        bool mask, and the same (as `ChunkKeep.multiply` multiplies)."""
-        if self._keep_values is None:
-            self._keep_values = self.keep.float()
-        return self._keep_values
+        """Returns the keep-masks as float32 0/1, made for this use (4 bytes a value: not held):
+        converting and multiplying by floats is ~3x faster than a product with a bool mask, and
+        the same (as `ChunkKeep.multiply` multiplies)."""
+        return self.keep.float()
 
 
 @dataclass
@@ -868,7 +868,7 @@ class _Quantized:
 
 class _SparsityGroups:
     """A sample's distinct sparsities (None: no pruning), each one's keep-mask, and the errors
-    of all of them under a quantization, computed at once.
+    of all of them under several quantizations, computed at once.
 
     A sampled row's qparams, codes and decoded values depend on that row's values and keep-mask
     only, so each distinct (row, keep-mask) is quantized once: a row that several levels or
@@ -1058,6 +1058,8 @@ class _SparsityGroups:
                 raise
             refusals[unfit] = _UNFIT
             seen = seen.masked_fill(unfit[:, None], 0.0)  # the rows' figures are discarded
+            # Not under the batch's name: a float32 search of these zeroed rows, kept, would
+            # serve the next quantization of this width, which must see (and refuse) the rows.
             scale, zero_point = self._qparams(seen, chunk.keep, quantization, None)
         return _Quantized(chunk, quantization.bits, original, seen, scale, zero_point, refusals)
 
@@ -1121,8 +1123,9 @@ class _SparsityGroups:
         """Returns the rows' qparams: the engine's, except that with `derive_narrow`, a float16
         or bfloat16 MSE range is the float32 search's range, rounded as that dtype stores it
         (the search itself is run once per width, for float32). `batch` names the rows (the
-        same rows under the same name each time; None: rows seen once): their min/max range
-        and float32 searches are kept for the next quantization."""
+        same rows under the same name each time): their min/max range and float32 searches
+        are kept for the next quantization; None: nothing is kept or reused (rows some of which
+        were zeroed because this quantization refuses them)."""
         if quantization.range == "minmax":
             return self._minmax_qparams(seen, quantization, batch)
         wide = replace(quantization, scale_dtype="float32")
