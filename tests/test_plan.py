@@ -308,15 +308,30 @@ def test_decoding_several_quantizations_stacked_changes_no_figure(
     assert measured() == stacked
 
 
+def engine_refusal(table: torch.Tensor, order: str, candidate: Candidate) -> str | None:
+    """Returns why `compress_rows` refuses `table` under `candidate` (its message without the
+    table's name), or None where it compresses it."""
+    from sparqcli.engine.pipeline import compress_rows
+
+    try:
+        compress_rows(
+            lambda a, b: table[a:b],
+            tuple(table.shape),
+            table.dtype,
+            order,
+            candidate.sparsity,
+            candidate.quantization,
+        )
+    except UnfitSettingsError as error:
+        return str(error).removeprefix("table: ")
+    return None
+
+
 def test_a_row_one_quantization_refuses_is_refused_by_the_next_of_its_width_too() -> None:
     # A float32 table with a row whose range overflows float32, sampled (float16/bfloat16 MSE
     # ranges derived from the float32 search): a narrow-scale candidate that meets the row first
     # must not leave the search of its zeroed rows behind for the float32 candidate of the same
     # width, which the engine refuses (it did: the float32 MSE candidate was accepted).
-    from sparqcli.engine.pipeline import compress_rows
-    from sparqcli.errors import UnfitSettingsError
-    from sparqcli.planning.measure import measure_table
-
     table = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
     table[0, 0], table[0, 1] = 3e38, -3e38
     space = PlanSpace(
@@ -332,20 +347,8 @@ def test_a_row_one_quantization_refuses_is_refused_by_the_next_of_its_width_too(
         lambda a, b: table[a:b], (200, 8), table.dtype, "sparsify-first", found, sample_rows=8
     )
     for option in options:
-        candidate = option.candidate
-        try:
-            compress_rows(
-                lambda a, b: table[a:b],
-                (200, 8),
-                table.dtype,
-                "sparsify-first",
-                candidate.sparsity,
-                candidate.quantization,
-            )
-            refused = None
-        except UnfitSettingsError as error:
-            refused = str(error).removeprefix("table: ")
-        assert option.refused == refused, candidate.label
+        expected = engine_refusal(table, "sparsify-first", option.candidate)
+        assert option.refused == expected, option.candidate.label
     assert all(option.refused for option in options)
 
 
@@ -1003,9 +1006,6 @@ def float16_extremes() -> dict[str, torch.Tensor]:
 def test_settings_the_engine_refuses_are_dropped_as_the_engine_refuses_them(
     tmp_path: Path, order: str, sample_rows: int
 ) -> None:
-    from sparqcli.engine.pipeline import compress_rows
-    from sparqcli.errors import UnfitSettingsError
-
     state = float16_extremes()
     model, base = tmp_path / "m.pt", tmp_path / "base.yaml"
     torch.save(state, model)
@@ -1016,20 +1016,9 @@ def test_settings_the_engine_refuses_are_dropped_as_the_engine_refuses_them(
     # the sample's refusals are the engine's, with the engine's own message for the table's row
     table = state["emb.weight"]
     for option in emb.options:
-        candidate = option.candidate
-        try:
-            compress_rows(
-                lambda a, b: table[a:b],
-                tuple(table.shape),
-                table.dtype,
-                order,
-                candidate.sparsity,
-                candidate.quantization,
-            )
-            refused = None
-        except UnfitSettingsError as error:
-            refused = str(error).removeprefix("table: ")
-        assert option.refused == refused, candidate.label
+        assert option.refused == engine_refusal(table, order, option.candidate), (
+            option.candidate.label
+        )
     one_bit_float16 = [
         o.refused
         for o in emb.options
