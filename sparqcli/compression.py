@@ -478,7 +478,7 @@ def check_device(device: str) -> None:
 def check_settings(config: Config, output_format: str) -> None:
     """Checks, before any file is read, that every rule's settings fit the output format.
 
-    Raises UsageError for a width the torch-ao format cannot hold (it stores 8, 4 and 2 bits).
+    Raises UsageError for a width the torch-ao format cannot hold (it stores 8 and 4 bits).
     """
     from sparqcli.format.torch_ao import torch_ao_problem
 
