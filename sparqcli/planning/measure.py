@@ -333,6 +333,8 @@ class _SampledTable:
             # The block rows of smallest norm: where pruning may empty a row (row-cosine gate).
             low = torch.sort(mass_u, stable=True).indices[:LOW_NORM_UNITS]
             extra = [estimated, low]
+            if pad:  # the short last block row, whose pruned blocks lose fewer values
+                extra.append(torch.tensor([units - 1]))
             if self.row_peaks is not None:
                 peaks = torch.nn.functional.pad(self.row_peaks, (0, pad)).view(units, height)
                 extra.append(torch.sort(-peaks.amax(dim=1), stable=True).indices[:PEAK_UNITS])
@@ -631,8 +633,9 @@ class _SampledTable:
     ) -> int | None:
         """Returns how many values the table's pruned blocks lose, where partial edge blocks
         make it depend on which blocks are pruned (quantize-first; None where every block is
-        whole): exact when the sample is the whole table, else the table's count of pruned
-        blocks times the sampled pruned blocks' weighted mean loss."""
+        whole): exact when the sample is the whole table; else the short last block row's own
+        loss (it is always sampled: `_draw`) plus the other pruned blocks' count times the
+        sampled full-height pruned blocks' weighted mean loss, within the table's values."""
         sparsity = candidate.sparsity
         bh, bw = fit_blocks(self.shape, sparsity.block_shape)
         if self.rows % bh == 0 and self.cols % bw == 0:
@@ -640,9 +643,10 @@ class _SampledTable:
         zeros = sparsity.effective_zeros_per_block
         n_rows, n_cols = pruned.shape
         heights = torch.full((n_rows,), bh, dtype=torch.float64)
-        heights[sample.units == -(-self.rows // bh) - 1] = (
-            self.rows - (-(-self.rows // bh) - 1) * bh
-        )
+        short = sample.units == -(-self.rows // bh) - 1
+        if self.rows % bh == 0:
+            short[:] = False  # the last block row is as high as the others
+        heights[short] = self.rows % bh
         widths = torch.full((n_cols,), bw, dtype=torch.float64)
         widths[-1] = self.cols - (n_cols - 1) * bw
         sizes = (heights[:, None] * widths[None, :]).clamp_(max=zeros) * pruned
@@ -655,11 +659,16 @@ class _SampledTable:
             )
         else:
             n_pruned = blocks_to_prune(sparsity.level, n_block_rows * n_block_cols)
-        weights = sample.unit_weights[:, None]
-        count = float((weights * pruned).sum())
+        # The short block row counts once, as it is; the others by their strata's weights.
+        short_lost = float(sizes[short].sum())
+        others = n_pruned - float(pruned[short].sum())
+        weights = sample.unit_weights[~short][:, None]
+        count = float((weights * pruned[~short]).sum())
         if count <= 0:
-            return n_pruned * min(zeros, bh * bw)
-        return round(n_pruned * float((weights * sizes).sum()) / count)
+            others_lost = others * min(zeros, bh * bw)
+        else:
+            others_lost = others * float((weights * sizes[~short]).sum()) / count
+        return min(self.values, max(0, round(short_lost + others_lost)))
 
     def _bytes(self, candidate: Candidate, kept: int, prunes: bool) -> int:
         """Returns the table's exact stored bytes under `candidate`, given its kept count."""
