@@ -331,7 +331,10 @@ class _SampledTable:
             drawn.fill_(1.0)
         else:
             # The block rows of smallest norm: where pruning may empty a row (row-cosine gate).
-            low = torch.sort(mass_u, stable=True).indices[:LOW_NORM_UNITS]
+            # All-zero ones are left out: they decode to zeros whatever the setting (cosine 1),
+            # and a table with many would fill these places with rows that tell nothing.
+            low = torch.sort(mass_u, stable=True).indices
+            low = low[mass_u[low] > 0][:LOW_NORM_UNITS]
             extra = [estimated, low]
             if pad:  # the short last block row, whose pruned blocks lose fewer values
                 extra.append(torch.tensor([units - 1]))
