@@ -385,6 +385,68 @@ def test_quantize_first_sizes_of_a_sampled_table_count_its_short_last_block_row(
     assert sum(o.candidate.sparsity.level == 1.0 for o in options) == 2  # both scopes
 
 
+def zeros_and_constants_state() -> dict[str, torch.Tensor]:
+    """A 6,000 x 32 Zipf table whose first 300 rows are zero and next 300 constant, and a
+    3,000 x 16 Gaussian one (a bug hunt's model)."""
+    generator = torch.Generator().manual_seed(2)
+    table = torch.randn(6000, 32, generator=generator)
+    norms = 1.0 / torch.arange(1, 6001, dtype=torch.float32) ** 0.8
+    table *= norms[torch.randperm(6000, generator=generator)][:, None]
+    table[:300] = 0.0
+    table[300:600] = 3.25
+    bag = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
+    return {"emb.weight": table, "bag.weight": bag}
+
+
+GATED_BASE = """\
+version: 1
+order: {order}
+sparsity: {{level: 0.5, block_shape: {block_shape}}}
+quantization: {{bits: 8}}
+layers:
+  - match: "*.weight"
+min_table_bytes: 0
+gates: {gates}
+{plan}
+"""
+
+
+@pytest.mark.parametrize(
+    ("order", "block_shape", "gates", "plan", "budget"),
+    [
+        # the 64 block rows of smallest norm had been the zero rows: every estimate passed the
+        # cosine gate, the whole table failed it, and the budget was refused
+        (
+            "sparsify-first",
+            "[1, 4]",
+            "{max_rel_error: 0.1, min_row_cosine: 0.9, max_bytes_ratio: 0.2}",
+            "",
+            0.15,
+        ),
+        # three verification rounds ruled out one chosen option after another and then refused
+        # the budget, naming more bytes than a plan found at a smaller budget (75,354)
+        (
+            "quantize-first",
+            "[2, 3]",
+            "{min_row_cosine: 0.3}",
+            "plan: {bits: [2, 3, 4, 5, 6], levels: [0, 0.2, 0.4, 0.6, 0.8], scale_dtypes: [float16]}",
+            0.081,
+        ),
+    ],
+)
+def test_a_budget_that_a_row_cosine_gate_allows_is_met(
+    tmp_path: Path, order: str, block_shape: str, gates: str, plan: str, budget: float
+) -> None:
+    model, base = tmp_path / "m.safetensors", tmp_path / "base.yaml"
+    save_file(zeros_and_constants_state(), model)
+    base.write_text(GATED_BASE.format(order=order, block_shape=block_shape, gates=gates, plan=plan))
+    result = sparqcli.plan(model, base, budget=budget)
+    assert result.bytes <= budget * 960_000
+    report = sparqcli.compress(model, result.config, output=tmp_path / "out.safetensors")
+    assert report.gates_passed
+    assert model_error(report) == (result.bytes, pytest.approx(result.error, rel=1e-6))
+
+
 def test_kth_values_select_what_the_engine_selects() -> None:
     from sparqcli.engine.sparsify import kth_smallest
     from sparqcli.planning.measure import _kth_values
