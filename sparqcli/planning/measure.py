@@ -646,9 +646,8 @@ class _SampledTable:
         zeros = sparsity.effective_zeros_per_block
         n_rows, n_cols = pruned.shape
         heights = torch.full((n_rows,), bh, dtype=torch.float64)
-        short = sample.units == -(-self.rows // bh) - 1
-        if self.rows % bh == 0:
-            short[:] = False  # the last block row is as high as the others
+        # the last block row, where the block height does not divide the rows
+        short = (sample.units == -(-self.rows // bh) - 1) & (self.rows % bh != 0)
         heights[short] = self.rows % bh
         widths = torch.full((n_cols,), bw, dtype=torch.float64)
         widths[-1] = self.cols - (n_cols - 1) * bw
